@@ -1,0 +1,143 @@
+"""Export a medlm checkpoint as a Hugging Face model folder.
+
+``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads a ``LlamaForCausalLM`` (llama arch)
+or a ``GPT2LMHeadModel`` (gpt2 arch) with the same logits as ours, and, when a tokenizer folder is
+given, ``AutoTokenizer.from_pretrained(out_dir)`` loads the tokenizer.
+
+    python -m model.export_hf CHECKPOINT_DIR OUT_DIR [--tokenizer TOKENIZER_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from model.model import ModelConfig, Transformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def hf_config(cfg: ModelConfig, special_tokens: dict | None = None):
+    """The transformers config describing the same network as ``cfg``."""
+    from transformers import GPT2Config, LlamaConfig
+
+    ids = special_tokens or {}
+    token_ids = {"bos_token_id": ids.get("bos_id"), "eos_token_id": ids.get("eos_id"), "pad_token_id": ids.get("pad_id")}
+    if cfg.arch == "llama":
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.mlp_hidden,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_kv_head,
+            max_position_embeddings=cfg.context_length,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attention_bias=False,
+            mlp_bias=False,
+            **token_ids,
+        )
+    if cfg.n_kv_head != cfg.n_head:
+        raise ValueError("GPT2LMHeadModel has no grouped-query attention; export a gpt2 model with n_kv_head == n_head")
+    return GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.mlp_hidden,
+        activation_function="gelu_new",
+        layer_norm_epsilon=cfg.norm_eps,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **token_ids,
+    )
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under the parameter names of the matching transformers model."""
+    ours = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    cfg = model.config
+    hf: dict[str, torch.Tensor] = {"lm_head.weight": ours["lm_head.weight"]}
+    if cfg.arch == "llama":
+        hf["model.embed_tokens.weight"] = ours["tok_emb.weight"]
+        hf["model.norm.weight"] = ours["norm_f.weight"]
+        for i in range(cfg.n_layer):
+            src, dst = f"blocks.{i}.", f"model.layers.{i}."
+            hf[dst + "input_layernorm.weight"] = ours[src + "attn_norm.weight"]
+            hf[dst + "post_attention_layernorm.weight"] = ours[src + "mlp_norm.weight"]
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                hf[dst + f"self_attn.{proj}.weight"] = ours[src + f"attn.{proj}.weight"]
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                hf[dst + f"mlp.{proj}.weight"] = ours[src + f"mlp.{proj}.weight"]
+        return hf
+    # GPT-2 stores its projections as Conv1D, (in, out): the transpose of nn.Linear's weight,
+    # with query, key and value fused into c_attn.
+    hf["transformer.wte.weight"] = ours["tok_emb.weight"]
+    hf["transformer.wpe.weight"] = ours["pos_emb.weight"]
+    hf["transformer.ln_f.weight"] = ours["norm_f.weight"]
+    hf["transformer.ln_f.bias"] = ours["norm_f.bias"]
+    for i in range(cfg.n_layer):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours_norm, hf_norm in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            for kind in ("weight", "bias"):
+                hf[dst + f"{hf_norm}.{kind}"] = ours[src + f"{ours_norm}.{kind}"]
+        qkv = [src + f"attn.{p}_proj" for p in "qkv"]
+        hf[dst + "attn.c_attn.weight"] = torch.cat([ours[p + ".weight"] for p in qkv]).t()
+        hf[dst + "attn.c_attn.bias"] = torch.cat([ours[p + ".bias"] for p in qkv])
+        for ours_proj, hf_proj in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
+            hf[dst + f"{hf_proj}.weight"] = ours[src + f"{ours_proj}.weight"].t()
+            hf[dst + f"{hf_proj}.bias"] = ours[src + f"{ours_proj}.bias"]
+    return hf
+
+
+def to_hf_model(model: Transformer, special_tokens: dict | None = None):
+    """A transformers model (eval mode, fp32) holding a copy of our weights."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_config(hf_config(model.config, special_tokens))
+    state = {k: v.float().contiguous() for k, v in to_hf_state_dict(model).items()}
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    # Causal-mask buffers some transformers versions keep in the state dict are not weights.
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping to transformers is incomplete: missing {missing}, unexpected {unexpected}")
+    return hf_model.eval()
+
+
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write config.json + model.safetensors (+ the tokenizer files) into out_dir."""
+    from model.train import load_checkpoint_config, load_model
+
+    out = Path(out_dir)
+    if tokenizer_dir is not None:
+        missing = [name for name in TOKENIZER_FILES if not (Path(tokenizer_dir) / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} lacks {missing}; pass the tokenizer artifact's folder")
+    model = load_model(checkpoint_dir)
+    special_tokens = load_checkpoint_config(checkpoint_dir).get("tokens")
+    to_hf_model(model, special_tokens).save_pretrained(out, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            shutil.copy2(Path(tokenizer_dir) / name, out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a ckpt_NNNNNNN folder, or a pretrain artifact folder")
+    parser.add_argument("out", help="folder to write the Hugging Face model into")
+    parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.json, tokenizer_config.json, ...)")
+    args = parser.parse_args(argv)
+    print(export_hf(args.checkpoint, args.out, args.tokenizer))
+
+
+if __name__ == "__main__":
+    main()
