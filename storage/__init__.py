@@ -1,0 +1,5 @@
+"""The artifact store: the single source of truth for caching and lineage."""
+
+from storage.store import Artifact, ArtifactError, ArtifactSpec, Store, default_root, parent_refs, sha256_file
+
+__all__ = ["Artifact", "ArtifactError", "ArtifactSpec", "Store", "default_root", "parent_refs", "sha256_file"]

@@ -1,0 +1,91 @@
+"""Shared fixtures: real sample data, a real Prefect server on loopback, temporary stores.
+
+Prefect reads its settings when it is imported, so the environment for the test session's
+server (its own PREFECT_HOME, port, no telemetry) is set here, before any test imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.settings import prefect_env
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+PUBMED = DATA / "pubmed"
+MIRROR = PUBMED / "mirror"
+BASELINE_SAMPLE = MIRROR / "baseline" / "pubmed20n0014.xml.gz"
+UPDATE_SAMPLE = MIRROR / "updatefiles" / "pubmed21n1298.xml.gz"
+PREFECT_BIN = Path(sys.executable).with_name("prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="medlm-test-prefect-"))
+_PREFECT_PORT = _free_port()
+os.environ.update(prefect_env(_PREFECT_HOME))
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PREFECT_PORT}/api"
+os.environ.setdefault("MEDLM_STORE", str(Path(tempfile.mkdtemp(prefix="medlm-test-store-"))))
+
+
+def _template_database() -> Path:
+    """A migrated Prefect database, made once and reused: a fresh migration takes ~25 s here."""
+    import prefect
+
+    template_home = REPO / ".medlm" / "test-cache" / f"prefect-{prefect.__version__}"
+    database = template_home / "prefect.db"
+    if not database.exists():
+        template_home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **prefect_env(template_home)}
+        subprocess.run([str(PREFECT_BIN), "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
+    return database
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server on 127.0.0.1 for the whole session; yields its API URL."""
+    shutil.copy(_template_database(), _PREFECT_HOME / "prefect.db")
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(_PREFECT_PORT)}
+    log = open(_PREFECT_HOME / "server.log", "w")
+    server = subprocess.Popen(
+        [str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(_PREFECT_PORT)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = os.environ["PREFECT_API_URL"]
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"Prefect server did not start; log: {(_PREFECT_HOME / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    from storage import Store
+
+    return Store(tmp_path / "store")

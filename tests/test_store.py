@@ -1,0 +1,198 @@
+"""The artifact store: keys, atomic builds, verification, crash recovery, concurrency, lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import ArtifactSpec, Store
+from storage.store import MANIFEST
+
+
+def write_files(files: dict[str, bytes]):
+    def build(work: Path) -> dict:
+        for name, data in files.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(data)
+        return {"files_written": len(files)}
+
+    return build
+
+
+def test_key_depends_on_everything_that_decides_content():
+    base = ArtifactSpec("corpus", "1", {"min_chars": 200}, ("parsed/aa",))
+    assert base.key == ArtifactSpec("corpus", "1", {"min_chars": 200}, ("parsed/aa",)).key
+    others = [
+        ArtifactSpec("corpus", "2", {"min_chars": 200}, ("parsed/aa",)),
+        ArtifactSpec("corpus", "1", {"min_chars": 100}, ("parsed/aa",)),
+        ArtifactSpec("corpus", "1", {"min_chars": 200}, ("parsed/bb",)),
+        ArtifactSpec("shards", "1", {"min_chars": 200}, ("parsed/aa",)),
+    ]
+    assert len({base.key, *(s.key for s in others)}) == 5
+    # Parameter order does not matter; values do.
+    assert ArtifactSpec("k", "1", {"a": 1, "b": 2}).key == ArtifactSpec("k", "1", {"b": 2, "a": 1}).key
+
+
+def test_build_once_then_reuse(store):
+    spec = ArtifactSpec("corpus", "1", {"x": 1})
+    calls = []
+
+    def build(work: Path) -> dict:
+        calls.append(work)
+        (work / "data.txt").write_text("hello")
+        return {"rows": 1}
+
+    first = store.get_or_build(spec, build)
+    again = store.get_or_build(spec, build)
+    assert len(calls) == 1 and not first.reused and again.reused
+    assert first.ref == again.ref == f"corpus/{spec.key}"
+    assert again.file("data.txt").read_text() == "hello"
+    manifest = json.loads((first.path / MANIFEST).read_text())
+    assert manifest["summary"] == {"rows": 1} and manifest["params"] == {"x": 1}
+    assert manifest["files"]["data.txt"]["size"] == 5
+    assert not store.work_dir(spec).exists()
+
+
+def test_failed_build_leaves_no_artifact(store):
+    spec = ArtifactSpec("parsed", "1", {"file": "bad.xml"})
+
+    def build(work: Path) -> dict:
+        (work / "articles.parquet").write_bytes(b"half")
+        raise ValueError("bad.xml line 3: broken")
+
+    with pytest.raises(ValueError, match="line 3"):
+        store.get_or_build(spec, build)
+    assert store.get(spec.kind, spec.key) is None
+    assert store.ls() == []
+    # The next attempt starts from a clean work folder.
+    artifact = store.get_or_build(spec, write_files({"articles.parquet": b"good"}))
+    assert artifact.file("articles.parquet").read_bytes() == b"good"
+    assert sorted(p.name for p in artifact.path.iterdir()) == ["articles.parquet", MANIFEST]
+
+
+def test_resume_keeps_the_work_folder_of_a_killed_run(store):
+    spec = ArtifactSpec("download", "1", {"file_name": "x.xml.gz"})
+    store.work_dir(spec).mkdir(parents=True)
+    (store.work_dir(spec) / "x.xml.gz.part").write_bytes(b"first half")
+
+    def finish(work: Path) -> dict:
+        part = work / "x.xml.gz.part"
+        data = part.read_bytes() + b" second half"
+        part.unlink()
+        (work / "x.xml.gz").write_bytes(data)
+        return {}
+
+    artifact = store.get_or_build(spec, finish, resume=True)
+    assert artifact.file("x.xml.gz").read_bytes() == b"first half second half"
+
+
+def test_corrupted_artifact_fails_verification_and_is_rebuilt(store):
+    spec = ArtifactSpec("corpus", "1")
+    artifact = store.get_or_build(spec, write_files({"a.bin": b"0123456789"}))
+    # Same size, different bytes: only the deep (sha256) check sees it.
+    artifact.file("a.bin").write_bytes(b"9876543210")
+    assert store.get(artifact.ref) is not None
+    assert store.problems(artifact.ref) == [f"{artifact.file('a.bin')}: sha256 differs from the manifest"]
+    # Truncated: the default check sees it, and the artifact is rebuilt.
+    artifact.file("a.bin").write_bytes(b"01")
+    assert store.get(artifact.ref) is None
+    rebuilt = store.get_or_build(spec, write_files({"a.bin": b"0123456789"}))
+    assert not rebuilt.reused and store.problems(rebuilt.ref) == []
+
+
+def test_no_manifest_no_artifact(store):
+    spec = ArtifactSpec("corpus", "1")
+    artifact = store.get_or_build(spec, write_files({"a.bin": b"x"}))
+    (artifact.path / MANIFEST).unlink()
+    assert store.get(artifact.ref) is None and store.ls() == []
+
+
+BUILDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from storage import ArtifactSpec, Store
+
+    root, mode = sys.argv[1], sys.argv[2]
+    spec = ArtifactSpec("corpus", "1", {"n": 1})
+
+    def build(work: Path) -> dict:
+        with open(Path(root) / "builds.log", "a") as log:
+            log.write("build\\n")
+        (work / "part1.bin").write_bytes(b"a" * 1000)
+        if mode == "hang":
+            print("building", flush=True)
+            time.sleep(60)
+        time.sleep(0.5)
+        (work / "part2.bin").write_bytes(b"b" * 1000)
+        return {"rows": 2}
+
+    artifact = Store(Path(root) / "store").get_or_build(spec, build)
+    print(artifact.ref, artifact.reused, flush=True)
+    """
+)
+
+
+def _builder(tmp_path: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(tmp_path), mode],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+
+
+def test_a_build_killed_midway_is_cleaned_up_and_redone(tmp_path):
+    proc = _builder(tmp_path, "hang")
+    assert proc.stdout.readline().strip() == "building"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store(tmp_path / "store")
+    assert store.ls() == []  # the half-built folder is not an artifact
+    partial = list((tmp_path / "store" / "corpus").glob("*.partial"))
+    assert len(partial) == 1 and (partial[0] / "part1.bin").exists()
+
+    done = _builder(tmp_path, "normal")
+    out, _ = done.communicate(timeout=60)
+    ref, reused = out.split()
+    artifact = store.require(ref)
+    assert reused == "False" and store.problems(ref) == []
+    assert sorted(artifact.manifest["files"]) == ["part1.bin", "part2.bin"]
+    assert not partial[0].exists()
+
+
+def test_two_processes_building_the_same_key_build_it_once(tmp_path):
+    procs = [_builder(tmp_path, "normal") for _ in range(2)]
+    outputs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outputs[0][0] == outputs[1][0]
+    assert sorted(o[1] for o in outputs) == ["False", "True"]  # one built, the other waited and reused
+    assert (tmp_path / "builds.log").read_text().count("build") == 1
+    assert Store(tmp_path / "store").problems(outputs[0][0]) == []
+
+
+def test_lineage_tree_reaches_the_source_files(store):
+    download = store.get_or_build(
+        ArtifactSpec("download", "1", {"file_name": "pubmed25n0001.xml.gz", "md5": "ab" * 16}), write_files({"f": b"x"})
+    )
+    parsed = store.get_or_build(ArtifactSpec("parsed", "1", {}, (download.ref,)), write_files({"p": b"y"}))
+    corpus = store.get_or_build(ArtifactSpec("corpus", "1", {}, (parsed.ref,)), lambda w: {"documents": 7})
+    lines = store.lineage_lines(corpus.ref)
+    assert lines[0].startswith(corpus.ref) and "documents=7" in lines[0]
+    assert parsed.ref in lines[1]
+    assert download.ref in lines[2] and "pubmed25n0001.xml.gz md5=" + "ab" * 16 in lines[2]
+    tree = store.lineage(corpus.ref)
+    assert tree["parents"][0]["parents"][0]["params"]["file_name"] == "pubmed25n0001.xml.gz"
+
+
+def test_bad_refs_are_explained(store):
+    with pytest.raises(Exception, match="expected KIND/KEY"):
+        store.get("corpus")
+    with pytest.raises(Exception, match="not in the store"):
+        store.require("corpus/0123456789abcdef0123")
