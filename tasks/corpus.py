@@ -1,0 +1,220 @@
+"""Corpus snapshot: all parsed files -> one deduplicated, filtered Parquet, with DuckDB.
+
+NLM's rule for the baseline plus its daily updates: files are applied in sequence order, so a
+PMID's current record is the one from the highest file_seq (then the highest version), and a
+PMID listed in a DeleteCitation of a file at or after that record's file is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import duckdb
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from storage import Artifact, ArtifactSpec, Store
+
+CORPUS_VERSION = "1"
+log = logging.getLogger("medlm.corpus")
+
+
+@dataclass(frozen=True)
+class CorpusFilters:
+    require_abstract: bool = True
+    min_abstract_chars: int = 200
+    languages: tuple[str, ...] = ("eng",)  # an article is kept if any of its languages is listed; () keeps all
+    drop_retracted: bool = True  # 'Retracted Publication'
+    drop_retraction_notices: bool = False  # 'Retraction of Publication'
+    drop_errata: bool = False  # 'Published Erratum'
+    drop_duplicate_text: bool = True  # exact duplicates of text: the lowest PMID is kept
+    threads: int | None = None  # DuckDB threads; None = all cores
+    memory_limit: str | None = None  # e.g. "8GB"; None = DuckDB's default (80% of RAM)
+
+    def content_params(self) -> dict:
+        """The parameters that decide the corpus's content (threads and memory do not)."""
+        params = asdict(self)
+        del params["threads"], params["memory_limit"]
+        params["languages"] = sorted(self.languages)
+        return params
+
+
+@dataclass
+class CorpusStats:
+    records: int = 0  # article rows over all parsed files
+    pmids: int = 0  # distinct PMIDs among them
+    superseded: int = 0  # older records of a PMID replaced by a later file or version
+    deleted: int = 0  # PMIDs removed by a DeleteCitation at or after their latest record
+    dropped: list[dict] = field(default_factory=list)  # [{"filter": reason, "rows": removed}], in order
+    documents: int = 0
+    characters: int = 0
+
+    def table(self) -> list[dict]:
+        rows = [
+            {"step": "article records in parsed files", "rows": self.records},
+            {"step": "superseded by a later file or version", "rows": -self.superseded},
+            {"step": "deleted by DeleteCitation", "rows": -self.deleted},
+        ]
+        rows += [{"step": f"filter: {d['filter']}", "rows": -d["rows"]} for d in self.dropped]
+        rows.append({"step": "documents in the snapshot", "rows": self.documents})
+        return rows
+
+
+def _filters_in_order(filters: CorpusFilters) -> list[tuple[str, str]]:
+    """(reason, SQL condition that a KEPT row satisfies), applied one after another."""
+    steps = []
+    if filters.require_abstract:
+        steps.append(("no abstract", "length(trim(coalesce(abstract, ''))) > 0"))
+    if filters.min_abstract_chars > 0:
+        steps.append(
+            (f"abstract shorter than {filters.min_abstract_chars} chars",
+             f"length(coalesce(abstract, '')) >= {int(filters.min_abstract_chars)}")
+        )
+    if filters.languages:
+        wanted = ", ".join(_sql_str(lang) for lang in sorted(filters.languages))
+        steps.append((f"language not in {sorted(filters.languages)}", f"list_has_any(languages, [{wanted}])"))
+    dropped_types = [
+        name
+        for name, on in (
+            ("Retracted Publication", filters.drop_retracted),
+            ("Retraction of Publication", filters.drop_retraction_notices),
+            ("Published Erratum", filters.drop_errata),
+        )
+        if on
+    ]
+    for pub_type in dropped_types:
+        steps.append((f"publication type '{pub_type}'", f"NOT list_contains(publication_types, {_sql_str(pub_type)})"))
+    return steps
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    return con.execute(sql).fetchone()[0]
+
+
+def build_snapshot(
+    article_files: Sequence[Path],
+    deletion_files: Sequence[Path],
+    out_dir: Path,
+    filters: CorpusFilters = CorpusFilters(),
+) -> dict:
+    """Write ``out_dir/corpus.parquet`` (sorted by pmid) and ``out_dir/stats.json``; return the stats."""
+    if not article_files:
+        raise ValueError("build_snapshot: no parsed article files given; run the parse stage first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"temp_directory": str(out_dir / ".duckdb_tmp")})
+    if filters.threads:
+        con.execute(f"SET threads = {int(filters.threads)}")
+    if filters.memory_limit:
+        con.execute(f"SET memory_limit = {_sql_str(filters.memory_limit)}")
+    con.execute("SET preserve_insertion_order = false")
+
+    def parquet_list(paths: Sequence[Path]) -> str:
+        return "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
+
+    con.execute(f"CREATE VIEW articles AS SELECT * FROM read_parquet({parquet_list(article_files)})")
+    if deletion_files:
+        con.execute(f"CREATE VIEW deletions AS SELECT pmid, file_seq FROM read_parquet({parquet_list(deletion_files)})")
+    else:
+        con.execute("CREATE VIEW deletions AS SELECT 0::BIGINT AS pmid, 0::INTEGER AS file_seq WHERE false")
+
+    stats = CorpusStats()
+    stats.records, stats.pmids = con.execute("SELECT count(*), count(DISTINCT pmid) FROM articles").fetchone()
+    stats.superseded = stats.records - stats.pmids
+    log.info("corpus: %d records, %d distinct PMIDs in %d files", stats.records, stats.pmids, len(article_files))
+
+    con.execute(
+        """
+        CREATE TEMP TABLE latest AS
+        SELECT * FROM articles
+        QUALIFY row_number() OVER (PARTITION BY pmid ORDER BY file_seq DESC, version DESC) = 1
+        """
+    )
+    con.execute(
+        """
+        CREATE TEMP TABLE live AS
+        SELECT l.* FROM latest l
+        WHERE NOT EXISTS (SELECT 1 FROM deletions d WHERE d.pmid = l.pmid AND d.file_seq >= l.file_seq)
+        """
+    )
+    stats.deleted = stats.pmids - _count(con, "SELECT count(*) FROM live")
+
+    kept = "live"
+    for reason, condition in _filters_in_order(filters):
+        before = _count(con, f"SELECT count(*) FROM {kept}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW step_{len(stats.dropped)} AS SELECT * FROM {kept} WHERE {condition}")
+        kept = f"step_{len(stats.dropped)}"
+        stats.dropped.append({"filter": reason, "rows": before - _count(con, f"SELECT count(*) FROM {kept}")})
+
+    text = "CASE WHEN trim(coalesce(title, '')) = '' THEN coalesce(vernacular_title, '') ELSE title END || chr(10) || chr(10) || coalesce(abstract, '')"
+    con.execute(f"CREATE TEMP VIEW documents AS SELECT *, {text} AS text FROM {kept}")
+    if filters.drop_duplicate_text:
+        before = _count(con, "SELECT count(*) FROM documents")
+        con.execute(
+            """
+            CREATE OR REPLACE TEMP VIEW documents_unique AS
+            SELECT * FROM documents QUALIFY row_number() OVER (PARTITION BY md5(text) ORDER BY pmid) = 1
+            """
+        )
+        final = "documents_unique"
+        stats.dropped.append({"filter": "exact duplicate text", "rows": before - _count(con, f"SELECT count(*) FROM {final}")})
+    else:
+        final = "documents"
+
+    con.execute(
+        f"""
+        COPY (
+            SELECT pmid, text, title, journal, pub_year, languages, mesh_terms, publication_types,
+                   version, date_revised, source_file, file_seq
+            FROM {final} ORDER BY pmid
+        ) TO {_sql_str(str(out_dir / 'corpus.parquet'))} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 100000)
+        """
+    )
+    stats.documents, stats.characters = con.execute(
+        f"SELECT count(*), coalesce(sum(length(text)), 0) FROM read_parquet({_sql_str(str(out_dir / 'corpus.parquet'))})"
+    ).fetchone()
+    con.close()
+    shutil.rmtree(out_dir / ".duckdb_tmp", ignore_errors=True)  # spill files, if DuckDB needed any
+    summary = asdict(stats)
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("corpus: %d documents, %d characters", stats.documents, stats.characters)
+    return summary
+
+
+def corpus_spec(parsed: Sequence[Artifact], filters: CorpusFilters) -> ArtifactSpec:
+    # Parents in NCBI sequence order, so the same set of files always gives the same key.
+    ordered = sorted(parsed, key=lambda a: (a.params["file_seq"], a.params["source_file"]))
+    return ArtifactSpec("corpus", CORPUS_VERSION, filters.content_params(), tuple(a.ref for a in ordered))
+
+
+def snapshot(store: Store, parsed: Sequence[Artifact], filters: CorpusFilters = CorpusFilters()) -> Artifact:
+    spec = corpus_spec(parsed, filters)
+    return store.get_or_build(
+        spec,
+        lambda work: build_snapshot(
+            [a.file("articles.parquet") for a in parsed],
+            [a.file("deletions.parquet") for a in parsed if a.file("deletions.parquet").exists()],
+            work,
+            filters,
+        ),
+    )
+
+
+@task(name="corpus-snapshot")
+def snapshot_task(store: Store, parsed: list[Artifact], filters: CorpusFilters = CorpusFilters()) -> Artifact:
+    corpus = snapshot(store, parsed, filters)
+    stats = corpus.summary
+    create_table_artifact(
+        key="corpus-stats",
+        table=CorpusStats(**stats).table(),
+        description=f"Corpus snapshot {corpus.ref}: {stats['documents']:,} documents, {stats['characters']:,} characters",
+    )
+    return corpus
