@@ -1,0 +1,162 @@
+"""Tokenizer: a byte-level BPE vocabulary fitted from scratch on the corpus snapshot.
+
+Byte-level BPE (HF ``tokenizers``) with no normalizer: every string maps to bytes and back, so
+``decode(encode(doc)) == doc`` for any text, whatever its Unicode form. (NFC would rewrite
+decomposed accents in the few abstracts that have them, and decode would then differ.)
+It is fitted on the train split only, streamed from Parquet in batches, so the validation
+fertility it reports is measured on text it never saw. The folder loads in transformers with
+``AutoTokenizer.from_pretrained(folder)``; special tokens [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+from prefect import task
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from storage import Artifact, ArtifactError, ArtifactSpec, Store, sha256_file
+from tasks.binarize import (
+    CORPUS_FILE,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    iter_corpus,
+    load_tokenizer,
+    split_of,
+    stable_unit,
+)
+
+TOKENIZER_VERSION = "1"
+log = logging.getLogger("medlm.tokenizer")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 32_000
+    min_frequency: int = 2  # a pair seen once is noise, not a merge
+    max_documents: int | None = None  # fit on a deterministic sample of this many train documents
+    val_fraction: float = 0.005  # the split, as binarize will cut it (see tasks.binarize.split_of)
+    test_fraction: float = 0.005
+
+
+@dataclass
+class _TrainSample:
+    """Batches of train-split texts, sampled by PMID hash down to about ``max_documents``;
+    ``documents`` counts what has been handed out."""
+
+    corpus_parquet: Path
+    config: TokenizerConfig
+    documents: int = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        config, cap = self.config, self.config.max_documents
+        keep_rate = 1.0
+        if cap is not None:
+            rows = pq.ParquetFile(self.corpus_parquet).metadata.num_rows
+            keep_rate = cap / max(rows * (1 - config.val_fraction - config.test_fraction), 1)
+        for pmids, texts in iter_corpus(self.corpus_parquet):
+            batch = [
+                text
+                for pmid, text in zip(pmids, texts)
+                if split_of(pmid, config.val_fraction, config.test_fraction) == "train"
+                and (keep_rate >= 1 or stable_unit(pmid, b"medlm-tok-sample") < keep_rate)
+            ]
+            if cap is not None:
+                batch = batch[: cap - self.documents]
+            if batch:
+                self.documents += len(batch)
+                yield batch
+            if cap is not None and self.documents >= cap:
+                return
+
+
+def _fertility(tokenizer_json: Path, corpus_parquet: Path, config: TokenizerConfig) -> tuple[float | None, int]:
+    """Tokens per whitespace-separated word over the validation split, and its document count."""
+    tokenizer = load_tokenizer(tokenizer_json)
+    tokens = words = documents = 0
+    for pmids, texts in iter_corpus(corpus_parquet):
+        val = [t for p, t in zip(pmids, texts) if split_of(p, config.val_fraction, config.test_fraction) == "val"]
+        tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(val, add_special_tokens=False))
+        words += sum(len(t.split()) for t in val)
+        documents += len(val)
+    return (round(tokens / words, 4) if words else None), documents
+
+
+def _write_transformers_files(out_dir: Path) -> None:
+    """The two small files that make ``AutoTokenizer.from_pretrained(out_dir)`` set the special tokens."""
+    roles = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), SPECIAL_TOKENS))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        # transformers would otherwise rewrite " ." to "." when decoding and break the round trip.
+        "clean_up_tokenization_spaces": False,
+        **roles,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(roles, indent=2) + "\n")
+
+
+def fit_tokenizer(corpus_parquet: Path, out_dir: Path, config: TokenizerConfig = TokenizerConfig()) -> dict:
+    """Fit the BPE on ``corpus_parquet`` and write it to ``out_dir``; return the summary."""
+    started = time.time()
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    sample = _TrainSample(corpus_parquet, config)
+    tokenizer.train_from_iterator(sample, trainer)
+    ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
+    assert ids == [0, 1, 2, 3], f"special tokens got ids {ids}"
+    log.info("fitted %d tokens on %d documents in %.1f s", tokenizer.get_vocab_size(), sample.documents, time.time() - started)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    _write_transformers_files(out_dir)
+    fertility, val_documents = _fertility(out_dir / TOKENIZER_FILE, corpus_parquet, config)
+    log.info("validation fertility %s tokens/word over %d documents", fertility, val_documents)
+    return {
+        "vocab_size": tokenizer.get_vocab_size(),
+        **{f"{token.strip('[]').lower()}_id": i for i, token in enumerate(SPECIAL_TOKENS)},
+        "training_documents": sample.documents,
+        "validation_documents": val_documents,
+        "fertility": fertility,
+        "tokenizer_sha256": sha256_file(out_dir / TOKENIZER_FILE),
+    }
+
+
+def tokenizer_spec(corpus: Artifact, config: TokenizerConfig) -> ArtifactSpec:
+    return ArtifactSpec("tokenizer", TOKENIZER_VERSION, asdict(config), (corpus.ref,))
+
+
+def fit(store: Store, corpus: Artifact, config: TokenizerConfig = TokenizerConfig()) -> Artifact:
+    return store.get_or_build(
+        tokenizer_spec(corpus, config), lambda work: fit_tokenizer(corpus.file(CORPUS_FILE), work, config)
+    )
+
+
+def resolve_tokenizer(store: Store, ref: str) -> Artifact:
+    """A pinned tokenizer by ref ("tokenizer/KEY"), so a grown corpus is re-sharded with the
+    same vocabulary instead of a refitted one."""
+    artifact = store.get(ref)
+    if artifact is None or artifact.kind != "tokenizer":
+        raise ArtifactError(
+            f"no tokenizer artifact {ref!r} in the store at {store.root}; pin a ref listed by "
+            f"`medlm store ls tokenizer`, or leave it unset to fit one from the corpus"
+        )
+    return artifact
+
+
+@task(name="fit-tokenizer")
+def fit_tokenizer_task(store: Store, corpus: Artifact, config: TokenizerConfig = TokenizerConfig()) -> Artifact:
+    return fit(store, corpus, config)

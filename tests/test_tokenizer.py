@@ -1,0 +1,151 @@
+"""The tokenizer stage on real PubMed text: fitting, round trips, transformers loading, pinning.
+
+The ``corpus`` and ``tokenizer`` fixtures here are shared with tests/test_binarize.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from lxml import etree
+
+from storage import ArtifactError, ArtifactSpec, Store, sha256_file
+from tasks.binarize import CORPUS_FILE, iter_corpus, load_tokenizer, split_of
+from tasks.tokenizer import TokenizerConfig, fit, fit_tokenizer, resolve_tokenizer
+
+PUBMED = Path(__file__).parent / "data" / "pubmed"
+SAMPLE_FILES = sorted((PUBMED / "mirror").glob("*/*.xml.gz"))  # baseline, then the update: NCBI order
+MATHML_PMID = 31993508  # an abstract with <mml:math> (tests/data/pubmed/INDEX.tsv)
+TEST_VOCAB = 1_000
+
+
+def _article_rows(xml_gz: Path, file_seq: int) -> list[dict]:
+    rows = []
+    with gzip.open(xml_gz) as f:
+        for _, article in etree.iterparse(f, tag="PubmedArticle"):
+            citation = article.find("MedlineCitation")
+            title = "".join(citation.find("Article/ArticleTitle").itertext())
+            abstract = "\n".join("".join(t.itertext()) for t in citation.iterfind("Article/Abstract/AbstractText"))
+            if abstract:
+                year = citation.findtext("Article/Journal/JournalIssue/PubDate/Year") or "0"
+                rows.append({
+                    "pmid": int(citation.findtext("PMID")),
+                    "text": f"{title}\n\n{abstract}",
+                    "title": title,
+                    "journal": citation.findtext("Article/Journal/Title"),
+                    "pub_year": int(year),
+                    "languages": [e.text for e in citation.iterfind("Article/Language")],
+                    "source_file": xml_gz.name,
+                    "file_seq": file_seq,
+                })
+            article.clear()
+    return rows
+
+
+def _write_test_corpus(work: Path) -> dict:
+    """A stand-in for the corpus snapshot until the parse stage lands: the articles with an
+    abstract from the two sample files, the latest record per PMID, sorted by PMID."""
+    latest = {}
+    for seq, xml_gz in enumerate(SAMPLE_FILES):
+        latest.update((row["pmid"], row) for row in _article_rows(xml_gz, seq))
+    rows = [latest[pmid] for pmid in sorted(latest)]
+    schema = pa.schema([
+        ("pmid", pa.int64()), ("text", pa.string()), ("title", pa.string()), ("journal", pa.string()),
+        ("pub_year", pa.int32()), ("languages", pa.list_(pa.string())), ("source_file", pa.string()),
+        ("file_seq", pa.int32()),
+    ])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), work / CORPUS_FILE)
+    return {"documents": len(rows)}
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Store:
+    return Store(tmp_path_factory.getbasetemp() / "store")
+
+
+@pytest.fixture(scope="session")
+def corpus(store):
+    spec = ArtifactSpec("corpus", "test-fixture", {"files": [p.name for p in SAMPLE_FILES]})
+    return store.get_or_build(spec, _write_test_corpus)
+
+
+@pytest.fixture(scope="session")
+def documents(corpus) -> list[tuple[int, str]]:
+    return [pair for pmids, texts in iter_corpus(corpus.file(CORPUS_FILE)) for pair in zip(pmids, texts)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(store, corpus):
+    return fit(store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+
+
+def test_fit_summary_describes_the_tokenizer(tokenizer, documents):
+    summary = tokenizer.summary
+    assert summary["vocab_size"] == TEST_VOCAB
+    assert (summary["pad_id"], summary["unk_id"], summary["bos_id"], summary["eos_id"]) == (0, 1, 2, 3)
+    assert summary["training_documents"] == sum(split_of(pmid) == "train" for pmid, _ in documents)
+    assert summary["validation_documents"] == sum(split_of(pmid) == "val" for pmid, _ in documents) > 0
+    assert 1.0 < summary["fertility"] < 4.0  # a 1k vocabulary splits words into a few pieces
+    assert summary["tokenizer_sha256"] == sha256_file(tokenizer.file("tokenizer.json"))
+    assert tokenizer.parents[0].startswith("corpus/")
+
+
+def test_every_document_round_trips(tokenizer, documents):
+    texts = dict(documents)
+    assert "<mml:math" not in texts[MATHML_PMID] and "\u2009" in texts[MATHML_PMID]  # MathML kept as its text
+    assert any("β" in t for t in texts.values()) and any("±" in t for t in texts.values())
+    encoder = load_tokenizer(tokenizer.file("tokenizer.json"))
+    encodings = encoder.encode_batch_fast(list(texts.values()), add_special_tokens=False)
+    mismatched = [pmid for pmid, e in zip(texts, encodings) if encoder.decode(e.ids) != texts[pmid]]
+    assert mismatched == []
+
+
+def test_special_token_text_in_an_abstract_stays_text(tokenizer, documents):
+    text = documents[0][1] + " [EOS] and [PAD] as written"
+    encoder = load_tokenizer(tokenizer.file("tokenizer.json"))
+    ids = encoder.encode(text, add_special_tokens=False).ids
+    assert not {0, 1, 2, 3} & set(ids)
+    assert encoder.decode(ids) == text
+
+
+def test_transformers_loads_it_with_the_special_tokens(tokenizer, documents):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    special = json.loads(tokenizer.file("special_tokens_map.json").read_text())
+    loaded = [
+        AutoTokenizer.from_pretrained(tokenizer.path),
+        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.file("tokenizer.json")), **special),
+    ]
+    text = dict(documents)[MATHML_PMID]
+    for hf in loaded:
+        ids = (hf.pad_token_id, hf.unk_token_id, hf.bos_token_id, hf.eos_token_id)
+        assert ids == (0, 1, 2, 3)
+        assert (hf.pad_token, hf.eos_token) == ("[PAD]", "[EOS]")
+        assert len(hf) == TEST_VOCAB
+        encoded = hf(text, add_special_tokens=False)["input_ids"]
+        assert encoded == load_tokenizer(tokenizer.file("tokenizer.json")).encode(text, add_special_tokens=False).ids
+        assert hf.decode(encoded) == text
+
+
+def test_max_documents_is_a_deterministic_sample(corpus, tmp_path):
+    config = TokenizerConfig(vocab_size=500, max_documents=600)
+    first = fit_tokenizer(corpus.file(CORPUS_FILE), tmp_path / "a", config)
+    second = fit_tokenizer(corpus.file(CORPUS_FILE), tmp_path / "b", config)
+    assert 450 < first["training_documents"] <= 600
+    assert first == second
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_rerun_is_a_store_hit_and_a_pinned_ref_resolves(store, corpus, tokenizer):
+    again = fit(store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+    assert again.ref == tokenizer.ref and again.manifest["created"] == tokenizer.manifest["created"]
+    assert resolve_tokenizer(store, tokenizer.ref) == tokenizer
+    with pytest.raises(ArtifactError, match="tokenizer/0123456789abcdef0123"):
+        resolve_tokenizer(store, "tokenizer/0123456789abcdef0123")
+    with pytest.raises(ArtifactError, match=corpus.ref):
+        resolve_tokenizer(store, corpus.ref)  # exists, but is not a tokenizer
