@@ -1,0 +1,374 @@
+"""Download stage: PubMed baseline and update files from NCBI (or a mirror), md5-verified and resumable.
+
+    files = select_files(DEFAULT_BASE_URL, folders=("updatefiles",), updates_after=1274)
+    artifacts = [download(Store(), f) for f in files]
+
+A file is fetched into ``NAME.part``; a dropped connection or a killed run continues it with
+``Range: bytes=N-``; only bytes whose md5 matches NCBI's ``NAME.md5`` are renamed to ``NAME``.
+One artifact per file, keyed by name and md5 (not by URL: the same bytes from a mirror are the
+same artifact). The base may also be a local folder or ``file://`` URL laid out like NCBI's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import io
+import re
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from http.client import HTTPException
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from prefect import task
+
+from storage import Artifact, ArtifactSpec, Store
+
+log = logging.getLogger("medlm.download")
+
+DEFAULT_BASE_URL = "https://ftp.ncbi.nlm.nih.gov/pubmed"
+FOLDERS = ("baseline", "updatefiles")
+DOWNLOAD_VERSION = "1"
+FILE_NAME = re.compile(r"^pubmed(\d{2})n(\d{4})\.xml\.gz$")
+_MD5_LINE = re.compile(r"^MD5\((?P<name>[^()]+)\)= ?(?P<digest>[0-9a-fA-F]{32})$")
+_CHUNK = 1 << 20
+_PROGRESS_EVERY_S = 10.0
+_RETRY_HTTP_CODES = {408, 429}  # 4xx that mean "try again later"; every 5xx is retried too
+
+
+class DownloadError(RuntimeError):
+    """A listing, md5 or file could not be fetched, or the bytes never matched their md5."""
+
+
+class _TransferFailed(Exception):
+    """A transfer went wrong in a way that another attempt may fix (short body, 5xx, ...)."""
+
+
+_RETRYABLE = (_TransferFailed, urllib.error.URLError, HTTPException, ConnectionError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One PubMed XML file at its source; ``seq`` is NCBI's file number (NNNN), the order updates apply in."""
+
+    name: str
+    folder: str
+    url: str
+    md5: str
+    seq: int
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+def select_files(
+    base: str | os.PathLike,
+    *,
+    folders: Sequence[str] = FOLDERS,
+    baseline_limit: int | None = None,
+    updates_after: int | None = None,
+    names: Sequence[str] | None = None,
+    timeout_s: float = 60,
+) -> list[RemoteFile]:
+    """The files to download, sorted by seq, with their md5s fetched.
+
+    ``baseline_limit`` keeps the first N baseline files; ``updates_after`` keeps update files
+    numbered above it (the nightly flow: ``folders=("updatefiles",), updates_after=<last seq>``);
+    ``names`` keeps exactly these files, each of which must be listed.
+    """
+    for folder in folders:
+        if folder not in FOLDERS:
+            raise ValueError(f"unknown PubMed folder {folder!r}: expected one of {FOLDERS}")
+    wanted = set(names) if names is not None else None
+    for name in wanted or ():
+        if not FILE_NAME.match(name):
+            raise ValueError(f"{name!r} is not a PubMed file name: expected pubmedYYnNNNN.xml.gz, e.g. pubmed25n0001.xml.gz")
+
+    chosen: list[tuple[str, str]] = []
+    for folder in folders:
+        listed = list_folder(base, folder, timeout_s=timeout_s)
+        if wanted is not None:
+            listed = [name for name in listed if name in wanted]
+        if folder == "baseline" and baseline_limit is not None:
+            listed = listed[:baseline_limit]
+        if folder == "updatefiles" and updates_after is not None:
+            listed = [name for name in listed if file_seq(name) > updates_after]
+        chosen += [(folder, name) for name in listed]
+
+    missing = (wanted or set()) - {name for _, name in chosen}
+    if missing:
+        raise DownloadError(
+            f"{sorted(missing)} not found in {list(folders)} at {base}; check the names against the listing"
+        )
+    log.info("selected %d files from %s", len(chosen), base)
+    return sorted((_remote_file(base, folder, name, timeout_s) for folder, name in chosen), key=lambda f: (f.seq, f.name))
+
+
+def list_folder(base: str | os.PathLike, folder: str, *, timeout_s: float = 60) -> list[str]:
+    """The valid PubMed file names in one folder of ``base``, sorted by seq."""
+    root = _local_root(base)
+    if root is None:
+        where = _folder_url(base, folder)
+        entries = _hrefs(_read_text(where, timeout_s))
+    else:
+        where = str(root / folder)
+        if not (root / folder).is_dir():
+            raise DownloadError(f"{where} is not a folder: a local mirror needs NCBI's layout (baseline/, updatefiles/)")
+        entries = [p.name + ("/" if p.is_dir() else "") for p in (root / folder).iterdir()]
+    names = {entry for entry in entries if _is_file_name(entry, where)}
+    return sorted(names, key=lambda name: (file_seq(name), name))
+
+
+def file_seq(name: str) -> int:
+    """NCBI's file number: 1298 for pubmed21n1298.xml.gz."""
+    return int(FILE_NAME.match(name)[2])
+
+
+def parse_md5(text: str, name: str, url: str) -> str:
+    """The digest in NCBI's ``MD5(NAME)= HEX`` line, checked to name ``name``."""
+    match = _MD5_LINE.match(text.strip())
+    if not match or match["name"] != name:
+        raise DownloadError(f"{url}: expected one line 'MD5({name})= <32 hex digits>', got {text.strip()[:120]!r}")
+    return match["digest"].lower()
+
+
+def _is_file_name(entry: str, where: str) -> bool:
+    if FILE_NAME.match(entry):
+        return True
+    if _is_index_chrome(entry):
+        log.debug("skipping listing entry %r in %s", entry, where)
+    else:
+        log.warning("rejected listing entry %r in %s: not a plain PubMed file name like pubmed25n0001.xml.gz", entry, where)
+    return False
+
+
+def _is_index_chrome(entry: str) -> bool:
+    """Links every index has that are not data: directories, sort links, README.txt, .md5, stats pages."""
+    if entry.endswith("/") or entry.startswith("?"):
+        return True
+    plain = not any(c in entry for c in "/\\:")
+    return plain and (entry.endswith(".md5") or ".xml" not in entry.lower())
+
+
+class _HrefParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs += [value for key, value in attrs if key == "href" and value]
+
+
+def _hrefs(html: str) -> list[str]:
+    parser = _HrefParser()
+    parser.feed(html)
+    parser.close()
+    return parser.hrefs
+
+
+def _local_root(base: str | os.PathLike) -> Path | None:
+    """The mirror folder when ``base`` is local (a path or file:// URL); None for http(s)."""
+    if isinstance(base, os.PathLike):
+        return Path(base)
+    scheme = urlsplit(base).scheme
+    if scheme in ("http", "https"):
+        return None
+    if scheme == "file":
+        return Path(url2pathname(urlsplit(base).path))
+    if scheme == "":
+        return Path(base)
+    raise ValueError(f"unsupported base {base!r}: expected an http(s) URL like {DEFAULT_BASE_URL}, a file:// URL or a folder")
+
+
+def _folder_url(base: str | os.PathLike, folder: str) -> str:
+    return f"{str(base).rstrip('/')}/{folder}/"
+
+
+def _remote_file(base: str | os.PathLike, folder: str, name: str, timeout_s: float) -> RemoteFile:
+    root = _local_root(base)
+    url = (root / folder / name).resolve().as_uri() if root is not None else _folder_url(base, folder) + name
+    md5 = parse_md5(_read_text(f"{url}.md5", timeout_s), name, f"{url}.md5")
+    return RemoteFile(name=name, folder=folder, url=url, md5=md5, seq=file_seq(name))
+
+
+def _read_text(url: str, timeout_s: float) -> str:
+    """A small document (listing, .md5). Not retried here: the list-remote task has Prefect retries."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"GET {url} failed: HTTP {e.code} {e.reason}") from e
+    except (HTTPException, OSError) as e:
+        raise DownloadError(f"GET {url} failed: {e}; check the base URL and the network") from e
+
+
+# -- downloading -----------------------------------------------------------------------------
+
+
+def download_file(
+    remote: RemoteFile,
+    dest_dir: Path,
+    *,
+    attempts: int = 5,
+    backoff_s: float = 2.0,
+    timeout_s: float = 60,
+) -> Path:
+    """Fetch ``remote`` into ``dest_dir/NAME``, resuming ``NAME.part``; NAME exists only once its md5 matches."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final, part = dest_dir / remote.name, dest_dir / f"{remote.name}.part"
+    if final.exists():  # verified and renamed by a run killed before its manifest was written
+        if _md5_of_file(final).hexdigest() == remote.md5:
+            return final
+        final.unlink()
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            actual = _fetch_into(remote, part, timeout_s)
+        except _RETRYABLE as e:
+            problem = f"transfer failed: {e}"
+        else:
+            if actual == remote.md5:
+                os.replace(part, final)
+                return final
+            part.unlink()  # bad bytes are not worth resuming
+            problem = f"md5 mismatch: expected {remote.md5}, actual {actual}"
+        if attempt < attempts:
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("%s: attempt %d/%d: %s; retrying in %.1f s", remote.name, attempt, attempts, problem, delay)
+            time.sleep(delay)
+    raise DownloadError(
+        f"{remote.name}: {problem} (from {remote.url}, {attempts} attempts); "
+        f"the source may be corrupt or down: retry later or use another mirror"
+    )
+
+
+def _fetch_into(remote: RemoteFile, part: Path, timeout_s: float) -> str:
+    """Append the rest of ``remote`` to ``part`` (or rewrite it); the md5 of the whole ``part``."""
+    offset = part.stat().st_size if part.exists() else 0
+    with _open(remote, offset, timeout_s) as (body, start, length):
+        if start:
+            log.info("%s: resuming at byte %d", remote.name, start)
+            digest = _md5_of_file(part)
+        else:
+            if offset:
+                log.info("%s: source ignored the range request; starting again from byte 0", remote.name)
+            digest = hashlib.md5()
+        with open(part, "ab" if start else "wb") as out:
+            received = _copy(body, out, digest, remote.name, start, length)
+            out.flush()
+            os.fsync(out.fileno())
+    if length is not None and received < length:
+        raise _TransferFailed(f"connection closed after {received} of {length} bytes")
+    return digest.hexdigest()
+
+
+@contextmanager
+def _open(remote: RemoteFile, offset: int, timeout_s: float) -> Iterator[tuple[BinaryIO, int, int | None]]:
+    """(body, the byte offset it starts at, its expected length or None) for ``remote`` from ``offset``."""
+    if remote.url.startswith("file:"):
+        source = Path(url2pathname(urlsplit(remote.url).path))
+        if not source.is_file():
+            raise DownloadError(f"{remote.name}: {source} does not exist; check the mirror folder")
+        with open(source, "rb") as body:
+            size = source.stat().st_size
+            body.seek(min(offset, size))  # past the end: an empty body, and the md5 check decides
+            yield body, offset, max(size - offset, 0)
+        return
+    request = urllib.request.Request(remote.url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code >= 500 or e.code in _RETRY_HTTP_CODES:
+            raise _TransferFailed(f"HTTP {e.code} {e.reason}") from e
+        if e.code != 416:
+            raise DownloadError(f"{remote.name}: HTTP {e.code} {e.reason} for {remote.url}; check the base URL and file name") from e
+        response = None
+    if response is None:  # 416, nothing after offset: the .part is complete or bad, the md5 check decides
+        yield io.BytesIO(), offset, 0
+        return
+    with response:
+        start = _content_range_start(response.headers.get("Content-Range")) if response.status == 206 else 0
+        if start not in (0, offset):
+            raise _TransferFailed(f"asked for bytes={offset}-, got Content-Range {response.headers['Content-Range']!r}")
+        length = response.headers.get("Content-Length")
+        yield response, start, int(length) if length is not None else None
+
+
+def _content_range_start(header: str | None) -> int:
+    match = re.match(r"^bytes (\d+)-\d+/(\d+|\*)$", header or "")
+    if not match:
+        raise _TransferFailed(f"206 response with a malformed Content-Range {header!r}")
+    return int(match[1])
+
+
+def _copy(body: BinaryIO, out: BinaryIO, digest, name: str, start: int, length: int | None) -> int:
+    """Stream ``body`` into ``out`` and ``digest`` in 1 MiB chunks, logging progress; bytes copied."""
+    total = f"{(start + length) / 1e6:.1f}" if length is not None else "?"
+    began = last_log = time.monotonic()
+    received = 0
+    while chunk := body.read(_CHUNK):
+        out.write(chunk)
+        digest.update(chunk)
+        received += len(chunk)
+        if (now := time.monotonic()) - last_log >= _PROGRESS_EVERY_S:
+            last_log = now
+            log.info("%s: %.1f/%s MB, %.1f MB/s", name, (start + received) / 1e6, total, received / 1e6 / (now - began))
+    elapsed = max(time.monotonic() - began, 1e-9)
+    log.info("%s: got %.1f MB in %.1f s (%.1f MB/s)", name, received / 1e6, elapsed, received / 1e6 / elapsed)
+    return received
+
+
+def _md5_of_file(path: Path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+def download_spec(remote: RemoteFile) -> ArtifactSpec:
+    """The artifact's identity: what the bytes are (name, md5), never where they came from."""
+    params = {"file_name": remote.name, "md5": remote.md5, "folder": remote.folder, "seq": remote.seq}
+    return ArtifactSpec("download", DOWNLOAD_VERSION, params=params)
+
+
+def download(store: Store, remote: RemoteFile, **kw) -> Artifact:
+    """The verified copy of ``remote`` in ``store``; ``kw`` go to ``download_file``. Reruns fetch nothing."""
+
+    def build(work_dir: Path) -> dict:
+        path = download_file(remote, work_dir, **kw)
+        return {"bytes": path.stat().st_size}
+
+    return store.get_or_build(download_spec(remote), build, resume=True)
+
+
+@task(name="download", retries=0)  # download_file already retries, resuming where it stopped
+def download_task(store: Store, remote: RemoteFile) -> Artifact:
+    return download(store, remote)
+
+
+@task(name="list-remote", retries=2, retry_delay_seconds=30)
+def list_remote_task(
+    base: str = DEFAULT_BASE_URL,
+    folders: Sequence[str] = FOLDERS,
+    baseline_limit: int | None = None,
+    updates_after: int | None = None,
+    names: Sequence[str] | None = None,
+) -> list[RemoteFile]:
+    return select_files(
+        base, folders=folders, baseline_limit=baseline_limit, updates_after=updates_after, names=names
+    )

@@ -1,0 +1,252 @@
+"""The download stage against a real HTTP server on 127.0.0.1 serving real PubMed files, faults injected."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.download import (
+    DownloadError,
+    RemoteFile,
+    download,
+    download_file,
+    download_spec,
+    list_folder,
+    select_files,
+)
+from tests.ncbi_server import HOSTILE_HREFS, WRONG_MD5, NcbiServer, Request, make_mirror
+
+DATA = Path(__file__).parent / "data" / "pubmed" / "mirror"
+BASELINE = DATA / "baseline" / "pubmed20n0014.xml.gz"
+UPDATE = DATA / "updatefiles" / "pubmed21n1298.xml.gz"
+BASELINE_PATH = "/baseline/pubmed20n0014.xml.gz"
+FAST = {"backoff_s": 0.001, "timeout_s": 10}  # retries without waiting
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def mirror(tmp_path_factory) -> Path:
+    return make_mirror(tmp_path_factory.mktemp("mirror"), {"baseline": [BASELINE], "updatefiles": [UPDATE]})
+
+
+@pytest.fixture
+def server(mirror):
+    with NcbiServer(mirror) as server:
+        yield server
+
+
+def baseline_file(server: NcbiServer) -> RemoteFile:
+    [remote] = select_files(server.url, folders=("baseline",))
+    return remote
+
+
+def file_gets(server: NcbiServer, path: str = BASELINE_PATH) -> list[Request]:
+    return server.requests_for(path)
+
+
+# -- listing and selection -----------------------------------------------------------------
+
+
+def test_lists_mirror_over_http(server):
+    assert list_folder(server.url, "baseline") == ["pubmed20n0014.xml.gz"]
+    files = select_files(server.url + "/")  # a trailing slash on the base is fine
+    assert files == [
+        RemoteFile("pubmed20n0014.xml.gz", "baseline", f"{server.url}{BASELINE_PATH}", md5(BASELINE), 14),
+        RemoteFile(
+            "pubmed21n1298.xml.gz", "updatefiles", f"{server.url}/updatefiles/pubmed21n1298.xml.gz", md5(UPDATE), 1298
+        ),
+    ]
+
+
+@pytest.mark.parametrize("as_base", [Path, str, Path.as_uri], ids=["path", "str", "file-url"])
+def test_lists_local_mirror(mirror, as_base):
+    files = select_files(as_base(mirror))
+    assert [(f.name, f.folder, f.md5, f.seq) for f in files] == [
+        ("pubmed20n0014.xml.gz", "baseline", md5(BASELINE), 14),
+        ("pubmed21n1298.xml.gz", "updatefiles", md5(UPDATE), 1298),
+    ]
+    assert files[0].url == (mirror / "baseline" / "pubmed20n0014.xml.gz").as_uri()
+
+
+def test_hostile_listing_entries_are_rejected_and_logged(server, caplog):
+    server.faults.extra_listing["/baseline/"] = list(HOSTILE_HREFS)
+    caplog.set_level(logging.WARNING, logger="medlm.download")
+    assert list_folder(server.url, "baseline") == ["pubmed20n0014.xml.gz"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for href in HOSTILE_HREFS:
+        assert any(repr(href) in message for message in warnings), href
+    assert not any("README.txt" in m or ".md5" in m or "stats" in m for m in warnings)  # index chrome is quiet
+
+
+def test_hostile_local_entries_are_rejected_and_logged(tmp_path, caplog):
+    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE]})
+    (mirror / "baseline" / "pubmed25n0001.xml.gz.bak").write_bytes(b"x")
+    (mirror / "baseline" / "sub").mkdir()
+    caplog.set_level(logging.WARNING, logger="medlm.download")
+    assert list_folder(mirror, "baseline") == ["pubmed20n0014.xml.gz"]
+    assert "'pubmed25n0001.xml.gz.bak'" in caplog.text
+
+
+@pytest.fixture
+def numbered_server(tmp_path):
+    """Six files named like one year's baseline and updates (real bytes under new names)."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for name in ["pubmed25n0001", "pubmed25n0002", "pubmed25n0003", "pubmed25n1275", "pubmed25n1276", "pubmed25n1277"]:
+        shutil.copyfile(BASELINE, sources / f"{name}.xml.gz")
+    mirror = make_mirror(
+        tmp_path / "mirror",
+        {"baseline": sorted(sources.glob("*n000*")), "updatefiles": sorted(sources.glob("*n127*"))},
+    )
+    with NcbiServer(mirror) as server:
+        yield server
+
+
+def names(files: list[RemoteFile]) -> list[str]:
+    return [f.name for f in files]
+
+
+def test_selection(numbered_server):
+    url = numbered_server.url
+    everything = select_files(url)
+    assert [f.seq for f in everything] == [1, 2, 3, 1275, 1276, 1277]
+    assert {f.folder for f in everything[:3]} == {"baseline"} and {f.folder for f in everything[3:]} == {"updatefiles"}
+    assert names(select_files(url, folders=("baseline",), baseline_limit=2)) == ["pubmed25n0001.xml.gz", "pubmed25n0002.xml.gz"]
+    nightly = select_files(url, folders=("updatefiles",), updates_after=1275)
+    assert names(nightly) == ["pubmed25n1276.xml.gz", "pubmed25n1277.xml.gz"]
+    seen = len(numbered_server.requests)
+    explicit = select_files(url, names=["pubmed25n1275.xml.gz", "pubmed25n0003.xml.gz"])
+    assert [(f.name, f.folder) for f in explicit] == [("pubmed25n0003.xml.gz", "baseline"), ("pubmed25n1275.xml.gz", "updatefiles")]
+    md5_gets = [r.path for r in numbered_server.requests[seen:] if r.path.endswith(".md5")]
+    assert sorted(md5_gets) == ["/baseline/pubmed25n0003.xml.gz.md5", "/updatefiles/pubmed25n1275.xml.gz.md5"]
+
+
+@pytest.mark.parametrize("bad", ["../pubmed25n0001.xml.gz", "pubmed25n0001.xml", "baseline/pubmed25n0001.xml.gz"])
+def test_invalid_explicit_name_is_an_error(numbered_server, bad):
+    with pytest.raises(ValueError, match=r"is not a PubMed file name: expected pubmedYYnNNNN\.xml\.gz") as error:
+        select_files(numbered_server.url, names=[bad])
+    assert repr(bad) in str(error.value)
+
+
+def test_explicit_name_not_listed_is_an_error(numbered_server):
+    with pytest.raises(DownloadError, match=r"pubmed25n0009\.xml\.gz.*not found in \['baseline', 'updatefiles'\]"):
+        select_files(numbered_server.url, names=["pubmed25n0001.xml.gz", "pubmed25n0009.xml.gz"])
+
+
+@pytest.mark.parametrize(
+    "md5_text", [f"MD5(pubmed20n0015.xml.gz)= {'a' * 32}\n", "MD5(pubmed20n0014.xml.gz)= not-hex\n", ""]
+)
+def test_bad_md5_file_is_an_error_naming_its_url(tmp_path, md5_text):
+    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE]})
+    (mirror / "baseline" / "pubmed20n0014.xml.gz.md5").write_text(md5_text)
+    with NcbiServer(mirror) as server:
+        with pytest.raises(DownloadError, match="expected one line 'MD5") as error:
+            select_files(server.url, folders=("baseline",))
+        assert f"{server.url}{BASELINE_PATH}.md5" in str(error.value)
+
+
+# -- downloading ----------------------------------------------------------------------------
+
+
+def test_download_verifies_and_stores_an_artifact(server, store):
+    remote = baseline_file(server)
+    artifact = download(store, remote, **FAST)
+    assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
+    assert artifact.params == {"file_name": remote.name, "md5": md5(BASELINE), "folder": "baseline", "seq": 14}
+    assert artifact.summary == {"bytes": BASELINE.stat().st_size}
+    assert list(artifact.manifest["files"]) == [remote.name]  # no .part left behind
+    assert store.problems(artifact.ref) == []
+
+
+def test_rerun_downloads_nothing_and_the_source_is_not_in_the_key(server, store, mirror):
+    remote = baseline_file(server)
+    first = download(store, remote, **FAST)
+    again = download(store, remote, **FAST)
+    [local] = select_files(mirror, folders=("baseline",))
+    from_mirror = download(store, local, **FAST)
+    assert first.ref == again.ref == from_mirror.ref
+    assert len(file_gets(server)) == 1
+
+
+def test_dropped_connection_resumes_with_range(server, store):
+    server.faults.drop_after_bytes[BASELINE_PATH] = [300_000, 200_000]
+    artifact = download(store, baseline_file(server), **FAST)
+    assert [r.range for r in file_gets(server)] == [None, "bytes=300000-", "bytes=500000-"]
+    assert artifact.file("pubmed20n0014.xml.gz").read_bytes() == BASELINE.read_bytes()
+
+
+def test_connection_that_keeps_dropping_fails_and_keeps_the_part(server, tmp_path):
+    server.faults.drop_after_bytes[BASELINE_PATH] = [1000] * 10
+    with pytest.raises(DownloadError, match=r"pubmed20n0014\.xml\.gz: transfer failed: connection closed after 1000 of"):
+        download_file(baseline_file(server), tmp_path, attempts=3, **FAST)
+    assert len(file_gets(server)) == 3
+    assert not (tmp_path / "pubmed20n0014.xml.gz").exists()
+    assert (tmp_path / "pubmed20n0014.xml.gz.part").stat().st_size == 3000  # kept for the next run to resume
+
+
+def test_503_then_200(server, store):
+    server.faults.status[BASELINE_PATH] = [503, 503]
+    artifact = download(store, baseline_file(server), **FAST)
+    assert len(file_gets(server)) == 3
+    assert artifact.file("pubmed20n0014.xml.gz").read_bytes() == BASELINE.read_bytes()
+
+
+def test_404_fails_at_once(server, tmp_path):
+    remote = baseline_file(server)
+    missing = RemoteFile("pubmed20n0099.xml.gz", "baseline", f"{server.url}/baseline/pubmed20n0099.xml.gz", remote.md5, 99)
+    with pytest.raises(DownloadError, match=r"pubmed20n0099\.xml\.gz: HTTP 404 .*check the base URL"):
+        download_file(missing, tmp_path, **FAST)
+    assert len(server.requests_for("/baseline/pubmed20n0099.xml.gz")) == 1
+
+
+def test_wrong_md5_that_never_heals(server, store):
+    server.faults.wrong_md5.add(BASELINE_PATH)
+    remote = baseline_file(server)
+    assert remote.md5 == WRONG_MD5
+    with pytest.raises(DownloadError) as error:
+        download(store, remote, attempts=3, **FAST)
+    message = str(error.value)
+    assert "pubmed20n0014.xml.gz" in message and WRONG_MD5 in message and md5(BASELINE) in message
+    assert [r.range for r in file_gets(server)] == [None, None, None]  # each retry from zero
+    assert store.get(download_spec(remote).ref) is None
+    assert not [p for p in store.root.rglob("pubmed20n0014.xml.gz*")]  # nothing that looks complete, no bad .part
+
+
+def test_killed_runs_part_is_resumed(server, store):
+    remote = baseline_file(server)
+    half = BASELINE.stat().st_size // 2
+    work = store.work_dir(download_spec(remote))
+    work.mkdir(parents=True)
+    (work / f"{remote.name}.part").write_bytes(BASELINE.read_bytes()[:half])
+    artifact = download(store, remote, **FAST)
+    assert file_gets(server) == [Request(BASELINE_PATH, f"bytes={half}-")]
+    assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
+
+
+def test_complete_part_answered_416_is_verified(server, tmp_path):
+    remote = baseline_file(server)
+    (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes())
+    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert file_gets(server) == [Request(BASELINE_PATH, f"bytes={BASELINE.stat().st_size}-")]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    server.faults.ignore_range.add(BASELINE_PATH)
+    remote = baseline_file(server)
+    (tmp_path / f"{remote.name}.part").write_bytes(b"stale bytes that must not be kept")
+    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert file_gets(server) == [Request(BASELINE_PATH, "bytes=33-")]  # answered 200: one request, no md5 retry
+
+
+def test_local_mirror_resumes_a_part(mirror, tmp_path):
+    [remote] = select_files(mirror, folders=("baseline",))
+    (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes()[:1000])
+    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert not (tmp_path / f"{remote.name}.part").exists()
