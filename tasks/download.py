@@ -12,9 +12,9 @@ same artifact). The base may also be a local folder or ``file://`` URL laid out 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
-import io
 import re
 import time
 import urllib.error
@@ -369,6 +369,4 @@ def list_remote_task(
     updates_after: int | None = None,
     names: Sequence[str] | None = None,
 ) -> list[RemoteFile]:
-    return select_files(
-        base, folders=folders, baseline_limit=baseline_limit, updates_after=updates_after, names=names
-    )
+    return select_files(base, folders=folders, baseline_limit=baseline_limit, updates_after=updates_after, names=names)

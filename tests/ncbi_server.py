@@ -66,7 +66,9 @@ class NcbiServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.ncbi = self  # the handler reaches its server's state through this
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="ncbi-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="ncbi-server", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -230,11 +230,28 @@ def test_killed_runs_part_is_resumed(server, store):
     assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
 
 
+def test_verified_file_left_by_a_run_killed_before_its_manifest_is_kept(server, store):
+    remote = baseline_file(server)
+    work = store.work_dir(download_spec(remote))
+    work.mkdir(parents=True)
+    shutil.copyfile(BASELINE, work / remote.name)
+    artifact = download(store, remote, **FAST)
+    assert file_gets(server) == []
+    assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
+
+
 def test_complete_part_answered_416_is_verified(server, tmp_path):
     remote = baseline_file(server)
     (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes())
     assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
     assert file_gets(server) == [Request(BASELINE_PATH, f"bytes={BASELINE.stat().st_size}-")]
+
+
+def test_bad_part_answered_416_is_fetched_again(server, tmp_path):
+    remote = baseline_file(server)
+    (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes() + b"trailing junk")
+    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert [r.range for r in file_gets(server)] == [f"bytes={BASELINE.stat().st_size + 13}-", None]
 
 
 def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
