@@ -193,6 +193,7 @@ def eval_batches(
     n = min(n_windows, len(candidates))
     chosen = [candidates[i] for i in np.linspace(0, len(candidates) - 1, n).round().astype(int)]
     mine = chosen[rank::world_size]
+    device = torch.device(device)
     for i in range(0, len(mine), batch_size):
         windows = gather_windows(shards, mine[i : i + batch_size], window)
         yield to_device(windows[:, :-1], device), to_device(windows[:, 1:], device)
