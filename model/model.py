@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
@@ -59,7 +59,9 @@ class ModelConfig:
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        # Built from the preset's arguments, not a resolved config, so derived fields
+        # (n_kv_head, mlp_hidden) follow overrides such as n_head or d_model.
+        return cls(**(PRESETS[name] | overrides))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,13 +75,13 @@ class ModelConfig:
         return cls(**d)
 
 
-PRESETS = {
+PRESETS: dict[str, dict] = {
     # CPU tests and the demo: ~4.9M parameters at a 32k vocabulary, most of them the embedding.
-    "tiny": ModelConfig(n_layer=4, n_head=4, d_model=128, context_length=256),
-    "small": ModelConfig(n_layer=6, n_head=6, d_model=384, context_length=1024),
-    "base": ModelConfig(n_layer=12, n_head=12, d_model=768, context_length=2048),  # ~110M
+    "tiny": dict(n_layer=4, n_head=4, d_model=128, context_length=256),
+    "small": dict(n_layer=6, n_head=6, d_model=384, context_length=1024),
+    "base": dict(n_layer=12, n_head=12, d_model=768, context_length=2048),  # ~110M
     # GPT-2 small's shape, on our 32k tokenizer.
-    "gpt2": ModelConfig(n_layer=12, n_head=12, d_model=768, context_length=1024, arch="gpt2"),
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, arch="gpt2"),
 }
 
 

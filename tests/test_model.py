@@ -29,6 +29,9 @@ def test_presets_have_the_documented_sizes():
     assert (gpt2.arch, gpt2.context_length, gpt2.mlp_hidden) == ("gpt2", 1024, 4 * 768)
     assert base.mlp_hidden == 2048 and base.mlp_hidden % 64 == 0
     assert ModelConfig.preset("tiny", n_layer=1).n_layer == 1
+    # Derived fields follow the overrides they derive from.
+    small_heads = ModelConfig.preset("tiny", n_head=2, d_model=96)
+    assert (small_heads.n_kv_head, small_heads.mlp_hidden) == (2, 256)
 
 
 def test_config_round_trips_and_rejects_bad_values():

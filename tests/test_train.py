@@ -1,0 +1,268 @@
+"""The training loop, its checkpoints and resume, torchrun/DDP, HF export and the pretrain stage (CPU, tiny)."""
+
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.data import write_shards
+from model.export_hf import export_hf
+from model.train import TrainConfig, load_model, lr_at, parse_args, train
+from storage import ArtifactSpec, Store, sha256_file
+from tasks.pretrain import pretrain, tokenizer_ref
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 300
+MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "context_length": 32}
+SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(
+        preset="tiny", model=dict(MODEL), context_length=16, batch_size=4, max_steps=12, lr=3e-3, min_lr=3e-4,
+        warmup_steps=2, eval_every=6, eval_windows=8, checkpoint_every=6, keep_last=2,
+    )
+    return TrainConfig(**(base | overrides))
+
+
+def patterned_tokens(rng, n: int) -> np.ndarray:
+    """Documents of counting runs ending in [EOS]: learnable, so the loss has somewhere to go."""
+    docs = [np.append((rng.integers(4, VOCAB) + np.arange(rng.integers(5, 40))) % (VOCAB - 4) + 4, 3) for _ in range(n)]
+    return np.concatenate(docs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread (the test machine's cores are shared);
+    the subprocesses get the same setting, so their losses match in-process runs bit for bit."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("shards")
+    splits = {"train": [patterned_tokens(rng, 200), patterned_tokens(rng, 100)], "val": [patterned_tokens(rng, 30)], "test": [patterned_tokens(rng, 30)]}
+    return write_shards(root, splits, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A real byte-level BPE with our special tokens, in the files AutoTokenizer reads."""
+    root = tmp_path_factory.mktemp("tokenizer")
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["Aspirin reduces the risk of myocardial infarction in adults."] * 20, trainer)
+    tok.save(str(root / "tokenizer.json"))
+    roles = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), SPECIALS))
+    (root / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **roles}))
+    (root / "special_tokens_map.json").write_text(json.dumps(roles))
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(config(checkpoint_every=4), shards, out)
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert len({r["step"] for r in train_records}) == len(train_records), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in train_records}
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert [lr_at(s, cfg) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == lr_at(500, cfg) == pytest.approx(0.1)
+    after_warmup = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
+
+
+def test_overfits_a_single_fixed_batch(tmp_path):
+    # One train file of exactly context + 1 tokens: every step trains on the same window.
+    tokens = np.random.default_rng(1).integers(4, VOCAB, 17)
+    shards = write_shards(tmp_path / "shards", {"train": [tokens], "val": [tokens]}, VOCAB)
+    cfg = config(batch_size=1, max_steps=150, lr=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=150, checkpoint_every=150)
+    summary = train(cfg, shards, tmp_path / "run")
+    first = losses(tmp_path / "run")[1]
+    assert first > math.log(VOCAB) - 0.5
+    assert summary["final_loss"] < 0.05 and summary["val_loss"] < 0.05
+
+
+def test_run_folder_checkpoints_and_metrics(finished_run):
+    assert sorted(p.name for p in finished_run.glob("ckpt_*")) == ["ckpt_0000008", "ckpt_0000012"]  # keep_last=2
+    assert (finished_run / "latest").read_text().strip() == "ckpt_0000012"
+    ckpt = finished_run / "ckpt_0000012"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "optimizer.pt", "state.json"]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 12 and state["sampler"] == {"seed": 1337, "step": 12}
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == VOCAB and saved["train"]["max_steps"] == 12 and saved["tokens"]["eos_id"] == 3
+    torch.load(ckpt / "optimizer.pt", weights_only=True)  # plain tensors and containers only
+    records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert (finished_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["tokens_seen"] == 12 * 4 * 16 and summary["checkpoint"] == "ckpt_0000012"
+    assert losses(finished_run)[12] < losses(finished_run)[1]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(shards, tmp_path):
+    cfg = config(max_steps=80, checkpoint_every=10, eval_every=40)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "model.train", "--config", str(tmp_path / "config.json"), "--shards", str(shards), "--out", str(killed)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not (killed / "ckpt_0000010").is_dir() and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert not (killed / "ckpt_0000080").exists()
+    (killed / ".tmp_ckpt_0000999").mkdir()  # as if killed while saving: never read, removed
+
+    summary = train(cfg, shards, killed)
+    straight = tmp_path / "straight"
+    train(cfg, shards, straight)
+
+    assert summary["resumed_from_step"] >= 10
+    assert not (killed / ".tmp_ckpt_0000999").exists()
+    resumed, uninterrupted = losses(killed), losses(straight)
+    assert sorted(resumed) == list(range(1, 81))
+    for step in (summary["resumed_from_step"] + 1, 60, 80):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7)
+
+
+def test_resumed_run_with_a_different_model_fails(finished_run, shards, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    with pytest.raises(ValueError, match="holds a different model"):
+        train(config(max_steps=14, model=MODEL | {"n_layer": 3}), shards, out)
+
+
+def test_checkpoint_loading_never_unpickles(finished_run, shards, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    flag = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):  # unpickling this would create the flag file
+            return (Path.touch, (flag,))
+
+    torch.save({"state": {0: Payload()}, "param_groups": []}, out / "ckpt_0000012" / "optimizer.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        train(config(max_steps=14), shards, out)
+    assert not flag.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(model=MODEL | {"vocab_size": 512}), ValueError, "vocab_size 512 differs from the shards' vocab_size 300"),
+        (dict(context_length=64), ValueError, "longer than the model's context_length 32"),
+        (dict(tokens_per_step=100), ValueError, "not a multiple of batch_size"),
+        (dict(dtype="bf16", device="auto"), RuntimeError, "bf16 needs a CUDA GPU"),
+        (dict(device="cuda"), RuntimeError, "no CUDA GPU is visible"),
+    ],
+    ids=["vocab", "context", "tokens-per-step", "bf16", "cuda"],
+)
+def test_bad_configs_fail_fast(shards, tmp_path, overrides, error, message):
+    if torch.cuda.is_available() and error is RuntimeError:
+        pytest.skip("these errors are about machines without a GPU")
+    with pytest.raises(error, match=message):
+        train(config(**overrides), shards, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("ckpt_*"))
+
+
+def test_command_line_flags_build_the_config(tmp_path):
+    (tmp_path / "base.json").write_text(json.dumps({"max_steps": 7, "lr": 0.5}))
+    cfg, shards_dir, out = parse_args(
+        ["--shards", "S", "--out", "O", "--config", str(tmp_path / "base.json"), "--lr", "0.01",
+         "--model", "n_layer=3", "--model", "arch=gpt2", "--compile", "--tokens-per-step", "4096"]
+    )
+    assert (shards_dir, out) == ("S", "O")
+    assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.tokens_per_step) == (7, 0.01, True, 4096)
+    assert cfg.model == {"n_layer": 3, "arch": "gpt2"}
+
+
+def test_export_loads_in_transformers_with_the_same_logits(finished_run, tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_hf(finished_run / "ckpt_0000012", tmp_path / "hf", tokenizer_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    ours = load_model(finished_run / "ckpt_0000012").eval()
+    ids = torch.tensor([hf_tokenizer("Aspirin reduces the risk")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids)[0], atol=1e-4, rtol=1e-4)
+    assert (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (3, 0)
+    assert hf_model.config.eos_token_id == 3
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        export_hf(finished_run / "ckpt_0000012", tmp_path / "hf2", tmp_path)
+
+
+def _artifacts(store: Store, shards: Path, tokenizer_dir: Path):
+    tokenizer = store.get_or_build(ArtifactSpec("tokenizer", "test"), lambda work: [shutil.copy2(p, work) for p in tokenizer_dir.iterdir()] and None)
+
+    def build_shards(work: Path) -> None:
+        shutil.copytree(shards, work, dirs_exist_ok=True)
+        meta = json.loads((work / "meta.json").read_text())
+        meta["tokenizer"] = {"ref": tokenizer.ref, "sha256": sha256_file(tokenizer.file("tokenizer.json"))}
+        (work / "meta.json").write_text(json.dumps(meta))
+
+    return store.get_or_build(ArtifactSpec("shards", "test", {}, (tokenizer.ref,)), build_shards), tokenizer
+
+
+def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_path):
+    """The pretrain stage, in-process and as torchrun --nproc_per_node=2 (gloo), same global batch."""
+    store = Store(tmp_path / "store")
+    shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
+    assert tokenizer_ref(shards_artifact) == tokenizer.ref
+    cfg = config(batch_size=2, tokens_per_step=2 * 16 * 2, max_steps=8, eval_every=8, checkpoint_every=4)
+
+    single = pretrain(store, shards_artifact, tokenizer, cfg, devices=1)
+    double = pretrain(store, shards_artifact, tokenizer, cfg, devices=2)
+
+    assert single.summary["grad_accum"] == 2 and double.summary["world_size"] == 2 and double.summary["grad_accum"] == 1
+    one, two = losses(single.path), losses(double.path)
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)
+    assert double.summary["val_loss"] == pytest.approx(single.summary["val_loss"], rel=1e-4)
+    for artifact in (single, double):
+        names = {p.name for p in artifact.path.iterdir()}
+        assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "manifest.json"} <= names
+        assert "run" not in names and "optimizer.pt" not in names
+        assert artifact.parents == [shards_artifact.ref, tokenizer.ref]
+    assert pretrain(store, shards_artifact, tokenizer, cfg, devices=1).reused
