@@ -1,0 +1,30 @@
+"""Environment every Prefect process of ours needs (server, worker, flow run, test).
+
+Measured on our machines (see the team's NOTES-prefect.md): telemetry lookups fail offline and
+have locked SQLite; a fresh database's migrations take ~25 s, over the 20 s default start-up
+timeout of the ephemeral server; each project wants its own PREFECT_HOME so two servers never
+share one SQLite file. Stage code logs to "medlm.*" loggers, which Prefect then shows per run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_HOME = Path(os.environ.get("MEDLM_HOME", ".medlm"))
+
+
+def prefect_env(home: Path | None = None) -> dict[str, str]:
+    return {
+        "PREFECT_HOME": str((home or PROJECT_HOME / "prefect").resolve()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "medlm",
+    }
+
+
+def apply_prefect_defaults() -> None:
+    """Set the defaults above where the environment does not say otherwise (before importing prefect)."""
+    for name, value in prefect_env().items():
+        os.environ.setdefault(name, value)

@@ -1,0 +1,126 @@
+"""The ingest flow against a real Prefect server and a real HTTP server in NCBI's layout."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import urllib.request
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
+from flows.ingest import IngestIncomplete, ingest
+from ncbi_server import NcbiServer, make_mirror
+from storage import Store
+from test_corpus import real_articles, write_update
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+BASELINE_PATH = "/baseline/pubmed20n0014.xml.gz"
+UPDATE_PATH = "/updatefiles/pubmed21n1298.xml.gz"
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    return make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
+
+
+def task_run_states(flow_run_id) -> dict[str, str]:
+    import asyncio
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {run.name: run.state.name for run in runs}
+
+    return asyncio.run(read())
+
+
+def asset_events(api_url: str, resource: str, wait_s: float = 30) -> list[dict]:
+    """Materialization events of one asset; events reach the server asynchronously, so poll."""
+    body = json.dumps({"filter": {"event": {"prefix": ["prefect.asset.materialization."]}, "order": "DESC"}, "limit": 50})
+    deadline = time.time() + wait_s
+    while True:
+        request = urllib.request.Request(f"{api_url}/events/filter", data=body.encode(), headers={"Content-Type": "application/json"})
+        events = json.loads(urllib.request.urlopen(request).read())["events"]
+        found = [e for e in events if e["resource"]["prefect.resource.id"] == resource]
+        if found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, tmp_path, prefect_server):
+    store = Store(tmp_path / "store")
+    with NcbiServer(mirror) as server:
+        state = ingest(source=server.url, store_root=str(store.root), return_state=True)
+        assert state.is_completed(), state.message
+        corpus_ref = state.result()
+        first_run = state.state_details.flow_run_id
+
+        lineage = "\n".join(store.lineage_lines(corpus_ref))
+        for name in ("pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"):
+            md5 = (mirror / ("baseline" if "20n" in name else "updatefiles") / f"{name}.md5").read_text().split("= ")[1].strip()
+            assert f"{name} md5={md5}" in lineage
+        states = task_run_states(first_run)
+        assert states["download pubmed20n0014.xml.gz"] == "Completed"
+        assert states["parse pubmed21n1298.xml.gz"] == "Completed"
+        corpus_events = asset_events(prefect_server, "medlm://corpus")
+        assert corpus_events and corpus_events[0]["payload"]["ref"] == corpus_ref
+        upstream = {r["prefect.resource.id"] for r in corpus_events[0]["related"] if r.get("prefect.resource.role") == "asset"}
+        assert upstream == {"medlm://parsed/pubmed20n0014.xml.gz", "medlm://parsed/pubmed21n1298.xml.gz"}
+
+        gets_before = len(server.requests_for(BASELINE_PATH)) + len(server.requests_for(UPDATE_PATH))
+        again = ingest(source=server.url, store_root=str(store.root), return_state=True)
+        assert again.result() == corpus_ref
+        assert len(server.requests_for(BASELINE_PATH)) + len(server.requests_for(UPDATE_PATH)) == gets_before
+        states = task_run_states(again.state_details.flow_run_id)
+        assert states["download pubmed20n0014.xml.gz"] == "Cached"
+        assert states["parse pubmed21n1298.xml.gz"] == "Cached"
+        assert states["corpus-snapshot"] == "Cached"
+
+
+def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp_path):
+    store = Store(tmp_path / "store")
+    with NcbiServer(mirror) as server:
+        first = ingest(source=server.url, store_root=str(store.root))
+        corpus = store.require(first)
+        doomed = min(int(p) for p in _corpus_pmids(corpus))
+        # Tonight NCBI publishes pubmed21n1299: one real article, and a deletion of a baseline PMID.
+        new_file = tmp_path / "pubmed21n1299.xml"
+        write_update(new_file, real_articles(UPDATE_SAMPLE)[:1], [doomed])
+        new_gz = tmp_path / "pubmed21n1299.xml.gz"
+        new_gz.write_bytes(gzip.compress(new_file.read_bytes()))
+        make_mirror(mirror, {"updatefiles": [new_gz]})
+
+        second = ingest(source=server.url, store_root=str(store.root))
+        assert second != first
+        assert len(server.requests_for(BASELINE_PATH)) == 1 and len(server.requests_for(UPDATE_PATH)) == 1
+        assert len(server.requests_for("/updatefiles/pubmed21n1299.xml.gz")) == 1
+    snapshot = store.require(second)
+    assert str(doomed) not in _corpus_pmids(snapshot)
+    assert snapshot.summary["deleted"] == corpus.summary["deleted"] + 1
+    assert len(store.ls("download")) == 3 and len(store.ls("parsed")) == 3
+
+
+def test_a_broken_file_fails_alone_and_is_reported(mirror, tmp_path):
+    broken = tmp_path / "pubmed21n1300.xml.gz"
+    broken.write_bytes(UPDATE_SAMPLE.read_bytes()[: UPDATE_SAMPLE.stat().st_size // 2])  # truncated, honest md5
+    make_mirror(mirror, {"updatefiles": [broken]})
+    store = Store(tmp_path / "store")
+    state = ingest(source=str(mirror), store_root=str(store.root), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(IngestIncomplete, match="pubmed21n1300.xml.gz") as failure:
+        state.result()
+    assert "1 of 3 files failed" in str(failure.value)
+    [corpus] = store.ls("corpus")
+    assert sorted(p.params["source_file"] for p in store.ls("parsed")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
+    assert len(corpus.parents) == 2 and store.problems(corpus.ref) == []
+
+
+def _corpus_pmids(corpus) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return {str(p) for p in pq.read_table(corpus.file("corpus.parquet"), columns=["pmid"]).column("pmid").to_pylist()}
