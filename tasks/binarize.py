@@ -192,7 +192,8 @@ def binarize_corpus(
     writers = {
         split: _SplitWriter(out_dir, split, config.shard_tokens if split == "train" else None) for split in SPLITS
     }
-    started, documents, total_tokens = time.time(), 0, 0
+    started = last_log = time.time()
+    documents = total_tokens = 0
     for pmids, texts in iter_corpus(corpus_parquet):
         # encode_batch_fast (Rust threads, no offsets) beats a process pool here; numbers in
         # benchmarks/results/tokenize.json ("encoder_choice").
@@ -208,7 +209,8 @@ def binarize_corpus(
                 writers[split].add(np.array(ids, dtype="<u2"), lengths)
                 total_tokens += len(ids)
         documents += len(pmids)
-        if documents % (BATCH_DOCUMENTS * 100) < len(pmids):
+        if time.time() - last_log > 30:
+            last_log = time.time()
             log.info("%d documents, %d tokens, %.0f tokens/s", documents, total_tokens, total_tokens / (time.time() - started))
 
     files = [(split, f) for split in SPLITS for f in writers[split].finish()]

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models
 
-from storage import sha256_file
-from tasks.binarize import BinarizeConfig, EOS_ID, binarize, binarize_corpus, load_tokenizer, split_of
-from test_tokenizer import corpus, documents, store, tokenizer  # noqa: F401  (shared fixtures)
+from model.data import Shards
+from storage import ArtifactSpec, sha256_file
+from tasks.binarize import BinarizeConfig, EOS_ID, binarize, binarize_corpus, load_tokenizer, shards_spec, split_of
+from test_tokenizer import corpus, documents, session_store, tokenizer  # noqa: F401  (shared fixtures)
 
 # Fractions large enough that the ~2,000 test documents give non-empty val and test files, and
 # shards small enough that train rolls over several times.
@@ -22,8 +23,8 @@ CONFIG = BinarizeConfig(shard_tokens=60_000, val_fraction=0.05, test_fraction=0.
 
 
 @pytest.fixture(scope="module")
-def shards(store, corpus, tokenizer):
-    return binarize(store, corpus, tokenizer, CONFIG)
+def shards(session_store, corpus, tokenizer):
+    return binarize(session_store, corpus, tokenizer, CONFIG)
 
 
 def test_split_is_a_stable_function_of_the_pmid():
@@ -55,6 +56,8 @@ def test_meta_json_describes_the_files(shards, tokenizer):
         assert shards.file(name).stat().st_size == 2 * entry["tokens"]
         assert entry["tokens"] > 0 and entry["documents"] > 0
     assert shards.summary["train_shards"] == len(train)
+    loaded = Shards.open(shards.path)  # the pretraining loader accepts the folder as it is
+    assert loaded.files("train") == train and loaded.vocab_size == meta["vocab_size"]
 
 
 def test_shards_decode_to_the_documents_in_order(shards, tokenizer, documents):
@@ -78,10 +81,26 @@ def test_shards_decode_to_the_documents_in_order(shards, tokenizer, documents):
         assert decoded == expected, split
 
 
-def test_rerun_is_a_store_hit(store, corpus, tokenizer, shards):
-    again = binarize(store, corpus, tokenizer, CONFIG)
+def test_rerun_is_a_store_hit(session_store, corpus, tokenizer, shards):
+    again = binarize(session_store, corpus, tokenizer, CONFIG)
     assert again.path == shards.path and again.manifest["created"] == shards.manifest["created"]
     assert shards.parents == [corpus.ref, tokenizer.ref]
+
+
+def test_a_build_that_fails_midway_leaves_no_artifact(session_store, corpus, tokenizer):
+    rows = pq.read_table(corpus.file("corpus.parquet"), columns=["pmid", "text"]).to_pylist()
+    rows[1500]["text"] = None  # in the second batch: the first batch's tokens are already written
+
+    def write_bad_corpus(work):
+        pq.write_table(pa.Table.from_pylist(rows), work / "corpus.parquet")
+
+    bad = session_store.get_or_build(ArtifactSpec("corpus", "test-bad-row", {}), write_bad_corpus)
+    with pytest.raises(ValueError, match=f"record pmid={rows[1500]['pmid']} has a null pmid or text"):
+        binarize(session_store, bad, tokenizer, CONFIG)
+    spec = shards_spec(bad, tokenizer, CONFIG)
+    assert session_store.get(spec.ref) is None
+    assert (session_store.work_dir(spec) / "train_0000.bin").stat().st_size > 0  # half written, never read
+    assert not (session_store.work_dir(spec) / "meta.json").exists()
 
 
 def test_a_vocabulary_too_large_for_uint16_is_refused(corpus, tmp_path):

@@ -64,14 +64,14 @@ def _write_test_corpus(work: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def store(tmp_path_factory) -> Store:
+def session_store(tmp_path_factory) -> Store:
     return Store(tmp_path_factory.getbasetemp() / "store")
 
 
 @pytest.fixture(scope="session")
-def corpus(store):
+def corpus(session_store):
     spec = ArtifactSpec("corpus", "test-fixture", {"files": [p.name for p in SAMPLE_FILES]})
-    return store.get_or_build(spec, _write_test_corpus)
+    return session_store.get_or_build(spec, _write_test_corpus)
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +80,8 @@ def documents(corpus) -> list[tuple[int, str]]:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(store, corpus):
-    return fit(store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+def tokenizer(session_store, corpus):
+    return fit(session_store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
 
 
 def test_fit_summary_describes_the_tokenizer(tokenizer, documents):
@@ -141,11 +141,11 @@ def test_max_documents_is_a_deterministic_sample(corpus, tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
 
 
-def test_rerun_is_a_store_hit_and_a_pinned_ref_resolves(store, corpus, tokenizer):
-    again = fit(store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+def test_rerun_is_a_store_hit_and_a_pinned_ref_resolves(session_store, corpus, tokenizer):
+    again = fit(session_store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
     assert again.ref == tokenizer.ref and again.manifest["created"] == tokenizer.manifest["created"]
-    assert resolve_tokenizer(store, tokenizer.ref) == tokenizer
+    assert resolve_tokenizer(session_store, tokenizer.ref) == tokenizer
     with pytest.raises(ArtifactError, match="tokenizer/0123456789abcdef0123"):
-        resolve_tokenizer(store, "tokenizer/0123456789abcdef0123")
+        resolve_tokenizer(session_store, "tokenizer/0123456789abcdef0123")
     with pytest.raises(ArtifactError, match=corpus.ref):
-        resolve_tokenizer(store, corpus.ref)  # exists, but is not a tokenizer
+        resolve_tokenizer(session_store, corpus.ref)  # exists, but is not a tokenizer

@@ -1,0 +1,191 @@
+"""Binarize throughput against the tokenizer library's own limit, on the same texts.
+
+    .venv/bin/python benchmarks/tokenize.py --xml DIR/pubmed20n0014.xml.gz DIR/pubmed21n1298.xml.gz
+
+The XML goes through the real parse and corpus stages, a tokenizer is fitted (32k vocab by
+default), all cached in a store under --work. Then, interleaved and repeated:
+
+- limit:     ``encode_batch_fast`` on the corpus texts already in memory, in batches as binarize
+             uses them (Rust threads on every core): the fastest the library encodes here;
+- binarize:  ``binarize_corpus`` end to end (Parquet in, split, [EOS], uint16 shards out);
+- alternatives binarize could have used: ``encode_batch`` (keeps offsets) and a process pool with
+             one single-threaded tokenizer per core.
+
+Prints tokens/s and binarize/limit (target >= 0.8), and writes benchmarks/results/tokenize.json.
+Without --xml it uses the repository's two 1,500-article samples (too small to time well); the
+whole NCBI files are fetched as /work/shared/data/pubmed/FULL-FILES.md says.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's folder would come first on sys.path and this module, tokenize.py,
+# would shadow the standard library's tokenize (imported by logging). Put the repo there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+
+from storage import ArtifactSpec, Store  # noqa: E402
+from tasks.binarize import BATCH_DOCUMENTS, BinarizeConfig, binarize_corpus, load_tokenizer  # noqa: E402
+from tasks.corpus import snapshot  # noqa: E402
+from tasks.parse import file_seq_from_name, parse_xml_file  # noqa: E402
+from tasks.tokenizer import TokenizerConfig, fit  # noqa: E402
+
+SAMPLES = sorted((REPO / "tests" / "data" / "pubmed" / "mirror").glob("*/*.xml.gz"))
+RESULT = REPO / "benchmarks" / "results" / "tokenize.json"
+
+
+def prepare(xml_files: list[Path], store: Store, vocab_size: int):
+    """The corpus snapshot and fitted tokenizer for these files, through the real stages."""
+    parsed = []
+    for xml in xml_files:
+        params = {"source_file": xml.name, "file_seq": file_seq_from_name(xml.name), "bytes": xml.stat().st_size}
+        spec = ArtifactSpec("parsed", "bench", params)
+        parsed.append(store.get_or_build(spec, lambda work, xml=xml, p=params: parse_xml_file(
+            xml, work, source_file=p["source_file"], file_seq=p["file_seq"])))
+    corpus = snapshot(store, parsed)
+    return corpus, fit(store, corpus, TokenizerConfig(vocab_size=vocab_size))
+
+
+def batches(texts: list[str]):
+    return (texts[i : i + BATCH_DOCUMENTS] for i in range(0, len(texts), BATCH_DOCUMENTS))
+
+
+class Clock:
+    """Wall seconds, and CPU seconds of this process's threads (less disturbed by busy neighbours)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def time_encode(tokenizer, texts: list[str], method: str) -> tuple[int, Clock]:
+    encode = getattr(tokenizer, method)
+    with Clock() as clock:
+        tokens = sum(len(e) for batch in batches(texts) for e in encode(batch, add_special_tokens=False))
+    return tokens, clock
+
+
+def time_binarize(corpus_parquet: Path, tokenizer_json: Path) -> tuple[int, Clock]:
+    with tempfile.TemporaryDirectory() as out, Clock() as clock:
+        summary = binarize_corpus(corpus_parquet, tokenizer_json, Path(out), BinarizeConfig())
+    return sum(summary[f"{s}_tokens"] for s in ("train", "val", "test")), clock
+
+
+_worker_tokenizer = None
+
+
+def _worker_init(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    _worker_tokenizer = load_tokenizer(Path(tokenizer_json))
+
+
+def _worker_encode(texts: list[str]) -> bytes:
+    encodings = _worker_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return np.array([i for e in encodings for i in e.ids], dtype="<u2").tobytes()
+
+
+def time_process_pool(pool: ProcessPoolExecutor, texts: list[str]) -> tuple[int, Clock]:
+    """Encode in worker processes and ship the uint16 ids back, as a pooled binarize would.
+    (Its CPU time is the workers', which this process's clock does not see.)"""
+    with Clock() as clock:
+        tokens = sum(len(ids) // 2 for ids in pool.map(_worker_encode, batches(texts)))
+    return tokens, clock
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "tasks", "storage"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+uncommitted" if dirty else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--xml", type=Path, nargs="+", default=SAMPLES, help="PubMed XML files (default: repo samples)")
+    parser.add_argument("--work", type=Path, default=REPO / ".medlm" / "bench-tokenize", help="store for parse/corpus/tokenizer")
+    parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    corpus, tokenizer = prepare(args.xml, Store(args.work), args.vocab)
+    corpus_parquet, tokenizer_json = corpus.file("corpus.parquet"), tokenizer.file("tokenizer.json")
+    texts = pq.read_table(corpus_parquet, columns=["text"])["text"].to_pylist()
+    encoder = load_tokenizer(tokenizer_json)
+    runs: dict[str, list[float]] = {"limit": [], "binarize": [], "encode_batch": [], "process_pool": []}
+    cpu_runs: dict[str, list[float]] = {"limit": [], "binarize": []}
+    tokens: dict[str, int] = {}
+    with ProcessPoolExecutor(os.cpu_count(), mp.get_context("spawn"), _worker_init, (str(tokenizer_json),)) as pool:
+        list(pool.map(_worker_encode, [texts[:8]] * (os.cpu_count() or 1)))  # start the workers before timing
+        for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts every variant alike
+            for name, measure in (
+                ("limit", lambda: time_encode(encoder, texts, "encode_batch_fast")),
+                ("binarize", lambda: time_binarize(corpus_parquet, tokenizer_json)),
+                ("encode_batch", lambda: time_encode(encoder, texts, "encode_batch")),
+                ("process_pool", lambda: time_process_pool(pool, texts)),
+            ):
+                count, clock = measure()
+                runs[name].append(count / clock.wall)
+                if name in cpu_runs:
+                    cpu_runs[name].append(count / clock.cpu)
+                tokens[name] = count
+                print(f"{name:>13}: {count / clock.wall:12,.0f} tokens/s", file=sys.stderr)
+    # binarize also writes an [EOS] per document; compare like with like.
+    assert tokens["binarize"] == tokens["limit"] + len(texts), tokens
+    rate = {name: round(statistics.median(values)) for name, values in runs.items()}
+    cpu_rate = {name: round(statistics.median(values)) for name, values in cpu_runs.items()}
+    result = {
+        "benchmark": "binarize tokens/s vs encode_batch_fast alone on the same texts",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit(),
+        "machine": machine(),
+        "input": {
+            "xml": [p.name for p in args.xml],
+            "documents": len(texts),
+            "characters": sum(map(len, texts)),
+            "tokens": tokens["limit"],
+            "vocab_size": tokenizer.summary["vocab_size"],
+            "fertility": tokenizer.summary["fertility"],
+        },
+        "tokens_per_second_median": rate,
+        "tokens_per_second_runs": {name: [round(v) for v in values] for name, values in runs.items()},
+        "tokens_per_cpu_second_median": cpu_rate,
+        "binarize_over_limit": round(rate["binarize"] / rate["limit"], 3),
+        "binarize_over_limit_cpu": round(cpu_rate["binarize"] / cpu_rate["limit"], 3),
+        "target": 0.8,
+        "load_average_at_end": os.getloadavg(),
+        "encoder_choice": "encode_batch_fast in-process" if rate["limit"] >= rate["process_pool"] else "process pool",
+    }
+    print(json.dumps(result, indent=2))
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
