@@ -121,7 +121,8 @@ def machine() -> dict:
 
 def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "tasks", "storage"], cwd=REPO,
+    timed = ["tasks/binarize.py", "tasks/tokenizer.py", "storage", "benchmarks/tokenize.py"]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *timed], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
 
