@@ -266,3 +266,15 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
         assert "run" not in names and "optimizer.pt" not in names
         assert artifact.parents == [shards_artifact.ref, tokenizer.ref]
     assert pretrain(store, shards_artifact, tokenizer, cfg, devices=1).reused
+
+
+def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, tmp_path):
+    from flows.retrain import retrain
+
+    store = Store(tmp_path / "store")
+    shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
+    ref = retrain(shards_ref=shards_artifact.ref, preset="tiny", steps=3, batch_size=2, lr=1e-3, store_root=str(store.root))
+    checkpoint = store.require(ref)
+    assert checkpoint.kind == "checkpoint" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
+    assert checkpoint.params["max_steps"] == 3 and checkpoint.summary["steps"] == 3
+    assert json.loads(checkpoint.file("config.json").read_text())["model"]["n_layer"] == 4  # the tiny preset
