@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.corpus import corpus
 from flows.ingest import ingest
 from storage import Store
 
@@ -15,7 +16,9 @@ SAMPLE_MIRROR = Path(__file__).resolve().parents[1] / "tests" / "data" / "pubmed
 @flow(name="demo")
 def demo(store_root: str | None = None) -> list[str]:
     corpus_ref = ingest(source=str(SAMPLE_MIRROR), store_root=store_root)
-    return [corpus_ref]
+    # A vocabulary sized for ~2 MB of sample text, and 5% val/test so both are non-empty.
+    shards_ref = corpus(corpus_ref, vocab_size=4096, val_fraction=0.05, test_fraction=0.05, store_root=store_root)
+    return [shards_ref]
 
 
 def built_table(store: Store, refs: list[str]) -> str:
@@ -32,7 +35,7 @@ def built_table(store: Store, refs: list[str]) -> str:
     rows = []
     for ref in seen:
         a = store.require(ref)
-        counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in a.summary.items() if isinstance(v, (int, float)))
+        counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) and not k.endswith("seq") else f"{k}={v}" for k, v in a.summary.items() if isinstance(v, (int, float)))
         rows.append((ref, counts))
     width = max(len(r) for r, _ in rows)
     return "\n".join(f"{ref:<{width}}  {counts}" for ref, counts in rows)
