@@ -149,7 +149,7 @@ def main() -> None:
     record = {
         "device": device_name(args.device),
         "commit": commit or None,
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.train_throughput", *sys.argv[1:]]),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "precision": "bf16 autocast" if args.device == "cuda" else "fp32",
