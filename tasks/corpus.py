@@ -96,10 +96,6 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
-    return con.execute(sql).fetchone()[0]
-
-
 def build_snapshot(
     article_files: Sequence[Path],
     deletion_files: Sequence[Path],
@@ -110,77 +106,69 @@ def build_snapshot(
     if not article_files:
         raise ValueError("build_snapshot: no parsed article files given; run the parse stage first")
     out_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"temp_directory": str(out_dir / ".duckdb_tmp")})
+    corpus_path = out_dir / "corpus.parquet"
+    con = duckdb.connect(config={"temp_directory": str(out_dir / ".duckdb_tmp"), "preserve_insertion_order": False})
     if filters.threads:
         con.execute(f"SET threads = {int(filters.threads)}")
     if filters.memory_limit:
         con.execute(f"SET memory_limit = {_sql_str(filters.memory_limit)}")
-    con.execute("SET preserve_insertion_order = false")
 
     def parquet_list(paths: Sequence[Path]) -> str:
         return "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
 
     con.execute(f"CREATE VIEW articles AS SELECT * FROM read_parquet({parquet_list(article_files)})")
     if deletion_files:
-        con.execute(f"CREATE VIEW deletions AS SELECT pmid, file_seq FROM read_parquet({parquet_list(deletion_files)})")
+        con.execute(
+            f"""CREATE TEMP TABLE last_deletion AS SELECT pmid, max(file_seq) AS file_seq
+                FROM read_parquet({parquet_list(deletion_files)}) GROUP BY pmid"""
+        )
     else:
-        con.execute("CREATE VIEW deletions AS SELECT 0::BIGINT AS pmid, 0::INTEGER AS file_seq WHERE false")
+        con.execute("CREATE TEMP TABLE last_deletion (pmid BIGINT, file_seq INTEGER)")
 
     stats = CorpusStats()
-    stats.records, stats.pmids = con.execute("SELECT count(*), count(DISTINCT pmid) FROM articles").fetchone()
-    stats.superseded = stats.records - stats.pmids
-    log.info("corpus: %d records, %d distinct PMIDs in %d files", stats.records, stats.pmids, len(article_files))
-
+    # One pass picks each PMID's current record; a second labels it with the first rule that drops it.
     con.execute(
         """
-        CREATE TEMP TABLE latest AS
-        SELECT * FROM articles
+        CREATE TEMP TABLE latest AS SELECT * FROM articles
         QUALIFY row_number() OVER (PARTITION BY pmid ORDER BY file_seq DESC, version DESC) = 1
         """
     )
+    steps = _filters_in_order(filters)
+    first_failure = " ".join(f"WHEN NOT ({condition}) THEN {i + 1}" for i, (_, condition) in enumerate(steps))
     con.execute(
-        """
-        CREATE TEMP TABLE live AS
-        SELECT l.* FROM latest l
-        WHERE NOT EXISTS (SELECT 1 FROM deletions d WHERE d.pmid = l.pmid AND d.file_seq >= l.file_seq)
+        f"""
+        CREATE TEMP TABLE labelled AS
+        SELECT l.*, CASE WHEN d.file_seq >= l.file_seq THEN 0 {first_failure} END AS dropped_by
+        FROM latest l LEFT JOIN last_deletion d USING (pmid)
         """
     )
-    stats.deleted = stats.pmids - _count(con, "SELECT count(*) FROM live")
+    dropped = dict(con.execute("SELECT dropped_by, count(*) FROM labelled GROUP BY dropped_by").fetchall())
+    stats.records = con.execute("SELECT count(*) FROM articles").fetchone()[0]
+    stats.pmids = sum(dropped.values())
+    stats.superseded = stats.records - stats.pmids
+    stats.deleted = dropped.get(0, 0)
+    stats.dropped = [{"filter": reason, "rows": dropped.get(i + 1, 0)} for i, (reason, _) in enumerate(steps)]
+    log.info("corpus: %d records, %d distinct PMIDs in %d files", stats.records, stats.pmids, len(article_files))
 
-    kept = "live"
-    for reason, condition in _filters_in_order(filters):
-        before = _count(con, f"SELECT count(*) FROM {kept}")
-        con.execute(f"CREATE OR REPLACE TEMP VIEW step_{len(stats.dropped)} AS SELECT * FROM {kept} WHERE {condition}")
-        kept = f"step_{len(stats.dropped)}"
-        stats.dropped.append({"filter": reason, "rows": before - _count(con, f"SELECT count(*) FROM {kept}")})
-
-    text = "CASE WHEN trim(coalesce(title, '')) = '' THEN coalesce(vernacular_title, '') ELSE title END || chr(10) || chr(10) || coalesce(abstract, '')"
-    con.execute(f"CREATE TEMP VIEW documents AS SELECT *, {text} AS text FROM {kept}")
-    if filters.drop_duplicate_text:
-        before = _count(con, "SELECT count(*) FROM documents")
-        con.execute(
-            """
-            CREATE OR REPLACE TEMP VIEW documents_unique AS
-            SELECT * FROM documents QUALIFY row_number() OVER (PARTITION BY md5(text) ORDER BY pmid) = 1
-            """
-        )
-        final = "documents_unique"
-        stats.dropped.append({"filter": "exact duplicate text", "rows": before - _count(con, f"SELECT count(*) FROM {final}")})
-    else:
-        final = "documents"
-
+    title = "CASE WHEN trim(coalesce(title, '')) = '' THEN coalesce(vernacular_title, '') ELSE title END"
+    documents = f"SELECT *, {title} || chr(10) || chr(10) || coalesce(abstract, '') AS text FROM labelled WHERE dropped_by IS NULL"
+    if filters.drop_duplicate_text:  # the lowest PMID keeps an exact duplicate text
+        documents += " QUALIFY row_number() OVER (PARTITION BY md5(text) ORDER BY pmid) = 1"
     con.execute(
         f"""
         COPY (
             SELECT pmid, text, title, journal, pub_year, languages, mesh_terms, publication_types,
                    version, date_revised, source_file, file_seq
-            FROM {final} ORDER BY pmid
-        ) TO {_sql_str(str(out_dir / 'corpus.parquet'))} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 100000)
+            FROM ({documents}) ORDER BY pmid
+        ) TO {_sql_str(str(corpus_path))} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 100000)
         """
     )
     stats.documents, stats.characters = con.execute(
-        f"SELECT count(*), coalesce(sum(length(text)), 0) FROM read_parquet({_sql_str(str(out_dir / 'corpus.parquet'))})"
+        f"SELECT count(*), coalesce(sum(length(text)), 0) FROM read_parquet({_sql_str(str(corpus_path))})"
     ).fetchone()
+    if filters.drop_duplicate_text:
+        kept = dropped.get(None, 0)
+        stats.dropped.append({"filter": "exact duplicate text", "rows": kept - stats.documents})
     con.close()
     shutil.rmtree(out_dir / ".duckdb_tmp", ignore_errors=True)  # spill files, if DuckDB needed any
     summary = asdict(stats)
