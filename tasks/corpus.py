@@ -116,7 +116,9 @@ def build_snapshot(
     def parquet_list(paths: Sequence[Path]) -> str:
         return "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
 
-    con.execute(f"CREATE VIEW articles AS SELECT * FROM read_parquet({parquet_list(article_files)})")
+    con.execute(
+        f"CREATE VIEW articles AS SELECT * FROM read_parquet({parquet_list(article_files)}, filename = true, file_row_number = true)"
+    )
     if deletion_files:
         con.execute(
             f"""CREATE TEMP TABLE last_deletion AS SELECT pmid, max(file_seq) AS file_seq
@@ -127,10 +129,15 @@ def build_snapshot(
 
     stats = CorpusStats()
     # One pass picks each PMID's current record; a second labels it with the first rule that drops it.
+    # The window runs on narrow rows; the winners' full rows are then fetched by file and row number.
     con.execute(
         """
-        CREATE TEMP TABLE latest AS SELECT * FROM articles
-        QUALIFY row_number() OVER (PARTITION BY pmid ORDER BY file_seq DESC, version DESC) = 1
+        CREATE TEMP TABLE latest AS
+        WITH winners AS (
+            SELECT filename, file_row_number FROM articles
+            QUALIFY row_number() OVER (PARTITION BY pmid ORDER BY file_seq DESC, version DESC) = 1
+        )
+        SELECT a.* EXCLUDE (filename, file_row_number) FROM articles a SEMI JOIN winners w USING (filename, file_row_number)
         """
     )
     steps = _filters_in_order(filters)
