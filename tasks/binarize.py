@@ -145,7 +145,7 @@ class _SplitWriter:
             if self.shard_tokens is None:
                 last = len(lengths)
             else:
-                room = self.shard_tokens - self.file.tokens
+                room = max(self.shard_tokens - self.file.tokens, 0)  # < 0 after an oversized document
                 last = int(np.searchsorted(ends, start + room, side="right"))  # documents [first, last) fit
                 if last == first:
                     if self.file.tokens:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +23,10 @@ from test_tokenizer import corpus, documents, session_store, tokenizer  # noqa: 
 CONFIG = BinarizeConfig(shard_tokens=60_000, val_fraction=0.05, test_fraction=0.05)
 
 
-@pytest.fixture(scope="module")
-def shards(session_store, corpus, tokenizer):
-    return binarize(session_store, corpus, tokenizer, CONFIG)
+@pytest.fixture(scope="module", params=[CONFIG.shard_tokens, 400], ids=["60k-token-shards", "400-token-shards"])
+def shards(request, session_store, corpus, tokenizer):
+    """With 400-token shards most documents are longer than a shard and get one of their own."""
+    return binarize(session_store, corpus, tokenizer, replace(CONFIG, shard_tokens=request.param))
 
 
 def test_split_is_a_stable_function_of_the_pmid():
@@ -73,7 +75,7 @@ def test_shards_decode_to_the_documents_in_order(shards, tokenizer, documents):
             assert tokens[-1] == EOS_ID  # whole documents only: none spans two shards
             if split == "train":
                 one_document = np.count_nonzero(tokens == EOS_ID) == 1
-                assert len(tokens) <= CONFIG.shard_tokens or one_document
+                assert len(tokens) <= shards.params["shard_tokens"] or one_document
             ends = np.flatnonzero(tokens == EOS_ID)
             assert len(ends) == entry["documents"]
             starts = np.concatenate([[0], ends[:-1] + 1])
@@ -82,7 +84,7 @@ def test_shards_decode_to_the_documents_in_order(shards, tokenizer, documents):
 
 
 def test_rerun_is_a_store_hit(session_store, corpus, tokenizer, shards):
-    again = binarize(session_store, corpus, tokenizer, CONFIG)
+    again = binarize(session_store, corpus, tokenizer, BinarizeConfig(**shards.params))
     assert again.path == shards.path and again.manifest["created"] == shards.manifest["created"]
     assert shards.parents == [corpus.ref, tokenizer.ref]
 
