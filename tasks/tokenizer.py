@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from storage import Artifact, ArtifactError, ArtifactSpec, Store, sha256_file
 from tasks.binarize import (
     CORPUS_FILE,
+    BinarizeConfig,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
     iter_corpus,
@@ -41,8 +42,9 @@ class TokenizerConfig:
     vocab_size: int = 32_000
     min_frequency: int = 2  # a pair seen once is noise, not a merge
     max_documents: int | None = None  # fit on a deterministic sample of this many train documents
-    val_fraction: float = 0.005  # the split, as binarize will cut it (see tasks.binarize.split_of)
-    test_fraction: float = 0.005
+    # The split binarize will cut (tasks.binarize.split_of): the tokenizer never sees val or test.
+    val_fraction: float = BinarizeConfig.val_fraction
+    test_fraction: float = BinarizeConfig.test_fraction
 
 
 @dataclass
@@ -82,7 +84,7 @@ def _fertility(tokenizer_json: Path, corpus_parquet: Path, config: TokenizerConf
     tokens = words = documents = 0
     for pmids, texts in iter_corpus(corpus_parquet):
         val = [t for p, t in zip(pmids, texts) if split_of(p, config.val_fraction, config.test_fraction) == "val"]
-        tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(val, add_special_tokens=False))
+        tokens += sum(len(e) for e in tokenizer.encode_batch_fast(val, add_special_tokens=False))
         words += sum(len(t.split()) for t in val)
         documents += len(val)
     return (round(tokens / words, 4) if words else None), documents
