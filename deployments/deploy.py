@@ -2,6 +2,8 @@
 
     python -m deployments.deploy [--source URL_OR_MIRROR] [--cron "0 6 * * *"]
 
+Deployments: `ingest/nightly-ingest` (cron), `corpus/tokenize` and `retrain/retrain` (run from the
+UI or `prefect deployment run`, parameters editable there).
 Work pools (process type, created if missing): `cpu` for ingestion, `gpu` for training. A worker
 per pool runs the flow runs (`make up` starts both); on a cluster, start the `gpu` worker on the
 GPU machines, or make `gpu` a Kubernetes pool (see README).
@@ -36,8 +38,11 @@ def register(source: str | None = None, cron: str = NIGHTLY_CRON, store_root: st
     """Create the pools and deployments; returns the deployment names ("flow/deployment")."""
     asyncio.run(ensure_pools())
     ingest_params = {k: v for k, v in {"source": source, "store_root": store_root}.items() if v is not None}
+    store_params = {"store_root": store_root} if store_root else {}
     deployments = [
         ("flows/ingest.py:ingest", "nightly-ingest", "cpu", {"cron": cron, "parameters": ingest_params}),
+        ("flows/corpus.py:corpus", "tokenize", "cpu", {"parameters": store_params}),
+        ("flows/retrain.py:retrain", "retrain", "gpu", {"parameters": store_params}),
     ]
     names = []
     for entrypoint, name, pool, options in deployments:

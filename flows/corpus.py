@@ -7,16 +7,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.stage import asset_key, materializing
-from storage import ArtifactError, Store
+from storage import Store
 from tasks.binarize import BinarizeConfig, binarize_task
 from tasks.tokenizer import TokenizerConfig, fit_tokenizer_task, resolve_tokenizer
-
-
-def newest_corpus(store: Store):
-    snapshots = store.ls("corpus")
-    if not snapshots:
-        raise ArtifactError(f"no corpus snapshot in the store at {store.root}; run `medlm ingest` first")
-    return snapshots[-1]
 
 
 @flow(name="corpus")
@@ -33,7 +26,7 @@ def corpus(
     """Tokenize a corpus snapshot into uint16 shards; returns the shards' ref."""
     log = get_run_logger()
     store = Store(store_root)
-    snapshot = store.require(corpus_ref) if corpus_ref else newest_corpus(store)
+    snapshot = store.require(corpus_ref) if corpus_ref else store.newest("corpus")
     if tokenizer_ref:
         tokenizer = resolve_tokenizer(store, tokenizer_ref)
         log.info("re-using the pinned tokenizer %s", tokenizer.ref)

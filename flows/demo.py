@@ -8,17 +8,19 @@ from prefect import flow
 
 from flows.corpus import corpus
 from flows.ingest import ingest
+from flows.retrain import retrain
 from storage import Store
 
 SAMPLE_MIRROR = Path(__file__).resolve().parents[1] / "tests" / "data" / "pubmed" / "mirror"
 
 
 @flow(name="demo")
-def demo(store_root: str | None = None) -> list[str]:
+def demo(store_root: str | None = None, train_steps: int = 150) -> list[str]:
     corpus_ref = ingest(source=str(SAMPLE_MIRROR), store_root=store_root)
     # A vocabulary sized for ~2 MB of sample text, and 5% val/test so both are non-empty.
     shards_ref = corpus(corpus_ref, vocab_size=4096, val_fraction=0.05, test_fraction=0.05, store_root=store_root)
-    return [shards_ref]
+    checkpoint_ref = retrain(shards_ref, preset="tiny", steps=train_steps, batch_size=8, lr=1e-3, store_root=store_root)
+    return [checkpoint_ref]
 
 
 def built_table(store: Store, refs: list[str]) -> str:
@@ -35,7 +37,13 @@ def built_table(store: Store, refs: list[str]) -> str:
     rows = []
     for ref in seen:
         a = store.require(ref)
-        counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) and not k.endswith("seq") else f"{k}={v}" for k, v in a.summary.items() if isinstance(v, (int, float)))
+        counts = ", ".join(f"{k}={_number(k, v)}" for k, v in a.summary.items() if isinstance(v, (int, float)))
         rows.append((ref, counts))
     width = max(len(r) for r, _ in rows)
     return "\n".join(f"{ref:<{width}}  {counts}" for ref, counts in rows)
+
+
+def _number(name: str, value: int | float) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value) if name.endswith("seq") else f"{value:,}"

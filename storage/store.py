@@ -190,6 +190,13 @@ class Store:
                     found.append(artifact)
         return sorted(found, key=lambda a: (a.kind, a.manifest.get("created", 0)))
 
+    def newest(self, kind: str) -> Artifact:
+        """The most recently built complete artifact of ``kind``."""
+        artifacts = self.ls(kind)
+        if not artifacts:
+            raise ArtifactError(f"no {kind} artifact in the store at {self.root}; build one first (see `medlm --help`)")
+        return artifacts[-1]
+
     # -- writing ---------------------------------------------------------------------------
 
     def work_dir(self, spec: ArtifactSpec) -> Path:

@@ -76,6 +76,9 @@ def prefect_server():
                 raise RuntimeError(f"Prefect server did not start; log: {(_PREFECT_HOME / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
     yield url
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # send the last run logs while the server is still there to take them
     server.terminate()
     try:
         server.wait(timeout=20)

@@ -39,16 +39,18 @@ def cpu_worker(prefect_server, tmp_path):
 
 def test_nightly_ingest_deployment_runs_through_a_worker(tmp_path, prefect_server, cpu_worker):
     mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
-    names = register()
-    assert "ingest/nightly-ingest" in names
+    assert register() == ["ingest/nightly-ingest", "corpus/tokenize", "retrain/retrain"]
 
-    async def read_deployment():
+    async def read_deployment(name):
         async with get_client() as client:
-            return await client.read_deployment_by_name("ingest/nightly-ingest")
+            return await client.read_deployment_by_name(name)
 
-    deployment = asyncio.run(read_deployment())
+    deployment = asyncio.run(read_deployment("ingest/nightly-ingest"))
     assert deployment.work_pool_name == "cpu"
     assert [s.schedule.cron for s in deployment.schedules] == [NIGHTLY_CRON]
+    retrain = asyncio.run(read_deployment("retrain/retrain"))
+    assert retrain.work_pool_name == "gpu" and not retrain.schedules
+    assert {"preset", "steps", "batch_size", "lr", "shards_ref", "devices"} <= set(retrain.parameter_openapi_schema["properties"])
 
     store = Store(tmp_path / "store")
     with NcbiServer(mirror) as server:
