@@ -81,6 +81,50 @@ def ingest(
     typer.echo(ref)
 
 
+@app.command()
+def tokenize(
+    corpus: Optional[str] = typer.Option(None, help="Corpus snapshot ref [default: the newest]."),
+    tokenizer: Optional[str] = typer.Option(None, help="Re-use this tokenizer ref instead of fitting one."),
+    vocab_size: int = typer.Option(32_000, help="BPE vocabulary size, specials included."),
+    max_documents: Optional[int] = typer.Option(None, help="Fit the tokenizer on a deterministic sample of this many documents."),
+    shard_tokens: int = typer.Option(2**28, help="Tokens per train shard."),
+    store: Optional[Path] = StoreOption,
+):
+    """Fit the tokenizer on a corpus snapshot and write the uint16 token shards (the `corpus` flow)."""
+    apply_prefect_defaults()
+    from flows.corpus import corpus as corpus_flow
+
+    typer.echo(
+        corpus_flow(
+            corpus_ref=corpus, tokenizer_ref=tokenizer, vocab_size=vocab_size, max_documents=max_documents,
+            shard_tokens=shard_tokens, store_root=str(store) if store else None,
+        )
+    )
+
+
+@app.command()
+def retrain(
+    shards: Optional[str] = typer.Option(None, help="Shards ref [default: the newest]."),
+    preset: str = typer.Option("tiny", help="Model preset: tiny, small, base, gpt2."),
+    steps: int = typer.Option(200),
+    batch_size: int = typer.Option(8, help="Micro-batch per process."),
+    tokens_per_step: Optional[int] = typer.Option(None, help="Global batch in tokens (gradient accumulation)."),
+    lr: float = typer.Option(3e-4),
+    devices: int = typer.Option(1, help="GPUs; more than one launches torchrun."),
+    store: Optional[Path] = StoreOption,
+):
+    """Pretrain on token shards as a Prefect flow, registering the checkpoint in the store (the `retrain` flow)."""
+    apply_prefect_defaults()
+    from flows.retrain import retrain as retrain_flow
+
+    typer.echo(
+        retrain_flow(
+            shards_ref=shards, preset=preset, steps=steps, batch_size=batch_size, tokens_per_step=tokens_per_step,
+            lr=lr, devices=devices, store_root=str(store) if store else None,
+        )
+    )
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def train(ctx: typer.Context):
     """Pretrain without Prefect: takes the flags of `python -m model.train` (try `medlm train --help`)."""
