@@ -29,12 +29,29 @@ def mirror(tmp_path):
 def task_run_states(flow_run_id) -> dict[str, str]:
     import asyncio
 
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async def read():
         async with get_client() as client:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             return {run.name: run.state.name for run in runs}
+
+    return asyncio.run(read())
+
+
+def run_log_names(flow_run_id) -> set[str]:
+    """Names of the loggers whose records reached the server for this flow run."""
+    import asyncio
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return {log.name for log in logs}
 
     return asyncio.run(read())
 
@@ -65,6 +82,7 @@ def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, tmp_pat
             md5 = (mirror / ("baseline" if "20n" in name else "updatefiles") / f"{name}.md5").read_text().split("= ")[1].strip()
             assert f"{name} md5={md5}" in lineage
         states = task_run_states(first_run)
+        assert {"medlm.download", "medlm.corpus"} <= run_log_names(first_run)  # stage progress reaches the UI
         assert states["download pubmed20n0014.xml.gz"] == "Completed"
         assert states["parse pubmed21n1298.xml.gz"] == "Completed"
         corpus_events = asset_events(prefect_server, "medlm://corpus")
