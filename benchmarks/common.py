@@ -45,7 +45,7 @@ def write_result(name: str, results: dict) -> Path:
     record = {
         "machine": machine(),
         "commit": commit(),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join(["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
         **results,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Binarize throughput against the tokenizer library's own limit, on the same texts.
 
-    .venv/bin/python benchmarks/tokenize.py --xml DIR/pubmed20n0014.xml.gz DIR/pubmed21n1298.xml.gz
+    .venv/bin/python -m benchmarks.tokenize --xml DIR/pubmed20n0014.xml.gz DIR/pubmed21n1298.xml.gz
 
 The XML goes through the real parse and corpus stages, a tokenizer is fitted (32k vocab by
 default), all cached in a store under --work. Then, interleaved and repeated:
@@ -20,18 +20,11 @@ whole NCBI files are fetched as /work/shared/data/pubmed/FULL-FILES.md says.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder would come first on sys.path and this module, tokenize.py,
-# would shadow the standard library's tokenize (imported by logging). Put the repo there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
-import platform
+import os
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,16 +34,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-
-from storage import ArtifactSpec, Store  # noqa: E402
-from tasks.binarize import BATCH_DOCUMENTS, BinarizeConfig, binarize_corpus, load_tokenizer  # noqa: E402
-from tasks.corpus import snapshot  # noqa: E402
-from tasks.parse import file_seq_from_name, parse_xml_file  # noqa: E402
-from tasks.tokenizer import TokenizerConfig, fit  # noqa: E402
+from benchmarks.common import REPO, write_result
+from storage import ArtifactSpec, Store
+from tasks.binarize import BATCH_DOCUMENTS, BinarizeConfig, binarize_corpus, load_tokenizer
+from tasks.corpus import snapshot
+from tasks.parse import file_seq_from_name, parse_xml_file
+from tasks.tokenizer import TokenizerConfig, fit
 
 SAMPLES = sorted((REPO / "tests" / "data" / "pubmed" / "mirror").glob("*/*.xml.gz"))
-RESULT = REPO / "benchmarks" / "results" / "tokenize.json"
 
 
 def prepare(xml_files: list[Path], store: Store, vocab_size: int):
@@ -119,20 +110,6 @@ def time_process_pool(pool: ProcessPoolExecutor, texts: list[str]) -> tuple[int,
     return sum(len(ids) // 2 for ids, _ in results), clock
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    timed = ["tasks/binarize.py", "tasks/tokenizer.py", "storage", "benchmarks/tokenize.py"]
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *timed], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+uncommitted" if dirty else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--xml", type=Path, nargs="+", default=SAMPLES, help="PubMed XML files (default: repo samples)")
@@ -169,9 +146,6 @@ def main() -> None:
     cpu_rate = {name: round(statistics.median(values)) for name, values in cpu_runs.items()}
     result = {
         "benchmark": "binarize tokens/s vs encode_batch_fast alone on the same texts",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": commit(),
-        "machine": machine(),
         "input": {
             "xml": [p.name for p in args.xml],
             "documents": len(texts),
@@ -191,8 +165,7 @@ def main() -> None:
         "encoder_choice": "encode_batch_fast in-process" if cpu_rate["limit"] >= cpu_rate["process_pool"] else "process pool",
     }
     print(json.dumps(result, indent=2))
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {write_result('tokenize', result)}")
 
 
 if __name__ == "__main__":

@@ -13,18 +13,14 @@ optimizer (AdamW) and random tokens for both. Writes benchmarks/results/train_th
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import platform
 import resource
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for `python benchmarks/train_throughput.py` as well as `-m`
+from benchmarks.common import write_result
+
 H100_BF16_PEAK = 989e12
 
 
@@ -118,7 +114,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--peak-flops", type=float, default=None, help="for MFU; default 989e12 on CUDA, none on CPU")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_throughput_<device>.json")
     args = parser.parse_args()
 
     import torch
@@ -145,23 +140,17 @@ def main() -> None:
 
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {
         "device": device_name(args.device),
-        "commit": commit or None,
-        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.train_throughput", *sys.argv[1:]]),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "precision": "bf16 autocast" if args.device == "cuda" else "fp32",
         "peak_flops": args.peak_flops,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": vars(args),
         "results": results,
         "ratio_medlm_over_hf": ratio,
     }
-    out = args.out or REPO / "benchmarks" / "results" / f"train_throughput_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(f'train_throughput_{args.device}', record)}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,46 @@ def prefect_server():
     log.close()
 
 
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory):
+    from storage import Store
+
+    return Store(tmp_path_factory.mktemp("session") / "store")
+
+
+@pytest.fixture(scope="session")
+def corpus(session_store):
+    """The corpus snapshot of the two sample files, built by the real stages (no Prefect).
+
+    Kept broad (any language, any abstract length) so later stages see all the real text:
+    MathML, Greek letters, non-English abstracts."""
+    from tasks.corpus import CorpusFilters, snapshot
+    from tasks.download import download, select_files
+    from tasks.parse import parse
+
+    parsed = [parse(session_store, download(session_store, remote)) for remote in select_files(MIRROR)]
+    return snapshot(session_store, parsed, CorpusFilters(min_abstract_chars=0, languages=()))
+
+
+TEST_VOCAB = 1_000
+
+
+@pytest.fixture(scope="session")
+def documents(corpus) -> list[tuple[int, str]]:
+    """(pmid, text) of every corpus document, in corpus order."""
+    from tasks.binarize import CORPUS_FILE, iter_corpus
+
+    return [pair for pmids, texts in iter_corpus(corpus.file(CORPUS_FILE)) for pair in zip(pmids, texts)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(session_store, corpus):
+    """A small byte-level BPE fitted on the sample corpus."""
+    from tasks.tokenizer import TokenizerConfig, fit
+
+    return fit(session_store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+
+
 @pytest.fixture
 def store(tmp_path):
     from storage import Store

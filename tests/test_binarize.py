@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, models
 from model.data import Shards
 from storage import ArtifactSpec, sha256_file
 from tasks.binarize import BinarizeConfig, EOS_ID, binarize, binarize_corpus, load_tokenizer, shards_spec, split_of
-from test_tokenizer import corpus, documents, session_store, tokenizer  # noqa: F401  (shared fixtures)
 
 # Fractions large enough that the ~2,000 test documents give non-empty val and test files, and
 # shards small enough that train rolls over several times.

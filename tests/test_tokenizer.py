@@ -1,87 +1,21 @@
 """The tokenizer stage on real PubMed text: fitting, round trips, transformers loading, pinning.
 
-The ``corpus`` and ``tokenizer`` fixtures here are shared with tests/test_binarize.py.
+The ``corpus``, ``documents`` and ``tokenizer`` fixtures (conftest) come from the real parse and
+corpus stages.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from lxml import etree
 
-from storage import ArtifactError, ArtifactSpec, Store, sha256_file
-from tasks.binarize import CORPUS_FILE, iter_corpus, load_tokenizer, split_of
+from storage import ArtifactError, sha256_file
+from tasks.binarize import CORPUS_FILE, load_tokenizer, split_of
 from tasks.tokenizer import TokenizerConfig, fit, fit_tokenizer, resolve_tokenizer
 
-PUBMED = Path(__file__).parent / "data" / "pubmed"
-SAMPLE_FILES = sorted((PUBMED / "mirror").glob("*/*.xml.gz"))  # baseline, then the update: NCBI order
 MATHML_PMID = 31993508  # an abstract with <mml:math> (tests/data/pubmed/INDEX.tsv)
-TEST_VOCAB = 1_000
-
-
-def _article_rows(xml_gz: Path, file_seq: int) -> list[dict]:
-    rows = []
-    with gzip.open(xml_gz) as f:
-        for _, article in etree.iterparse(f, tag="PubmedArticle"):
-            citation = article.find("MedlineCitation")
-            title = "".join(citation.find("Article/ArticleTitle").itertext())
-            abstract = "\n".join("".join(t.itertext()) for t in citation.iterfind("Article/Abstract/AbstractText"))
-            if abstract:
-                year = citation.findtext("Article/Journal/JournalIssue/PubDate/Year") or "0"
-                rows.append({
-                    "pmid": int(citation.findtext("PMID")),
-                    "text": f"{title}\n\n{abstract}",
-                    "title": title,
-                    "journal": citation.findtext("Article/Journal/Title"),
-                    "pub_year": int(year),
-                    "languages": [e.text for e in citation.iterfind("Article/Language")],
-                    "source_file": xml_gz.name,
-                    "file_seq": file_seq,
-                })
-            article.clear()
-    return rows
-
-
-def _write_test_corpus(work: Path) -> dict:
-    """A stand-in for the corpus snapshot until the parse stage lands: the articles with an
-    abstract from the two sample files, the latest record per PMID, sorted by PMID."""
-    latest = {}
-    for seq, xml_gz in enumerate(SAMPLE_FILES):
-        latest.update((row["pmid"], row) for row in _article_rows(xml_gz, seq))
-    rows = [latest[pmid] for pmid in sorted(latest)]
-    schema = pa.schema([
-        ("pmid", pa.int64()), ("text", pa.string()), ("title", pa.string()), ("journal", pa.string()),
-        ("pub_year", pa.int32()), ("languages", pa.list_(pa.string())), ("source_file", pa.string()),
-        ("file_seq", pa.int32()),
-    ])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), work / CORPUS_FILE)
-    return {"documents": len(rows)}
-
-
-@pytest.fixture(scope="session")
-def session_store(tmp_path_factory) -> Store:
-    return Store(tmp_path_factory.getbasetemp() / "store")
-
-
-@pytest.fixture(scope="session")
-def corpus(session_store):
-    spec = ArtifactSpec("corpus", "test-fixture", {"files": [p.name for p in SAMPLE_FILES]})
-    return session_store.get_or_build(spec, _write_test_corpus)
-
-
-@pytest.fixture(scope="session")
-def documents(corpus) -> list[tuple[int, str]]:
-    return [pair for pmids, texts in iter_corpus(corpus.file(CORPUS_FILE)) for pair in zip(pmids, texts)]
-
-
-@pytest.fixture(scope="session")
-def tokenizer(session_store, corpus):
-    return fit(session_store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+from conftest import TEST_VOCAB
 
 
 def test_fit_summary_describes_the_tokenizer(tokenizer, documents):
