@@ -21,6 +21,8 @@ def prefect_env(home: Path | None = None) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "medlm",
+        # Stage code also runs outside flows (CLI, torchrun, tests): its logs then go to the console only.
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
 
 
