@@ -283,7 +283,6 @@ def main() -> None:
         }
         print(f"{args.jobs} processes over {len(files)} files: {parallel['articles_per_s']} articles/s aggregate")
 
-    samples = [r for r in results if r["kind"] == "sample"]
     fulls = [r for r in results if r["kind"] == "full"]
     memory = {
         "rss_after_imports_mb": floor["peak_rss_mb"],

@@ -38,7 +38,8 @@ from benchmarks.common import REPO, write_result
 from storage import ArtifactSpec, Store
 from tasks.binarize import BATCH_DOCUMENTS, BinarizeConfig, binarize_corpus, load_tokenizer
 from tasks.corpus import snapshot
-from tasks.parse import file_seq_from_name, parse_xml_file
+from tasks.download import file_seq
+from tasks.parse import parse_xml_file
 from tasks.tokenizer import TokenizerConfig, fit
 
 SAMPLES = sorted((REPO / "tests" / "data" / "pubmed" / "mirror").glob("*/*.xml.gz"))
@@ -48,7 +49,7 @@ def prepare(xml_files: list[Path], store: Store, vocab_size: int):
     """The corpus snapshot and fitted tokenizer for these files, through the real stages."""
     parsed = []
     for xml in xml_files:
-        params = {"source_file": xml.name, "file_seq": file_seq_from_name(xml.name), "bytes": xml.stat().st_size}
+        params = {"source_file": xml.name, "file_seq": file_seq(xml.name), "bytes": xml.stat().st_size}
         spec = ArtifactSpec("parsed", "bench", params)
         parsed.append(store.get_or_build(spec, lambda work, xml=xml, p=params: parse_xml_file(
             xml, work, source_file=p["source_file"], file_seq=p["file_seq"])))

@@ -128,8 +128,11 @@ def list_folder(base: str | os.PathLike, folder: str, *, timeout_s: float = 60) 
 
 
 def file_seq(name: str) -> int:
-    """NCBI's file number: 1298 for pubmed21n1298.xml.gz."""
-    return int(FILE_NAME.match(name)[2])
+    """NCBI's file number, the order updates apply in: 1298 for pubmed21n1298.xml.gz."""
+    match = FILE_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not an NCBI PubMed file name: expected pubmedYYnNNNN.xml.gz (e.g. pubmed25n1275.xml.gz)")
+    return int(match[2])
 
 
 def parse_md5(text: str, name: str, url: str) -> str:

@@ -93,7 +93,6 @@ _MC_TAGS = ("PMID", "DateRevised", "Article", "MeshHeadingList")
 _ARTICLE_TAGS = ("Journal", "ArticleTitle", "Abstract", "Language", "PublicationTypeList", "VernacularTitle")
 _JOURNAL_TAGS = ("Title", "Year", "MedlineDate")
 
-_NAME_RE = re.compile(r"pubmed\d\dn(\d{4})\.xml(?:\.gz)?")
 _YEAR_RE = re.compile(r"\d{4}")
 _WS_RE = re.compile(r"[ \t\r\n]+")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -114,15 +113,6 @@ class ParseError(ValueError):
         self.expected = expected
         where = f"{self.path}, line {line}" if line is not None else self.path
         super().__init__(f"{where}: {problem}; expected {expected}")
-
-
-def file_seq_from_name(name: str) -> int:
-    """NCBI's position of a file in the baseline/update sequence: ``pubmed25n1275.xml.gz`` -> 1275."""
-    base = name.rsplit("/", 1)[-1]
-    m = _NAME_RE.fullmatch(base)
-    if m is None:
-        raise ValueError(f"{name!r} is not an NCBI PubMed file name: expected pubmedYYnNNNN.xml.gz (e.g. pubmed25n1275.xml.gz)")
-    return int(m.group(1))
 
 
 # -- input -------------------------------------------------------------------------------------
@@ -523,7 +513,7 @@ def _check_root(elem, path: Path) -> None:
 def parse(store: Store, download: Artifact) -> Artifact:
     """Parse a download artifact (one ``.xml.gz``) into a ``parsed`` artifact, or return the cached one."""
     name = download.params["file_name"]
-    seq = file_seq_from_name(name)
+    seq = download.params["seq"]
     spec = ArtifactSpec("parsed", PARSE_VERSION, params={"source_file": name, "file_seq": seq}, parents=(download.ref,))
     xml_path = download.file(name)
     return store.get_or_build(spec, lambda work: parse_xml_file(xml_path, work, source_file=name, file_seq=seq))

