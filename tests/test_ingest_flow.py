@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -142,3 +147,28 @@ def _corpus_pmids(corpus) -> set[str]:
     import pyarrow.parquet as pq
 
     return {str(p) for p in pq.read_table(corpus.file("corpus.parquet"), columns=["pmid"]).column("pmid").to_pylist()}
+
+
+def test_an_ingest_killed_half_way_redoes_only_unfinished_files(mirror, tmp_path):
+    store = Store(tmp_path / "store")
+    with NcbiServer(mirror) as server:
+        # The update file answers 503 for a while, so the run is caught between its two files.
+        server.faults.status[UPDATE_PATH] = [503] * 4  # retried after 2, 4, 8, 16 s
+        run = subprocess.Popen(
+            [str(Path(sys.executable).with_name("medlm")), "ingest", "--source", server.url, "--store", str(store.root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while not store.ls("parsed") and time.time() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        assert [a.params["source_file"] for a in store.ls("parsed")] == ["pubmed20n0014.xml.gz"]
+        assert store.ls("corpus") == []
+
+        server.faults.status.clear()
+        corpus_ref = ingest(source=server.url, store_root=str(store.root))
+        assert len(server.requests_for(BASELINE_PATH)) == 1  # the finished file was not fetched again
+        assert len([r for r in server.requests_for(UPDATE_PATH)]) >= 2
+    assert sorted(p.params["source_file"] for p in store.ls("parsed")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
+    assert store.require(corpus_ref).parents == [p.ref for p in sorted(store.ls("parsed"), key=lambda a: a.params["file_seq"])]
