@@ -6,8 +6,10 @@ server (its own PREFECT_HOME, port, no telemetry) is set here, before any test i
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +44,11 @@ os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PREFECT_PORT}/api"
 os.environ.setdefault("MEDLM_STORE", str(Path(tempfile.mkdtemp(prefix="medlm-test-store-"))))
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by SIGKILL (Linux prctl)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _template_database() -> Path:
     """A migrated Prefect database, made once and reused: a fresh migration takes ~25 s here."""
     import prefect
@@ -63,7 +70,7 @@ def prefect_server():
     log = open(_PREFECT_HOME / "server.log", "w")
     server = subprocess.Popen(
         [str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(_PREFECT_PORT)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
     )
     url = os.environ["PREFECT_API_URL"]
     deadline = time.time() + 120
