@@ -168,15 +168,18 @@ class _Reader:
         return data
 
     def _refill(self) -> None:
-        """Decompress the next chunk; pass on everything up to its last article end, cut."""
+        """Decompress the next chunk and pass it on, unread subtrees cut."""
         try:
             chunk = self._stream.read(_READ_CHUNK)
         except (EOFError, OSError, zlib.error) as e:
             raise _InputError(e) from e
         if chunk:
             data = self._pending + chunk
+            # Hold back the unfinished last article, so no subtree is split between two cuts.
+            # Without an article end (a legacy file, an article over 1 MiB) pass it all: uncut is
+            # only slower, and memory stays bounded.
             split = max(data.rfind(end) for end in _ARTICLE_ENDS)
-            ready, self._pending = (data[:split], data[split:]) if split >= 0 else (b"", data)
+            ready, self._pending = (data[:split], data[split:]) if split > 0 else (data, b"")
         else:  # the end: a truncated subtree has no end tag, stays in, and lxml reports it
             ready, self._pending, self._eof = self._pending, b"", True
         self._out = self._out[self._pos:] + _cut_unread_subtrees(ready)
