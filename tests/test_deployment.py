@@ -20,24 +20,34 @@ from storage import Store
 
 
 @pytest.fixture
-def cpu_worker(prefect_server, tmp_path):
-    """A process worker for the `cpu` pool, stopped by its PID (SIGINT, then SIGTERM)."""
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "cpu", "--type", "process"],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
-    )
-    yield worker
-    worker.send_signal(signal.SIGINT)
-    try:
-        worker.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        worker.terminate()
-        worker.wait(timeout=15)
-    log.close()
+def workers(prefect_server, tmp_path):
+    """A process worker for each pool (`cpu`, `gpu`), stopped by PID (SIGINT, then SIGTERM)."""
+    logs = {pool: open(tmp_path / f"worker-{pool}.log", "w") for pool in ("cpu", "gpu")}
+    procs = [
+        subprocess.Popen(
+            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process"],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
+        )
+        for pool, log in logs.items()
+    ]
+    yield procs
+    for worker in procs:
+        worker.send_signal(signal.SIGINT)
+    for worker in procs:
+        try:
+            worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            worker.terminate()
+            worker.wait(timeout=15)
+    for log in logs.values():
+        log.close()
 
 
-def test_nightly_ingest_deployment_runs_through_a_worker(tmp_path, prefect_server, cpu_worker):
+def worker_logs(tmp_path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("worker-*.log")))
+
+
+def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, prefect_server, workers):
     mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
     assert register() == ["ingest/nightly-ingest", "corpus/tokenize", "retrain/retrain"]
 
@@ -57,7 +67,17 @@ def test_nightly_ingest_deployment_runs_through_a_worker(tmp_path, prefect_serve
         run = run_deployment(
             "ingest/nightly-ingest", parameters={"source": server.url, "store_root": str(store.root)}, timeout=240
         )
-        assert run.state.is_completed(), f"{run.state}; worker log:\n{(tmp_path / 'worker.log').read_text()[-4000:]}"
+        assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
         assert len(server.requests_for("/updatefiles/pubmed21n1298.xml.gz")) == 1
     [corpus] = store.ls("corpus")
     assert corpus.summary["documents"] > 0 and len(corpus.parents) == 2
+
+    # Retraining, as a user triggers it from the UI: tokenize on the cpu pool, train on the gpu pool.
+    store_param = {"store_root": str(store.root)}
+    run = run_deployment("corpus/tokenize", parameters={**store_param, "vocab_size": 600, "val_fraction": 0.05}, timeout=240)
+    assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
+    run = run_deployment("retrain/retrain", parameters={**store_param, "steps": 2, "batch_size": 2}, timeout=240)
+    assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
+    [checkpoint] = store.ls("checkpoint")
+    assert checkpoint.summary["steps"] == 2
+    assert checkpoint.parents == [store.newest("shards").ref, store.newest("tokenizer").ref]
