@@ -69,7 +69,6 @@ def _usage() -> dict:
 def _child(mode: str, path: str = "", batch_rows: str = "5000") -> dict:
     import gzip
 
-    from lxml import etree
 
     import tasks.parse as tp
 
@@ -93,18 +92,7 @@ def _child(mode: str, path: str = "", batch_rows: str = "5000") -> dict:
         stream = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else raw
         raw.seek(0)
         n = 0
-        for event, elem in etree.iterparse(
-            Counting(stream),
-            events=("start", "end"),
-            tag=tp._TAGS,
-            load_dtd=False,
-            dtd_validation=False,
-            resolve_entities=False,
-            no_network=True,
-            huge_tree=False,
-            remove_comments=True,
-            remove_pis=True,
-        ):
+        for event, elem in tp.iterparse_safely(Counting(stream)):
             if event == "start" or elem.tag == tp._ROOT:
                 continue
             n += elem.tag == tp._ARTICLE

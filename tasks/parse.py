@@ -446,18 +446,7 @@ def parse_xml_file(
     ok = False
     try:
         cols = _Columns()
-        context = etree.iterparse(
-            reader,
-            events=("start", "end"),
-            tag=_TAGS,
-            load_dtd=False,
-            dtd_validation=False,
-            resolve_entities=False,
-            no_network=True,
-            huge_tree=False,
-            remove_comments=True,
-            remove_pis=True,
-        )
+        context = iterparse_safely(reader)
         root_checked = False
         try:
             for event, elem in context:
@@ -530,6 +519,22 @@ def parse_xml_file(
         "source_file": source_file,
         "file_seq": file_seq,
     }
+
+
+def iterparse_safely(source) -> etree.iterparse:
+    """Start and end events of the root, articles and deletions; no DTD, entities or network."""
+    return etree.iterparse(
+        source,
+        events=("start", "end"),
+        tag=_TAGS,
+        load_dtd=False,
+        dtd_validation=False,
+        resolve_entities=False,
+        no_network=True,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
 
 
 def _check_root(elem, path: Path) -> None:
