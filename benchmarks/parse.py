@@ -69,7 +69,6 @@ def _usage() -> dict:
 def _child(mode: str, path: str = "", batch_rows: str = "5000") -> dict:
     import gzip
 
-
     import tasks.parse as tp
 
     if mode == "floor":  # the imports alone
