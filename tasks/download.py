@@ -364,7 +364,21 @@ def download_task(store: Store, remote: RemoteFile) -> Artifact:
     return download(store, remote)
 
 
-@task(name="list-remote", retries=2, retry_delay_seconds=30)
+def _transient_listing_failure(task, task_run, state) -> bool:
+    """Retry a listing only for faults that may heal (network, 408/429/5xx), not for a wrong name or URL."""
+    try:
+        state.result()
+    except DownloadError as e:
+        cause = e.__cause__
+        if isinstance(cause, urllib.error.HTTPError):
+            return cause.code >= 500 or cause.code in (408, 429)
+        return isinstance(cause, (HTTPException, OSError))
+    except Exception:
+        return False
+    return False
+
+
+@task(name="list-remote", retries=2, retry_delay_seconds=30, retry_condition_fn=_transient_listing_failure)
 def list_remote_task(
     base: str = DEFAULT_BASE_URL,
     folders: Sequence[str] = FOLDERS,

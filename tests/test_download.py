@@ -16,9 +16,10 @@ from tasks.download import (
     download_file,
     download_spec,
     list_folder,
+    list_remote_task,
     select_files,
 )
-from tests.ncbi_server import HOSTILE_HREFS, WRONG_MD5, NcbiServer, Request, make_mirror
+from ncbi_server import HOSTILE_HREFS, WRONG_MD5, NcbiServer, Request, make_mirror
 
 DATA = Path(__file__).parent / "data" / "pubmed" / "mirror"
 BASELINE = DATA / "baseline" / "pubmed20n0014.xml.gz"
@@ -267,3 +268,22 @@ def test_local_mirror_resumes_a_part(mirror, tmp_path):
     (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes()[:1000])
     assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
     assert not (tmp_path / f"{remote.name}.part").exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_listing_is_retried_after_a_5xx_but_not_for_a_name_that_is_not_listed(server):
+    from prefect import flow
+
+    listing = list_remote_task.with_options(retry_delay_seconds=0)
+
+    @flow
+    def list_updates(names: list[str] | None = None):
+        return listing(server.url, folders=("updatefiles",), names=names)
+
+    server.faults.status["/updatefiles/"] = [503]
+    assert [f.name for f in list_updates()] == ["pubmed21n1298.xml.gz"]
+    assert len(server.requests_for("/updatefiles/")) == 2
+
+    state = list_updates(names=["pubmed21n9999.xml.gz"], return_state=True)
+    assert state.is_failed() and "pubmed21n9999.xml.gz" in state.message
+    assert len(server.requests_for("/updatefiles/")) == 3  # one try: a missing name does not heal
