@@ -130,7 +130,7 @@ def train(ctx: typer.Context):
     """Pretrain without Prefect: takes the flags of `python -m model.train` (try `medlm train --help`)."""
     from model.train import main
 
-    main(ctx.args)
+    main(ctx.args, prog="medlm train")
 
 
 @app.command("export-hf")

@@ -434,8 +434,8 @@ def _parse_value(text: str):
         return text
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str, str]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[TrainConfig, str, str]:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="binarize artifact folder (meta.json + .bin files)")
     parser.add_argument("--out", required=True, help="run folder for checkpoints and logs (resumed if it has some)")
     parser.add_argument("--config", help="JSON file with TrainConfig fields; flags given here override it")
@@ -460,8 +460,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str, str]:
     return TrainConfig.from_dict(values), args.shards, args.out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    config, shards_dir, out_dir = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    config, shards_dir, out_dir = parse_args(argv, prog)
 
     def show(record: dict) -> None:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
