@@ -38,6 +38,11 @@ def ingest(
         source, folders=folders, baseline_limit=baseline_limit, updates_after=updates_after, names=names
     )
     log.info("%d files selected from %s", len(remotes), source)
+    if not remotes:
+        raise ValueError(
+            f"no PubMed files selected at {source} (folders={list(folders)}, baseline_limit={baseline_limit}, "
+            f"updates_after={updates_after}, names={names}); a snapshot needs at least one"
+        )
 
     parsed_futures = {}
     for remote in remotes:

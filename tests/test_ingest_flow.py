@@ -172,3 +172,8 @@ def test_an_ingest_killed_half_way_redoes_only_unfinished_files(mirror, tmp_path
         assert len([r for r in server.requests_for(UPDATE_PATH)]) >= 2
     assert sorted(p.params["source_file"] for p in store.ls("parsed")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
     assert store.require(corpus_ref).parents == [p.ref for p in sorted(store.ls("parsed"), key=lambda a: a.params["file_seq"])]
+
+
+def test_an_empty_selection_is_explained(mirror, tmp_path):
+    state = ingest(source=str(mirror), folders=("updatefiles",), updates_after=9999, store_root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "no PubMed files selected" in state.message and "updates_after=9999" in state.message
