@@ -19,6 +19,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from storage import Artifact, ArtifactSpec, Store
+from tasks.parse import ARTICLES_FILE, DELETIONS_FILE
 
 CORPUS_VERSION = "1"
 log = logging.getLogger("medlm.corpus")
@@ -107,7 +108,25 @@ def build_snapshot(
         raise ValueError("build_snapshot: no parsed article files given; run the parse stage first")
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_path = out_dir / "corpus.parquet"
-    con = duckdb.connect(config={"temp_directory": str(out_dir / ".duckdb_tmp"), "preserve_insertion_order": False})
+    tmp_dir = out_dir / ".duckdb_tmp"  # spill files, if DuckDB needs any
+    try:
+        with duckdb.connect(config={"temp_directory": str(tmp_dir), "preserve_insertion_order": False}) as con:
+            stats = _snapshot(con, article_files, deletion_files, corpus_path, filters)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    summary = asdict(stats)
+    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("corpus: %d documents, %d characters", stats.documents, stats.characters)
+    return summary
+
+
+def _snapshot(
+    con: duckdb.DuckDBPyConnection,
+    article_files: Sequence[Path],
+    deletion_files: Sequence[Path],
+    corpus_path: Path,
+    filters: CorpusFilters,
+) -> CorpusStats:
     if filters.threads:
         con.execute(f"SET threads = {int(filters.threads)}")
     if filters.memory_limit:
@@ -135,7 +154,7 @@ def build_snapshot(
         CREATE TEMP TABLE latest AS
         WITH winners AS (
             SELECT filename, file_row_number FROM articles
-            QUALIFY row_number() OVER (PARTITION BY pmid ORDER BY file_seq DESC, version DESC) = 1
+            QUALIFY row_number() OVER (PARTITION BY pmid ORDER BY file_seq DESC, version DESC, file_row_number DESC) = 1
         )
         SELECT a.* EXCLUDE (filename, file_row_number) FROM articles a SEMI JOIN winners w USING (filename, file_row_number)
         """
@@ -176,13 +195,7 @@ def build_snapshot(
     if filters.drop_duplicate_text:
         kept = dropped.get(None, 0)
         stats.dropped.append({"filter": "exact duplicate text", "rows": kept - stats.documents})
-    con.close()
-    shutil.rmtree(out_dir / ".duckdb_tmp", ignore_errors=True)  # spill files, if DuckDB needed any
-    summary = asdict(stats)
-    (out_dir / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("corpus: %d documents, %d characters", stats.documents, stats.characters)
-    return summary
-
+    return stats
 
 def corpus_spec(parsed: Sequence[Artifact], filters: CorpusFilters) -> ArtifactSpec:
     # Parents in NCBI sequence order, so the same set of files always gives the same key.
@@ -195,8 +208,8 @@ def snapshot(store: Store, parsed: Sequence[Artifact], filters: CorpusFilters = 
     return store.get_or_build(
         spec,
         lambda work: build_snapshot(
-            [a.file("articles.parquet") for a in parsed],
-            [a.file("deletions.parquet") for a in parsed if a.file("deletions.parquet").exists()],
+            [a.file(ARTICLES_FILE) for a in parsed],
+            [a.file(DELETIONS_FILE) for a in parsed],
             work,
             filters,
         ),

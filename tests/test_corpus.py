@@ -155,3 +155,15 @@ def test_exact_duplicate_text_keeps_the_lowest_pmid(parsed_samples, tmp_path):
 def test_no_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no parsed article files"):
         build_snapshot([], [], tmp_path)
+
+
+def test_the_last_occurrence_in_a_file_wins_a_tie(parsed_samples, tmp_path):
+    _, files = parsed_samples
+    article = real_articles(BASELINE_SAMPLE)[5]
+    first, last = copy.deepcopy(article), copy.deepcopy(article)
+    first.find("MedlineCitation/Article/ArticleTitle").text = "The first record of the PMID in this file."
+    last.find("MedlineCitation/Article/ArticleTitle").text = "The last record of the PMID in this file."
+    twice = parse_into(tmp_path, write_update(tmp_path / "twice.xml", [first, last]), 1500)
+    all_files = files + [twice]
+    build_snapshot([a for a, _ in all_files], [d for _, d in all_files], tmp_path / "out", KEEP_ALL)
+    assert snapshot_rows(tmp_path / "out")[pmid_of(article)]["title"] == "The last record of the PMID in this file."
