@@ -29,6 +29,7 @@ from safetensors.torch import save_model as save_safetensors
 
 from model.data import Shards, TrainBatches, eval_batches
 from model.model import ModelConfig, Transformer
+from storage import write_text_atomic
 
 CHECKPOINT_PREFIX = "ckpt_"
 LATEST = "latest"
@@ -173,15 +174,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, config: dict, state: dict, keep_last: int) -> Path:
     """Write ckpt_{step} under a temporary name, fsync it, rename it into place, prune old ones."""
     name = f"{CHECKPOINT_PREFIX}{step:07d}"
@@ -199,7 +191,7 @@ def save_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, con
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_text_atomic(out_dir / LATEST, name + "\n")
+    write_text_atomic(out_dir / LATEST, name + "\n")
     for old in checkpoint_dirs(out_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -338,7 +330,7 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
     metrics_path = out / METRICS
     if rt.is_main:  # drop records of steps after the checkpoint: they are about to be redone
         kept = [r for r in read_metrics(metrics_path) if r["step"] <= start_step]
-        _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     raw_model = model
     if cfg.compile:
@@ -420,7 +412,7 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
     }
     if rt.is_main:
         plot_losses(records, out / "loss.png")
-        _write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

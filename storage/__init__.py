@@ -1,5 +1,14 @@
 """The artifact store: the single source of truth for caching and lineage."""
 
-from storage.store import Artifact, ArtifactError, ArtifactSpec, Store, default_root, parent_refs, sha256_file
+from storage.store import (
+    Artifact,
+    ArtifactError,
+    ArtifactSpec,
+    Store,
+    default_root,
+    parent_refs,
+    sha256_file,
+    write_text_atomic,
+)
 
-__all__ = ["Artifact", "ArtifactError", "ArtifactSpec", "Store", "default_root", "parent_refs", "sha256_file"]
+__all__ = ["Artifact", "ArtifactError", "ArtifactSpec", "Store", "default_root", "parent_refs", "sha256_file", "write_text_atomic"]

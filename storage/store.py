@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path(".medlm") / "store"
@@ -42,11 +42,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -132,17 +132,8 @@ class Store:
         also re-hashes every file (what ``medlm store verify`` does).
         """
         kind, key = _split(ref_or_kind, key)
-        path = self.path(kind, key)
-        manifest_path = path / MANIFEST
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-            return None
-        if manifest.get("kind") != kind or manifest.get("key") != key:
-            return None
-        if self._problems(path, manifest, deep=deep):
-            return None
-        return Artifact(kind, key, path, manifest)
+        manifest, problems = self._check(kind, key, deep=deep)
+        return None if problems else Artifact(kind, key, self.path(kind, key), manifest)
 
     def require(self, ref: str) -> Artifact:
         artifact = self.get(ref)
@@ -155,15 +146,20 @@ class Store:
 
     def problems(self, ref: str, *, deep: bool = True) -> list[str]:
         """Human-readable reasons why ``ref`` does not verify (empty list: it is good)."""
-        kind, key = _split(ref)
+        return self._check(*_split(ref), deep=deep)[1]
+
+    def _check(self, kind: str, key: str, *, deep: bool) -> tuple[dict, list[str]]:
+        """The manifest and what is wrong with the artifact (nothing: it verifies)."""
         path = self.path(kind, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            return [f"{path / MANIFEST}: missing"]
+        except (FileNotFoundError, NotADirectoryError):
+            return {}, [f"{path / MANIFEST}: missing"]
         except json.JSONDecodeError as e:
-            return [f"{path / MANIFEST}: not valid JSON ({e})"]
-        return self._problems(path, manifest, deep=deep)
+            return {}, [f"{path / MANIFEST}: not valid JSON ({e})"]
+        if manifest.get("kind") != kind or manifest.get("key") != key:
+            return manifest, [f"{path / MANIFEST}: describes {manifest.get('kind')}/{manifest.get('key')}, not {kind}/{key}"]
+        return manifest, self._problems(path, manifest, deep=deep)
 
     @staticmethod
     def _problems(path: Path, manifest: dict, *, deep: bool) -> list[str]:
@@ -243,7 +239,8 @@ class Store:
             work.mkdir(parents=True, exist_ok=True)
             started = time.time()
             summary = build(work) or {}
-            (work / MANIFEST).unlink(missing_ok=True)
+            for stale in (MANIFEST, f".{MANIFEST}.tmp"):  # from a build killed while writing them
+                (work / stale).unlink(missing_ok=True)
             manifest = {
                 "kind": spec.kind,
                 "key": spec.key,
@@ -259,7 +256,7 @@ class Store:
                     if p.is_file()
                 },
             }
-            _write_json_atomic(work / MANIFEST, manifest)
+            write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             os.rename(work, final)
             return Artifact(spec.kind, spec.key, final, manifest)
 

@@ -195,3 +195,21 @@ def test_bad_refs_are_explained(store):
         store.get("corpus")
     with pytest.raises(Exception, match="not in the store"):
         store.require("corpus/0123456789abcdef0123")
+
+
+def test_a_resumed_build_ignores_a_manifest_left_half_written(store):
+    spec = ArtifactSpec("checkpoint", "1")
+    work = store.work_dir(spec)
+    work.mkdir(parents=True)
+    (work / f".{MANIFEST}.tmp").write_text('{"kind": "checkp')  # killed while writing the manifest
+    artifact = store.get_or_build(spec, write_files({"model.safetensors": b"w"}), resume=True)
+    assert sorted(artifact.manifest["files"]) == ["model.safetensors"]
+    assert store.get(artifact.ref) is not None
+
+
+def test_verify_reports_a_manifest_of_another_artifact(store):
+    artifact = store.get_or_build(ArtifactSpec("corpus", "1"), write_files({"a": b"x"}))
+    other = store.get_or_build(ArtifactSpec("corpus", "2"), write_files({"a": b"x"}))
+    (artifact.path / MANIFEST).write_text((other.path / MANIFEST).read_text())
+    assert store.get(artifact.ref) is None
+    assert "describes " + other.ref in store.problems(artifact.ref)[0]
