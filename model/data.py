@@ -97,10 +97,11 @@ def to_device(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 def gather_windows(shards: Shards, starts: list[tuple[str, int]], window: int) -> np.ndarray:
     """Stack the token windows [start, start + window) of the given (file, start) pairs."""
     out = np.empty((len(starts), window), dtype=DTYPE)
-    maps: dict[str, np.ndarray] = {}
+    maps: dict[str, np.ndarray] = {}  # one memmap per file per batch, not one per window
     for row, (name, start) in enumerate(starts):
-        tokens = maps.setdefault(name, shards.tokens(name))
-        out[row] = tokens[start : start + window]
+        if name not in maps:
+            maps[name] = shards.tokens(name)
+        out[row] = maps[name][start : start + window]
     return out
 
 

@@ -244,9 +244,9 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self, trainable_only: bool = False) -> int:
+    def num_params(self) -> int:
         """Parameters counted once each (tied embeddings are one matrix)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention.

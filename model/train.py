@@ -452,13 +452,15 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     return TrainConfig.from_dict(values), args.shards, args.out
 
 
+def format_record(record: dict) -> str:
+    """A metrics record as one log line: step=10 loss=3.412 lr=0.0003 ..."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     config, shards_dir, out_dir = parse_args(argv, prog)
 
-    def show(record: dict) -> None:
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
-
-    summary = train(config, shards_dir, out_dir, progress=show)
+    summary = train(config, shards_dir, out_dir, progress=lambda record: print(format_record(record), flush=True))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
     return summary

@@ -20,8 +20,9 @@ from pathlib import Path
 from prefect import task
 
 from model.export_hf import TOKENIZER_FILES
-from model.train import TrainConfig, train
+from model.train import TrainConfig, format_record, train
 from storage import Artifact, ArtifactError, ArtifactSpec, Store, sha256_file
+from tasks.binarize import META_FILE, TOKENIZER_FILE
 
 PRETRAIN_VERSION = "1"
 RUN_DIR = "run"
@@ -33,7 +34,7 @@ log = logging.getLogger("medlm.pretrain")
 
 def tokenizer_ref(shards: Artifact) -> str:
     """The tokenizer the shards were encoded with, as meta.json (or else the lineage) names it."""
-    meta = json.loads(shards.file("meta.json").read_text())
+    meta = json.loads(shards.file(META_FILE).read_text())
     ref = meta.get("tokenizer", {}).get("ref") or next((p for p in shards.parents if p.startswith("tokenizer/")), None)
     if ref is None:
         raise ArtifactError(f"{shards.ref}: neither meta.json nor its parents name a tokenizer; rebuild the shards")
@@ -45,7 +46,7 @@ def pretrain_spec(shards: Artifact, tokenizer: Artifact, config: TrainConfig, de
 
 
 def _log_record(record: dict) -> None:
-    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    log.info(format_record(record))
 
 
 def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path, devices: int) -> dict:
@@ -72,13 +73,15 @@ def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path, dev
 def pretrain(store: Store, shards: Artifact, tokenizer: Artifact, config: TrainConfig, devices: int = 1) -> Artifact:
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
-    expected = json.loads(shards.file("meta.json").read_text()).get("tokenizer", {}).get("sha256")
-    if expected and expected != sha256_file(tokenizer.file("tokenizer.json")):
+    expected = json.loads(shards.file(META_FILE).read_text()).get("tokenizer", {}).get("sha256")
+    if expected and expected != sha256_file(tokenizer.file(TOKENIZER_FILE)):
         raise ArtifactError(f"{shards.ref} was encoded with a different tokenizer than {tokenizer.ref}; pass {tokenizer_ref(shards)}")
 
     def build(work: Path) -> dict:
-        run = work / RUN_DIR
-        if (work / "summary.json").is_file() and not run.exists():  # killed after the run folder was cleared
+        run, finished_run = work / RUN_DIR, work / f"{RUN_DIR}.done"
+        if finished_run.exists() or ((work / "summary.json").is_file() and not run.exists()):
+            # Killed after the final files were copied out: only the clean-up was left.
+            shutil.rmtree(finished_run, ignore_errors=True)
             return json.loads((work / "summary.json").read_text())
         if devices == 1:
             summary = train(config, shards.path, run, progress=_log_record)
@@ -91,7 +94,10 @@ def pretrain(store: Store, shards: Artifact, tokenizer: Artifact, config: TrainC
             shutil.copy2(run / name, work / name)
         for name in TOKENIZER_FILES:
             shutil.copy2(tokenizer.file(name), work / name)
-        shutil.rmtree(run)  # intermediate checkpoints and optimizer state are not part of the artifact
+        # Intermediate checkpoints and optimizer state are not part of the artifact. Renamed first,
+        # so a crash while deleting never leaves a half-deleted run that looks resumable.
+        os.rename(run, finished_run)
+        shutil.rmtree(finished_run)
         return summary
 
     return store.get_or_build(pretrain_spec(shards, tokenizer, config, devices), build, resume=True)

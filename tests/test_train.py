@@ -278,3 +278,29 @@ def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, 
     assert checkpoint.kind == "checkpoint" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
     assert checkpoint.params["max_steps"] == 3 and checkpoint.summary["steps"] == 3
     assert json.loads(checkpoint.file("config.json").read_text())["model"]["n_layer"] == 4  # the tiny preset
+
+
+def test_pretrain_killed_while_clearing_its_run_folder_finishes_without_retraining(shards, tokenizer_dir, tmp_path, monkeypatch):
+    import tasks.pretrain as pretrain_module
+
+    store = Store(tmp_path / "store")
+    shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
+    cfg = config(batch_size=2, max_steps=2, eval_every=2, checkpoint_every=2)
+
+    rmtree = shutil.rmtree
+
+    def killed_while_clearing(path, *args, **kwargs):
+        if Path(path).name == "run.done":
+            raise KeyboardInterrupt(f"killed while deleting {path}")
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_clearing)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(store, shards_artifact, tokenizer, cfg)
+    monkeypatch.undo()
+
+    work = store.work_dir(pretrain_module.pretrain_spec(shards_artifact, tokenizer, cfg, 1))
+    assert (work / "run.done").is_dir() and (work / "model.safetensors").is_file()
+    monkeypatch.setattr(pretrain_module, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
+    artifact = pretrain(store, shards_artifact, tokenizer, cfg)
+    assert artifact.summary["steps"] == 2 and not (artifact.path / "run.done").exists()
