@@ -18,7 +18,9 @@ from tasks.parse import parse_task
 
 
 class IngestIncomplete(RuntimeError):
-    """Some files failed; the snapshot was built from the others."""
+    """Some files failed. No snapshot is built: one without, say, an update file would miss its
+    revisions and deletions, and would still become the newest snapshot that training picks up.
+    The other files are in the store, so the next run redoes only the failed ones."""
 
 
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -59,23 +61,21 @@ def ingest(
             parsed.append(future.result())
         else:
             failures[name] = future.state.message or future.state.name
-    if not parsed:
-        raise IngestIncomplete(f"no file could be downloaded and parsed; failures: {failures}")
+    if failures:
+        lines = "\n".join(f"| `{name}` | {reason} |" for name, reason in sorted(failures.items()))
+        create_markdown_artifact(
+            key="ingest-failures",
+            markdown=f"# Files that failed\n\n| file | error |\n| --- | --- |\n{lines}\n\n"
+            f"No snapshot was built; the other {len(parsed)} files are in the store for the next run.",
+        )
+        raise IngestIncomplete(
+            f"{len(failures)} of {len(remotes)} files failed, so no snapshot was built "
+            f"(the other {len(parsed)} are stored): " + "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
+        )
 
     snapshot = materializing(
         snapshot_task, asset_key("corpus"), [asset_key("parsed", a.params["source_file"]) for a in parsed], task_run_name="corpus-snapshot"
     )
     corpus = snapshot.submit(store, parsed, filters).result()
     log.info("corpus snapshot %s: %s documents from %d files", corpus.ref, f"{corpus.summary['documents']:,}", len(parsed))
-    if failures:
-        lines = "\n".join(f"| `{name}` | {reason} |" for name, reason in sorted(failures.items()))
-        create_markdown_artifact(
-            key="ingest-failures",
-            markdown=f"# Files that failed\n\n| file | error |\n| --- | --- |\n{lines}\n\n"
-            f"The snapshot {corpus.ref} was built from the other {len(parsed)} files.",
-        )
-        raise IngestIncomplete(
-            f"{len(failures)} of {len(remotes)} files failed (snapshot {corpus.ref} built from the rest): "
-            + "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
-        )
     return corpus.ref
