@@ -29,6 +29,12 @@ def corpus(
     snapshot = store.require(corpus_ref) if corpus_ref else store.newest("corpus")
     if tokenizer_ref:
         tokenizer = resolve_tokenizer(store, tokenizer_ref)
+        fitted_split = (tokenizer.params["val_fraction"], tokenizer.params["test_fraction"])
+        if fitted_split != (val_fraction, test_fraction):
+            raise ValueError(
+                f"{tokenizer.ref} was fitted on the train split of val/test fractions {fitted_split}; shards cut with "
+                f"{(val_fraction, test_fraction)} would put text it trained on into val or test. Pass those fractions."
+            )
         log.info("re-using the pinned tokenizer %s", tokenizer.ref)
     else:
         fit = materializing(fit_tokenizer_task, asset_key("tokenizer"), [asset_key("corpus")])

@@ -194,26 +194,31 @@ def binarize_corpus(
     }
     started = last_log = time.time()
     documents = total_tokens = 0
-    for pmids, texts in iter_corpus(corpus_parquet):
-        # encode_batch_fast (Rust threads on every core, no offsets) rather than a process pool:
-        # 583k tokens per CPU-second against 511k for one single-threaded tokenizer per core, and
-        # 508k for encode_batch (medians of 3, 30k real abstracts, 32k vocab, 2 shared cores;
-        # benchmarks/results/tokenize.json). The pool also has to ship every id back by pickle.
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        batch = {split: ([], []) for split in SPLITS}  # split -> (token ids, document lengths)
-        for pmid, encoding in zip(pmids, encodings):
-            ids, lengths = batch[split_of(pmid, config.val_fraction, config.test_fraction)]
-            ids.extend(encoding.ids)
-            ids.append(EOS_ID)
-            lengths.append(len(encoding.ids) + 1)
-        for split, (ids, lengths) in batch.items():
-            if lengths:
-                writers[split].add(np.array(ids, dtype="<u2"), lengths)
-                total_tokens += len(ids)
-        documents += len(pmids)
-        if time.time() - last_log > 30:
-            last_log = time.time()
-            log.info("%d documents, %d tokens, %.0f tokens/s", documents, total_tokens, total_tokens / (time.time() - started))
+    try:
+        for pmids, texts in iter_corpus(corpus_parquet):
+            # encode_batch_fast (Rust threads on every core, no offsets) rather than a process pool:
+            # 583k tokens per CPU-second against 511k for one single-threaded tokenizer per core, and
+            # 508k for encode_batch (medians of 3, 30k real abstracts, 32k vocab, 2 shared cores;
+            # benchmarks/results/tokenize.json). The pool also has to ship every id back by pickle.
+            encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+            batch = {split: ([], []) for split in SPLITS}  # split -> (token ids, document lengths)
+            for pmid, encoding in zip(pmids, encodings):
+                ids, lengths = batch[split_of(pmid, config.val_fraction, config.test_fraction)]
+                ids.extend(encoding.ids)
+                ids.append(EOS_ID)
+                lengths.append(len(encoding.ids) + 1)
+            for split, (ids, lengths) in batch.items():
+                if lengths:
+                    writers[split].add(np.array(ids, dtype="<u2"), lengths)
+                    total_tokens += len(ids)
+            documents += len(pmids)
+            if time.time() - last_log > 30:
+                last_log = time.time()
+                log.info("%d documents, %d tokens, %.0f tokens/s", documents, total_tokens, total_tokens / (time.time() - started))
+    except BaseException:  # close the open shard files; the store discards the work folder
+        for writer in writers.values():
+            writer.file.handle.close()
+        raise
 
     files = [(split, f) for split in SPLITS for f in writers[split].finish()]
     meta = {

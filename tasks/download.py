@@ -376,7 +376,9 @@ def _transient_listing_failure(task, task_run, state) -> bool:
     except DownloadError as e:
         cause = e.__cause__
         if isinstance(cause, urllib.error.HTTPError):
-            return cause.code >= 500 or cause.code in (408, 429)
+            return cause.code >= 500 or cause.code in _RETRY_HTTP_CODES
+        if isinstance(cause, urllib.error.URLError) and isinstance(cause.reason, FileNotFoundError):
+            return False  # a file missing from a local mirror does not appear by waiting
         return isinstance(cause, (HTTPException, OSError))
     except Exception:
         return False
