@@ -30,9 +30,10 @@ def store_ls(kind: Optional[str] = typer.Argument(None, help="Only this kind (do
     if not artifacts:
         typer.echo(f"no artifacts in {_store(store).root}")
         return
+    from storage import summary_line
+
     for a in artifacts:
-        detail = " ".join(f"{k}={v}" for k, v in a.summary.items() if isinstance(v, (int, float, str)))
-        typer.echo(f"{a.ref:<40} {detail}")
+        typer.echo(f"{a.ref:<40} {summary_line(a.summary)}")
 
 
 @store_app.command("verify")

@@ -6,9 +6,20 @@ from storage.store import (
     ArtifactSpec,
     Store,
     default_root,
-    parent_refs,
+    file_digest,
     sha256_file,
+    summary_line,
     write_text_atomic,
 )
 
-__all__ = ["Artifact", "ArtifactError", "ArtifactSpec", "Store", "default_root", "parent_refs", "sha256_file", "write_text_atomic"]
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "ArtifactSpec",
+    "Store",
+    "default_root",
+    "file_digest",
+    "sha256_file",
+    "summary_line",
+    "write_text_atomic",
+]

@@ -18,12 +18,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path(".medlm") / "store"
 KEY_LENGTH = 20  # hex chars of sha256: 80 bits, no collisions at any corpus size we will see
-_CHUNK = 1 << 20
 
 
 class ArtifactError(RuntimeError):
@@ -34,12 +33,14 @@ def default_root() -> Path:
     return Path(os.environ.get("MEDLM_STORE", DEFAULT_ROOT))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256"):
+    """The hashlib object of ``path``'s bytes (still open to more data, for resumed downloads)."""
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm)
+
+
+def sha256_file(path: Path) -> str:
+    return file_digest(path).hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -105,10 +106,6 @@ class ArtifactSpec:
     @property
     def ref(self) -> str:
         return f"{self.kind}/{self.key}"
-
-
-def parent_refs(parents: Sequence[Artifact | str]) -> tuple[str, ...]:
-    return tuple(p.ref if isinstance(p, Artifact) else str(p) for p in parents)
 
 
 class Store:
@@ -263,16 +260,23 @@ class Store:
     # -- lineage ---------------------------------------------------------------------------
 
     def lineage(self, ref: str) -> dict:
-        """The artifact and its ancestors as a nested dict (a DAG unrolled into a tree)."""
-        artifact = self.get(ref)
-        if artifact is None:
-            return {"ref": ref, "missing": True, "parents": []}
-        return {
-            "ref": ref,
-            "params": artifact.params,
-            "summary": artifact.summary,
-            "parents": [self.lineage(p) for p in artifact.parents],
-        }
+        """The artifact and its ancestors as a nested dict (a DAG unrolled into a tree).
+
+        Each artifact is read once: a shared ancestor (the corpus under both the shards and the
+        tokenizer) is the same node wherever it appears."""
+        nodes: dict[str, dict] = {}
+
+        def node(ref: str) -> dict:
+            if ref not in nodes:
+                artifact = self.get(ref)
+                if artifact is None:
+                    nodes[ref] = {"ref": ref, "missing": True, "parents": []}
+                else:
+                    parents = [node(p) for p in artifact.parents]
+                    nodes[ref] = {"ref": ref, "params": artifact.params, "summary": artifact.summary, "parents": parents}
+            return nodes[ref]
+
+        return node(ref)
 
     def lineage_lines(self, ref: str) -> list[str]:
         """``medlm lineage``: an indented tree; a subtree already shown is named, not repeated."""
@@ -300,7 +304,11 @@ def _describe(node: dict) -> str:
     params = node.get("params", {})
     if "file_name" in params:  # a downloaded source file: name the XML and its md5
         return f"{params['file_name']} md5={params.get('md5', '?')}"
-    summary = node.get("summary", {})
+    return summary_line(node.get("summary", {}))
+
+
+def summary_line(summary: dict) -> str:
+    """An artifact's counts as ``key=value`` words (lists and nested stats left out)."""
     return " ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str)))
 
 

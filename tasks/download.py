@@ -31,7 +31,7 @@ from urllib.request import url2pathname
 
 from prefect import task
 
-from storage import Artifact, ArtifactSpec, Store
+from storage import Artifact, ArtifactSpec, Store, file_digest
 
 log = logging.getLogger("medlm.download")
 
@@ -234,7 +234,7 @@ def download_file(
     dest_dir.mkdir(parents=True, exist_ok=True)
     final, part = dest_dir / remote.name, dest_dir / f"{remote.name}.part"
     if final.exists():  # verified and renamed by a run killed before its manifest was written
-        if _md5_of_file(final).hexdigest() == remote.md5:
+        if file_digest(final, "md5").hexdigest() == remote.md5:
             return final
         final.unlink()
     if attempts < 1:
@@ -266,7 +266,7 @@ def _fetch_into(remote: RemoteFile, part: Path, timeout_s: float) -> str:
     with _open(remote, offset, timeout_s) as (body, start, length):
         if start:
             log.info("%s: resuming at byte %d", remote.name, start)
-            digest = _md5_of_file(part)
+            digest = file_digest(part, "md5")
         else:
             if offset:
                 log.info("%s: source ignored the range request; starting again from byte 0", remote.name)
@@ -335,14 +335,6 @@ def _copy(body: BinaryIO, out: BinaryIO, digest, name: str, start: int, length: 
     elapsed = max(time.monotonic() - began, 1e-9)
     log.info("%s: got %.1f MB in %.1f s (%.1f MB/s)", name, received / 1e6, elapsed, received / 1e6 / elapsed)
     return received
-
-
-def _md5_of_file(path: Path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest
 
 
 # -- the stage -------------------------------------------------------------------------------
