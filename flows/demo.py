@@ -24,23 +24,22 @@ def demo(store_root: str | None = None, train_steps: int = 150) -> list[str]:
 
 
 def built_table(store: Store, refs: list[str]) -> str:
-    """A short table of every artifact behind ``refs``: what was built, where, and its counts."""
-    seen: dict[str, None] = {}
+    """A short table of every artifact behind ``refs``, parents first, with its counts."""
+    nodes: dict[str, dict] = {}
 
-    def walk(ref: str) -> None:
-        for parent in store.require(ref).parents:
-            walk(parent)
-        seen.setdefault(ref, None)
+    def walk(node: dict) -> None:
+        if node["ref"] not in nodes:
+            for parent in node["parents"]:
+                walk(parent)
+            nodes[node["ref"]] = node
 
     for ref in refs:
-        walk(ref)
-    rows = []
-    for ref in seen:
-        a = store.require(ref)
-        counts = ", ".join(f"{k}={_number(k, v)}" for k, v in a.summary.items() if isinstance(v, (int, float)))
-        rows.append((ref, counts))
-    width = max(len(r) for r, _ in rows)
-    return "\n".join(f"{ref:<{width}}  {counts}" for ref, counts in rows)
+        walk(store.lineage(ref))
+    width = max(map(len, nodes))
+    return "\n".join(
+        f"{ref:<{width}}  " + ", ".join(f"{k}={_number(k, v)}" for k, v in node["summary"].items() if isinstance(v, (int, float)))
+        for ref, node in nodes.items()
+    )
 
 
 def _number(name: str, value: int | float) -> str:
