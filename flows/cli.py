@@ -39,7 +39,7 @@ def store_ls(kind: Optional[str] = typer.Argument(None, help="Only this kind (do
 @store_app.command("verify")
 def store_verify(ref: str, store: Optional[Path] = StoreOption):
     """Re-hash every file of an artifact against its manifest."""
-    problems = _store(store).problems(ref, deep=True)
+    problems = _store(store).problems(ref)
     for problem in problems:
         typer.echo(problem, err=True)
     if problems:

@@ -3,8 +3,15 @@
 An artifact lives at ``ROOT/KIND/KEY``. KEY is a hash of everything that decides its content
 (the parents' refs, the stage's parameters and a stage version string). It is built in
 ``ROOT/KIND/KEY.partial`` under an exclusive file lock, its ``manifest.json`` is written last,
-and the folder is renamed into place. No manifest, no artifact: a half-built folder is never
-read, and a stale one left by a killed run is removed (or resumed, for stages that ask to).
+and the folder is made read-only and renamed into place. No manifest, no artifact: a half-built
+folder is never read, and a stale one left by a killed run is removed (or resumed, for stages
+that ask to).
+
+Nothing is ever deleted by a check. An artifact that fails one (a file missing, a size or a
+sha256 that differs from its manifest) is moved to ``ROOT/.quarantine/KIND/KEY.<time>`` with a
+note of why, and rebuilt; only ``medlm store purge`` deletes quarantined folders. Before a
+stage reads its inputs, their files are checked against the manifest hashes, each file at most
+once per state (size, mtime, inode; remembered under ``ROOT/.verified``).
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import stat as stat_module
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,6 +33,11 @@ from typing import Callable, Iterator
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path(".medlm") / "store"
 KEY_LENGTH = 20  # hex chars of sha256: 80 bits, no collisions at any corpus size we will see
+QUARANTINE = ".quarantine"
+VERIFIED = ".verified"
+_WRITE_BITS = stat_module.S_IWUSR | stat_module.S_IWGRP | stat_module.S_IWOTH
+
+log = logging.getLogger("medlm.store")
 
 
 class ArtifactError(RuntimeError):
@@ -45,12 +60,53 @@ def sha256_file(path: Path) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # one per writer
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _make_read_only(folder: Path) -> None:
+    """Take the write bits off every file and folder under ``folder`` (and itself)."""
+    for path in [*folder.rglob("*"), folder]:
+        path.chmod(path.stat().st_mode & ~_WRITE_BITS)
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that also removes read-only files and folders (published artifacts are read-only)."""
+
+    def make_writable_and_retry(function, failed_path, _exc_info) -> None:
+        for writable in (Path(failed_path).parent, Path(failed_path)):
+            writable.chmod(writable.stat().st_mode | stat_module.S_IWUSR)
+        function(failed_path)
+
+    shutil.rmtree(path, onerror=make_writable_and_retry)  # onexc needs Python 3.12
+
+
+def _file_state(path: Path, sha256: str, stat: os.stat_result | None = None) -> list:
+    """What identifies one state of a file's bytes, with the digest they were found to have."""
+    stat = stat or path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256]
+
+
+class _VerifiedFiles:
+    """One artifact's files known to match their manifest: name -> [size, mtime_ns, inode, sha256]."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def save(self, files: dict) -> None:
+        if files != self.load():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(files, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -122,30 +178,57 @@ class Store:
             raise ArtifactError(f"invalid artifact ref {kind}/{key}: expected KIND/HEXKEY")
         return self.root / kind / key
 
-    def get(self, ref_or_kind: str, key: str | None = None, *, deep: bool = False) -> Artifact | None:
-        """The artifact if it is complete and its manifest verifies, else None.
+    def contains(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` lies inside the store (where nothing but the store may write)."""
+        return Path(path).resolve().is_relative_to(self.root.resolve())
 
-        The default check is the manifest plus every listed file's presence and size; ``deep``
-        also re-hashes every file (what ``medlm store verify`` does).
-        """
+    def get(self, ref_or_kind: str, key: str | None = None) -> Artifact | None:
+        """The artifact if it is complete and its manifest verifies (files present, sizes right), else None."""
         kind, key = _split(ref_or_kind, key)
-        manifest, problems = self._check(kind, key, deep=deep)
+        manifest, problems = self._check(kind, key, hash_files=False)
         return None if problems else Artifact(kind, key, self.path(kind, key), manifest)
 
     def require(self, ref: str) -> Artifact:
-        artifact = self.get(ref)
-        if artifact is None:
+        """The artifact named by a user; one that is there but fails its check is quarantined."""
+        kind, key = _split(ref)
+        manifest, problems = self._check(kind, key, hash_files=False)
+        if not problems:
+            return Artifact(kind, key, self.path(kind, key), manifest)
+        if self.path(kind, key).exists():
+            moved = self.quarantine(kind, key, problems)
             raise ArtifactError(
-                f"artifact {ref} is not in the store at {self.root} (or failed verification); "
-                f"list what is there with `medlm store ls`"
+                f"{ref} failed its check ({problems[0]}) and was moved to {moved}; "
+                f"run the stage that builds it again"
             )
-        return artifact
+        raise ArtifactError(
+            f"artifact {ref} is not in the store at {self.root}; list what is there with `medlm store ls`"
+        )
 
-    def problems(self, ref: str, *, deep: bool = True) -> list[str]:
-        """Human-readable reasons why ``ref`` does not verify (empty list: it is good)."""
-        return self._check(*_split(ref), deep=deep)[1]
+    def problems(self, ref: str) -> list[str]:
+        """What is wrong with ``ref``, every file re-hashed (``medlm store verify``); empty: it is good."""
+        kind, key = _split(ref)
+        return self._check(kind, key, hash_files=True, trust_cache=False)[1]
 
-    def _check(self, kind: str, key: str, *, deep: bool) -> tuple[dict, list[str]]:
+    def verified(self, ref: str) -> Artifact:
+        """The artifact after every file's sha256 matched its manifest, for a stage about to read it.
+
+        A file is hashed at most once per state: its (size, mtime, inode) and the digest it had
+        are remembered under ``ROOT/.verified``, and a file whose state is unchanged is trusted.
+        One that fails is quarantined, and ArtifactError names the file.
+        """
+        kind, key = _split(ref)
+        manifest, problems = self._check(kind, key, hash_files=True)
+        if problems:
+            if self.path(kind, key).exists():
+                moved = self.quarantine(kind, key, problems)
+                raise ArtifactError(
+                    f"input {ref} is corrupt: {'; '.join(problems[:3])}. It was moved to {moved}; "
+                    f"run again to rebuild it (or rebuild it with the command that made it)"
+                )
+            raise ArtifactError(f"input {ref} is not in the store at {self.root} ({problems[0]})")
+        return Artifact(kind, key, self.path(kind, key), manifest)
+
+    def _check(self, kind: str, key: str, *, hash_files: bool, trust_cache: bool = True) -> tuple[dict, list[str]]:
         """The manifest and what is wrong with the artifact (nothing: it verifies)."""
         path = self.path(kind, key)
         try:
@@ -156,26 +239,34 @@ class Store:
             return {}, [f"{path / MANIFEST}: not valid JSON ({e})"]
         if manifest.get("kind") != kind or manifest.get("key") != key:
             return manifest, [f"{path / MANIFEST}: describes {manifest.get('kind')}/{manifest.get('key')}, not {kind}/{key}"]
-        return manifest, self._problems(path, manifest, deep=deep)
-
-    @staticmethod
-    def _problems(path: Path, manifest: dict, *, deep: bool) -> list[str]:
-        problems = []
+        cache = self._verified_cache(kind, key) if hash_files else None
+        known = cache.load() if cache is not None and trust_cache else {}
+        problems, proven = [], {}
         for name, entry in manifest.get("files", {}).items():
             file = path / name
             try:
-                size = file.stat().st_size
+                stat = file.stat()
             except FileNotFoundError:
                 problems.append(f"{file}: missing")
                 continue
-            if size != entry["size"]:
-                problems.append(f"{file}: size {size}, manifest says {entry['size']}")
-            elif deep and sha256_file(file) != entry["sha256"]:
-                problems.append(f"{file}: sha256 differs from the manifest")
-        return problems
+            if stat.st_size != entry["size"]:
+                problems.append(f"{file}: size {stat.st_size}, manifest says {entry['size']}")
+            elif hash_files:
+                state = _file_state(file, entry["sha256"], stat)
+                if known.get(name) != state:
+                    if sha256_file(file) != entry["sha256"]:
+                        problems.append(f"{file}: sha256 differs from the manifest")
+                        continue
+                proven[name] = state
+        if cache is not None and not problems:
+            cache.save(proven)
+        return manifest, problems
+
+    def _verified_cache(self, kind: str, key: str) -> "_VerifiedFiles":
+        return _VerifiedFiles(self.root / VERIFIED / kind / f"{key}.json")
 
     def ls(self, kind: str | None = None) -> list[Artifact]:
-        kinds = [kind] if kind else sorted(p.name for p in self.root.glob("*") if p.is_dir())
+        kinds = [kind] if kind else sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith("."))
         found = []
         for k in kinds:
             for path in sorted((self.root / k).glob("*")):
@@ -189,6 +280,40 @@ class Store:
         if not artifacts:
             raise ArtifactError(f"no {kind} artifact in the store at {self.root}; build one first (see `medlm --help`)")
         return artifacts[-1]
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def quarantine(self, kind: str, key: str, reasons: list[str]) -> Path:
+        """Move an artifact that failed a check to ``ROOT/.quarantine/KIND/KEY.<time>`` (never delete it)."""
+        source = self.path(kind, key)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:]
+        target = self.root / QUARANTINE / kind / f"{key}.{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            target.with_name(target.name + ".json"),
+            json.dumps({"ref": f"{kind}/{key}", "reasons": reasons, "quarantined": time.time()}, indent=2) + "\n",
+        )
+        source.chmod(source.stat().st_mode | stat_module.S_IWUSR)  # moving a folder rewrites its ".." entry
+        os.rename(source, target)
+        log.warning("quarantined %s/%s (%s) at %s; it will be rebuilt when next needed", kind, key, "; ".join(reasons[:3]), target)
+        return target
+
+    def quarantined(self) -> list[dict]:
+        """What was moved aside: [{"ref", "path", "reasons", "quarantined"}], oldest first."""
+        items = []
+        for note in sorted((self.root / QUARANTINE).glob("*/*.json")):
+            folder = note.with_suffix("")
+            if folder.exists():
+                items.append({**json.loads(note.read_text()), "path": str(folder)})
+        return sorted(items, key=lambda item: item["quarantined"])
+
+    def purge_quarantine(self) -> list[dict]:
+        """Delete everything in quarantine (only ever on the user's request); returns what was removed."""
+        items = self.quarantined()
+        for item in items:
+            remove_tree(Path(item["path"]))
+            Path(item["path"] + ".json").unlink()
+        return items
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -218,26 +343,32 @@ class Store:
         """Return the artifact for ``spec``, building it with ``build(work_dir)`` if needed.
 
         ``build`` writes its files into ``work_dir`` and may return a summary dict (row and
-        token counts, ...) that goes into the manifest. With ``resume`` a work folder left by
-        a killed run is handed back to ``build`` as it is (downloads keep their ``.part``,
-        training its checkpoints); otherwise it is removed first.
+        token counts, ...) that goes into the manifest. Before it runs, every parent's files are
+        verified against their manifest hashes (see ``verified``). With ``resume`` a work folder
+        left by a killed run is handed back to ``build`` as it is (downloads keep their ``.part``,
+        training its checkpoints); otherwise it is removed first. The published artifact's files
+        and folders are read-only.
         """
         if artifact := self.get(spec.kind, spec.key):
             return replace(artifact, reused=True)
         with self._lock(spec.kind, spec.key):
-            if artifact := self.get(spec.kind, spec.key):  # built while we waited
-                return replace(artifact, reused=True)
+            manifest, problems = self._check(spec.kind, spec.key, hash_files=False)
+            if not problems:  # built while we waited
+                return replace(Artifact(spec.kind, spec.key, self.path(spec.kind, spec.key), manifest), reused=True)
             final = self.path(spec.kind, spec.key)
-            if final.exists():  # present but failed verification: rebuild it
-                shutil.rmtree(final)
+            if final.exists():  # present but failed its check: moved aside, then rebuilt
+                self.quarantine(spec.kind, spec.key, problems)
+            for parent in spec.parents:
+                self.verified(parent)
             work = self.work_dir(spec)
             if work.exists() and not resume:
-                shutil.rmtree(work)
+                remove_tree(work)
             work.mkdir(parents=True, exist_ok=True)
             started = time.time()
             summary = build(work) or {}
-            for stale in (MANIFEST, f".{MANIFEST}.tmp"):  # from a build killed while writing them
-                (work / stale).unlink(missing_ok=True)
+            for stale in [work / MANIFEST, *work.glob(f".{MANIFEST}*.tmp")]:  # from a build killed while writing them
+                stale.unlink(missing_ok=True)
+            files = sorted(p for p in work.rglob("*") if p.is_file())
             manifest = {
                 "kind": spec.kind,
                 "key": spec.key,
@@ -247,14 +378,15 @@ class Store:
                 "summary": summary,
                 "created": time.time(),
                 "build_seconds": round(time.time() - started, 3),
-                "files": {
-                    str(p.relative_to(work)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                    for p in sorted(work.rglob("*"))
-                    if p.is_file()
-                },
+                "files": {str(p.relative_to(work)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
             }
             write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            _make_read_only(work)
             os.rename(work, final)
+            # The bytes were hashed just now: remember them, so the first reader hashes nothing.
+            self._verified_cache(spec.kind, spec.key).save(
+                {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
+            )
             return Artifact(spec.kind, spec.key, final, manifest)
 
     # -- lineage ---------------------------------------------------------------------------

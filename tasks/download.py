@@ -39,7 +39,9 @@ DEFAULT_BASE_URL = "https://ftp.ncbi.nlm.nih.gov/pubmed"
 FOLDERS = ("baseline", "updatefiles")
 DOWNLOAD_VERSION = "1"
 MD5_FETCHERS = 8
-FILE_NAME = re.compile(r"^pubmed(\d{2})n(\d{4})\.xml\.gz$")
+# Matched whole (fullmatch: "$" would accept a trailing newline) and in ASCII (\d would accept "٢٠").
+FILE_NAME = re.compile(r"pubmed([0-9]{2})n([0-9]{4})\.xml\.gz")
+_LOGGED_NAME_CHARS = 200  # a hostile listing may hold a 100 KB name
 _MD5_LINE = re.compile(r"^MD5\((?P<name>[^()]+)\)= ?(?P<digest>[0-9a-fA-F]{32})$")
 _CHUNK = 1 << 20
 _PROGRESS_EVERY_S = 10.0
@@ -91,7 +93,7 @@ def select_files(
             raise ValueError(f"unknown PubMed folder {folder!r}: expected one of {FOLDERS}")
     wanted = set(names) if names is not None else None
     for name in wanted or ():
-        if not FILE_NAME.match(name):
+        if not FILE_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a PubMed file name: expected pubmedYYnNNNN.xml.gz, e.g. pubmed25n0001.xml.gz")
 
     chosen: list[tuple[str, str]] = []
@@ -128,13 +130,13 @@ def list_folder(base: str | os.PathLike, folder: str, *, timeout_s: float = 60) 
         if not (root / folder).is_dir():
             raise DownloadError(f"{where} is not a folder: a local mirror needs NCBI's layout (baseline/, updatefiles/)")
         entries = [p.name + ("/" if p.is_dir() else "") for p in (root / folder).iterdir()]
-    names = {entry for entry in entries if _is_file_name(entry, where)}
+    names = {entry for entry in set(entries) if _is_file_name(entry, where)}
     return sorted(names, key=lambda name: (file_seq(name), name))
 
 
 def file_seq(name: str) -> int:
     """NCBI's file number, the order updates apply in: 1298 for pubmed21n1298.xml.gz."""
-    match = FILE_NAME.match(name)
+    match = FILE_NAME.fullmatch(name)
     if match is None:
         raise ValueError(f"{name!r} is not an NCBI PubMed file name: expected pubmedYYnNNNN.xml.gz (e.g. pubmed25n1275.xml.gz)")
     return int(match[2])
@@ -149,12 +151,13 @@ def parse_md5(text: str, name: str, url: str) -> str:
 
 
 def _is_file_name(entry: str, where: str) -> bool:
-    if FILE_NAME.match(entry):
+    if FILE_NAME.fullmatch(entry):
         return True
+    shown = repr(entry[:_LOGGED_NAME_CHARS]) + (f"... ({len(entry):,} characters)" if len(entry) > _LOGGED_NAME_CHARS else "")
     if _is_index_chrome(entry):
-        log.debug("skipping listing entry %r in %s", entry, where)
+        log.debug("skipping listing entry %s in %s", shown, where)
     else:
-        log.warning("rejected listing entry %r in %s: not a plain PubMed file name like pubmed25n0001.xml.gz", entry, where)
+        log.warning("rejected listing entry %s in %s: not a plain PubMed file name like pubmed25n0001.xml.gz", shown, where)
     return False
 
 

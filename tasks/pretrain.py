@@ -93,7 +93,7 @@ def pretrain(store: Store, shards: Artifact, tokenizer: Artifact, config: TrainC
         for name in RUN_FILES:
             shutil.copy2(run / name, work / name)
         for name in TOKENIZER_FILES:
-            shutil.copy2(tokenizer.file(name), work / name)
+            shutil.copyfile(tokenizer.file(name), work / name)
         # Intermediate checkpoints and optimizer state are not part of the artifact. Renamed first,
         # so a crash while deleting never leaves a half-deleted run that looks resumable.
         os.rename(run, finished_run)

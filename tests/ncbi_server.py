@@ -32,6 +32,9 @@ HOSTILE_HREFS = (
     "https://evil.example.com/pubmed25n0001.xml.gz",
     "//evil.example.com/pubmed25n0002.xml.gz",
     "PUBMED25N0003.XML.GZ",
+    "pubmed25n0093.xml.gz&#10;",  # the HTML parser turns &#10; into a newline, which "$" would let through
+    "pubmed٢٠n٠٠١٤.xml.gz",  # Arabic-Indic digits: \d matches them, int() reads 20 and 14
+    "pubmed25n" + "9" * 100_000 + ".xml.gz",  # a name too long to log whole
 )
 WRONG_MD5 = "0" * 32
 _CHUNK = 64 * 1024

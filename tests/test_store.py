@@ -213,3 +213,60 @@ def test_verify_reports_a_manifest_of_another_artifact(store):
     (artifact.path / MANIFEST).write_text((other.path / MANIFEST).read_text())
     assert store.get(artifact.ref) is None
     assert "describes " + other.ref in store.problems(artifact.ref)[0]
+
+
+def test_an_artifact_that_fails_its_check_is_quarantined_and_rebuilt_never_deleted(store):
+    spec = ArtifactSpec("checkpoint", "1", {"steps": 5})
+    trained = store.get_or_build(spec, write_files({"model.safetensors": b"weights of a long run"}))
+    (trained.path / MANIFEST).chmod(0o644)
+    (trained.path / MANIFEST).unlink()
+
+    rebuilt = store.get_or_build(spec, write_files({"model.safetensors": b"weights again"}))
+    assert not rebuilt.reused and rebuilt.file("model.safetensors").read_bytes() == b"weights again"
+    [moved] = store.quarantined()
+    assert moved["ref"] == trained.ref and moved["reasons"] == [f"{trained.path / MANIFEST}: missing"]
+    assert (Path(moved["path"]) / "model.safetensors").read_bytes() == b"weights of a long run"
+
+    # Only an explicit purge deletes, read-only files included.
+    assert [item["ref"] for item in store.purge_quarantine()] == [trained.ref]
+    assert store.quarantined() == [] and not Path(moved["path"]).exists()
+
+
+def test_published_files_and_folders_have_no_write_bits(store):
+    artifact = store.get_or_build(ArtifactSpec("corpus", "1"), write_files({"a.bin": b"x", "sub/b.bin": b"y"}))
+    for path in [artifact.path, *artifact.path.rglob("*")]:
+        assert path.stat().st_mode & 0o222 == 0, path
+    assert store.problems(artifact.ref) == []  # verifying needs no write access
+
+
+def test_inputs_are_hashed_at_most_once_per_file_state(store, monkeypatch):
+    import storage.store as store_module
+
+    hashed: list[str] = []
+    real_sha256 = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    parent = store.get_or_build(ArtifactSpec("shards", "1"), write_files({"train.bin": b"t" * 100, "val.bin": b"v"}))
+    hashed.clear()
+
+    store.get_or_build(ArtifactSpec("checkpoint", "1", {"run": 1}, (parent.ref,)), write_files({"w": b"1"}))
+    assert "train.bin" not in hashed  # hashed when published: trusted while its state is unchanged
+
+    os.utime(parent.file("train.bin"), ns=(1, 1))  # a new state (mtime), same bytes: hashed once more
+    store.get_or_build(ArtifactSpec("checkpoint", "1", {"run": 2}, (parent.ref,)), write_files({"w": b"2"}))
+    store.get_or_build(ArtifactSpec("checkpoint", "1", {"run": 3}, (parent.ref,)), write_files({"w": b"3"}))
+    assert [name for name in hashed if name.endswith(".bin")] == ["train.bin"]
+
+
+def test_a_corrupted_input_is_quarantined_and_no_output_is_published(store):
+    parent = store.get_or_build(ArtifactSpec("shards", "1"), write_files({"train.bin": b"0123456789"}))
+    shard = parent.file("train.bin")
+    shard.chmod(0o644)
+    with open(shard, "r+b") as f:  # flip two bytes in place: same size, so only the hash tells
+        f.seek(3)
+        f.write(b"43")
+    child = ArtifactSpec("checkpoint", "1", {}, (parent.ref,))
+    with pytest.raises(Exception, match=f"{shard}: sha256 differs from the manifest"):
+        store.get_or_build(child, write_files({"w": b"trained on bad data"}))
+    assert store.get(child.kind, child.key) is None and not store.work_dir(child).exists()
+    assert [item["ref"] for item in store.quarantined()] == [parent.ref]
+    assert store.get(parent.ref) is None  # so the next run rebuilds it
