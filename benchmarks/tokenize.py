@@ -21,6 +21,7 @@ whole NCBI files are fetched as /work/shared/data/pubmed/FULL-FILES.md says.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -35,12 +36,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.common import REPO, write_result
-from storage import ArtifactSpec, Store
-from tasks.binarize import BATCH_DOCUMENTS, BinarizeConfig, binarize_corpus, load_tokenizer
-from tasks.corpus import snapshot
-from tasks.download import file_seq
-from tasks.parse import parse_xml_file
-from tasks.tokenizer import TokenizerConfig, fit
+from storage import Store
+from storage.formats import CORPUS_BATCH, load_tokenizer
+from tasks.corpus import CORPUS, CorpusConfig
+from tasks.download import DOWNLOAD, RemoteFile, file_seq
+from tasks.parse import PARSE, ParseConfig
+from tasks.shards import binarize_corpus
+from tasks.tokenizer import TOKENIZER, TokenizerConfig
 
 SAMPLES = sorted((REPO / "tests" / "data" / "pubmed" / "mirror").glob("*/*.xml.gz"))
 
@@ -49,16 +51,15 @@ def prepare(xml_files: list[Path], store: Store, vocab_size: int):
     """The corpus snapshot and fitted tokenizer for these files, through the real stages."""
     parsed = []
     for xml in xml_files:
-        params = {"source_file": xml.name, "file_seq": file_seq(xml.name), "bytes": xml.stat().st_size}
-        spec = ArtifactSpec("parsed", "bench", params)
-        parsed.append(store.get_or_build(spec, lambda work, xml=xml, p=params: parse_xml_file(
-            xml, work, source_file=p["source_file"], file_seq=p["file_seq"])))
-    corpus = snapshot(store, parsed)
-    return corpus, fit(store, corpus, TokenizerConfig(vocab_size=vocab_size))
+        md5 = hashlib.md5(xml.read_bytes()).hexdigest()
+        download = DOWNLOAD.run(store, {}, RemoteFile(xml.name, "baseline", xml.resolve().as_uri(), md5, file_seq(xml.name)))
+        parsed.append(PARSE.run(store, {"download": download}, ParseConfig()))
+    corpus = CORPUS.run(store, {"parsed": parsed}, CorpusConfig())
+    return corpus, TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=vocab_size))
 
 
 def batches(texts: list[str]):
-    return (texts[i : i + BATCH_DOCUMENTS] for i in range(0, len(texts), BATCH_DOCUMENTS))
+    return (texts[i : i + CORPUS_BATCH] for i in range(0, len(texts), CORPUS_BATCH))
 
 
 class Clock:
@@ -81,7 +82,7 @@ def time_encode(tokenizer, texts: list[str], method: str) -> tuple[int, Clock]:
 
 def time_binarize(corpus_parquet: Path, tokenizer_json: Path) -> tuple[int, Clock]:
     with tempfile.TemporaryDirectory() as out, Clock() as clock:
-        summary = binarize_corpus(corpus_parquet, tokenizer_json, Path(out), BinarizeConfig())
+        summary = binarize_corpus(corpus_parquet, tokenizer_json, Path(out), val_fraction=0.005, test_fraction=0.005)
     return sum(summary[f"{s}_tokens"] for s in ("train", "val", "test")), clock
 
 

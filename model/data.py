@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DTYPE = np.dtype("<u2")  # little-endian uint16, whatever the host byte order
-EOS_ID = 3  # [EOS] separates documents in the token streams
+from storage.formats import EOS_ID, META_FILE, SHARD_DTYPE, UINT16_VOCAB_LIMIT, shard_file_name, shard_meta
+
+DTYPE = np.dtype(SHARD_DTYPE)
 
 
 class ShardError(ValueError):
@@ -39,7 +40,7 @@ class Shards:
     @classmethod
     def open(cls, root: str | Path) -> "Shards":
         root = Path(root)
-        meta_path = root / "meta.json"
+        meta_path = root / META_FILE
         try:
             meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
@@ -49,7 +50,7 @@ class Shards:
         if meta.get("dtype") != "uint16":
             raise ShardError(f"{meta_path}: dtype is {meta.get('dtype')!r}, expected 'uint16'")
         vocab = meta.get("vocab_size")
-        if not isinstance(vocab, int) or not 0 < vocab <= 65536:
+        if not isinstance(vocab, int) or not 0 < vocab <= UINT16_VOCAB_LIMIT:
             raise ShardError(f"{meta_path}: vocab_size {vocab!r} does not fit uint16 tokens (1..65536)")
         files = meta.get("files")
         if not isinstance(files, dict) or not files:
@@ -211,7 +212,7 @@ def write_shards(root: str | Path, splits: dict[str, list[np.ndarray]], vocab_si
     files = {}
     for split, arrays in splits.items():
         for i, tokens in enumerate(arrays):
-            name = f"{split}_{i:04d}.bin" if split == "train" else f"{split}.bin"
+            name = shard_file_name(split, i if split == "train" else None)
             if split != "train" and len(arrays) > 1:
                 raise ValueError(f"only the train split has several files; got {len(arrays)} for {split!r}")
             tokens = np.asarray(tokens)
@@ -219,6 +220,5 @@ def write_shards(root: str | Path, splits: dict[str, list[np.ndarray]], vocab_si
                 raise ValueError(f"{split} tokens must lie in [0, {vocab_size})")
             tokens.astype(DTYPE).tofile(root / name)
             files[name] = {"split": split, "tokens": int(tokens.size), "documents": int(np.count_nonzero(tokens == EOS_ID))}
-    meta = {"dtype": "uint16", "vocab_size": vocab_size, "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": EOS_ID, "files": files}
-    (root / "meta.json").write_text(json.dumps(meta | meta_extra, indent=2))
+    (root / META_FILE).write_text(json.dumps(shard_meta(vocab_size, files, **meta_extra), indent=2))
     return root

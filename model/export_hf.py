@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import load_checkpoint_config, load_model
 from model.model import ModelConfig, Transformer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from storage.formats import TOKENIZER_FILES
 
 
 def hf_config(cfg: ModelConfig, special_tokens: dict | None = None):
@@ -114,8 +114,6 @@ def to_hf_model(model: Transformer, special_tokens: dict | None = None):
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write config.json + model.safetensors (+ the tokenizer files) into out_dir."""
-    from model.train import load_checkpoint_config, load_model
-
     out = Path(out_dir)
     if tokenizer_dir is not None:
         missing = [name for name in TOKENIZER_FILES if not (Path(tokenizer_dir) / name).is_file()]

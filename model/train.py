@@ -3,9 +3,11 @@
     python -m model.train --shards SHARDS_DIR --out RUN_DIR --preset tiny --max-steps 200
     torchrun --nproc_per_node=8 -m model.train --shards SHARDS_DIR --out RUN_DIR --preset base
 
-RUN_DIR receives ckpt_NNNNNNN/ folders (model.safetensors, config.json, optimizer.pt, state.json),
-a ``latest`` pointer, metrics.jsonl, loss.png and summary.json. Started again on the same RUN_DIR,
-training resumes from the latest checkpoint and sees the same data it would have seen.
+RUN_DIR receives ckpt_NNNNNNN/ folders (see model/checkpoint.py), metrics.jsonl, loss.png and
+summary.json. Started again on the same RUN_DIR, training resumes from the latest checkpoint and
+sees the same data it would have seen. ``train_loop`` is the loop itself: it takes any batch
+source (``next()``, ``state_dict()``, ``load_state_dict()``) and an ``init_from`` checkpoint, so
+fine-tuning is the same loop with masked batches.
 """
 
 from __future__ import annotations
@@ -14,73 +16,75 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model as load_safetensors
-from safetensors.torch import save_model as save_safetensors
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass as config_dataclass
 
+from model.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint_config,
+    load_optimizer_state,
+    load_state,
+    load_weights,
+    remove_unfinished,
+    save_checkpoint,
+)
 from model.data import Shards, TrainBatches, eval_batches
-from model.model import ModelConfig, Transformer
+from model.model import PRESETS, ModelConfig, Transformer
 from storage import write_text_atomic
+from storage.config import add_config_options, config_values, make_config
 
-CHECKPOINT_PREFIX = "ckpt_"
-LATEST = "latest"
 METRICS = "metrics.jsonl"
 
 
-@dataclass
+@config_dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)  # ModelConfig overrides on top of the preset
-    context_length: int | None = None  # training window; None: the model's context_length
-    batch_size: int = 8  # micro-batch, per process
-    tokens_per_step: int | None = None  # global batch in tokens; None: batch_size·context·world (no accumulation)
-    max_steps: int = 200
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 100
-    eval_windows: int = 32
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    log_every: int = 1
-    seed: int = 1337
-    compile: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    """How the model is trained: its shape, the batch, the schedule, and where it runs."""
 
-    def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
-        for name in ("batch_size", "max_steps", "eval_every", "eval_windows", "checkpoint_every", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+    preset: Literal[tuple(PRESETS)] = Field("tiny", description="Model shape: tiny (CPU tests, demo), small, base (~110M, Llama style), gpt2 (GPT-2 small's shape).")
+    model: dict = Field(default_factory=dict, description='ModelConfig overrides on top of the preset, e.g. {"n_layer": 8}.')
+    context_length: int | None = Field(None, ge=2, description="Training window in tokens (unset: the model's context length).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch, per process.")
+    tokens_per_step: int | None = Field(None, ge=1, description="Global batch in tokens, reached by gradient accumulation (unset: one micro-batch per process).")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(3e-5, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Steps of linear warmup.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: no clipping).")
+    eval_every: int = Field(100, ge=1, description="Validation loss every N steps.")
+    eval_windows: int = Field(32, ge=1, description="Validation windows per evaluation.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept in the run folder.")
+    log_every: int = Field(1, ge=1, description="Log the training loss every N steps.")
+    seed: int = Field(1337, description="Initial weights, data order and dropout.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    devices: int = Field(1, ge=1, description="Processes to launch on this machine; more than one runs torchrun (DDP).")
+
+    # How often to log and checkpoint changes how the work is done, not what it makes.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "keep_last")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"need min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        if unknown := set(d) - known:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -156,67 +160,6 @@ def resolve_grad_accum(cfg: TrainConfig, context_length: int, world_size: int) -
     return cfg.tokens_per_step // per_pass
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder only gets its final name once complete)."""
-    return sorted(p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "state.json").is_file())
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / LATEST
-    if pointer.is_file():
-        named = out_dir / pointer.read_text().strip()
-        if (named / "state.json").is_file():
-            return named
-    found = checkpoint_dirs(out_dir)
-    return found[-1] if found else None
-
-
-def save_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, config: dict, state: dict, keep_last: int) -> Path:
-    """Write ckpt_{step} under a temporary name, fsync it, rename it into place, prune old ones."""
-    name = f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = out_dir / f".tmp_{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors(model, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    final = out_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    write_text_atomic(out_dir / LATEST, name + "\n")
-    for old in checkpoint_dirs(out_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
-def load_checkpoint_config(checkpoint_dir: str | Path) -> dict:
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; pass a ckpt_NNNNNNN folder or a pretrain artifact folder")
-    return json.loads(path.read_text())
-
-
-def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """The network saved in a checkpoint folder (safetensors: nothing is unpickled)."""
-    cfg = ModelConfig.from_dict(load_checkpoint_config(checkpoint_dir)["model"])
-    model = Transformer(cfg)
-    load_safetensors(model, str(Path(checkpoint_dir) / "model.safetensors"), device=str(device))
-    return model.to(device)
-
-
-def load_optimizer_state(checkpoint_dir: Path, optimizer, device: torch.device) -> None:
-    # weights_only: tensors and plain containers only; a pickled object in the file raises.
-    optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", map_location=device, weights_only=True))
-
-
 # -- metrics -----------------------------------------------------------------------------------
 
 
@@ -271,59 +214,95 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.default_rng([seed, rank, step]).integers(2**62))
 
 
+class BatchSource(Protocol):
+    """Where a training loop's data comes from; its whole state is what ``state_dict`` returns."""
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches (x, y) of the next optimizer step (y = -100 where no loss is wanted)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 def train(
     config: TrainConfig,
     shards_dir: str | Path,
     out_dir: str | Path,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train (or resume) into out_dir; return the run summary. ``progress`` gets each metrics record."""
+    """Pretrain (or resume) on a shards folder into out_dir; return the run summary.
+    ``progress`` gets each metrics record."""
     rt = setup_runtime(config)
     try:
-        return _train(config, Shards.open(shards_dir), Path(out_dir), progress, rt)
+        shards = Shards.open(shards_dir)
+        model_cfg = resolve_model_config(config, shards)
+        context = config.context_length or model_cfg.context_length
+        if context > model_cfg.context_length:
+            raise ValueError(
+                f"context_length {context} is longer than the model's context_length {model_cfg.context_length}; "
+                f"lower --context-length or raise the model's context_length"
+            )
+        grad_accum = resolve_grad_accum(config, context, rt.world_size)
+        batches = TrainBatches(shards, context, config.batch_size, grad_accum, config.seed, rt.rank, rt.world_size, rt.device)
+        return train_loop(
+            config, rt, model_cfg, batches,
+            validate=lambda model: evaluate(model, shards, "val", context, config, rt),
+            out=Path(out_dir),
+            tokens_per_step=config.batch_size * context * rt.world_size * grad_accum,
+            run_info={"tokens": shards.special_tokens},
+            progress=progress,
+        )
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -> dict:
-    started = time.time()
-    model_cfg = resolve_model_config(cfg, shards)
-    context = cfg.context_length or model_cfg.context_length
-    if context > model_cfg.context_length:
-        raise ValueError(
-            f"context_length {context} is longer than the model's context_length {model_cfg.context_length}; "
-            f"lower --context-length or raise the model's context_length"
-        )
-    grad_accum = resolve_grad_accum(cfg, context, rt.world_size)
-    tokens_per_step = cfg.batch_size * context * rt.world_size * grad_accum
-    run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "tokens": shards.special_tokens}
+def train_loop(
+    cfg: TrainConfig,
+    rt: Runtime,
+    model_cfg: ModelConfig,
+    batches: BatchSource,
+    validate: Callable[[Transformer], float],
+    out: Path,
+    tokens_per_step: int,
+    run_info: dict,
+    progress: Callable[[dict], None] | None = None,
+    init_from: Path | None = None,
+) -> dict:
+    """Train (or resume) ``cfg.max_steps`` optimizer steps into ``out``; return the run summary.
 
+    A fresh run starts from random weights, or from the checkpoint ``init_from`` (fine-tuning);
+    a run folder with checkpoints resumes from its latest one, data position included.
+    ``run_info`` goes into every checkpoint's config.json beside the model and training config.
+    """
+    started = time.time()
+    run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), **run_info}
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Transformer(model_cfg).to(rt.device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device.type)
-    batches = TrainBatches(shards, context, cfg.batch_size, grad_accum, cfg.seed, rt.rank, rt.world_size, rt.device)
 
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(f".tmp_{CHECKPOINT_PREFIX}*"):  # left by a run killed mid-save
-            shutil.rmtree(stale)
+        remove_unfinished(out)
     resume_from = latest_checkpoint(out) if out.is_dir() else None
+    weights_from = resume_from or init_from
+    if weights_from is not None:
+        saved = load_checkpoint_config(weights_from)["model"]
+        if saved != model_cfg.to_dict():
+            raise ValueError(
+                f"{weights_from} holds a different model ({saved}) than this run ({model_cfg.to_dict()}); "
+                f"use a fresh run folder or the same model settings"
+            )
+        load_weights(model, weights_from, rt.device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device.type)
     start_step = 0
     if resume_from is not None:
-        saved = load_checkpoint_config(resume_from)
-        if saved["model"] != model_cfg.to_dict():
-            raise ValueError(
-                f"{resume_from} holds a different model ({saved['model']}) than this run ({model_cfg.to_dict()}); "
-                f"use a fresh --out folder or the same model settings"
-            )
-        load_safetensors(model, str(resume_from / "model.safetensors"), device=str(rt.device))
         load_optimizer_state(resume_from, optimizer, rt.device)
-        state = json.loads((resume_from / "state.json").read_text())
+        state = load_state(resume_from)
         start_step = state["step"]
         if start_step > cfg.max_steps:
             raise ValueError(
-                f"{resume_from} is at step {start_step}, past max_steps {cfg.max_steps}; raise --max-steps or use a fresh --out"
+                f"{resume_from} is at step {start_step}, past max_steps {cfg.max_steps}; raise --max-steps or use a fresh run folder"
             )
         batches.load_state_dict(state["sampler"])
 
@@ -354,7 +333,7 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
 
     model.train()
     loss_value = float("nan")
-    val_loss = None
+    val_loss = grad_accum = None
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -363,6 +342,7 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
         torch.manual_seed(step_seed(cfg.seed, rt.rank, step))
         loss_sum = torch.zeros((), device=rt.device)
         micro_batches = batches.next()
+        grad_accum = len(micro_batches)
         for i, (x, y) in enumerate(micro_batches):
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = rt.world_size == 1 or i == len(micro_batches) - 1
@@ -387,13 +367,13 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
                 "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed, "tokens_seen": done * tokens_per_step,
             })
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = evaluate(raw_model, shards, "val", context, cfg, rt)
+            val_loss = validate(raw_model)
             log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             checkpoint(done)
 
     if val_loss is None:  # resumed from the final checkpoint: report the finished run's numbers
-        val_loss = evaluate(raw_model, shards, "val", context, cfg, rt)
+        val_loss = validate(raw_model)
     records = read_metrics(metrics_path) if rt.is_main else []
     train_losses = [r["loss"] for r in records if "loss" in r]
     summary = {
@@ -404,10 +384,10 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
         "val_ppl": math.exp(min(val_loss, 50.0)),
         "tokens_seen": cfg.max_steps * tokens_per_step,
         "tokens_per_step": tokens_per_step,
-        "grad_accum": grad_accum,
+        "grad_accum": grad_accum,  # None when resumed from the final checkpoint
         "world_size": rt.world_size,
         "params": raw_model.num_params(),
-        "checkpoint": f"{CHECKPOINT_PREFIX}{cfg.max_steps:07d}",
+        "checkpoint": checkpoint_name(cfg.max_steps),
         "seconds": round(time.time() - started, 3),
     }
     if rt.is_main:
@@ -419,37 +399,15 @@ def _train(cfg: TrainConfig, shards: Shards, out: Path, progress, rt: Runtime) -
 # -- command line ------------------------------------------------------------------------------
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[TrainConfig, str, str]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="binarize artifact folder (meta.json + .bin files)")
+    parser.add_argument("--shards", required=True, help="shards artifact folder (meta.json + .bin files)")
     parser.add_argument("--out", required=True, help="run folder for checkpoints and logs (resumed if it has some)")
     parser.add_argument("--config", help="JSON file with TrainConfig fields; flags given here override it")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override, repeatable")
-    for f in fields(TrainConfig):
-        if f.name == "model":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type.split(" |")[0], str)
-            parser.add_argument(flag, type=kind, default=None)
+    add_config_options(parser, "train", TrainConfig)
     args = parser.parse_args(argv)
     values = json.loads(Path(args.config).read_text()) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k != "model"})
-    for item in args.model:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--model expects KEY=VALUE, got {item!r}")
-        values.setdefault("model", {})[key] = _parse_value(value)
-    return TrainConfig.from_dict(values), args.shards, args.out
+    return make_config(TrainConfig, values | config_values(args, "train")), args.shards, args.out
 
 
 def format_record(record: dict) -> str:
@@ -459,7 +417,6 @@ def format_record(record: dict) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     config, shards_dir, out_dir = parse_args(argv, prog)
-
     summary = train(config, shards_dir, out_dir, progress=lambda record: print(format_record(record), flush=True))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)

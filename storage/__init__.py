@@ -1,5 +1,6 @@
-"""The artifact store: the single source of truth for caching and lineage."""
+"""The ground floor: the artifact store, stage declarations, lineage and the file contracts between stages."""
 
+from storage.stage import Input, Stage, config_params
 from storage.store import (
     Artifact,
     ArtifactError,
@@ -7,8 +8,8 @@ from storage.store import (
     Store,
     default_root,
     file_digest,
+    remove_tree,
     sha256_file,
-    summary_line,
     write_text_atomic,
 )
 
@@ -16,10 +17,13 @@ __all__ = [
     "Artifact",
     "ArtifactError",
     "ArtifactSpec",
+    "Input",
+    "Stage",
     "Store",
+    "config_params",
     "default_root",
     "file_digest",
+    "remove_tree",
     "sha256_file",
-    "summary_line",
     "write_text_atomic",
 ]

@@ -129,6 +129,10 @@ class Artifact:
         return list(self.manifest.get("parents", []))
 
     @property
+    def label(self) -> str | None:
+        return self.manifest.get("label")
+
+    @property
     def params(self) -> dict:
         return dict(self.manifest.get("params", {}))
 
@@ -339,6 +343,7 @@ class Store:
         build: Callable[[Path], dict | None],
         *,
         resume: bool = False,
+        label: str | None = None,
     ) -> Artifact:
         """Return the artifact for ``spec``, building it with ``build(work_dir)`` if needed.
 
@@ -346,8 +351,8 @@ class Store:
         token counts, ...) that goes into the manifest. Before it runs, every parent's files are
         verified against their manifest hashes (see ``verified``). With ``resume`` a work folder
         left by a killed run is handed back to ``build`` as it is (downloads keep their ``.part``,
-        training its checkpoints); otherwise it is removed first. The published artifact's files
-        and folders are read-only.
+        training its checkpoints); otherwise it is removed first. ``label`` names the artifact
+        for people in lineage listings. The published artifact's files and folders are read-only.
         """
         if artifact := self.get(spec.kind, spec.key):
             return replace(artifact, reused=True)
@@ -375,6 +380,7 @@ class Store:
                 "version": spec.version,
                 "params": spec.params,
                 "parents": list(spec.parents),
+                "label": label,
                 "summary": summary,
                 "created": time.time(),
                 "build_seconds": round(time.time() - started, 3),
@@ -388,60 +394,6 @@ class Store:
                 {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
             )
             return Artifact(spec.kind, spec.key, final, manifest)
-
-    # -- lineage ---------------------------------------------------------------------------
-
-    def lineage(self, ref: str) -> dict:
-        """The artifact and its ancestors as a nested dict (a DAG unrolled into a tree).
-
-        Each artifact is read once: a shared ancestor (the corpus under both the shards and the
-        tokenizer) is the same node wherever it appears."""
-        nodes: dict[str, dict] = {}
-
-        def node(ref: str) -> dict:
-            if ref not in nodes:
-                artifact = self.get(ref)
-                if artifact is None:
-                    nodes[ref] = {"ref": ref, "missing": True, "parents": []}
-                else:
-                    parents = [node(p) for p in artifact.parents]
-                    nodes[ref] = {"ref": ref, "params": artifact.params, "summary": artifact.summary, "parents": parents}
-            return nodes[ref]
-
-        return node(ref)
-
-    def lineage_lines(self, ref: str) -> list[str]:
-        """``medlm lineage``: an indented tree; a subtree already shown is named, not repeated."""
-        lines: list[str] = []
-        seen: set[str] = set()
-
-        def walk(node: dict, prefix: str, last: bool, top: bool) -> None:
-            branch = "" if top else ("└── " if last else "├── ")
-            label = node["ref"] + (" (missing from the store)" if node.get("missing") else "")
-            detail = _describe(node)
-            repeated = node["ref"] in seen and node["parents"]
-            lines.append(prefix + branch + label + (f"  {detail}" if detail else "") + ("  (see above)" if repeated else ""))
-            if repeated:
-                return
-            seen.add(node["ref"])
-            child_prefix = prefix + ("" if top else ("    " if last else "│   "))
-            for i, parent in enumerate(node["parents"]):
-                walk(parent, child_prefix, i == len(node["parents"]) - 1, False)
-
-        walk(self.lineage(ref), "", True, True)
-        return lines
-
-
-def _describe(node: dict) -> str:
-    params = node.get("params", {})
-    if "file_name" in params:  # a downloaded source file: name the XML and its md5
-        return f"{params['file_name']} md5={params.get('md5', '?')}"
-    return summary_line(node.get("summary", {}))
-
-
-def summary_line(summary: dict) -> str:
-    """An artifact's counts as ``key=value`` words (lists and nested stats left out)."""
-    return " ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str)))
 
 
 def _split(ref_or_kind: str, key: str | None = None) -> tuple[str, str]:

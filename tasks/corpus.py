@@ -12,37 +12,38 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import duckdb
-from prefect import task
-from prefect.artifacts import create_table_artifact
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as config_dataclass
 
-from storage import Artifact, ArtifactSpec, Store
-from tasks.parse import ARTICLES_FILE, DELETIONS_FILE
+from storage import Artifact, Input, Stage
+from storage.formats import ARTICLES_FILE, CORPUS_FILE, DELETIONS_FILE
 
-CORPUS_VERSION = "1"
 log = logging.getLogger("medlm.corpus")
 
 
-@dataclass(frozen=True)
-class CorpusFilters:
-    require_abstract: bool = True
-    min_abstract_chars: int = 200
-    languages: tuple[str, ...] = ("eng",)  # an article is kept if any of its languages is listed; () keeps all
-    drop_retracted: bool = True  # 'Retracted Publication'
-    drop_retraction_notices: bool = False  # 'Retraction of Publication'
-    drop_errata: bool = False  # 'Published Erratum'
-    drop_duplicate_text: bool = True  # exact duplicates of text: the lowest PMID is kept
-    threads: int | None = None  # DuckDB threads; None = all cores
-    memory_limit: str | None = None  # e.g. "8GB"; None = DuckDB's default (80% of RAM)
+@config_dataclass(frozen=True)
+class CorpusConfig:
+    """Which articles make the pretraining corpus."""
 
-    def content_params(self) -> dict:
-        """The parameters that decide the corpus's content (threads and memory do not)."""
-        params = asdict(self)
-        del params["threads"], params["memory_limit"]
-        params["languages"] = sorted(self.languages)
-        return params
+    require_abstract: bool = Field(True, description="Drop articles without an abstract.")
+    min_abstract_chars: int = Field(200, ge=0, description="Drop abstracts shorter than this many characters.")
+    languages: tuple[str, ...] = Field(("eng",), description="Keep an article if any of its languages is listed (MEDLINE codes; empty keeps all).")
+    drop_retracted: bool = Field(True, description="Drop articles of type 'Retracted Publication'.")
+    drop_retraction_notices: bool = Field(False, description="Drop notices of type 'Retraction of Publication'.")
+    drop_errata: bool = Field(False, description="Drop articles of type 'Published Erratum'.")
+    drop_duplicate_text: bool = Field(True, description="Keep one of each exact duplicate text (the lowest PMID).")
+    threads: int | None = Field(None, ge=1, description="DuckDB threads (unset: all cores).")
+    memory_limit: str | None = Field(None, description="DuckDB memory limit, e.g. '8GB' (unset: DuckDB's default, 80% of RAM).")
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("threads", "memory_limit")
+
+    @field_validator("languages")
+    @classmethod
+    def _sorted(cls, languages: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(set(languages)))
 
 
 @dataclass
@@ -66,7 +67,7 @@ class CorpusStats:
         return rows
 
 
-def _filters_in_order(filters: CorpusFilters) -> list[tuple[str, str]]:
+def _filters_in_order(filters: CorpusConfig) -> list[tuple[str, str]]:
     """(reason, SQL condition that a KEPT row satisfies), applied one after another."""
     steps = []
     if filters.require_abstract:
@@ -101,13 +102,13 @@ def build_snapshot(
     article_files: Sequence[Path],
     deletion_files: Sequence[Path],
     out_dir: Path,
-    filters: CorpusFilters = CorpusFilters(),
+    filters: CorpusConfig = CorpusConfig(),
 ) -> dict:
     """Write ``out_dir/corpus.parquet`` (sorted by pmid) and ``out_dir/stats.json``; return the stats."""
     if not article_files:
         raise ValueError("build_snapshot: no parsed article files given; run the parse stage first")
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus_path = out_dir / "corpus.parquet"
+    corpus_path = out_dir / CORPUS_FILE
     tmp_dir = out_dir / ".duckdb_tmp"  # spill files, if DuckDB needs any
     try:
         with duckdb.connect(config={"temp_directory": str(tmp_dir), "preserve_insertion_order": False}) as con:
@@ -125,7 +126,7 @@ def _snapshot(
     article_files: Sequence[Path],
     deletion_files: Sequence[Path],
     corpus_path: Path,
-    filters: CorpusFilters,
+    filters: CorpusConfig,
 ) -> CorpusStats:
     if filters.threads:
         con.execute(f"SET threads = {int(filters.threads)}")
@@ -197,32 +198,17 @@ def _snapshot(
         stats.dropped.append({"filter": "exact duplicate text", "rows": kept - stats.documents})
     return stats
 
-def corpus_spec(parsed: Sequence[Artifact], filters: CorpusFilters) -> ArtifactSpec:
-    # Parents in NCBI sequence order, so the same set of files always gives the same key.
-    ordered = sorted(parsed, key=lambda a: (a.params["file_seq"], a.params["source_file"]))
-    return ArtifactSpec("corpus", CORPUS_VERSION, filters.content_params(), tuple(a.ref for a in ordered))
+
+def build_corpus(inputs: dict, out_dir: Path, config: CorpusConfig) -> dict:
+    parsed = inputs["parsed"]
+    return build_snapshot([a.file(ARTICLES_FILE) for a in parsed], [a.file(DELETIONS_FILE) for a in parsed], out_dir, config)
 
 
-def snapshot(store: Store, parsed: Sequence[Artifact], filters: CorpusFilters = CorpusFilters()) -> Artifact:
-    spec = corpus_spec(parsed, filters)
-    return store.get_or_build(
-        spec,
-        lambda work: build_snapshot(
-            [a.file(ARTICLES_FILE) for a in parsed],
-            [a.file(DELETIONS_FILE) for a in parsed],
-            work,
-            filters,
-        ),
-    )
-
-
-@task(name="corpus-snapshot")
-def snapshot_task(store: Store, parsed: list[Artifact], filters: CorpusFilters = CorpusFilters()) -> Artifact:
-    corpus = snapshot(store, parsed, filters)
-    stats = corpus.summary
-    create_table_artifact(
-        key="corpus-stats",
-        table=CorpusStats(**stats).table(),
-        description=f"Corpus snapshot {corpus.ref}: {stats['documents']:,} documents, {stats['characters']:,} characters",
-    )
-    return corpus
+CORPUS = Stage(
+    name="corpus",
+    version="2",
+    config=CorpusConfig,
+    inputs={"parsed": Input("parse", many=True)},
+    build=build_corpus,
+    report=lambda corpus: CorpusStats(**corpus.summary).table(),
+)

@@ -1,7 +1,7 @@
 """Download stage: PubMed baseline and update files from NCBI (or a mirror), md5-verified and resumable.
 
-    files = select_files(DEFAULT_BASE_URL, folders=("updatefiles",), updates_after=1274)
-    artifacts = [download(Store(), f) for f in files]
+    files = select_files(SourceConfig(folders=("updatefiles",), updates_after=1274))
+    artifacts = [DOWNLOAD.run(Store(), {}, f) for f in files]
 
 A file is fetched into ``NAME.part``; a dropped connection or a killed run continues it with
 ``Range: bytes=N-``; only bytes whose md5 matches NCBI's ``NAME.md5`` are renamed to ``NAME``.
@@ -21,23 +21,22 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from http.client import HTTPException
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, ClassVar, Iterator, Literal
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from prefect import task
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from storage import Artifact, ArtifactSpec, Store, file_digest
+from storage import Stage, file_digest
 
 log = logging.getLogger("medlm.download")
 
 DEFAULT_BASE_URL = "https://ftp.ncbi.nlm.nih.gov/pubmed"
 FOLDERS = ("baseline", "updatefiles")
-DOWNLOAD_VERSION = "1"
 MD5_FETCHERS = 8
 # Matched whole (fullmatch: "$" would accept a trailing newline) and in ASCII (\d would accept "٢٠").
 FILE_NAME = re.compile(r"pubmed([0-9]{2})n([0-9]{4})\.xml\.gz")
@@ -60,38 +59,48 @@ _RETRYABLE = (_TransferFailed, urllib.error.URLError, HTTPException, ConnectionE
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """Which PubMed files to bring in, and from where."""
+
+    source: str = Field(DEFAULT_BASE_URL, description="NCBI's PubMed URL, or a local mirror folder with NCBI's layout (baseline/, updatefiles/).")
+    folders: tuple[Literal["baseline", "updatefiles"], ...] = Field(FOLDERS, description="Remote folders to read.")
+    baseline_limit: int | None = Field(None, ge=0, description="Only the first N baseline files (unset: all).")
+    updates_after: int | None = Field(None, ge=0, description="Only update files numbered above this (unset: all).")
+    names: tuple[str, ...] = Field((), description="Only these file names, e.g. pubmed25n0001.xml.gz (empty: all).")
+    attempts: int = Field(5, ge=1, description="Tries per file before it counts as failed (a dropped transfer resumes where it stopped).")
+    backoff_s: float = Field(2.0, ge=0, description="Seconds before the second try, doubled before each further one.")
+
+
+@dataclass(frozen=True)
 class RemoteFile:
-    """One PubMed XML file at its source; ``seq`` is NCBI's file number (NNNN), the order updates apply in."""
+    """One PubMed XML file at its source (the download stage's config); ``seq`` is NCBI's file
+    number (NNNN), the order updates apply in. The artifact is what the bytes are (name, md5),
+    never where they came from or how they were fetched."""
 
     name: str
     folder: str
     url: str
     md5: str
     seq: int
+    attempts: int = Field(5, ge=1)
+    backoff_s: float = Field(2.0, ge=0)  # doubled after each failed attempt
+    timeout_s: float = Field(60, gt=0)
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("url", "attempts", "backoff_s", "timeout_s")
 
 
 # -- listing ---------------------------------------------------------------------------------
 
 
-def select_files(
-    base: str | os.PathLike,
-    *,
-    folders: Sequence[str] = FOLDERS,
-    baseline_limit: int | None = None,
-    updates_after: int | None = None,
-    names: Sequence[str] | None = None,
-    timeout_s: float = 60,
-) -> list[RemoteFile]:
+def select_files(config: SourceConfig, *, timeout_s: float = 60) -> list[RemoteFile]:
     """The files to download, sorted by seq, with their md5s fetched.
 
     ``baseline_limit`` keeps the first N baseline files; ``updates_after`` keeps update files
     numbered above it (the nightly flow: ``folders=("updatefiles",), updates_after=<last seq>``);
     ``names`` keeps exactly these files, each of which must be listed.
     """
-    for folder in folders:
-        if folder not in FOLDERS:
-            raise ValueError(f"unknown PubMed folder {folder!r}: expected one of {FOLDERS}")
-    wanted = set(names) if names is not None else None
+    base, folders = config.source, config.folders
+    wanted = set(config.names) or None
     for name in wanted or ():
         if not FILE_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not a PubMed file name: expected pubmedYYnNNNN.xml.gz, e.g. pubmed25n0001.xml.gz")
@@ -101,10 +110,10 @@ def select_files(
         listed = list_folder(base, folder, timeout_s=timeout_s)
         if wanted is not None:
             listed = [name for name in listed if name in wanted]
-        if folder == "baseline" and baseline_limit is not None:
-            listed = listed[:baseline_limit]
-        if folder == "updatefiles" and updates_after is not None:
-            listed = [name for name in listed if file_seq(name) > updates_after]
+        if folder == "baseline" and config.baseline_limit is not None:
+            listed = listed[: config.baseline_limit]
+        if folder == "updatefiles" and config.updates_after is not None:
+            listed = [name for name in listed if file_seq(name) > config.updates_after]
         chosen += [(folder, name) for name in listed]
 
     missing = (wanted or set()) - {name for _, name in chosen}
@@ -115,7 +124,7 @@ def select_files(
     log.info("selected %d files from %s", len(chosen), base)
     # One small GET per .md5; the whole baseline is ~1,300 of them, so a few at a time.
     with ThreadPoolExecutor(MD5_FETCHERS) as pool:
-        remotes = list(pool.map(lambda entry: _remote_file(base, *entry, timeout_s), chosen))
+        remotes = list(pool.map(lambda entry: _remote_file(base, *entry, timeout_s, config.attempts, config.backoff_s), chosen))
     return sorted(remotes, key=lambda f: (f.seq, f.name))
 
 
@@ -204,11 +213,11 @@ def _folder_url(base: str | os.PathLike, folder: str) -> str:
     return f"{str(base).rstrip('/')}/{folder}/"
 
 
-def _remote_file(base: str | os.PathLike, folder: str, name: str, timeout_s: float) -> RemoteFile:
+def _remote_file(base: str | os.PathLike, folder: str, name: str, timeout_s: float, attempts: int, backoff_s: float) -> RemoteFile:
     root = _local_root(base)
     url = (root / folder / name).resolve().as_uri() if root is not None else _folder_url(base, folder) + name
     md5 = parse_md5(_read_text(f"{url}.md5", timeout_s), name, f"{url}.md5")
-    return RemoteFile(name=name, folder=folder, url=url, md5=md5, seq=file_seq(name))
+    return RemoteFile(name=name, folder=folder, url=url, md5=md5, seq=file_seq(name), attempts=attempts, backoff_s=backoff_s)
 
 
 def _read_text(url: str, timeout_s: float) -> str:
@@ -225,14 +234,7 @@ def _read_text(url: str, timeout_s: float) -> str:
 # -- downloading -----------------------------------------------------------------------------
 
 
-def download_file(
-    remote: RemoteFile,
-    dest_dir: Path,
-    *,
-    attempts: int = 5,
-    backoff_s: float = 2.0,
-    timeout_s: float = 60,
-) -> Path:
+def download_file(remote: RemoteFile, dest_dir: Path) -> Path:
     """Fetch ``remote`` into ``dest_dir/NAME``, resuming ``NAME.part``; NAME exists only once its md5 matches."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     final, part = dest_dir / remote.name, dest_dir / f"{remote.name}.part"
@@ -240,11 +242,10 @@ def download_file(
         if file_digest(final, "md5").hexdigest() == remote.md5:
             return final
         final.unlink()
-    if attempts < 1:
-        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    attempts = remote.attempts
     for attempt in range(1, attempts + 1):
         try:
-            actual = _fetch_into(remote, part, timeout_s)
+            actual = _fetch_into(remote, part, remote.timeout_s)
         except _RETRYABLE as e:
             problem = f"transfer failed: {e}"
         else:
@@ -254,7 +255,7 @@ def download_file(
             part.unlink()  # bad bytes are not worth resuming
             problem = f"md5 mismatch: expected {remote.md5}, actual {actual}"
         if attempt < attempts:
-            delay = backoff_s * 2 ** (attempt - 1)
+            delay = remote.backoff_s * 2 ** (attempt - 1)
             log.warning("%s: attempt %d/%d: %s; retrying in %.1f s", remote.name, attempt, attempts, problem, delay)
             time.sleep(delay)
     raise DownloadError(
@@ -343,49 +344,28 @@ def _copy(body: BinaryIO, out: BinaryIO, digest, name: str, start: int, length: 
 # -- the stage -------------------------------------------------------------------------------
 
 
-def download_spec(remote: RemoteFile) -> ArtifactSpec:
-    """The artifact's identity: what the bytes are (name, md5), never where they came from."""
-    params = {"file_name": remote.name, "md5": remote.md5, "folder": remote.folder, "seq": remote.seq}
-    return ArtifactSpec("download", DOWNLOAD_VERSION, params=params)
+def build_download(inputs: dict, out_dir: Path, remote: RemoteFile) -> dict:
+    return {"bytes": download_file(remote, out_dir).stat().st_size}
 
 
-def download(store: Store, remote: RemoteFile, **kw) -> Artifact:
-    """The verified copy of ``remote`` in ``store``; ``kw`` go to ``download_file``. Reruns fetch nothing."""
-
-    def build(work_dir: Path) -> dict:
-        path = download_file(remote, work_dir, **kw)
-        return {"bytes": path.stat().st_size}
-
-    return store.get_or_build(download_spec(remote), build, resume=True)
-
-
-@task(name="download", retries=0)  # download_file already retries, resuming where it stopped
-def download_task(store: Store, remote: RemoteFile) -> Artifact:
-    return download(store, remote)
+DOWNLOAD = Stage(
+    name="download",
+    version="1",
+    config=RemoteFile,
+    inputs={},
+    build=build_download,
+    resume=True,  # a killed run's .part is continued with a Range request
+    label=lambda inputs, remote: f"{remote.name} md5={remote.md5}",
+)
 
 
-def _transient_listing_failure(task, task_run, state) -> bool:
-    """Retry a listing only for faults that may heal (network, 408/429/5xx), not for a wrong name or URL."""
-    try:
-        state.result()
-    except DownloadError as e:
-        cause = e.__cause__
-        if isinstance(cause, urllib.error.HTTPError):
-            return cause.code >= 500 or cause.code in _RETRY_HTTP_CODES
-        if isinstance(cause, urllib.error.URLError) and isinstance(cause.reason, FileNotFoundError):
-            return False  # a file missing from a local mirror does not appear by waiting
-        return isinstance(cause, (HTTPException, OSError))
-    except Exception:
+def is_transient(error: BaseException) -> bool:
+    """Whether a listing failure may heal by waiting (network, 408/429/5xx), unlike a wrong name or URL."""
+    if not isinstance(error, DownloadError):
         return False
-    return False
-
-
-@task(name="list-remote", retries=2, retry_delay_seconds=30, retry_condition_fn=_transient_listing_failure)
-def list_remote_task(
-    base: str = DEFAULT_BASE_URL,
-    folders: Sequence[str] = FOLDERS,
-    baseline_limit: int | None = None,
-    updates_after: int | None = None,
-    names: Sequence[str] | None = None,
-) -> list[RemoteFile]:
-    return select_files(base, folders=folders, baseline_limit=baseline_limit, updates_after=updates_after, names=names)
+    cause = error.__cause__
+    if isinstance(cause, urllib.error.HTTPError):
+        return cause.code >= 500 or cause.code in _RETRY_HTTP_CODES
+    if isinstance(cause, urllib.error.URLError) and isinstance(cause.reason, FileNotFoundError):
+        return False  # a file missing from a local mirror does not appear by waiting
+    return isinstance(cause, (HTTPException, OSError))

@@ -37,17 +37,16 @@ import re
 import zlib
 from pathlib import Path
 
+from typing import ClassVar
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 from lxml import etree
-from prefect import task
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from storage import Artifact, ArtifactSpec, Store
-
-PARSE_VERSION = "1"
-
-ARTICLES_FILE = "articles.parquet"
-DELETIONS_FILE = "deletions.parquet"
+from storage import Input, Stage
+from storage.formats import ARTICLES_FILE, DELETIONS_FILE
 
 SECTION_TYPE = pa.struct(
     [pa.field("label", pa.string()), pa.field("nlm_category", pa.string()), pa.field("text", pa.string())]
@@ -557,15 +556,25 @@ def _check_root(elem, path: Path) -> None:
 # -- the stage -----------------------------------------------------------------------------------
 
 
-def parse(store: Store, download: Artifact) -> Artifact:
-    """Parse a download artifact (one ``.xml.gz``) into a ``parsed`` artifact, or return the cached one."""
-    name = download.params["file_name"]
-    seq = download.params["seq"]
-    spec = ArtifactSpec("parsed", PARSE_VERSION, params={"source_file": name, "file_seq": seq}, parents=(download.ref,))
-    xml_path = download.file(name)
-    return store.get_or_build(spec, lambda work: parse_xml_file(xml_path, work, source_file=name, file_seq=seq))
+@dataclass(frozen=True)
+class ParseConfig:
+    batch_rows: int = Field(5000, ge=1, description="Articles per Parquet row group.")
+
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_rows",)
 
 
-@task(name="parse", retries=0)
-def parse_task(store: Store, download: Artifact) -> Artifact:
-    return parse(store, download)
+def build_parse(inputs: dict, out_dir: Path, config: ParseConfig) -> dict:
+    """Parse a download artifact (one ``.xml.gz``) into articles and deletions Parquet."""
+    download = inputs["download"]
+    name, seq = download.params["name"], download.params["seq"]
+    return parse_xml_file(download.file(name), out_dir, source_file=name, file_seq=seq, batch_rows=config.batch_rows)
+
+
+PARSE = Stage(
+    name="parse",
+    version="1",
+    config=ParseConfig,
+    inputs={"download": Input("download")},
+    build=build_parse,
+    label=lambda inputs, config: inputs["download"].params["name"],
+)

@@ -17,45 +17,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import task
-
-from model.export_hf import TOKENIZER_FILES
+from model.checkpoint import CHECKPOINT_FILES
 from model.train import TrainConfig, format_record, train
-from storage import Artifact, ArtifactError, ArtifactSpec, Store, sha256_file
-from tasks.binarize import META_FILE, TOKENIZER_FILE
+from storage import Artifact, ArtifactError, Input, Stage, sha256_file
+from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
-PRETRAIN_VERSION = "1"
 RUN_DIR = "run"
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "state.json")
 RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json")
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("medlm.pretrain")
 
 
-def tokenizer_ref(shards: Artifact) -> str:
-    """The tokenizer the shards were encoded with, as meta.json (or else the lineage) names it."""
-    meta = json.loads(shards.file(META_FILE).read_text())
-    ref = meta.get("tokenizer", {}).get("ref") or next((p for p in shards.parents if p.startswith("tokenizer/")), None)
+def shards_tokenizer(shards: Artifact) -> str:
+    """The ref of the tokenizer the shards were encoded with, as their meta.json names it."""
+    ref = json.loads(shards.file(META_FILE).read_text()).get("tokenizer", {}).get("ref")
     if ref is None:
-        raise ArtifactError(f"{shards.ref}: neither meta.json nor its parents name a tokenizer; rebuild the shards")
+        raise ArtifactError(f"{shards.ref}: meta.json names no tokenizer; rebuild the shards with `medlm tokenize`")
     return ref
 
 
-def pretrain_spec(shards: Artifact, tokenizer: Artifact, config: TrainConfig, devices: int) -> ArtifactSpec:
-    return ArtifactSpec("checkpoint", PRETRAIN_VERSION, {**config.to_dict(), "devices": devices}, (shards.ref, tokenizer.ref))
-
-
-def _log_record(record: dict) -> None:
-    log.info(format_record(record))
-
-
-def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path, devices: int) -> dict:
+def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path) -> dict:
     """torchrun -m model.train on this machine, its output lines streamed into our logger."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "train_config.json"
     config_file.write_text(json.dumps(config.to_dict(), indent=2))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.devices}",
         "-m", "model.train", "--config", str(config_file), "--shards", str(shards_dir), "--out", str(run_dir),
     ]
     log.info("launching %s", " ".join(command))
@@ -70,39 +57,55 @@ def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path, dev
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def pretrain(store: Store, shards: Artifact, tokenizer: Artifact, config: TrainConfig, devices: int = 1) -> Artifact:
-    if devices < 1:
-        raise ValueError(f"devices must be >= 1, got {devices}")
+def publish_run(run: Path, summary: dict, out_dir: Path, tokenizer: Artifact) -> None:
+    """Copy a finished run's final checkpoint, metrics and the tokenizer files to the top of the
+    artifact folder, then drop the run folder (intermediate checkpoints, optimizer state). It is
+    renamed before it is deleted, so a crash while deleting never leaves a run that looks resumable."""
+    final = run / summary["checkpoint"]
+    for name in CHECKPOINT_FILES:
+        shutil.copyfile(final / name, out_dir / name)
+    for name in RUN_FILES:
+        shutil.copyfile(run / name, out_dir / name)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer.file(name), out_dir / name)
+    finished = run.with_name(f"{run.name}.done")
+    os.rename(run, finished)
+    shutil.rmtree(finished)
+
+
+def finished_summary(out_dir: Path) -> dict | None:
+    """The summary of a build killed after ``publish_run`` copied its files: only clean-up was left."""
+    run, finished = out_dir / RUN_DIR, out_dir / f"{RUN_DIR}.done"
+    if finished.exists() or ((out_dir / "summary.json").is_file() and not run.exists()):
+        shutil.rmtree(finished, ignore_errors=True)
+        return json.loads((out_dir / "summary.json").read_text())
+    return None
+
+
+def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
+    shards, tokenizer = inputs["shards"], inputs["tokenizer"]
     expected = json.loads(shards.file(META_FILE).read_text()).get("tokenizer", {}).get("sha256")
     if expected and expected != sha256_file(tokenizer.file(TOKENIZER_FILE)):
-        raise ArtifactError(f"{shards.ref} was encoded with a different tokenizer than {tokenizer.ref}; pass {tokenizer_ref(shards)}")
-
-    def build(work: Path) -> dict:
-        run, finished_run = work / RUN_DIR, work / f"{RUN_DIR}.done"
-        if finished_run.exists() or ((work / "summary.json").is_file() and not run.exists()):
-            # Killed after the final files were copied out: only the clean-up was left.
-            shutil.rmtree(finished_run, ignore_errors=True)
-            return json.loads((work / "summary.json").read_text())
-        if devices == 1:
-            summary = train(config, shards.path, run, progress=_log_record)
-        else:
-            summary = _train_distributed(config, shards.path, run, devices)
-        final = run / summary["checkpoint"]
-        for name in CHECKPOINT_FILES:
-            shutil.copy2(final / name, work / name)
-        for name in RUN_FILES:
-            shutil.copy2(run / name, work / name)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(tokenizer.file(name), work / name)
-        # Intermediate checkpoints and optimizer state are not part of the artifact. Renamed first,
-        # so a crash while deleting never leaves a half-deleted run that looks resumable.
-        os.rename(run, finished_run)
-        shutil.rmtree(finished_run)
+        raise ArtifactError(f"{shards.ref} was encoded with a different tokenizer than {tokenizer.ref}; pass {shards_tokenizer(shards)}")
+    if (summary := finished_summary(out_dir)) is not None:
         return summary
+    run = out_dir / RUN_DIR
+    if config.devices == 1:
+        summary = train(config, shards.path, run, progress=lambda record: log.info(format_record(record)))
+    else:
+        summary = _train_distributed(config, shards.path, run)
+    publish_run(run, summary, out_dir, tokenizer)
+    return summary
 
-    return store.get_or_build(pretrain_spec(shards, tokenizer, config, devices), build, resume=True)
 
-
-@task(name="pretrain")
-def pretrain_task(store: Store, shards: Artifact, tokenizer: Artifact, config: TrainConfig, devices: int = 1) -> Artifact:
-    return pretrain(store, shards, tokenizer, config, devices)
+PRETRAIN = Stage(
+    name="pretrain",
+    version="2",
+    config=TrainConfig,
+    inputs={"shards": Input("shards"), "tokenizer": Input("tokenizer")},
+    build=build_pretrain,
+    resume=True,  # the run folder's checkpoints survive a crash and training continues from them
+    report=lambda checkpoint: [
+        {"metric": k, "value": v} for k, v in checkpoint.summary.items() if isinstance(v, (int, float)) and v is not None
+    ],
+)

@@ -13,38 +13,53 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
-from prefect import task
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass as config_dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from storage import Artifact, ArtifactError, ArtifactSpec, Store, sha256_file
-from tasks.binarize import (
+from storage import Input, Stage, sha256_file
+from storage.formats import (
     CORPUS_FILE,
-    BinarizeConfig,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
+    UINT16_VOCAB_LIMIT,
     iter_corpus,
     load_tokenizer,
     split_of,
     stable_unit,
 )
 
-TOKENIZER_VERSION = "1"
 log = logging.getLogger("medlm.tokenizer")
+BYTE_ALPHABET = 256
 
 
-@dataclass(frozen=True)
+@config_dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = 32_000
-    min_frequency: int = 2  # a pair seen once is noise, not a merge
-    max_documents: int | None = None  # fit on a deterministic sample of this many train documents
-    # The split binarize will cut (tasks.binarize.split_of): the tokenizer never sees val or test.
-    val_fraction: float = BinarizeConfig.val_fraction
-    test_fraction: float = BinarizeConfig.test_fraction
+    """The byte-level BPE vocabulary, and the train/val/test split of the corpus (by PMID)."""
+
+    vocab_size: int = Field(
+        32_000, ge=BYTE_ALPHABET + len(SPECIAL_TOKENS), le=UINT16_VOCAB_LIMIT,
+        description="Vocabulary size, the 256 byte tokens and 4 special tokens included (at most 65,536: shards are uint16).",
+    )
+    min_frequency: int = Field(2, ge=1, description="A pair seen fewer times is never merged.")
+    max_documents: int | None = Field(None, ge=1, description="Fit on a deterministic sample of this many train documents (unset: all).")
+    # The one split setting: the tokenizer is fitted on the train split only, and the shards
+    # encoded with it are cut with the same fractions (so it never saw val or test text).
+    val_fraction: float = Field(DEFAULT_VAL_FRACTION, ge=0, lt=1, description="Share of PMIDs in the validation split.")
+    test_fraction: float = Field(DEFAULT_TEST_FRACTION, ge=0, lt=1, description="Share of PMIDs in the test split.")
+
+    @model_validator(mode="after")
+    def _train_split_left(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be below 1, got {self.val_fraction} + {self.test_fraction}")
+        return self
 
 
 @dataclass
@@ -137,28 +152,14 @@ def fit_tokenizer(corpus_parquet: Path, out_dir: Path, config: TokenizerConfig =
     }
 
 
-def tokenizer_spec(corpus: Artifact, config: TokenizerConfig) -> ArtifactSpec:
-    return ArtifactSpec("tokenizer", TOKENIZER_VERSION, asdict(config), (corpus.ref,))
+def build_tokenizer(inputs: dict, out_dir: Path, config: TokenizerConfig) -> dict:
+    return fit_tokenizer(inputs["corpus"].file(CORPUS_FILE), out_dir, config)
 
 
-def fit(store: Store, corpus: Artifact, config: TokenizerConfig = TokenizerConfig()) -> Artifact:
-    return store.get_or_build(
-        tokenizer_spec(corpus, config), lambda work: fit_tokenizer(corpus.file(CORPUS_FILE), work, config)
-    )
-
-
-def resolve_tokenizer(store: Store, ref: str) -> Artifact:
-    """A pinned tokenizer by ref ("tokenizer/KEY"), so a grown corpus is re-sharded with the
-    same vocabulary instead of a refitted one."""
-    artifact = store.get(ref)
-    if artifact is None or artifact.kind != "tokenizer":
-        raise ArtifactError(
-            f"no tokenizer artifact {ref!r} in the store at {store.root}; pin a ref listed by "
-            f"`medlm store ls tokenizer`, or leave it unset to fit one from the corpus"
-        )
-    return artifact
-
-
-@task(name="fit-tokenizer")
-def fit_tokenizer_task(store: Store, corpus: Artifact, config: TokenizerConfig = TokenizerConfig()) -> Artifact:
-    return fit(store, corpus, config)
+TOKENIZER = Stage(
+    name="tokenizer",
+    version="2",
+    config=TokenizerConfig,
+    inputs={"corpus": Input("corpus")},
+    build=build_tokenizer,
+)

@@ -1,0 +1,107 @@
+"""Checkpoint folders: written atomically, loaded without unpickling anything untrusted.
+
+A run folder holds ``ckpt_NNNNNNN/`` folders (``model.safetensors``, ``config.json`` with the
+model and training config, ``optimizer.pt``, ``state.json`` with the step and the data position)
+and a ``latest`` pointer. A checkpoint only gets its final name once complete, so a folder with
+that name is always whole. A checkpoint artifact (pretrain, finetune) holds the same
+``model.safetensors`` + ``config.json`` + ``state.json`` at its top level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from model.model import ModelConfig, Transformer
+from storage import write_text_atomic
+
+CHECKPOINT_PREFIX = "ckpt_"
+LATEST = "latest"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)  # what a checkpoint artifact keeps
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its final name once complete)."""
+    return sorted(p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / LATEST
+    if pointer.is_file():
+        named = out_dir / pointer.read_text().strip()
+        if (named / STATE_FILE).is_file():
+            return named
+    found = checkpoint_dirs(out_dir)
+    return found[-1] if found else None
+
+
+def remove_unfinished(out_dir: Path) -> None:
+    """Delete the temporary folders of saves that a killed run left behind."""
+    for stale in out_dir.glob(f".tmp_{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(stale)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer, config: dict, state: dict, keep_last: int) -> Path:
+    """Write ckpt_{step} under a temporary name, fsync it, rename it into place, prune old ones."""
+    name = checkpoint_name(step)
+    tmp = out_dir / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(model, str(tmp / WEIGHTS_FILE))
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    final = out_dir / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    write_text_atomic(out_dir / LATEST, name + "\n")
+    for old in checkpoint_dirs(out_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint_config(checkpoint_dir: str | Path) -> dict:
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; pass a ckpt_NNNNNNN folder or a checkpoint artifact folder")
+    return json.loads(path.read_text())
+
+
+def load_state(checkpoint_dir: Path) -> dict:
+    return json.loads((checkpoint_dir / STATE_FILE).read_text())
+
+
+def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> None:
+    """Our weights into ``model`` (safetensors: nothing is unpickled)."""
+    load_safetensors(model, str(Path(checkpoint_dir) / WEIGHTS_FILE), device=str(device))
+
+
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """The network saved in a checkpoint folder."""
+    cfg = ModelConfig.from_dict(load_checkpoint_config(checkpoint_dir)["model"])
+    model = Transformer(cfg)
+    load_weights(model, checkpoint_dir, device)
+    return model.to(device)
+
+
+def load_optimizer_state(checkpoint_dir: Path, optimizer, device: torch.device) -> None:
+    # weights_only: tensors and plain containers only; a pickled object in the file raises.
+    optimizer.load_state_dict(torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=device, weights_only=True))
