@@ -1,161 +1,286 @@
-"""The `medlm` command. Imports stay inside the commands so `medlm --help` needs neither prefect nor torch."""
+"""The `medlm` command.
+
+Each flow command's options are generated from the flow's parameters: a config dataclass
+parameter gives one option per field (``--vocab-size``; ``--tokenizer.vocab-size`` where two
+configs share a field name), a plain parameter gives ``--corpus-ref``. ``--config FILE|NAME``
+reads a run configuration (flows/configs/*.toml) first; options given override it. Flows are
+imported only by the command that runs them, so ``medlm --help`` needs neither prefect nor torch.
+
+A user error prints one line, ``error: ...``, and exits with status 2; ``--debug`` (or
+MEDLM_DEBUG=1) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import logging
+import os
+import sys
+import typing
 from pathlib import Path
-from typing import Optional
-
-import typer
 
 from flows.settings import apply_prefect_defaults
+from storage.config import ConfigError, add_config_options, config_values, make_config, read_run_config
 
-app = typer.Typer(help="medlm: train a medical language model from PubMed, as a Prefect pipeline.", no_args_is_help=True)
-store_app = typer.Typer(help="Inspect the artifact store.", no_args_is_help=True)
-app.add_typer(store_app, name="store")
+FLOWS = {  # command -> (flow, what it does)
+    "ingest": ("flows.ingest:ingest", "Download, parse and snapshot PubMed into the store."),
+    "tokenize": ("flows.tokenize:tokenize", "Fit the tokenizer on a corpus snapshot and write uint16 token shards."),
+    "retrain": ("flows.retrain:retrain", "Pretrain on token shards and register the checkpoint in the store."),
+    "pipeline": ("flows.pipeline:pipeline", "The whole pipeline: ingest, tokenize, pretrain."),
+}
+OTHER_COMMANDS = {
+    "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
+    "train": "Pretrain without Prefect (the flags of `python -m model.train`; try `medlm train --help`).",
+    "export-hf": "Export a checkpoint so transformers' AutoModelForCausalLM / AutoTokenizer load it.",
+    "store": "Inspect the artifact store: ls, verify, purge.",
+    "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
+}
 
-StoreOption = typer.Option(None, "--store", envvar="MEDLM_STORE", help="Artifact store root [default: ./.medlm/store].")
+
+class UsageError(Exception):
+    """What the user asked for cannot be done as asked; the message says what to do instead."""
 
 
-def _store(root: Optional[Path]):
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEDLM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        _dispatch(argv, debug)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip() or type(error).__name__
+    if not isinstance(error, (ValueError, OSError, UsageError, RuntimeError, LookupError)) or isinstance(error, KeyError):
+        message = f"{type(error).__name__}: {message} (a bug? run again with --debug for the traceback)"
+    return " ".join(message.split())
+
+
+def _dispatch(argv: list[str], debug: bool) -> None:
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    if command in FLOWS or command == "demo":
+        apply_prefect_defaults()
+        if not debug:
+            _console_without_tracebacks()
+        return _run_flow(command, argv[1:]) if command in FLOWS else _demo(argv[1:])
+    if command == "train":
+        from model.train import main as train_main
+
+        _refuse_output_in_store(_value_of("--out", argv[1:]))
+        train_main(argv[1:], prog="medlm train")
+        return
+    if command == "export-hf":
+        return _export_hf(argv[1:])
+    if command == "store":
+        return _store(argv[1:])
+    if command == "lineage":
+        return _lineage(argv[1:])
+    parser = argparse.ArgumentParser(prog="medlm", description="medlm: train a medical language model from PubMed, as a Prefect pipeline.")
+    parser.add_argument("command", choices=[*FLOWS, *OTHER_COMMANDS], metavar="COMMAND")
+    parser.epilog = "commands:\n" + "\n".join(
+        f"  {name:<10} {text}" for name, text in [*((n, d) for n, (_, d) in FLOWS.items()), *OTHER_COMMANDS.items()]
+    ) + "\n\n`medlm COMMAND --help` lists a command's options. --debug shows tracebacks."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.parse_args(argv or ["--help"])
+
+
+def _console_without_tracebacks() -> None:
+    """Prefect logs a failed run's traceback; on the console the one-line error says it all. The
+    run's logs in the UI keep it: only the console's formatter (PrefectFormatter) changes, not
+    the API log handler's."""
+    from prefect.logging.formatters import PrefectFormatter
+
+    format_record = PrefectFormatter.format
+
+    def without_traceback(self, record: logging.LogRecord) -> str:
+        # A copy: the API handler may already have cached the traceback text on the record.
+        return format_record(self, logging.makeLogRecord(record.__dict__ | {"exc_info": None, "exc_text": None}))
+
+    PrefectFormatter.format = without_traceback
+
+
+# -- flows ------------------------------------------------------------------------------------------
+
+
+def _load_flow(command: str):
+    apply_prefect_defaults()
+    module, name = FLOWS[command][0].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def flow_parameters(flow) -> tuple[dict[str, type], dict[str, str]]:
+    """The flow's config parameters (name -> dataclass) and its plain parameters (name -> description)."""
+    hints = typing.get_type_hints(flow.fn, include_extras=True)
+    hints.pop("return", None)
+    configs = {name: cls for name, cls in hints.items() if hasattr(cls, "__pydantic_fields__")}
+    plain = {name: _description(hint) for name, hint in hints.items() if name not in configs}
+    return configs, plain
+
+
+def _description(hint) -> str:
+    return next((m.description for m in getattr(hint, "__metadata__", ()) if getattr(m, "description", None)), "")
+
+
+def _flow_parser(command: str, flow) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"medlm {command}", description=flow.fn.__doc__ or FLOWS[command][1])
+    parser.add_argument("--config", metavar="FILE|NAME", help="Run configuration: a TOML file or a name in flows/configs (demo, base-1xh100).")
+    configs, plain = flow_parameters(flow)
+    for name, description in plain.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="REF", help=description)
+    field_counts: dict[str, int] = {}
+    for cls in configs.values():
+        for field_name in cls.__pydantic_fields__:
+            field_counts[field_name] = field_counts.get(field_name, 0) + 1
+    for name, cls in configs.items():
+        shared = any(field_counts[f] > 1 for f in cls.__pydantic_fields__)
+        add_config_options(parser, name, cls, qualified=shared)
+    return parser
+
+
+def flow_arguments(flow, args: argparse.Namespace) -> dict:
+    """The flow's keyword arguments: the run configuration's tables, overridden by the options given."""
+    configs, plain = flow_parameters(flow)
+    tables = read_run_config(args.config) if args.config else {}
+    known = set(flow_parameters(_load_flow("pipeline"))[0]) | set(configs)
+    if unknown := sorted(set(tables) - known):
+        raise ConfigError(f"{args.config}: unknown table(s) {unknown}; run configurations have tables {sorted(known)}")
+    kwargs = {name: make_config(cls, tables.get(name, {}) | config_values(args, name), where=name) for name, cls in configs.items()}
+    kwargs |= {name: getattr(args, name) for name in plain if getattr(args, name) is not None}
+    return kwargs
+
+
+def _run_flow(command: str, argv: list[str]):
+    flow = _load_flow(command)
+    args = _flow_parser(command, flow).parse_args(argv)
+    result = flow(**flow_arguments(flow, args))
+    print("\n".join(result) if isinstance(result, list) else result)
+    return result
+
+
+def _demo(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
+    parser.parse_args(argv)
+    refs = _run_flow("pipeline", ["--config", "demo"])
+    from storage import Store
+    from storage.lineage import lineage, table
+
+    store = Store()
+    print(f"\nDemo outputs are in {store.root.resolve()}:\n")
+    print(table(*(lineage(store, ref) for ref in refs)))
+    print(f"\nTrace any of them with: medlm lineage {refs[-1]}")
+
+
+# -- the store ----------------------------------------------------------------------------------------
+
+
+def _store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, help="Artifact store root [default: $MEDLM_STORE or ./.medlm/store].")
+
+
+def _open_store(args):
     from storage import Store
 
-    return Store(root)
+    return Store(args.store)
 
 
-@store_app.command("ls")
-def store_ls(kind: Optional[str] = typer.Argument(None, help="Only this kind (download, parsed, corpus, ...)."), store: Optional[Path] = StoreOption):
-    """List the complete artifacts in the store."""
-    artifacts = _store(store).ls(kind)
-    if not artifacts:
-        typer.echo(f"no artifacts in {_store(store).root}")
-        return
-    from storage import summary_line
+def _store(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medlm store", description=OTHER_COMMANDS["store"])
+    sub = parser.add_subparsers(dest="action", required=True)
+    ls = sub.add_parser("ls", help="List the complete artifacts, and what is in quarantine.")
+    ls.add_argument("kind", nargs="?", help="Only this kind (download, parse, corpus, ...).")
+    verify = sub.add_parser("verify", help="Re-hash every file of an artifact against its manifest.")
+    verify.add_argument("ref")
+    purge = sub.add_parser("purge", help="Delete the artifacts in quarantine (moved aside after failing a check).")
+    for p in (ls, verify, purge):
+        _store_argument(p)
+    args = parser.parse_args(argv)
+    store = _open_store(args)
+    if args.action == "ls":
+        from storage.lineage import summary_line
 
-    for a in artifacts:
-        typer.echo(f"{a.ref:<40} {summary_line(a.summary)}")
-
-
-@store_app.command("verify")
-def store_verify(ref: str, store: Optional[Path] = StoreOption):
-    """Re-hash every file of an artifact against its manifest."""
-    problems = _store(store).problems(ref)
-    for problem in problems:
-        typer.echo(problem, err=True)
-    if problems:
-        raise typer.Exit(1)
-    typer.echo(f"{ref}: ok")
-
-
-@app.command()
-def lineage(ref: str, store: Optional[Path] = StoreOption, as_json: bool = typer.Option(False, "--json", help="Nested JSON instead of a tree.")):
-    """Show where an artifact came from, down to the source XML files and their md5s."""
-    s = _store(store)
-    s.require(ref)
-    if as_json:
-        typer.echo(json.dumps(s.lineage(ref), indent=2))
+        artifacts = store.ls(args.kind)
+        for a in artifacts:
+            print(f"{a.ref:<40} {a.label or summary_line(a.summary)}")
+        if not artifacts:
+            print(f"no artifacts in {store.root}")
+        quarantined = store.quarantined()
+        if quarantined:
+            print(f"\nquarantined (failed a check; kept, not used; `medlm store purge` deletes them):")
+            for item in quarantined:
+                print(f"{item['ref']:<40} {item['path']}  {item['reasons'][0]}")
+    elif args.action == "verify":
+        problems = store.problems(args.ref)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            sys.exit(1)
+        print(f"{args.ref}: ok")
     else:
-        typer.echo("\n".join(s.lineage_lines(ref)))
+        removed = store.purge_quarantine()
+        print(f"deleted {len(removed)} quarantined artifact(s)" + "".join(f"\n  {item['path']}" for item in removed))
 
 
-@app.command()
-def ingest(
-    source: str = typer.Option("https://ftp.ncbi.nlm.nih.gov/pubmed", help="NCBI's PubMed URL, or a local mirror folder with the same layout."),
-    folder: list[str] = typer.Option(["baseline", "updatefiles"], help="Remote folders to read (repeat)."),
-    baseline_limit: Optional[int] = typer.Option(None, help="Only the first N baseline files."),
-    updates_after: Optional[int] = typer.Option(None, help="Only update files after this sequence number."),
-    name: list[str] = typer.Option([], help="Only these file names (repeat)."),
-    store: Optional[Path] = StoreOption,
-):
-    """Download, parse and snapshot PubMed into the store."""
-    apply_prefect_defaults()
-    from flows.ingest import ingest as ingest_flow
+def _lineage(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medlm lineage", description=OTHER_COMMANDS["lineage"])
+    parser.add_argument("ref", help="An artifact ref, e.g. pretrain/3f9a...")
+    parser.add_argument("--json", action="store_true", help="Nested JSON instead of a tree.")
+    _store_argument(parser)
+    args = parser.parse_args(argv)
+    from storage.lineage import lineage, tree_lines
 
-    ref = ingest_flow(
-        source=source,
-        folders=tuple(folder),
-        baseline_limit=baseline_limit,
-        updates_after=updates_after,
-        names=name or None,
-        store_root=str(store) if store else None,
-    )
-    typer.echo(ref)
+    store = _open_store(args)
+    root = lineage(store, store.require(args.ref).ref)
+    print(json.dumps(root.as_dict(), indent=2) if args.json else "\n".join(tree_lines(root)))
 
 
-@app.command()
-def tokenize(
-    corpus: Optional[str] = typer.Option(None, help="Corpus snapshot ref [default: the newest]."),
-    tokenizer: Optional[str] = typer.Option(None, help="Re-use this tokenizer ref instead of fitting one."),
-    vocab_size: int = typer.Option(32_000, help="BPE vocabulary size, specials included."),
-    max_documents: Optional[int] = typer.Option(None, help="Fit the tokenizer on a deterministic sample of this many documents."),
-    shard_tokens: int = typer.Option(2**28, help="Tokens per train shard."),
-    store: Optional[Path] = StoreOption,
-):
-    """Fit the tokenizer on a corpus snapshot and write the uint16 token shards (the `corpus` flow)."""
-    apply_prefect_defaults()
-    from flows.corpus import corpus as corpus_flow
-
-    typer.echo(
-        corpus_flow(
-            corpus_ref=corpus, tokenizer_ref=tokenizer, vocab_size=vocab_size, max_documents=max_documents,
-            shard_tokens=shard_tokens, store_root=str(store) if store else None,
-        )
-    )
+# -- writing outside the store --------------------------------------------------------------------------
 
 
-@app.command()
-def retrain(
-    shards: Optional[str] = typer.Option(None, help="Shards ref [default: the newest]."),
-    preset: str = typer.Option("tiny", help="Model preset: tiny, small, base, gpt2."),
-    steps: int = typer.Option(200),
-    batch_size: int = typer.Option(8, help="Micro-batch per process."),
-    tokens_per_step: Optional[int] = typer.Option(None, help="Global batch in tokens (gradient accumulation)."),
-    lr: float = typer.Option(3e-4),
-    devices: int = typer.Option(1, help="GPUs; more than one launches torchrun."),
-    store: Optional[Path] = StoreOption,
-):
-    """Pretrain on token shards as a Prefect flow, registering the checkpoint in the store (the `retrain` flow)."""
-    apply_prefect_defaults()
-    from flows.retrain import retrain as retrain_flow
-
-    typer.echo(
-        retrain_flow(
-            shards_ref=shards, preset=preset, steps=steps, batch_size=batch_size, tokens_per_step=tokens_per_step,
-            lr=lr, devices=devices, store_root=str(store) if store else None,
-        )
-    )
+def _value_of(option: str, argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-def train(ctx: typer.Context):
-    """Pretrain without Prefect: takes the flags of `python -m model.train` (try `medlm train --help`)."""
-    from model.train import main
+def _refuse_output_in_store(path: str | os.PathLike | None) -> None:
+    """Nothing but the store writes inside the store: published artifacts are immutable."""
+    if path is None:
+        return
+    from storage import Store
 
-    main(ctx.args, prog="medlm train")
-
-
-@app.command("export-hf")
-def export_hf(
-    checkpoint: Path = typer.Argument(..., help="A ckpt_NNNNNNN folder or a checkpoint artifact folder."),
-    out: Path = typer.Argument(..., help="Folder to write the Hugging Face model into."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder to copy in (a checkpoint artifact already has one)."),
-):
-    """Export a checkpoint so transformers' AutoModelForCausalLM / AutoTokenizer load it."""
-    from model.export_hf import TOKENIZER_FILES, export_hf as export
-
-    if tokenizer is None and all((checkpoint / name).is_file() for name in TOKENIZER_FILES):
-        tokenizer = checkpoint
-    typer.echo(export(checkpoint, out, tokenizer))
+    target, store = Path(path).resolve(), Store()
+    inside_artifact = any((folder / "manifest.json").is_file() for folder in [target, *target.parents])
+    if store.contains(target) or inside_artifact:
+        raise UsageError(f"{path} is inside the artifact store ({store.root}); published artifacts are read-only: write to a folder outside it")
 
 
-@app.command()
-def demo(store: Optional[Path] = StoreOption):
-    """Run the whole pipeline on the sample data that ships with the repository (CPU, tiny presets)."""
-    apply_prefect_defaults()
-    from flows.demo import built_table, demo as demo_flow
+def _export_hf(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medlm export-hf", description=OTHER_COMMANDS["export-hf"])
+    parser.add_argument("checkpoint", type=Path, help="A checkpoint artifact folder or a ckpt_NNNNNNN folder.")
+    parser.add_argument("out", type=Path, help="Folder to write the Hugging Face model into (outside the store).")
+    parser.add_argument("--tokenizer", type=Path, help="Tokenizer folder to copy in (a checkpoint artifact already has one).")
+    args = parser.parse_args(argv)
+    _refuse_output_in_store(args.out)
+    from model.export_hf import export_hf
+    from storage.formats import TOKENIZER_FILES
 
-    refs = demo_flow(store_root=str(store) if store else None)
-    s = _store(store)
-    typer.echo(f"\nDemo outputs are in {s.root.resolve()}:\n")
-    typer.echo(built_table(s, refs))
-    typer.echo(f"\nTrace any of them with: medlm lineage {refs[-1]}")
+    tokenizer = args.tokenizer
+    if tokenizer is None and all((args.checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = args.checkpoint
+    print(export_hf(args.checkpoint, args.out, tokenizer))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,15 +6,15 @@ update files and rebuilds the snapshot, and a run killed half-way redoes only un
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stage import asset_key, materializing
-from storage import Store
-from tasks.corpus import CorpusFilters, snapshot_task
-from tasks.download import DEFAULT_BASE_URL, RemoteFile, download_task, list_remote_task
-from tasks.parse import parse_task
+from flows.stage import run_stage, submit
+from tasks.corpus import CORPUS, CorpusConfig
+from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
+from tasks.parse import PARSE, ParseConfig
 
 
 class IngestIncomplete(RuntimeError):
@@ -23,59 +23,61 @@ class IngestIncomplete(RuntimeError):
     The other files are in the store, so the next run redoes only the failed ones."""
 
 
-@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def ingest(
-    source: str = DEFAULT_BASE_URL,
-    folders: tuple[str, ...] = ("baseline", "updatefiles"),
-    baseline_limit: int | None = None,
-    updates_after: int | None = None,
-    names: list[str] | None = None,
-    filters: CorpusFilters = CorpusFilters(),
-    store_root: str | None = None,
-) -> str:
-    """Bring the corpus snapshot up to date with ``source`` (NCBI's URL or a local mirror); returns its ref."""
-    log = get_run_logger()
-    store = Store(store_root)
-    remotes: list[RemoteFile] = list_remote_task(
-        source, folders=folders, baseline_limit=baseline_limit, updates_after=updates_after, names=names
-    )
-    log.info("%d files selected from %s", len(remotes), source)
-    if not remotes:
-        raise ValueError(
-            f"no PubMed files selected at {source} (folders={list(folders)}, baseline_limit={baseline_limit}, "
-            f"updates_after={updates_after}, names={names}); a snapshot needs at least one"
-        )
+def _listing_may_heal(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as error:
+        return is_transient(error)
+    return False
 
-    parsed_futures = {}
+
+list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seconds=30, retry_condition_fn=_listing_may_heal)
+
+
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig()) -> str:
+    """Bring the corpus snapshot up to date with the source (NCBI or a mirror); returns its ref."""
+    log = get_run_logger()
+    remotes = list_remote(source)
+    log.info("%d files selected from %s", len(remotes), source.source)
+    if not remotes:
+        raise ValueError(f"no PubMed files selected at {source.source} with {source}; a snapshot needs at least one")
+
+    chains = {}
     for remote in remotes:
-        download = materializing(download_task, asset_key("pubmed", remote.name), task_run_name=f"download {remote.name}")
-        parse = materializing(
-            parse_task, asset_key("parsed", remote.name), [asset_key("pubmed", remote.name)], task_run_name=f"parse {remote.name}"
-        )
-        parsed_futures[remote.name] = parse.submit(store, download.submit(store, remote))
+        downloaded = submit(DOWNLOAD, {}, remote, label=remote.name)
+        chains[remote.name] = (downloaded, submit(PARSE, {"download": downloaded}, ParseConfig(), label=remote.name))
 
     parsed, failures = [], {}
-    for name, future in parsed_futures.items():
-        future.wait()
-        if future.state.is_completed():
-            parsed.append(future.result())
+    for name, (downloaded, parsing) in chains.items():
+        parsing.wait()
+        if parsing.state.is_completed():
+            parsed.append(parsing.result())
         else:
-            failures[name] = future.state.message or future.state.name
+            failures[name] = _first_failure(downloaded, parsing)
     if failures:
-        lines = "\n".join(f"| `{name}` | {reason} |" for name, reason in sorted(failures.items()))
+        rows = "\n".join(f"| `{name}` | {reason} |" for name, reason in sorted(failures.items()))
         create_markdown_artifact(
             key="ingest-failures",
-            markdown=f"# Files that failed\n\n| file | error |\n| --- | --- |\n{lines}\n\n"
+            markdown=f"# Files that failed\n\n| file | error |\n| --- | --- |\n{rows}\n\n"
             f"No snapshot was built; the other {len(parsed)} files are in the store for the next run.",
         )
         raise IngestIncomplete(
             f"{len(failures)} of {len(remotes)} files failed, so no snapshot was built "
-            f"(the other {len(parsed)} are stored): " + "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
+            f"(the other {len(parsed)} are stored; a rerun redoes only the failed ones): "
+            + "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
         )
 
-    snapshot = materializing(
-        snapshot_task, asset_key("corpus"), [asset_key("parsed", a.params["source_file"]) for a in parsed], task_run_name="corpus-snapshot"
-    )
-    corpus = snapshot.submit(store, parsed, filters).result()
-    log.info("corpus snapshot %s: %s documents from %d files", corpus.ref, f"{corpus.summary['documents']:,}", len(parsed))
-    return corpus.ref
+    snapshot = run_stage(CORPUS, {"parsed": parsed}, corpus)
+    log.info("corpus snapshot %s: %s documents from %d files", snapshot.ref, f"{snapshot.summary['documents']:,}", len(parsed))
+    return snapshot.ref
+
+
+def _first_failure(*chain: PrefectFuture) -> str:
+    """What went wrong first in a file's chain of tasks, as the exception says it (not "upstream failed")."""
+    for future in chain:
+        future.wait()
+        if not future.state.is_completed():
+            error = future.state.result(raise_on_failure=False)
+            return str(error) if isinstance(error, BaseException) else (future.state.message or future.state.name)
+    return "unknown failure"

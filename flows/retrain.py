@@ -1,32 +1,27 @@
-"""retrain: pretrain a model on an existing shards artifact (the GPU work pool runs this)."""
+"""retrain: pretrain a model on a shards artifact (the GPU work pool runs this)."""
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from typing import Annotated
 
-from flows.stage import asset_key, materializing
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from flows.stage import run_stage
 from model.train import TrainConfig
 from storage import Store
-from tasks.pretrain import pretrain_task, tokenizer_ref
+from tasks.pretrain import PRETRAIN, shards_tokenizer
 
 
 @flow(name="retrain")
 def retrain(
-    shards_ref: str | None = None,
-    preset: str = "tiny",
-    steps: int = 200,
-    batch_size: int = 8,
-    tokens_per_step: int | None = None,
-    lr: float = 3e-4,
-    devices: int = 1,
-    store_root: str | None = None,
+    train: TrainConfig = TrainConfig(),
+    shards_ref: Annotated[str | None, Field(description="Token shards to train on, e.g. shards/3f9a... (unset: the newest).")] = None,
 ) -> str:
-    """Train ``preset`` for ``steps`` on the shards ``shards_ref`` (default: the newest); returns the checkpoint's ref."""
-    store = Store(store_root)
+    """Train on the shards ``shards_ref`` (default: the newest) and their tokenizer; returns the checkpoint's ref."""
+    store = Store()
     shards = store.require(shards_ref) if shards_ref else store.newest("shards")
-    tokenizer = store.require(tokenizer_ref(shards))
-    config = TrainConfig(preset=preset, max_steps=steps, batch_size=batch_size, tokens_per_step=tokens_per_step, lr=lr)
-    run = materializing(pretrain_task, asset_key("checkpoint"), [asset_key("shards"), asset_key("tokenizer")])
-    checkpoint = run.submit(store, shards, tokenizer, config, devices).result()
+    tokenizer = store.require(shards_tokenizer(shards))
+    checkpoint = run_stage(PRETRAIN, {"shards": shards, "tokenizer": tokenizer}, train)
     get_run_logger().info("checkpoint %s: %s", checkpoint.ref, checkpoint.summary)
     return checkpoint.ref

@@ -1,45 +1,68 @@
-"""Stage tasks as Prefect materializations, with the artifact store as the only cache."""
+"""Stages as Prefect tasks, derived from their declarations (``storage.stage.Stage``).
+
+    downloaded = submit(DOWNLOAD, {}, remote, label=remote.name)
+    parsed = submit(PARSE, {"download": downloaded}, ParseConfig(), label=remote.name)
+
+Each stage is one task named after it, materializing the asset ``medlm://<stage>``; its asset
+dependencies come from its inputs (Prefect infers them from upstream futures; an input given as
+an artifact adds its kind's asset). The artifact store is the only cache: a stage whose artifact
+is already stored ends ``Cached`` (and, as nothing new was made, emits no asset event); one that
+builds it attaches the artifact's ref, label, parents and counts to the materialization event.
+Where the store lives is the process's setting (``MEDLM_STORE``), never a run parameter.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
+from prefect.artifacts import create_table_artifact
 from prefect.assets import Asset, add_asset_metadata
+from prefect.futures import PrefectFuture
 from prefect.states import Completed
-from prefect.tasks import MaterializingTask, Task
+from prefect.tasks import MaterializingTask
 
-from storage import Artifact
+from storage import Artifact, Stage, Store
 
-
-def asset_key(*parts: str) -> str:
-    """The Prefect asset for an artifact role, e.g. asset_key("corpus") -> "medlm://corpus"."""
-    return "medlm://" + "/".join(parts)
+ASSET_SCHEME = "medlm://"
 
 
-def materializing(task: Task, asset: str, deps: Sequence[str] = (), **options) -> MaterializingTask:
-    """``task`` as a materialization of ``asset`` that depends on ``deps``.
+def asset_key(stage_name: str) -> str:
+    """The Prefect asset of a stage's artifacts: medlm://corpus."""
+    return ASSET_SCHEME + stage_name
 
-    The store decides whether work is needed: when the stage found its artifact already built,
-    the run ends Cached (Prefect then emits no asset event, as nothing new was made); when it
-    built it, the artifact's ref and summary become the materialization's metadata. Run it with
-    ``.submit()``: called directly, a task that returns a State hands back the State itself.
-    """
 
-    @functools.wraps(task.fn)
-    def run(*args, **kwargs):
-        artifact: Artifact = task.fn(*args, **kwargs)
+@functools.cache
+def stage_task(stage: Stage) -> MaterializingTask:
+    """The Prefect task that runs ``stage`` through the store."""
+
+    def run(inputs: dict, config) -> Artifact:
+        artifact = stage.run(Store(), inputs, config)
+        if stage.report is not None:
+            create_table_artifact(
+                key=stage.name, table=stage.report(artifact), description=f"{stage.name} {artifact.ref}: {artifact.label or ''}"
+            )
         if artifact.reused:
             return Completed(name="Cached", message=f"{artifact.ref} was already in the store", data=artifact)
-        add_asset_metadata(asset, {"ref": artifact.ref, "path": str(artifact.path), **artifact.summary})
+        metadata = {"ref": artifact.ref, "label": artifact.label, "parents": artifact.parents, "params": artifact.params}
+        add_asset_metadata(asset_key(stage.name), metadata | artifact.summary)
         return artifact
 
-    return MaterializingTask(
-        run,
-        assets=[Asset(key=asset)],
-        asset_deps=list(deps),
-        name=task.name,
-        retries=task.retries,
-        retry_delay_seconds=task.retry_delay_seconds,
-        **options,
-    )
+    run.__name__ = run.__qualname__ = stage.name
+    return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, retries=0)
+
+
+def submit(stage: Stage, inputs: dict, config, *, label: str | None = None) -> PrefectFuture:
+    """Start ``stage`` on ``inputs`` (artifacts or futures of other stages); the future of its Artifact.
+
+    Run it this way, not by calling the task: called directly, a task whose function returns a
+    State (Cached) hands back the State itself.
+    """
+    given = [value for v in inputs.values() for value in (v if isinstance(v, list) else [v])]
+    deps = sorted({asset_key(a.kind) for a in given if isinstance(a, Artifact)})
+    task = stage_task(stage).with_options(task_run_name=f"{stage.name} {label}" if label else stage.name, asset_deps=deps or None)
+    return task.submit(inputs, config)
+
+
+def run_stage(stage: Stage, inputs: dict, config, *, label: str | None = None) -> Artifact:
+    """``submit`` and wait: the stage's artifact (its exception, if the stage failed)."""
+    return submit(stage, inputs, config, label=label).result()

@@ -14,12 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from deployments.serve import wait_healthy
 from flows.settings import prefect_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,15 +72,7 @@ def prefect_server():
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
     )
     url = os.environ["PREFECT_API_URL"]
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"Prefect server did not start; log: {(_PREFECT_HOME / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    wait_healthy(url, server, _PREFECT_HOME / "server.log")
     yield url
     from prefect.logging.handlers import APILogWorker
 
@@ -101,18 +92,24 @@ def session_store(tmp_path_factory):
     return Store(tmp_path_factory.mktemp("session") / "store")
 
 
+def build_corpus(store, config=None, mirror: Path = MIRROR):
+    """The corpus snapshot of a mirror's files, built by the real stages (no Prefect)."""
+    from tasks.corpus import CORPUS, CorpusConfig
+    from tasks.download import DOWNLOAD, SourceConfig, select_files
+    from tasks.parse import PARSE, ParseConfig
+
+    downloads = [DOWNLOAD.run(store, {}, remote) for remote in select_files(SourceConfig(source=str(mirror)))]
+    parsed = [PARSE.run(store, {"download": d}, ParseConfig()) for d in downloads]
+    return CORPUS.run(store, {"parsed": parsed}, config or CorpusConfig())
+
+
 @pytest.fixture(scope="session")
 def corpus(session_store):
-    """The corpus snapshot of the two sample files, built by the real stages (no Prefect).
+    """The corpus snapshot of the two sample files. Kept broad (any language, any abstract
+    length) so later stages see all the real text: MathML, Greek letters, non-English abstracts."""
+    from tasks.corpus import CorpusConfig
 
-    Kept broad (any language, any abstract length) so later stages see all the real text:
-    MathML, Greek letters, non-English abstracts."""
-    from tasks.corpus import CorpusFilters, snapshot
-    from tasks.download import download, select_files
-    from tasks.parse import parse
-
-    parsed = [parse(session_store, download(session_store, remote)) for remote in select_files(MIRROR)]
-    return snapshot(session_store, parsed, CorpusFilters(min_abstract_chars=0, languages=()))
+    return build_corpus(session_store, CorpusConfig(min_abstract_chars=0, languages=()))
 
 
 TEST_VOCAB = 1_000
@@ -121,21 +118,26 @@ TEST_VOCAB = 1_000
 @pytest.fixture(scope="session")
 def documents(corpus) -> list[tuple[int, str]]:
     """(pmid, text) of every corpus document, in corpus order."""
-    from tasks.binarize import CORPUS_FILE, iter_corpus
+    from storage.formats import CORPUS_FILE, iter_corpus
 
     return [pair for pmids, texts in iter_corpus(corpus.file(CORPUS_FILE)) for pair in zip(pmids, texts)]
 
 
 @pytest.fixture(scope="session")
 def tokenizer(session_store, corpus):
-    """A small byte-level BPE fitted on the sample corpus."""
-    from tasks.tokenizer import TokenizerConfig, fit
+    """A small byte-level BPE fitted on the sample corpus, with val and test fractions large enough
+    that the ~2,000 documents give non-empty val and test splits."""
+    from tasks.tokenizer import TOKENIZER, TokenizerConfig
 
-    return fit(session_store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+    config = TokenizerConfig(vocab_size=TEST_VOCAB, val_fraction=0.05, test_fraction=0.05)
+    return TOKENIZER.run(session_store, {"corpus": corpus}, config)
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, monkeypatch):
+    """An empty store, which is also where flows run in this test put their artifacts (MEDLM_STORE:
+    where the store lives is the process's setting, never a run parameter)."""
     from storage import Store
 
+    monkeypatch.setenv("MEDLM_STORE", str(tmp_path / "store"))
     return Store(tmp_path / "store")

@@ -3,45 +3,129 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from typer.testing import CliRunner
+import pytest
 
-from conftest import MIRROR
-from flows.cli import app
+from conftest import build_corpus
+from flows.cli import main
 from storage import Store
-from tasks.corpus import snapshot
-from tasks.download import download, select_files
-from tasks.parse import parse
-
-runner = CliRunner()
 
 
-def test_store_ls_lineage_and_verify(tmp_path):
+def medlm(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `medlm ARGS` in-process: (exit status, stdout, stderr)."""
+    try:
+        main(list(args))
+        status = 0
+    except SystemExit as exit:
+        status = exit.code or 0
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_store_ls_lineage_verify_and_purge(tmp_path, capsys):
     store = Store(tmp_path / "store")
-    remotes = select_files(MIRROR)
-    parsed = [parse(store, download(store, remote)) for remote in remotes]
-    corpus = snapshot(store, parsed)
+    corpus = build_corpus(store)
     args = ["--store", str(store.root)]
 
-    listing = runner.invoke(app, ["store", "ls", *args])
-    assert listing.exit_code == 0, listing.output
-    assert corpus.ref in listing.output and listing.output.count("download/") == 2
+    status, listing, _ = medlm(capsys, "store", "ls", *args)
+    assert status == 0 and corpus.ref in listing and listing.count("download/") == 2
+    downloads = store.ls("download")
+    for download in downloads:
+        assert f"{download.ref:<40} {download.label}" in listing
 
-    tree = runner.invoke(app, ["lineage", corpus.ref, *args])
-    assert tree.exit_code == 0, tree.output
-    for remote in remotes:
-        assert f"{remote.name} md5={remote.md5}" in tree.output
-    as_json = json.loads(runner.invoke(app, ["lineage", corpus.ref, "--json", *args]).output)
-    assert {p["parents"][0]["params"]["file_name"] for p in as_json["parents"]} == {r.name for r in remotes}
+    status, tree, _ = medlm(capsys, "lineage", corpus.ref, *args)
+    assert status == 0
+    for download in downloads:
+        assert download.label in tree and download.label.startswith(download.params["name"] + " md5=" + download.params["md5"])
+    status, as_json, _ = medlm(capsys, "lineage", corpus.ref, "--json", *args)
+    names = {p["parents"][0]["params"]["name"] for p in json.loads(as_json)["parents"]}
+    assert names == {d.params["name"] for d in downloads}
 
-    assert runner.invoke(app, ["store", "verify", corpus.ref, *args]).exit_code == 0
+    assert medlm(capsys, "store", "verify", corpus.ref, *args)[0] == 0
     stats = corpus.file("stats.json")
+    stats.chmod(0o644)
     stats.write_text(stats.read_text().replace("1", "2"))  # same size, different bytes
-    broken = runner.invoke(app, ["store", "verify", corpus.ref, *args])
-    assert broken.exit_code == 1 and "stats.json: sha256 differs" in broken.output
+    status, _, err = medlm(capsys, "store", "verify", corpus.ref, *args)
+    assert status == 1 and "stats.json: sha256 differs" in err
+
+    # A stage about to read it quarantines it; ls shows it; purge removes it only when asked.
+    with pytest.raises(Exception, match="stats.json: sha256 differs"):
+        store.verified(corpus.ref)
+    status, listing, _ = medlm(capsys, "store", "ls", *args)
+    assert "quarantined" in listing and corpus.ref in listing.split("quarantined")[1]
+    status, out, _ = medlm(capsys, "store", "purge", *args)
+    assert status == 0 and "deleted 1 quarantined artifact" in out and store.quarantined() == []
 
 
-def test_unknown_ref_is_explained(tmp_path):
-    result = runner.invoke(app, ["lineage", "corpus/0123456789abcdef0123", "--store", str(tmp_path)])
-    assert result.exit_code != 0
-    assert "not in the store" in str(result.exception)
+MEDLM = Path(sys.executable).with_name("medlm")
+USER_ERRORS = [
+        (["lineage", "corpus/0123456789abcdef0123"], "corpus/0123456789abcdef0123 is not in the store"),
+        (["lineage", "corpus"], "invalid artifact ref 'corpus': expected KIND/KEY"),
+        (["retrain", "--max-steps", "0"], "train: max_steps: Input should be greater than or equal to 1"),
+        (["retrain", "--batch-size", "-3"], "train: batch_size: Input should be greater than or equal to 1"),
+        (["retrain", "--devices", "0"], "train: devices: Input should be greater than or equal to 1"),
+        (["retrain", "--shards-ref", "shards/0123456789abcdef0123"], "shards/0123456789abcdef0123 is not in the store"),
+        (["retrain", "--shards-ref", "../../etc/passwd"], "invalid artifact ref"),
+        (["ingest", "--baseline-limit", "-1"], "source: baseline_limit: Input should be greater than or equal to 0"),
+        (["tokenize", "--vocab-size", "3"], "tokenizer: vocab_size: Input should be greater than or equal to 260"),
+        (["tokenize", "--vocab-size", "70000"], "tokenizer: vocab_size: Input should be less than or equal to 65536"),
+        (["ingest", "--source", "ftp://example.org/pubmed"], "unsupported base 'ftp://example.org/pubmed'"),
+        (["ingest", "--source", "/no/such/mirror"], "/no/such/mirror/baseline is not a folder"),
+        (["pipeline", "--config", "no-such-config"], "no run configuration 'no-such-config'"),
+]
+
+
+def test_a_user_error_is_one_line_and_status_2(prefect_server, tmp_path):
+    """The installed command, as a user runs it (all cases at once: each process imports torch)."""
+    env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store")}
+    env.pop("MEDLM_DEBUG", None)
+    runs = [
+        (args, message, subprocess.Popen([str(MEDLM), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for args, message in USER_ERRORS
+    ]
+    for args, message, run in runs:
+        _, err = run.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert run.returncode == 2 and len(lines) == 1 and message in lines[0], (args, err[-2000:])
+        assert "Traceback" not in err, (args, err[-2000:])
+
+
+def test_preset_is_a_choice(capsys):
+    status, _, err = medlm(capsys, "retrain", "--preset", "huge")
+    assert status == 2 and "invalid choice: 'huge' (choose from 'tiny', 'small', 'base', 'gpt2')" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDLM_STORE", str(tmp_path / "store"))
+    with pytest.raises(Exception, match="is not in the store"):
+        main(["lineage", "corpus/0123456789abcdef0123", "--debug"])
+
+
+def test_export_refuses_to_write_inside_the_store(tmp_path, monkeypatch, capsys):
+    store = Store(tmp_path / "store")
+    monkeypatch.setenv("MEDLM_STORE", str(store.root))
+    corpus = build_corpus(store)
+    before = {p.name: p.stat().st_mtime_ns for p in corpus.path.iterdir()}
+    for out in (corpus.path, corpus.path / "hf", store.root / "exports"):
+        status, _, err = medlm(capsys, "export-hf", str(corpus.path), str(out))
+        assert status == 2 and "is inside the artifact store" in err
+    status, _, err = medlm(capsys, "train", "--shards", "S", "--out", str(store.root / "run"))
+    assert status == 2 and "is inside the artifact store" in err
+    assert {p.name: p.stat().st_mtime_ns for p in corpus.path.iterdir()} == before
+    assert store.problems(corpus.ref) == []
+
+
+def test_the_installed_command_works_in_an_empty_folder(tmp_path):
+    """Nothing pre-created, no Prefect settings: `medlm ingest` starts its own server under ./.medlm."""
+    from conftest import MIRROR
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}
+    run = subprocess.run([str(MEDLM), "ingest", "--source", str(MIRROR)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [corpus] = Store(tmp_path / ".medlm" / "store").ls("corpus")
+    assert run.stdout.strip().splitlines()[-1] == corpus.ref and corpus.summary["documents"] > 0
+    assert (tmp_path / ".medlm" / "prefect" / "prefect.db").is_file()

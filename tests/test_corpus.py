@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,10 +13,10 @@ import pytest
 from lxml import etree
 
 from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
-from tasks.corpus import CorpusFilters, build_snapshot
+from tasks.corpus import CorpusConfig, build_snapshot
 from tasks.parse import parse_xml_file
 
-KEEP_ALL = CorpusFilters(
+KEEP_ALL = CorpusConfig(
     require_abstract=False, min_abstract_chars=0, languages=(), drop_retracted=False, drop_duplicate_text=False
 )
 
@@ -90,7 +91,7 @@ def test_a_later_file_supersedes_and_deletions_apply_in_sequence_order(parsed_sa
 
 def test_default_filters_match_an_independent_count(parsed_samples, tmp_path):
     _, files = parsed_samples
-    filters = CorpusFilters()
+    filters = CorpusConfig()
     stats = build_snapshot([a for a, _ in files], [d for _, d in files], tmp_path, filters)
 
     # The same rules, computed row by row in Python from the parsed files.
@@ -127,7 +128,7 @@ def test_default_filters_match_an_independent_count(parsed_samples, tmp_path):
 def test_retraction_filters(parsed_samples, tmp_path):
     _, files = parsed_samples
     args = ([a for a, _ in files], [d for _, d in files])
-    strict = CorpusFilters(**{**KEEP_ALL.__dict__, "drop_retracted": True, "drop_retraction_notices": True})
+    strict = replace(KEEP_ALL, drop_retracted=True, drop_retraction_notices=True)
     build_snapshot(*args, tmp_path / "a", KEEP_ALL)
     build_snapshot(*args, tmp_path / "b", strict)
     plain, dropped = snapshot_rows(tmp_path / "a"), snapshot_rows(tmp_path / "b")
@@ -145,7 +146,7 @@ def test_exact_duplicate_text_keeps_the_lowest_pmid(parsed_samples, tmp_path):
     twin.find("MedlineCitation/PMID").text = "99999999"
     dup = parse_into(tmp_path, write_update(tmp_path / "dup.xml", [twin]), 1400)
     all_files = files + [dup]
-    filters = CorpusFilters(**{**KEEP_ALL.__dict__, "drop_duplicate_text": True})
+    filters = replace(KEEP_ALL, drop_duplicate_text=True)
     stats = build_snapshot([a for a, _ in all_files], [d for _, d in all_files], tmp_path / "out", filters)
     rows = snapshot_rows(tmp_path / "out")
     assert pmid_of(original) in rows and 99999999 not in rows

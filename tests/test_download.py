@@ -9,16 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import (
-    DownloadError,
-    RemoteFile,
-    download,
-    download_file,
-    download_spec,
-    list_folder,
-    list_remote_task,
-    select_files,
-)
+from dataclasses import replace
+
+from tasks.download import DOWNLOAD, DownloadError, RemoteFile, SourceConfig, download_file, list_folder
+from tasks.download import select_files as select
 from storage import Store
 from ncbi_server import HOSTILE_HREFS, WRONG_MD5, NcbiServer, Request, make_mirror
 
@@ -27,6 +21,18 @@ BASELINE = DATA / "baseline" / "pubmed20n0014.xml.gz"
 UPDATE = DATA / "updatefiles" / "pubmed21n1298.xml.gz"
 BASELINE_PATH = "/baseline/pubmed20n0014.xml.gz"
 FAST = {"backoff_s": 0.001, "timeout_s": 10}  # retries without waiting
+
+
+def select_files(source, **selection) -> list[RemoteFile]:
+    return select(SourceConfig(source=str(source), **selection))
+
+
+def download(store: Store, remote: RemoteFile, **retries):
+    return DOWNLOAD.run(store, {}, replace(remote, **(FAST | retries)))
+
+
+def fetch(remote: RemoteFile, dest: Path, **retries) -> Path:
+    return download_file(replace(remote, **(FAST | retries)), dest)
 
 
 def md5(path: Path) -> str:
@@ -90,7 +96,7 @@ def test_hostile_listing_entries_are_rejected_and_logged(server, caplog, tmp_pat
 
     # The rest of the listing is still ingested.
     [remote] = select_files(server.url, folders=("baseline",))
-    assert download(Store(tmp_path / "store"), remote, **FAST).file(remote.name).read_bytes() == BASELINE.read_bytes()
+    assert download(Store(tmp_path / "store"), remote).file(remote.name).read_bytes() == BASELINE.read_bytes()
 
 
 def test_hostile_local_entries_are_rejected_and_logged(tmp_path, caplog):
@@ -165,9 +171,10 @@ def test_bad_md5_file_is_an_error_naming_its_url(tmp_path, md5_text):
 
 def test_download_verifies_and_stores_an_artifact(server, store):
     remote = baseline_file(server)
-    artifact = download(store, remote, **FAST)
+    artifact = download(store, remote)
     assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
-    assert artifact.params == {"file_name": remote.name, "md5": md5(BASELINE), "folder": "baseline", "seq": 14}
+    assert artifact.params == {"name": remote.name, "md5": md5(BASELINE), "folder": "baseline", "seq": 14}
+    assert artifact.label == f"{remote.name} md5={md5(BASELINE)}"
     assert artifact.summary == {"bytes": BASELINE.stat().st_size}
     assert list(artifact.manifest["files"]) == [remote.name]  # no .part left behind
     assert store.problems(artifact.ref) == []
@@ -175,17 +182,17 @@ def test_download_verifies_and_stores_an_artifact(server, store):
 
 def test_rerun_downloads_nothing_and_the_source_is_not_in_the_key(server, store, mirror):
     remote = baseline_file(server)
-    first = download(store, remote, **FAST)
-    again = download(store, remote, **FAST)
+    first = download(store, remote)
+    again = download(store, remote)
     [local] = select_files(mirror, folders=("baseline",))
-    from_mirror = download(store, local, **FAST)
+    from_mirror = download(store, local)
     assert first.ref == again.ref == from_mirror.ref
     assert len(file_gets(server)) == 1
 
 
 def test_dropped_connection_resumes_with_range(server, store):
     server.faults.drop_after_bytes[BASELINE_PATH] = [300_000, 200_000]
-    artifact = download(store, baseline_file(server), **FAST)
+    artifact = download(store, baseline_file(server))
     assert [r.range for r in file_gets(server)] == [None, "bytes=300000-", "bytes=500000-"]
     assert artifact.file("pubmed20n0014.xml.gz").read_bytes() == BASELINE.read_bytes()
 
@@ -193,7 +200,7 @@ def test_dropped_connection_resumes_with_range(server, store):
 def test_connection_that_keeps_dropping_fails_and_keeps_the_part(server, tmp_path):
     server.faults.drop_after_bytes[BASELINE_PATH] = [1000] * 10
     with pytest.raises(DownloadError, match=r"pubmed20n0014\.xml\.gz: transfer failed: connection closed after 1000 of"):
-        download_file(baseline_file(server), tmp_path, attempts=3, **FAST)
+        fetch(baseline_file(server), tmp_path, attempts=3)
     assert len(file_gets(server)) == 3
     assert not (tmp_path / "pubmed20n0014.xml.gz").exists()
     assert (tmp_path / "pubmed20n0014.xml.gz.part").stat().st_size == 3000  # kept for the next run to resume
@@ -201,7 +208,7 @@ def test_connection_that_keeps_dropping_fails_and_keeps_the_part(server, tmp_pat
 
 def test_503_then_200(server, store):
     server.faults.status[BASELINE_PATH] = [503, 503]
-    artifact = download(store, baseline_file(server), **FAST)
+    artifact = download(store, baseline_file(server))
     assert len(file_gets(server)) == 3
     assert artifact.file("pubmed20n0014.xml.gz").read_bytes() == BASELINE.read_bytes()
 
@@ -210,7 +217,7 @@ def test_404_fails_at_once(server, tmp_path):
     remote = baseline_file(server)
     missing = RemoteFile("pubmed20n0099.xml.gz", "baseline", f"{server.url}/baseline/pubmed20n0099.xml.gz", remote.md5, 99)
     with pytest.raises(DownloadError, match=r"pubmed20n0099\.xml\.gz: HTTP 404 .*check the base URL"):
-        download_file(missing, tmp_path, **FAST)
+        fetch(missing, tmp_path)
     assert len(server.requests_for("/baseline/pubmed20n0099.xml.gz")) == 1
 
 
@@ -219,31 +226,31 @@ def test_wrong_md5_that_never_heals(server, store):
     remote = baseline_file(server)
     assert remote.md5 == WRONG_MD5
     with pytest.raises(DownloadError) as error:
-        download(store, remote, attempts=3, **FAST)
+        download(store, remote, attempts=3)
     message = str(error.value)
     assert "pubmed20n0014.xml.gz" in message and WRONG_MD5 in message and md5(BASELINE) in message
     assert [r.range for r in file_gets(server)] == [None, None, None]  # each retry from zero
-    assert store.get(download_spec(remote).ref) is None
+    assert store.get(DOWNLOAD.spec({}, remote).ref) is None
     assert not [p for p in store.root.rglob("pubmed20n0014.xml.gz*")]  # nothing that looks complete, no bad .part
 
 
 def test_killed_runs_part_is_resumed(server, store):
     remote = baseline_file(server)
     half = BASELINE.stat().st_size // 2
-    work = store.work_dir(download_spec(remote))
+    work = store.work_dir(DOWNLOAD.spec({}, remote))
     work.mkdir(parents=True)
     (work / f"{remote.name}.part").write_bytes(BASELINE.read_bytes()[:half])
-    artifact = download(store, remote, **FAST)
+    artifact = download(store, remote)
     assert file_gets(server) == [Request(BASELINE_PATH, f"bytes={half}-")]
     assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
 
 
 def test_verified_file_left_by_a_run_killed_before_its_manifest_is_kept(server, store):
     remote = baseline_file(server)
-    work = store.work_dir(download_spec(remote))
+    work = store.work_dir(DOWNLOAD.spec({}, remote))
     work.mkdir(parents=True)
     shutil.copyfile(BASELINE, work / remote.name)
-    artifact = download(store, remote, **FAST)
+    artifact = download(store, remote)
     assert file_gets(server) == []
     assert artifact.file(remote.name).read_bytes() == BASELINE.read_bytes()
 
@@ -251,14 +258,14 @@ def test_verified_file_left_by_a_run_killed_before_its_manifest_is_kept(server, 
 def test_complete_part_answered_416_is_verified(server, tmp_path):
     remote = baseline_file(server)
     (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes())
-    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert fetch(remote, tmp_path).read_bytes() == BASELINE.read_bytes()
     assert file_gets(server) == [Request(BASELINE_PATH, f"bytes={BASELINE.stat().st_size}-")]
 
 
 def test_bad_part_answered_416_is_fetched_again(server, tmp_path):
     remote = baseline_file(server)
     (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes() + b"trailing junk")
-    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert fetch(remote, tmp_path).read_bytes() == BASELINE.read_bytes()
     assert [r.range for r in file_gets(server)] == [f"bytes={BASELINE.stat().st_size + 13}-", None]
 
 
@@ -266,14 +273,14 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     server.faults.ignore_range.add(BASELINE_PATH)
     remote = baseline_file(server)
     (tmp_path / f"{remote.name}.part").write_bytes(b"stale bytes that must not be kept")
-    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert fetch(remote, tmp_path).read_bytes() == BASELINE.read_bytes()
     assert file_gets(server) == [Request(BASELINE_PATH, "bytes=33-")]  # answered 200: one request, no md5 retry
 
 
 def test_local_mirror_resumes_a_part(mirror, tmp_path):
     [remote] = select_files(mirror, folders=("baseline",))
     (tmp_path / f"{remote.name}.part").write_bytes(BASELINE.read_bytes()[:1000])
-    assert download_file(remote, tmp_path, **FAST).read_bytes() == BASELINE.read_bytes()
+    assert fetch(remote, tmp_path).read_bytes() == BASELINE.read_bytes()
     assert not (tmp_path / f"{remote.name}.part").exists()
 
 
@@ -281,16 +288,18 @@ def test_local_mirror_resumes_a_part(mirror, tmp_path):
 def test_listing_is_retried_after_a_5xx_but_not_for_a_name_that_is_not_listed(server):
     from prefect import flow
 
-    listing = list_remote_task.with_options(retry_delay_seconds=0)
+    from flows.ingest import list_remote
+
+    listing = list_remote.with_options(retry_delay_seconds=0)
 
     @flow
-    def list_updates(names: list[str] | None = None):
-        return listing(server.url, folders=("updatefiles",), names=names)
+    def list_updates(names: tuple[str, ...] = ()):
+        return listing(SourceConfig(source=server.url, folders=("updatefiles",), names=names))
 
     server.faults.status["/updatefiles/"] = [503]
     assert [f.name for f in list_updates()] == ["pubmed21n1298.xml.gz"]
     assert len(server.requests_for("/updatefiles/")) == 2
 
-    state = list_updates(names=["pubmed21n9999.xml.gz"], return_state=True)
+    state = list_updates(names=("pubmed21n9999.xml.gz",), return_state=True)
     assert state.is_failed() and "pubmed21n9999.xml.gz" in state.message
     assert len(server.requests_for("/updatefiles/")) == 3  # one try: a missing name does not heal

@@ -16,9 +16,12 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
-from flows.ingest import IngestIncomplete, ingest
-from ncbi_server import NcbiServer, make_mirror
-from storage import Store
+from flows.ingest import IngestIncomplete
+from flows.ingest import ingest as ingest_flow
+from ncbi_server import HOSTILE_HREFS, NcbiServer, make_mirror
+from storage.lineage import lineage, tree_lines
+from tasks.corpus import CorpusConfig
+from tasks.download import SourceConfig
 from test_corpus import real_articles, write_update
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -74,41 +77,49 @@ def asset_events(api_url: str, resource: str, wait_s: float = 30) -> list[dict]:
         time.sleep(0.5)
 
 
-def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, tmp_path, prefect_server):
-    store = Store(tmp_path / "store")
+def ingest(source, **kwargs):
+    return ingest_flow(SourceConfig(source=str(source), **kwargs.pop("selection", {})), **kwargs)
+
+
+def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, prefect_server):
     with NcbiServer(mirror) as server:
-        state = ingest(source=server.url, store_root=str(store.root), return_state=True)
+        server.faults.extra_listing["/updatefiles/"] = list(HOSTILE_HREFS)  # rejected and logged, never fatal
+        state = ingest(server.url, return_state=True)
         assert state.is_completed(), state.message
         corpus_ref = state.result()
         first_run = state.state_details.flow_run_id
 
-        lineage = "\n".join(store.lineage_lines(corpus_ref))
+        tree = "\n".join(tree_lines(lineage(store, corpus_ref)))
+        md5s = {}
         for name in ("pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"):
-            md5 = (mirror / ("baseline" if "20n" in name else "updatefiles") / f"{name}.md5").read_text().split("= ")[1].strip()
-            assert f"{name} md5={md5}" in lineage
+            md5s[name] = (mirror / ("baseline" if "20n" in name else "updatefiles") / f"{name}.md5").read_text().split("= ")[1].strip()
+            assert f"{name} md5={md5s[name]}" in tree
         states = task_run_states(first_run)
         assert {"medlm.download", "medlm.corpus"} <= run_log_names(first_run)  # stage progress reaches the UI
         assert states["download pubmed20n0014.xml.gz"] == "Completed"
         assert states["parse pubmed21n1298.xml.gz"] == "Completed"
         corpus_events = asset_events(prefect_server, "medlm://corpus")
         assert corpus_events and corpus_events[0]["payload"]["ref"] == corpus_ref
+        parsed_refs = {a.ref for a in store.ls("parse")}
+        assert set(corpus_events[0]["payload"]["parents"]) == parsed_refs  # the edges, with exact refs
         upstream = {r["prefect.resource.id"] for r in corpus_events[0]["related"] if r.get("prefect.resource.role") == "asset"}
-        assert upstream == {"medlm://parsed/pubmed20n0014.xml.gz", "medlm://parsed/pubmed21n1298.xml.gz"}
+        assert upstream == {"medlm://parse"}
+        download_events = asset_events(prefect_server, "medlm://download")
+        assert {e["payload"]["params"]["name"]: e["payload"]["params"]["md5"] for e in download_events} == md5s
 
         gets_before = len(server.requests_for(BASELINE_PATH)) + len(server.requests_for(UPDATE_PATH))
-        again = ingest(source=server.url, store_root=str(store.root), return_state=True)
+        again = ingest(server.url, return_state=True)
         assert again.result() == corpus_ref
         assert len(server.requests_for(BASELINE_PATH)) + len(server.requests_for(UPDATE_PATH)) == gets_before
         states = task_run_states(again.state_details.flow_run_id)
         assert states["download pubmed20n0014.xml.gz"] == "Cached"
         assert states["parse pubmed21n1298.xml.gz"] == "Cached"
-        assert states["corpus-snapshot"] == "Cached"
+        assert states["corpus"] == "Cached"
 
 
-def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp_path):
-    store = Store(tmp_path / "store")
+def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp_path, store):
     with NcbiServer(mirror) as server:
-        first = ingest(source=server.url, store_root=str(store.root))
+        first = ingest(server.url)
         corpus = store.require(first)
         doomed = min(int(p) for p in _corpus_pmids(corpus))
         # Tonight NCBI publishes pubmed21n1299: one real article, and a deletion of a baseline PMID.
@@ -118,33 +129,42 @@ def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp
         new_gz.write_bytes(gzip.compress(new_file.read_bytes()))
         make_mirror(mirror, {"updatefiles": [new_gz]})
 
-        second = ingest(source=server.url, store_root=str(store.root))
+        second = ingest(server.url)
         assert second != first
         assert len(server.requests_for(BASELINE_PATH)) == 1 and len(server.requests_for(UPDATE_PATH)) == 1
         assert len(server.requests_for("/updatefiles/pubmed21n1299.xml.gz")) == 1
     snapshot = store.require(second)
     assert str(doomed) not in _corpus_pmids(snapshot)
     assert snapshot.summary["deleted"] == corpus.summary["deleted"] + 1
-    assert len(store.ls("download")) == 3 and len(store.ls("parsed")) == 3
+    assert len(store.ls("download")) == 3 and len(store.ls("parse")) == 3
 
 
-def test_a_broken_file_fails_alone_and_is_reported(mirror, tmp_path):
+def test_failed_files_fail_alone_and_the_error_names_each_file_and_cause(mirror, tmp_path, store):
     broken = tmp_path / "pubmed21n1300.xml.gz"
     broken.write_bytes(UPDATE_SAMPLE.read_bytes()[: UPDATE_SAMPLE.stat().st_size // 2])  # truncated, honest md5
-    make_mirror(mirror, {"updatefiles": [broken]})
-    store = Store(tmp_path / "store")
-    state = ingest(source=str(mirror), store_root=str(store.root), return_state=True)
+    lying = tmp_path / "pubmed21n1301.xml.gz"
+    lying.write_bytes(BASELINE_SAMPLE.read_bytes())
+    make_mirror(mirror, {"updatefiles": [broken, lying]})
+    (mirror / "updatefiles" / "pubmed21n1301.xml.gz.md5").write_text(f"MD5(pubmed21n1301.xml.gz)= {'0' * 32}\n")
+    with NcbiServer(mirror) as server:
+        state = ingest(server.url, selection={"attempts": 3, "backoff_s": 0.01}, return_state=True)
     assert state.is_failed()
-    with pytest.raises(IngestIncomplete, match="pubmed21n1300.xml.gz") as failure:
+    with pytest.raises(IngestIncomplete) as failure:
         state.result()
-    assert "1 of 3 files failed, so no snapshot was built" in str(failure.value)
+    message = str(failure.value)
+    assert "2 of 4 files failed, so no snapshot was built" in message
+    assert "pubmed21n1300.xml.gz: " in message and "line " in message and "gzip stream is truncated" in message
+    assert "pubmed21n1301.xml.gz: md5 mismatch: expected " + "0" * 32 in message and "3 attempts" in message
+    assert "Upstream task run" not in message
     assert store.ls("corpus") == []  # a snapshot missing an update file would miss its deletions
-    assert sorted(p.params["source_file"] for p in store.ls("parsed")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
+    assert sorted(p.label for p in store.ls("parse")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
 
-    # The fixed file is published again; the next run parses only it and builds the snapshot.
+    # The fixed file is published again (and the lying one withdrawn); the next run parses only it.
     broken.write_bytes(gzip.compress(gzip.decompress(UPDATE_SAMPLE.read_bytes())))
     make_mirror(mirror, {"updatefiles": [broken]})
-    corpus = store.require(ingest(source=str(mirror), store_root=str(store.root)))
+    for leftover in (mirror / "updatefiles").glob("pubmed21n1301*"):
+        leftover.unlink()
+    corpus = store.require(ingest(mirror))
     assert len(corpus.parents) == 3 and len(store.ls("download")) == 4  # the bad bytes stay a separate artifact
 
 
@@ -154,31 +174,50 @@ def _corpus_pmids(corpus) -> set[str]:
     return {str(p) for p in pq.read_table(corpus.file("corpus.parquet"), columns=["pmid"]).column("pmid").to_pylist()}
 
 
-def test_an_ingest_killed_half_way_redoes_only_unfinished_files(mirror, tmp_path):
-    store = Store(tmp_path / "store")
+def test_an_ingest_killed_half_way_redoes_only_unfinished_files(mirror, store):
     with NcbiServer(mirror) as server:
         # The update file answers 503 for a while, so the run is caught between its two files.
         server.faults.status[UPDATE_PATH] = [503] * 4  # retried after 2, 4, 8, 16 s
         run = subprocess.Popen(
-            [str(Path(sys.executable).with_name("medlm")), "ingest", "--source", server.url, "--store", str(store.root)],
+            [str(Path(sys.executable).with_name("medlm")), "ingest", "--source", server.url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         deadline = time.time() + 120
-        while not store.ls("parsed") and time.time() < deadline and run.poll() is None:
+        while not store.ls("parse") and time.time() < deadline and run.poll() is None:
             time.sleep(0.2)
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
-        assert [a.params["source_file"] for a in store.ls("parsed")] == ["pubmed20n0014.xml.gz"]
+        assert [a.label for a in store.ls("parse")] == ["pubmed20n0014.xml.gz"]
         assert store.ls("corpus") == []
 
         server.faults.status.clear()
-        corpus_ref = ingest(source=server.url, store_root=str(store.root))
+        corpus_ref = ingest(server.url)
         assert len(server.requests_for(BASELINE_PATH)) == 1  # the finished file was not fetched again
         assert len([r for r in server.requests_for(UPDATE_PATH)]) >= 2
-    assert sorted(p.params["source_file"] for p in store.ls("parsed")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
-    assert store.require(corpus_ref).parents == [p.ref for p in sorted(store.ls("parsed"), key=lambda a: a.params["file_seq"])]
+    assert sorted(p.label for p in store.ls("parse")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
+    assert set(store.require(corpus_ref).parents) == {p.ref for p in store.ls("parse")}
 
 
-def test_an_empty_selection_is_explained(mirror, tmp_path):
-    state = ingest(source=str(mirror), folders=("updatefiles",), updates_after=9999, store_root=str(tmp_path), return_state=True)
+def test_an_empty_selection_is_explained(mirror, store):
+    state = ingest(mirror, selection={"folders": ("updatefiles",), "updates_after": 9999}, return_state=True)
     assert state.is_failed() and "no PubMed files selected" in state.message and "updates_after=9999" in state.message
+
+
+def test_a_corrupted_parsed_file_is_caught_before_the_snapshot_reads_it_then_rebuilt(mirror, store):
+    first = store.require(ingest(mirror))
+    [update] = [a for a in store.ls("parse") if a.label == "pubmed21n1298.xml.gz"]
+    articles = update.file("articles.parquet")
+    articles.chmod(0o644)
+    with open(articles, "r+b") as f:  # two bytes flipped in the middle: same size, so only the hash tells
+        f.seek(articles.stat().st_size // 2)
+        f.write(b"\x00\xff")
+
+    stricter = CorpusConfig(min_abstract_chars=300)  # a snapshot that must read the parsed files again
+    state = ingest_flow(SourceConfig(source=str(mirror)), stricter, return_state=True)
+    assert state.is_failed() and f"{articles}: sha256 differs from the manifest" in state.message
+    assert [item["ref"] for item in store.quarantined()] == [update.ref]
+    assert len(store.ls("corpus")) == 1  # nothing was built from the bad bytes
+
+    rebuilt = store.require(ingest_flow(SourceConfig(source=str(mirror)), stricter))  # parses the file again
+    assert rebuilt.ref != first.ref and store.problems(update.ref) == []
+    assert rebuilt.summary["documents"] < first.summary["documents"]

@@ -14,7 +14,6 @@ import hashlib
 import html
 import http.server
 import re
-import shutil
 import threading
 import zlib
 from pathlib import Path
@@ -24,17 +23,10 @@ import pytest
 from lxml import etree
 
 import tasks.parse as parse_mod
-from storage import Artifact, ArtifactSpec, Store
-from tasks.download import file_seq
-from tasks.parse import (
-    ARTICLE_SCHEMA,
-    DELETION_SCHEMA,
-    PARSE_VERSION,
-    ParseError,
-    parse,
-    parse_task,
-    parse_xml_file,
-)
+from storage import Artifact, Store
+from storage.lineage import lineage, tree_lines
+from tasks.download import DOWNLOAD, RemoteFile, file_seq
+from tasks.parse import ARTICLE_SCHEMA, DELETION_SCHEMA, PARSE, ParseConfig, ParseError, parse_xml_file
 
 DATA = Path(__file__).parent / "data" / "pubmed"
 BASELINE = DATA / "mirror" / "baseline" / "pubmed20n0014.xml.gz"
@@ -538,33 +530,17 @@ def test_no_network_no_dtd_no_entity_expansion(tmp_path):
 
 
 def _download(store: Store, src: Path, name: str) -> Artifact:
-    data = src.read_bytes()
-
-    def build(work: Path) -> None:
-        shutil.copyfile(src, work / name)
-
-    spec = ArtifactSpec(
-        "download",
-        "1",
-        params={"file_name": name, "md5": hashlib.md5(data).hexdigest(), "folder": "updatefiles", "seq": file_seq(name)},
-    )
-    return store.get_or_build(spec, build)
-
-
-def _parsed_spec(download) -> ArtifactSpec:
-    name = download.params["file_name"]
-    return ArtifactSpec(
-        "parsed", PARSE_VERSION, params={"source_file": name, "file_seq": file_seq(name)}, parents=(download.ref,)
-    )
+    """``src`` as the download artifact of the NCBI file ``name`` (fetched from a file:// URL)."""
+    md5 = hashlib.md5(src.read_bytes()).hexdigest()
+    return DOWNLOAD.run(store, {}, RemoteFile(name, "updatefiles", src.resolve().as_uri(), md5, file_seq(name)))
 
 
 def test_parse_through_the_store_is_cached(tmp_path, monkeypatch):
     store = Store(tmp_path / "store")
     download = _download(store, UPDATE, "pubmed21n1298.xml.gz")
-    artifact = parse(store, download)
-    assert artifact.ref == _parsed_spec(download).ref
-    assert artifact.parents == [download.ref]
-    assert artifact.params == {"source_file": "pubmed21n1298.xml.gz", "file_seq": 1298}
+    artifact = PARSE.run(store, {"download": download}, ParseConfig())
+    assert artifact.parents == [download.ref] and artifact.label == "pubmed21n1298.xml.gz"
+    assert artifact.params == {}  # batch_rows decides how, not what: the download decides the content
     assert artifact.summary == {
         "articles": 1500,
         "deletions": 20,
@@ -582,11 +558,9 @@ def test_parse_through_the_store_is_cached(tmp_path, monkeypatch):
         raise AssertionError("parsed again")
 
     monkeypatch.setattr(parse_mod, "parse_xml_file", must_not_run)
-    again = parse(store, download)
+    again = PARSE.run(store, {"download": download}, ParseConfig(batch_rows=64))
     assert again.ref == artifact.ref and again.manifest["created"] == artifact.manifest["created"]
-    again = parse_task.fn(store, download)  # the Prefect task is the same call
-    assert again.manifest["created"] == artifact.manifest["created"]
-    assert any("pubmed21n1298.xml.gz md5=" in line for line in store.lineage_lines(artifact.ref))
+    assert any("pubmed21n1298.xml.gz md5=" in line for line in tree_lines(lineage(store, artifact.ref)))
 
 
 def test_failing_parse_leaves_no_artifact(tmp_path):
@@ -596,9 +570,9 @@ def test_failing_parse_leaves_no_artifact(tmp_path):
     store = Store(tmp_path / "store")
     download = _download(store, cut, "pubmed21n1298.xml.gz")
     with pytest.raises(ParseError, match="pubmed21n1298.xml.gz, line"):
-        parse(store, download)
-    spec = _parsed_spec(download)
+        PARSE.run(store, {"download": download}, ParseConfig())
+    spec = PARSE.spec({"download": download}, ParseConfig())
     assert store.get(spec.ref) is None
     assert not store.path(spec.kind, spec.key).exists()
-    assert store.ls("parsed") == []
-    assert list((store.root / "parsed").rglob("*.parquet")) == []
+    assert store.ls("parse") == []
+    assert list((store.root / "parse").rglob("*.parquet")) == []

@@ -1,12 +1,10 @@
-"""The binarize stage on real PubMed text: the split, the shards, meta.json, the store."""
+"""The shards stage on real PubMed text: the split, the shards, meta.json, the store."""
 
 from __future__ import annotations
 
 import json
 import random
 from collections import Counter
-from dataclasses import replace
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,17 +13,19 @@ from tokenizers import Tokenizer, models
 
 from model.data import Shards
 from storage import ArtifactSpec, sha256_file
-from tasks.binarize import BinarizeConfig, EOS_ID, binarize, binarize_corpus, load_tokenizer, shards_spec, split_of
+from storage.formats import EOS_ID, load_tokenizer, split_of
+from tasks.shards import SHARDS, ShardsConfig, binarize_corpus
 
-# Fractions large enough that the ~2,000 test documents give non-empty val and test files, and
-# shards small enough that train rolls over several times.
-CONFIG = BinarizeConfig(shard_tokens=60_000, val_fraction=0.05, test_fraction=0.05)
+# Shards small enough that train rolls over several times (the session tokenizer's split has 5%
+# val and 5% test, so the ~2,000 documents give non-empty val and test files).
+CONFIG = ShardsConfig(shard_tokens=60_000)
+SPLIT = {"val_fraction": 0.05, "test_fraction": 0.05}
 
 
 @pytest.fixture(scope="module", params=[CONFIG.shard_tokens, 400], ids=["60k-token-shards", "400-token-shards"])
 def shards(request, session_store, corpus, tokenizer):
     """With 400-token shards most documents are longer than a shard and get one of their own."""
-    return binarize(session_store, corpus, tokenizer, replace(CONFIG, shard_tokens=request.param))
+    return SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig(shard_tokens=request.param))
 
 
 def test_split_is_a_stable_function_of_the_pmid():
@@ -83,7 +83,7 @@ def test_shards_decode_to_the_documents_in_order(shards, tokenizer, documents):
 
 
 def test_rerun_is_a_store_hit(session_store, corpus, tokenizer, shards):
-    again = binarize(session_store, corpus, tokenizer, BinarizeConfig(**shards.params))
+    again = SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig(**shards.params))
     assert again.path == shards.path and again.manifest["created"] == shards.manifest["created"]
     assert shards.parents == [corpus.ref, tokenizer.ref]
 
@@ -97,8 +97,8 @@ def test_a_build_that_fails_midway_leaves_no_artifact(session_store, corpus, tok
 
     bad = session_store.get_or_build(ArtifactSpec("corpus", "test-bad-row", {}), write_bad_corpus)
     with pytest.raises(ValueError, match=f"record pmid={rows[1500]['pmid']} has a null pmid or text"):
-        binarize(session_store, bad, tokenizer, CONFIG)
-    spec = shards_spec(bad, tokenizer, CONFIG)
+        SHARDS.run(session_store, {"corpus": bad, "tokenizer": tokenizer}, CONFIG)
+    spec = SHARDS.spec({"corpus": bad, "tokenizer": tokenizer}, CONFIG)
     assert session_store.get(spec.ref) is None
     assert (session_store.work_dir(spec) / "train_0000.bin").stat().st_size > 0  # half written, never read
     assert not (session_store.work_dir(spec) / "meta.json").exists()
@@ -108,7 +108,7 @@ def test_a_vocabulary_too_large_for_uint16_is_refused(corpus, tmp_path):
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + [f"t{i}" for i in range(65_532)])}
     Tokenizer(models.BPE(vocab, [], unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"tokenizer\.json: vocabulary of 65536 tokens does not fit uint16"):
-        binarize_corpus(corpus.file("corpus.parquet"), tmp_path / "tokenizer.json", tmp_path / "out")
+        binarize_corpus(corpus.file("corpus.parquet"), tmp_path / "tokenizer.json", tmp_path / "out", **SPLIT)
     assert not (tmp_path / "out").exists()
 
 
@@ -116,8 +116,8 @@ def test_a_corpus_without_text_is_refused_naming_the_file(corpus, tokenizer, tmp
     bad = tmp_path / "corpus.parquet"
     pq.write_table(pq.read_table(corpus.file("corpus.parquet"), columns=["pmid", "title"]), bad)
     with pytest.raises(ValueError, match=r"corpus\.parquet: no column\(s\) \['text'\]"):
-        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out")
+        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
 
     pq.write_table(pa.table({"pmid": [1, 2], "text": ["Title\n\nAbstract.", None]}), bad)
     with pytest.raises(ValueError, match="record pmid=2 has a null pmid or text"):
-        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out")
+        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)

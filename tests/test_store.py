@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from storage import ArtifactSpec, Store
+from storage.lineage import lineage, tree_lines
 from storage.store import MANIFEST
 
 
@@ -177,17 +178,16 @@ def test_two_processes_building_the_same_key_build_it_once(tmp_path):
 
 
 def test_lineage_tree_reaches_the_source_files(store):
-    download = store.get_or_build(
-        ArtifactSpec("download", "1", {"file_name": "pubmed25n0001.xml.gz", "md5": "ab" * 16}), write_files({"f": b"x"})
-    )
-    parsed = store.get_or_build(ArtifactSpec("parsed", "1", {}, (download.ref,)), write_files({"p": b"y"}))
+    label = "pubmed25n0001.xml.gz md5=" + "ab" * 16
+    download = store.get_or_build(ArtifactSpec("download", "1", {"name": "pubmed25n0001.xml.gz"}), write_files({"f": b"x"}), label=label)
+    parsed = store.get_or_build(ArtifactSpec("parse", "1", {}, (download.ref,)), write_files({"p": b"y"}))
     corpus = store.get_or_build(ArtifactSpec("corpus", "1", {}, (parsed.ref,)), lambda w: {"documents": 7})
-    lines = store.lineage_lines(corpus.ref)
+    lines = tree_lines(lineage(store, corpus.ref))
     assert lines[0].startswith(corpus.ref) and "documents=7" in lines[0]
     assert parsed.ref in lines[1]
-    assert download.ref in lines[2] and "pubmed25n0001.xml.gz md5=" + "ab" * 16 in lines[2]
-    tree = store.lineage(corpus.ref)
-    assert tree["parents"][0]["parents"][0]["params"]["file_name"] == "pubmed25n0001.xml.gz"
+    assert download.ref in lines[2] and label in lines[2]
+    tree = lineage(store, corpus.ref).as_dict()
+    assert tree["parents"][0]["parents"][0]["params"]["name"] == "pubmed25n0001.xml.gz"
 
 
 def test_bad_refs_are_explained(store):

@@ -1,4 +1,4 @@
-"""The corpus flow (snapshot -> tokenizer -> shards) with a pinned tokenizer, on a real Prefect server."""
+"""The tokenize flow (snapshot -> tokenizer -> shards) with a pinned tokenizer, on a real Prefect server."""
 
 from __future__ import annotations
 
@@ -6,25 +6,21 @@ import json
 
 import pytest
 
-from flows.corpus import corpus as corpus_flow
+from flows.tokenize import tokenize
+from tasks.shards import ShardsConfig
+from tasks.tokenizer import TokenizerConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def test_a_pinned_tokenizer_reshards_without_refitting(session_store, corpus, tokenizer):
+def test_a_pinned_tokenizer_reshards_with_its_own_split_without_refitting(session_store, corpus, tokenizer, monkeypatch):
+    monkeypatch.setenv("MEDLM_STORE", str(session_store.root))
     tokenizers_before = {a.ref for a in session_store.ls("tokenizer")}
-    shards_ref = corpus_flow(
-        corpus_ref=corpus.ref, tokenizer_ref=tokenizer.ref, shard_tokens=50_000, store_root=str(session_store.root)
-    )
+    # A split asked for here cannot apply: the pinned tokenizer was fitted on its own train split.
+    shards_ref = tokenize(TokenizerConfig(val_fraction=0.2), ShardsConfig(shard_tokens=50_000), corpus_ref=corpus.ref, tokenizer_ref=tokenizer.ref)
     shards = session_store.require(shards_ref)
     assert shards.parents == [corpus.ref, tokenizer.ref]
-    assert json.loads(shards.file("meta.json").read_text())["tokenizer"]["ref"] == tokenizer.ref
+    meta = json.loads(shards.file("meta.json").read_text())
+    assert meta["tokenizer"]["ref"] == tokenizer.ref
+    assert meta["split"] == {"val_fraction": tokenizer.params["val_fraction"], "test_fraction": tokenizer.params["test_fraction"]}
     assert {a.ref for a in session_store.ls("tokenizer")} == tokenizers_before  # nothing was fitted
-
-
-def test_a_pinned_tokenizer_must_match_the_split(session_store, corpus, tokenizer):
-    state = corpus_flow(
-        corpus_ref=corpus.ref, tokenizer_ref=tokenizer.ref, val_fraction=0.05, store_root=str(session_store.root),
-        return_state=True,
-    )
-    assert state.is_failed() and "would put text it trained on into val or test" in state.message

@@ -11,8 +11,10 @@ import json
 import pytest
 
 from storage import ArtifactError, sha256_file
-from tasks.binarize import CORPUS_FILE, load_tokenizer, split_of
-from tasks.tokenizer import TokenizerConfig, fit, fit_tokenizer, resolve_tokenizer
+from storage.config import ConfigError, make_config
+from storage.formats import CORPUS_FILE, load_tokenizer, split_of
+from tasks.shards import SHARDS, ShardsConfig
+from tasks.tokenizer import TOKENIZER, TokenizerConfig, fit_tokenizer
 
 MATHML_PMID = 31993508  # an abstract with <mml:math> (tests/data/pubmed/INDEX.tsv)
 from conftest import TEST_VOCAB
@@ -22,8 +24,8 @@ def test_fit_summary_describes_the_tokenizer(tokenizer, documents):
     summary = tokenizer.summary
     assert summary["vocab_size"] == TEST_VOCAB
     assert (summary["pad_id"], summary["unk_id"], summary["bos_id"], summary["eos_id"]) == (0, 1, 2, 3)
-    assert summary["training_documents"] == sum(split_of(pmid) == "train" for pmid, _ in documents)
-    assert summary["validation_documents"] == sum(split_of(pmid) == "val" for pmid, _ in documents) > 0
+    assert summary["training_documents"] == sum(split_of(pmid, 0.05, 0.05) == "train" for pmid, _ in documents)
+    assert summary["validation_documents"] == sum(split_of(pmid, 0.05, 0.05) == "val" for pmid, _ in documents) > 0
     assert 1.0 < summary["fertility"] < 4.0  # a 1k vocabulary splits words into a few pieces
     assert summary["tokenizer_sha256"] == sha256_file(tokenizer.file("tokenizer.json"))
     assert tokenizer.parents[0].startswith("corpus/")
@@ -75,11 +77,25 @@ def test_max_documents_is_a_deterministic_sample(corpus, tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
 
 
-def test_rerun_is_a_store_hit_and_a_pinned_ref_resolves(session_store, corpus, tokenizer):
-    again = fit(session_store, corpus, TokenizerConfig(vocab_size=TEST_VOCAB))
+def test_rerun_is_a_store_hit_and_a_pinned_ref_must_be_a_tokenizer(session_store, corpus, tokenizer):
+    again = TOKENIZER.run(session_store, {"corpus": corpus}, TokenizerConfig(**tokenizer.params))
     assert again.ref == tokenizer.ref and again.manifest["created"] == tokenizer.manifest["created"]
-    assert resolve_tokenizer(session_store, tokenizer.ref) == tokenizer
-    with pytest.raises(ArtifactError, match="tokenizer/0123456789abcdef0123"):
-        resolve_tokenizer(session_store, "tokenizer/0123456789abcdef0123")
-    with pytest.raises(ArtifactError, match=corpus.ref):
-        resolve_tokenizer(session_store, corpus.ref)  # exists, but is not a tokenizer
+    with pytest.raises(ArtifactError, match="tokenizer/0123456789abcdef0123 is not in the store"):
+        session_store.require("tokenizer/0123456789abcdef0123")
+    with pytest.raises(ArtifactError, match=f"input 'tokenizer' must be a tokenizer artifact, got {corpus.ref}"):
+        SHARDS.run(session_store, {"corpus": corpus, "tokenizer": corpus}, ShardsConfig())  # exists, but is not a tokenizer
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"vocab_size": 3}, "vocab_size: Input should be greater than or equal to 260"),  # the 256 bytes + 4 specials
+        ({"vocab_size": 70_000}, "vocab_size: Input should be less than or equal to 65536"),  # uint16 shards
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction + test_fraction must be below 1"),
+        ({"vocab_sise": 4096}, "unknown setting(s) ['vocab_sise']"),
+    ],
+)
+def test_bad_settings_are_refused_where_they_enter(values, message):
+    with pytest.raises(ConfigError) as refused:
+        make_config(TokenizerConfig, values, where="tokenizer")
+    assert message in str(refused.value) and str(refused.value).startswith("tokenizer: ")

@@ -16,11 +16,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dataclasses import replace
+
+from model.checkpoint import load_model
 from model.data import write_shards
 from model.export_hf import export_hf
-from model.train import TrainConfig, load_model, lr_at, parse_args, train
+from model.train import TrainConfig, lr_at, parse_args, train
 from storage import ArtifactSpec, Store, sha256_file
-from tasks.pretrain import pretrain, tokenizer_ref
+from tasks.pretrain import PRETRAIN, shards_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -209,7 +212,7 @@ def test_command_line_flags_build_the_config(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps({"max_steps": 7, "lr": 0.5}))
     cfg, shards_dir, out = parse_args(
         ["--shards", "S", "--out", "O", "--config", str(tmp_path / "base.json"), "--lr", "0.01",
-         "--model", "n_layer=3", "--model", "arch=gpt2", "--compile", "--tokens-per-step", "4096"]
+         "--model", '{"n_layer": 3, "arch": "gpt2"}', "--compile", "--tokens-per-step", "4096"]
     )
     assert (shards_dir, out) == ("S", "O")
     assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.tokens_per_step) == (7, 0.01, True, 4096)
@@ -248,11 +251,12 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
     """The pretrain stage, in-process and as torchrun --nproc_per_node=2 (gloo), same global batch."""
     store = Store(tmp_path / "store")
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
-    assert tokenizer_ref(shards_artifact) == tokenizer.ref
+    assert shards_tokenizer(shards_artifact) == tokenizer.ref
+    inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
     cfg = config(batch_size=2, tokens_per_step=2 * 16 * 2, max_steps=8, eval_every=8, checkpoint_every=4)
 
-    single = pretrain(store, shards_artifact, tokenizer, cfg, devices=1)
-    double = pretrain(store, shards_artifact, tokenizer, cfg, devices=2)
+    single = PRETRAIN.run(store, inputs, cfg)
+    double = PRETRAIN.run(store, inputs, replace(cfg, devices=2))
 
     assert single.summary["grad_accum"] == 2 and double.summary["world_size"] == 2 and double.summary["grad_accum"] == 1
     one, two = losses(single.path), losses(double.path)
@@ -265,17 +269,16 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
         assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "manifest.json"} <= names
         assert "run" not in names and "optimizer.pt" not in names
         assert artifact.parents == [shards_artifact.ref, tokenizer.ref]
-    assert pretrain(store, shards_artifact, tokenizer, cfg, devices=1).reused
+    assert PRETRAIN.run(store, inputs, replace(cfg, log_every=2, keep_last=1)).reused  # how, not what: same artifact
 
 
-def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, tmp_path):
+def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
     from flows.retrain import retrain
 
-    store = Store(tmp_path / "store")
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
-    ref = retrain(shards_ref=shards_artifact.ref, preset="tiny", steps=3, batch_size=2, lr=1e-3, store_root=str(store.root))
+    ref = retrain(TrainConfig(preset="tiny", max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
     checkpoint = store.require(ref)
-    assert checkpoint.kind == "checkpoint" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
+    assert checkpoint.kind == "pretrain" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
     assert checkpoint.params["max_steps"] == 3 and checkpoint.summary["steps"] == 3
     assert json.loads(checkpoint.file("config.json").read_text())["model"]["n_layer"] == 4  # the tiny preset
 
@@ -295,12 +298,27 @@ def test_pretrain_killed_while_clearing_its_run_folder_finishes_without_retraini
         rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", killed_while_clearing)
+    inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
     with pytest.raises(KeyboardInterrupt):
-        pretrain(store, shards_artifact, tokenizer, cfg)
+        PRETRAIN.run(store, inputs, cfg)
     monkeypatch.undo()
 
-    work = store.work_dir(pretrain_module.pretrain_spec(shards_artifact, tokenizer, cfg, 1))
+    work = store.work_dir(PRETRAIN.spec(inputs, cfg))
     assert (work / "run.done").is_dir() and (work / "model.safetensors").is_file()
     monkeypatch.setattr(pretrain_module, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
-    artifact = pretrain(store, shards_artifact, tokenizer, cfg)
+    artifact = PRETRAIN.run(store, inputs, cfg)
     assert artifact.summary["steps"] == 2 and not (artifact.path / "run.done").exists()
+
+
+def test_a_shard_with_two_flipped_bytes_publishes_no_checkpoint(shards, tokenizer_dir, tmp_path):
+    store = Store(tmp_path / "store")
+    shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
+    shard = shards_artifact.file("train_0000.bin")
+    shard.chmod(0o644)
+    data = bytearray(shard.read_bytes())
+    data[100:102] = bytes([data[101], data[100] ^ 1])  # two bytes changed in place: same size
+    shard.write_bytes(bytes(data))
+    inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
+    with pytest.raises(Exception, match=f"{shard}: sha256 differs from the manifest"):
+        PRETRAIN.run(store, inputs, config(max_steps=2))
+    assert store.ls("pretrain") == [] and [q["ref"] for q in store.quarantined()] == [shards_artifact.ref]

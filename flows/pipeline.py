@@ -1,0 +1,33 @@
+"""pipeline: the whole DAG, each step a flow of its own: ingest -> tokenize -> retrain.
+
+Every stage goes through the store, so a second run with the same configuration does no work,
+and a changed parameter reruns its stage and what is downstream of it, nothing upstream.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.ingest import ingest
+from flows.retrain import retrain
+from flows.tokenize import tokenize
+from model.train import TrainConfig
+from tasks.corpus import CorpusConfig
+from tasks.download import SourceConfig
+from tasks.shards import ShardsConfig
+from tasks.tokenizer import TokenizerConfig
+
+
+@flow(name="pipeline")
+def pipeline(
+    source: SourceConfig = SourceConfig(),
+    corpus: CorpusConfig = CorpusConfig(),
+    tokenizer: TokenizerConfig = TokenizerConfig(),
+    shards: ShardsConfig = ShardsConfig(),
+    train: TrainConfig = TrainConfig(),
+) -> list[str]:
+    """Ingest, tokenize and pretrain; returns the refs of the final artifacts."""
+    corpus_ref = ingest(source, corpus)
+    shards_ref = tokenize(tokenizer, shards, corpus_ref=corpus_ref)
+    checkpoint_ref = retrain(train, shards_ref=shards_ref)
+    return [checkpoint_ref]
