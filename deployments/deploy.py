@@ -1,31 +1,52 @@
-"""Register medlm's deployments on the Prefect server that PREFECT_API_URL points at.
+"""Register medlm's work pools and deployments on the Prefect server that PREFECT_API_URL points at.
 
-    python -m deployments.deploy [--source URL_OR_MIRROR] [--cron "0 6 * * *"]
+    python -m deployments.deploy [--config RUN_CONFIG] [--cron "0 6 * * *"]
 
-Deployments: `ingest/nightly-ingest` (cron), `corpus/tokenize` and `retrain/retrain` (run from the
-UI or `prefect deployment run`, parameters editable there).
-Work pools (process type, created if missing): `cpu` for ingestion, `gpu` for training. A worker
-per pool runs the flow runs (`make up` starts both); on a cluster, start the `gpu` worker on the
-GPU machines, or make `gpu` a Kubernetes pool (see README).
+Deployments: `ingest/nightly-ingest` (cron), `tokenize/tokenize` and `retrain/retrain` (run from the
+UI or `prefect deployment run`; their parameter forms come from the config dataclasses). A run
+configuration (flows/configs/*.toml, or your copy) sets the deployments' default parameters, e.g.
+a mirror as the nightly source. Work pools (process type, created if missing): `cpu` for
+ingestion and tokenizing, `gpu` for training. Where the store lives is the workers' setting
+(MEDLM_STORE), never a parameter: see deployments/serve.py, which `make up` runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefect import Flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.exceptions import ObjectAlreadyExists
+from flows.settings import apply_prefect_defaults
 
 REPO = Path(__file__).resolve().parents[1]
-POOLS = {"cpu": "PubMed ingestion and corpus building", "gpu": "Pretraining and fine-tuning"}
+POOLS = {"cpu": "PubMed ingestion, tokenizing, evaluation", "gpu": "Pretraining and fine-tuning"}
 NIGHTLY_CRON = "0 6 * * *"  # NCBI posts the day's update files overnight (US Eastern); 06:00 UTC follows them
+NIGHTLY_TIMEZONE = "UTC"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    entrypoint: str  # flows/<module>.py:<flow>
+    name: str
+    pool: str
+    description: str
+    cron: str | None = None
+    tags: tuple[str, ...] = field(default=())
+
+
+DEPLOYMENTS = (
+    Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot.", NIGHTLY_CRON, ("ingest",)),
+    Deployment("flows/tokenize.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", tags=("tokenize",)),
+    Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", tags=("pretrain",)),
+)
 
 
 async def ensure_pools() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
     async with get_client() as client:
         for name, description in POOLS.items():
             try:
@@ -34,31 +55,37 @@ async def ensure_pools() -> None:
                 pass
 
 
-def register(source: str | None = None, cron: str = NIGHTLY_CRON, store_root: str | None = None) -> list[str]:
+def register(run_config: str | None = None, cron: str = NIGHTLY_CRON) -> list[str]:
     """Create the pools and deployments; returns the deployment names ("flow/deployment")."""
+    from prefect import Flow
+    from prefect.schedules import Cron
+
+    from flows.cli import flow_parameters
+    from storage.config import read_run_config
+
     asyncio.run(ensure_pools())
-    ingest_params = {k: v for k, v in {"source": source, "store_root": store_root}.items() if v is not None}
-    store_params = {"store_root": store_root} if store_root else {}
-    deployments = [
-        ("flows/ingest.py:ingest", "nightly-ingest", "cpu", {"cron": cron, "parameters": ingest_params}),
-        ("flows/corpus.py:corpus", "tokenize", "cpu", {"parameters": store_params}),
-        ("flows/retrain.py:retrain", "retrain", "gpu", {"parameters": store_params}),
-    ]
+    tables = read_run_config(run_config) if run_config else {}
     names = []
-    for entrypoint, name, pool, options in deployments:
-        flow = Flow.from_source(source=str(REPO), entrypoint=entrypoint)
-        flow.deploy(name=name, work_pool_name=pool, print_next_steps=False, **options)
-        names.append(f"{flow.name}/{name}")
+    for d in DEPLOYMENTS:
+        flow = Flow.from_source(source=str(REPO), entrypoint=d.entrypoint)
+        configs, _ = flow_parameters(flow)
+        parameters = {name: tables[name] for name in configs if name in tables}
+        schedule = [Cron(cron if d.name == "nightly-ingest" else d.cron, timezone=NIGHTLY_TIMEZONE)] if d.cron else None
+        flow.deploy(
+            name=d.name, work_pool_name=d.pool, parameters=parameters, schedules=schedule, tags=list(d.tags),
+            description=d.description, print_next_steps=False,
+        )
+        names.append(f"{flow.name}/{d.name}")
     return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="NCBI's PubMed URL (default) or a local mirror folder.")
-    parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"Schedule of nightly-ingest (default {NIGHTLY_CRON!r}, UTC).")
-    parser.add_argument("--store", help="Artifact store root for the deployed runs.")
+    parser.add_argument("--config", help="Run configuration whose tables become the deployments' default parameters.")
+    parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"Schedule of nightly-ingest (default {NIGHTLY_CRON!r}, {NIGHTLY_TIMEZONE}).")
     args = parser.parse_args()
-    for name in register(args.source, args.cron, args.store):
+    apply_prefect_defaults()
+    for name in register(args.config, args.cron):
         print(f"deployed {name}")
 
 

@@ -1,0 +1,158 @@
+"""`make up` / `make down`: a Prefect server on loopback, medlm's deployments, a worker per pool.
+
+    python -m deployments.serve up [--port 4200] [--config RUN_CONFIG]
+    python -m deployments.serve down
+
+The server is locked down for a browser on the same machine: the API answers only the UI's own
+origin (CORS) and every write needs a CSRF token, so a web page open in the user's browser cannot
+start flow runs. Where the store lives is the workers' environment (MEDLM_STORE, default
+./.medlm/store), never a run parameter. On a shared network also set a password:
+PREFECT_SERVER_API_AUTH_STRING="admin:pass" for the server and PREFECT_API_AUTH_STRING (same
+value) for every client and worker (Prefect's basic auth).
+
+Each started process is recorded in .medlm/run/NAME.json with its PID and its start time (from
+/proc), and `down` signals a PID only while it is still that process: a stale file left after a
+reboot never kills an unrelated process that now has the same PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flows.settings import apply_prefect_defaults, project_home
+from storage import default_root
+
+PREFECT = Path(sys.executable).with_name("prefect")
+POOLS = ("cpu", "gpu")
+
+
+def run_dir() -> Path:
+    return project_home() / "run"
+
+
+def server_env(port: int) -> dict[str, str]:
+    """The server's settings: loopback, this port, the UI's own origin only, CSRF tokens required."""
+    origins = f"http://127.0.0.1:{port},http://localhost:{port}"
+    return {
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": origins,
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+    }
+
+
+# -- processes we started -------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)"; the 22nd overall
+
+
+def record(name: str, process: subprocess.Popen) -> None:
+    run_dir().mkdir(parents=True, exist_ok=True)
+    entry = {"pid": process.pid, "start_time": process_start_time(process.pid), "command": process.args}
+    (run_dir() / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+
+
+def ours(entry: dict) -> bool:
+    """Whether the recorded process is still running and is the one we started."""
+    return entry.get("start_time") is not None and process_start_time(entry["pid"]) == entry["start_time"]
+
+
+def start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    log = open(run_dir() / f"{name}.log", "ab")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    record(name, process)
+    return process
+
+
+def stop_all(grace_s: float = 15) -> list[str]:
+    """Stop every recorded process that is still ours: SIGINT, then SIGTERM to those still running
+    after ``grace_s`` (a worker needs the second signal). A stale record is dropped unsignalled."""
+    entries = {path: json.loads(path.read_text()) for path in sorted(run_dir().glob("*.json"))}
+    report, running = [], {}
+    for path, entry in entries.items():
+        if ours(entry):
+            running[path] = entry
+        else:
+            report.append(f"{path.stem}: PID {entry['pid']} is no longer the process `make up` started; not signalled")
+            path.unlink()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        for entry in running.values():
+            if ours(entry):
+                os.kill(entry["pid"], sig)
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(ours(e) for e in running.values()):
+            time.sleep(0.2)
+    for path, entry in running.items():
+        report.append(f"stopped {path.stem} (PID {entry['pid']})" if not ours(entry) else f"{path.stem}: PID {entry['pid']} did not stop")
+        path.unlink()
+    return report
+
+
+# -- up and down ----------------------------------------------------------------------------------------
+
+
+def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Poll the API until it answers (`prefect server start` returns seconds before it does)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Prefect server did not start; {log}:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
+def up(port: int, run_config: str | None) -> None:
+    apply_prefect_defaults()
+    if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
+        raise SystemExit("already up: run `make down` first")
+    run_dir().mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **server_env(port)}
+    server = start("server", [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    api = f"http://127.0.0.1:{port}/api"
+    print(f"waiting for the Prefect server on 127.0.0.1:{port} ...", flush=True)
+    wait_healthy(api, server, run_dir() / "server.log")
+    client_env = {**os.environ, "PREFECT_API_URL": api, "MEDLM_STORE": str(default_root().resolve())}
+    register = [sys.executable, "-m", "deployments.deploy", *(["--config", run_config] if run_config else [])]
+    subprocess.run(register, env=client_env, check=True)
+    for pool in POOLS:
+        start(f"worker-{pool}", [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process"], client_env)
+    print(f"UI: http://127.0.0.1:{port}  (store {client_env['MEDLM_STORE']}; logs and PIDs in {run_dir()})")
+
+
+def down(grace_s: float) -> None:
+    for line in stop_all(grace_s):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    start_parser = sub.add_parser("up", help="Start the server, register the deployments, start the workers.")
+    start_parser.add_argument("--port", type=int, default=4200)
+    start_parser.add_argument("--config", help="Run configuration for the deployments' default parameters.")
+    stop_parser = sub.add_parser("down", help="Stop exactly the processes `up` started.")
+    stop_parser.add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
+    args = parser.parse_args(argv)
+    up(args.port, args.config) if args.action == "up" else down(args.grace)
+
+
+if __name__ == "__main__":
+    main()
