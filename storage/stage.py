@@ -29,10 +29,12 @@ Inputs = Mapping[str, "Artifact | list[Artifact]"]
 
 @dataclass(frozen=True)
 class Input:
-    """One role a stage reads: the artifact kind(s) it accepts, and whether it takes a list."""
+    """One role a stage reads: the artifact kind(s) it accepts, whether it takes a list, and
+    whether it may be left out (given as None)."""
 
     kinds: str | tuple[str, ...]
     many: bool = False
+    optional: bool = False
 
     def accepts(self, kind: str) -> bool:
         return kind in ((self.kinds,) if isinstance(self.kinds, str) else self.kinds)
@@ -76,18 +78,21 @@ class Stage(Generic[ConfigT]):
     def _refs(self, inputs: Inputs) -> list[str]:
         refs = []
         for role in self.inputs:
-            value = inputs[role]
+            value = inputs.get(role)
             # A list input is a set: the same artifacts in any order make the same key.
-            refs += sorted(a.ref for a in value) if isinstance(value, list) else [value.ref]
+            refs += sorted(a.ref for a in value) if isinstance(value, list) else [value.ref] if value is not None else []
         return refs
 
     def _check(self, inputs: Inputs, config: ConfigT) -> None:
         if not isinstance(config, self.config):
             raise TypeError(f"stage {self.name} takes a {self.config.__name__}, got {type(config).__name__}")
-        if set(inputs) != set(self.inputs):
-            raise ArtifactError(f"stage {self.name} reads {sorted(self.inputs)}, was given {sorted(inputs)}")
+        required = {role for role, spec in self.inputs.items() if not spec.optional}
+        if not required <= set(inputs) <= set(self.inputs):
+            raise ArtifactError(f"stage {self.name} reads {sorted(self.inputs)} ({sorted(required)} required), was given {sorted(inputs)}")
         for role, spec in self.inputs.items():
-            value = inputs[role]
+            value = inputs.get(role)
+            if value is None and spec.optional:
+                continue
             artifacts = value if isinstance(value, list) else [value]
             if isinstance(value, list) != spec.many or (spec.many and not value):
                 expected = "a non-empty list of artifacts" if spec.many else "one artifact"
