@@ -113,3 +113,43 @@ def shard_file_name(split: str, index: int | None) -> str:
 def shard_meta(vocab_size: int, files: dict[str, dict], **extra) -> dict:
     """meta.json of a shards folder. ``files``: name -> {"split", "tokens", "documents"}."""
     return {"dtype": "uint16", "vocab_size": vocab_size, **SPECIAL_IDS, **extra, "files": files}
+
+
+# -- QA records -----------------------------------------------------------------------------------------
+
+RECORDS_FILE = "records.parquet"  # qa: the canonical records (and records.jsonl, the same rows for people)
+RECORDS_JSONL = "records.jsonl"
+QA_SPLITS = ("train", "validation", "test")
+
+
+def qa_schema():
+    """One row per item, for every source: evaluation and fine-tuning read only this."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),  # "{source}:{native id}", unique in an artifact
+            pa.field("source", pa.string(), nullable=False),  # pubmedqa | medmcqa | medqa | instructions | a name
+            pa.field("split", pa.string(), nullable=False),  # one of QA_SPLITS
+            pa.field("question", pa.string(), nullable=False),
+            pa.field("context", pa.list_(pa.string()), nullable=False),  # PubMedQA abstract sections; instruction input
+            pa.field("options", pa.list_(pa.string()), nullable=False),  # A, B, C, ... ([] for free text)
+            pa.field("answer_idx", pa.int32()),  # index into options; null when there are none
+            pa.field("answer_text", pa.string(), nullable=False),
+            pa.field("explanation", pa.string()),  # MedMCQA exp, PubMedQA LONG_ANSWER: never in a prompt
+            pa.field("meta", pa.string(), nullable=False),  # a JSON object as text
+        ]
+    )
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a qa artifact (``path``: its folder or its records.parquet), ``meta`` still JSON text."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORDS_FILE
+    table = pq.read_table(path)
+    if not table.schema.equals(qa_schema()):
+        raise ValueError(f"{path}: not a QA records file (schema {table.schema}); expected storage.formats.qa_schema()")
+    return table.to_pylist()

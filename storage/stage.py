@@ -55,6 +55,9 @@ class Stage(Generic[ConfigT]):
     inputs: Mapping[str, Input]
     build: Callable[[Inputs, Path, ConfigT], dict | None]
     resume: bool = False  # keep the work folder of a killed build and hand it back (downloads, training)
+    # What paths in the config point at, as key params (e.g. a source file's sha256), so the key
+    # follows the bytes, not where they are; the paths themselves are RUNTIME_FIELDS.
+    content: Callable[[ConfigT], dict] | None = None
     # A short human label for lineage listings, e.g. a source file's name and md5.
     label: Callable[[Inputs, ConfigT], str] | None = None
     # Rows for a table a person reads (the run page in the UI): what the artifact holds.
@@ -63,7 +66,8 @@ class Stage(Generic[ConfigT]):
     def spec(self, inputs: Inputs, config: ConfigT) -> ArtifactSpec:
         """The artifact's identity; its key is a pure function of this."""
         self._check(inputs, config)
-        return ArtifactSpec(self.name, self.version, config_params(config), tuple(self._refs(inputs)))
+        params = config_params(config) | (self.content(config) if self.content else {})
+        return ArtifactSpec(self.name, self.version, params, tuple(self._refs(inputs)))
 
     def run(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact:
         """The artifact for these inputs and config: from the store, or built now."""

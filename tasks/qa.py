@@ -1,9 +1,10 @@
-"""QA datasets -> one canonical record format (the pure part of the QA stage; no Prefect, no store).
+"""QA stage: medical QA datasets -> one canonical record format.
 
-``convert_qa(source, out_dir, config)`` reads medical QA data in any of the layouts below, writes
-``records.parquet`` (``QA_SCHEMA``, zstd), ``records.jsonl`` (the same rows, UTF-8, one object a
-line) and ``report.json`` into ``out_dir``, and returns a small summary. ``read_records`` reads
-the Parquet back for evaluation and fine-tuning.
+``convert_qa(config, out_dir)`` reads medical QA data in any of the layouts below, writes
+``records.parquet`` (``storage.formats.qa_schema()``, zstd), ``records.jsonl`` (the same rows,
+UTF-8, one object a line) and ``report.json`` into ``out_dir``, and returns a small summary.
+``storage.formats.read_records`` reads the Parquet back for evaluation and fine-tuning. The
+artifact's key is the source's content (sha256 of its files), not its path.
 
 Record (``QA_SCHEMA``): ``id`` ("{source}:{native id}", unique in the output), ``source``,
 ``split`` (train | validation | test), ``question`` (outer whitespace stripped, nothing else
@@ -12,7 +13,7 @@ changed), ``context`` (list of str), ``options`` (list of str, A, B, C, ...), ``
 null; never part of question or context) and ``meta`` (a JSON object as a string; its
 ``"format"`` is the detected encoding, "{container}/{format}-{encoding}").
 
-Inputs. ``source`` is a file, a folder of files (every ``*.json``, ``*.jsonl`` and ``*.parquet``
+Inputs. ``config.source`` is a file, a folder of files (every ``*.json``, ``*.jsonl`` and ``*.parquet``
 in it, sorted, except ``test_ground_truth.json``), or a folder written by ``datasets``'
 ``save_to_disk`` (it holds ``dataset_dict.json`` or ``state.json``); or ``config.hub_dataset``
 names a Hugging Face hub dataset (``datasets.load_dataset``; needs the network). The container
@@ -66,34 +67,22 @@ import re
 import string
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
-RECORDS_FILE = "records.parquet"
-RECORDS_JSONL = "records.jsonl"
+from storage import Artifact, Stage, sha256_file
+from storage.formats import QA_SPLITS as SPLITS
+from storage.formats import RECORDS_FILE, RECORDS_JSONL, qa_schema
+
 REPORT_FILE = "report.json"
 GROUND_TRUTH_FILE = "test_ground_truth.json"
-
-QA_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("question", pa.string(), nullable=False),
-        pa.field("context", pa.list_(pa.string()), nullable=False),
-        pa.field("options", pa.list_(pa.string()), nullable=False),
-        pa.field("answer_idx", pa.int32()),
-        pa.field("answer_text", pa.string(), nullable=False),
-        pa.field("explanation", pa.string()),
-        pa.field("meta", pa.string(), nullable=False),
-    ]
-)
-
-SPLITS = ("train", "validation", "test")
+QA_SCHEMA = qa_schema()
 FORMATS = ("pubmedqa", "medmcqa", "medqa", "instructions")
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 
@@ -119,24 +108,26 @@ _BATCH_ROWS = 1000
 
 @dataclass(frozen=True)
 class QAConfig:
-    """The user's choices for one conversion; the defaults detect everything."""
+    """One QA dataset to convert into the canonical record format; the defaults detect everything."""
 
-    format: str = "auto"  # "auto", or one of FORMATS: which normaliser reads every record
-    source_name: str | None = None  # the records' `source` (and id prefix); default: the format's name
-    split: str | None = None  # put every record in this split; default: the dataset's or file's split
-    medmcqa_cop_base: str | int = "auto"  # MedMCQA `cop` of the first option: 0, 1, or "auto" (per file)
-    pubmedqa_ground_truth: str | None = None  # test_ground_truth.json; default: the one beside the data
-    hub_dataset: str | None = None  # a Hugging Face hub id for datasets.load_dataset (network), instead of `source`
-    hub_config: str | None = None  # its configuration name, e.g. "pqa_labeled"
-    skip_examples: int = 3  # examples kept in the report per skip reason
+    source: str | None = Field(None, description="A file or folder: PubMedQA (ori_pqal.json + test_ground_truth.json), MedMCQA, MedQA, instruction JSON/JSONL, or a Hugging Face dataset (save_to_disk folder or Parquet).")
+    hub_dataset: str | None = Field(None, description="A Hugging Face hub id read with datasets.load_dataset instead of a source (needs the network).")
+    hub_config: str | None = Field(None, description="The hub dataset's configuration, e.g. pqa_labeled.")
+    format: Literal["auto", "pubmedqa", "medmcqa", "medqa", "instructions"] = Field("auto", description="Which reader to use (auto: told from the records' fields).")
+    source_name: str | None = Field(None, description="The records' source name and id prefix (default: the format's name).")
+    split: Literal["train", "dev", "validation", "val", "valid", "test"] | None = Field(None, description="Put every record in this split (default: the dataset's or the file name's).")
+    medmcqa_cop_base: Literal["auto", 0, 1] = Field("auto", description="MedMCQA `cop` of the first option: 0, 1, or auto (decided per file).")
+    pubmedqa_ground_truth: str | None = Field(None, description="PubMedQA's test_ground_truth.json (default: the one beside the data).")
+    skip_examples: int = Field(3, ge=0, description="Examples kept in the report per skip reason.")
 
-    def __post_init__(self) -> None:
-        if self.format != "auto" and self.format not in FORMATS:
-            raise ValueError(f"QAConfig.format must be 'auto' or one of {FORMATS}, got {self.format!r}")
-        if self.split is not None and self.split not in _SPLIT_WORDS:
-            raise ValueError(f"QAConfig.split must be one of {sorted(_SPLIT_WORDS)}, got {self.split!r}")
-        if self.medmcqa_cop_base not in ("auto", 0, 1):
-            raise ValueError(f"QAConfig.medmcqa_cop_base must be 'auto', 0 or 1, got {self.medmcqa_cop_base!r}")
+    # Paths say where the bytes are; the key holds their sha256 instead (see source_content).
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("source", "pubmedqa_ground_truth", "skip_examples")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.source is None) == (self.hub_dataset is None):
+            raise ValueError("give either a source path or hub_dataset, not both or neither")
+        return self
 
 
 class QAFormatError(ValueError):
@@ -713,16 +704,15 @@ def _excerpt(row: Any) -> str:
 # -- the pure function ---------------------------------------------------------------------------
 
 
-def convert_qa(source: Path | None, out_dir: Path, config: QAConfig = QAConfig()) -> dict:
-    """Convert ``source`` (or ``config.hub_dataset``) into records.parquet, records.jsonl and report.json.
+def convert_qa(config: QAConfig, out_dir: Path) -> dict:
+    """Convert ``config.source`` (or ``config.hub_dataset``) into records.parquet, records.jsonl and report.json.
 
     Returns the summary for the artifact manifest: ``{"format", "encodings", "rows_read",
     "records": {split: n}, "skipped"}``; the full report (files, encodings, skips by reason with
     examples) is ``out_dir/report.json``. Raises ``QAFormatError`` for input in no accepted
     format; then none of the three files is left in ``out_dir``.
     """
-    if (source is None) == (config.hub_dataset is None):
-        raise ValueError("give either a source path or QAConfig.hub_dataset, not both or neither")
+    source = config.source
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {
@@ -797,12 +787,42 @@ def _convert_unit(unit: _Unit, config: QAConfig, output: _Output, seen: set[str]
     report["files"].append(info)
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a conversion (``path``: its folder or its records.parquet), ``meta`` still a JSON string."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RECORDS_FILE
-    table = pq.read_table(path)
-    if not table.schema.equals(QA_SCHEMA):
-        raise ValueError(f"{path}: not a QA records file (schema {table.schema}); expected QA_SCHEMA of tasks/qa.py")
-    return table.to_pylist()
+# -- the stage -----------------------------------------------------------------------------------
+
+
+def source_content(config: QAConfig) -> dict:
+    """What the paths in ``config`` hold, for the artifact key: each file's name and sha256 (a
+    name can decide the split, e.g. US_test.jsonl), so a moved copy is the same artifact."""
+    paths = [Path(p) for p in (config.source, config.pubmedqa_ground_truth) if p]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; give a file or folder of QA data")
+    listing = "".join(
+        f"{f.relative_to(path.parent)}:{sha256_file(f)}\n"
+        for path in paths
+        for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    )
+    return {"source_sha256": hashlib.sha256(listing.encode()).hexdigest()} if paths else {}
+
+
+def qa_report(artifact: Artifact) -> list[dict]:
+    """The conversion report as table rows: records per split, then skipped rows per reason."""
+    report = json.loads(artifact.file(REPORT_FILE).read_text())
+    rows = [{"what": f"records in {split}", "count": n} for split, n in report["records"].items() if n]
+    rows += [
+        {"what": f"skipped: {reason}", "count": n, "first": ", ".join(e["id"] or e["row"] for e in report["skip_examples"].get(reason, []))}
+        for reason, n in report["skipped"].items()
+    ]
+    return rows
+
+
+QA = Stage(
+    name="qa",
+    version="1",
+    config=QAConfig,
+    inputs={},
+    build=lambda inputs, out_dir, config: convert_qa(config, out_dir),
+    content=source_content,
+    label=lambda inputs, config: Path(config.source).name if config.source else f"hf://{config.hub_dataset}",
+    report=qa_report,
+)

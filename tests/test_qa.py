@@ -32,8 +32,8 @@ from tasks.qa import (
     QAConfig,
     QAFormatError,
     convert_qa,
-    read_records,
 )
+from storage.formats import read_records
 
 DATA = Path(__file__).parent / "data"
 PUBMEDQA = DATA / "pubmedqa"
@@ -46,7 +46,7 @@ TWIN_ID = "f7469b1f-dda2-476a-9b27-312a080e0c8a"  # in hf_dummy_native/dev.json 
 
 
 def convert(source: Path | None, out: Path, **config) -> tuple[dict, list[dict], dict]:
-    summary = convert_qa(source, out, QAConfig(**config))
+    summary = convert_qa(QAConfig(source=None if source is None else str(source), **config), out)
     return summary, read_records(out), json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
 
 
@@ -202,7 +202,7 @@ def test_medmcqa_cop_base_override_and_conflicting_evidence(tmp_path):
     native = lines(MEDMCQA_NATIVE / "dev.json")[0]
     mixed = write_jsonl(tmp_path / "mixed_dev.jsonl", [native, {**native, "id": "x", "cop": 0}])
     with pytest.raises(QAFormatError) as e:
-        convert_qa(mixed, tmp_path / "b", QAConfig())
+        convert_qa(QAConfig(source=str(mixed)), tmp_path / "b")
     assert str(e.value).startswith(f"{mixed}, line 1: cop 4 here, but cop 0 or -1 at line 2")
     assert not (tmp_path / "b" / RECORDS_FILE).exists()
 
@@ -317,7 +317,7 @@ def test_medqa_hugging_face_copies_give_the_original_records(tmp_path):
 def test_split_comes_from_the_name_or_the_config(tmp_path):
     shutil.copy(MEDQA_5, tmp_path / "usmle.jsonl")
     with pytest.raises(QAFormatError, match="usmle.jsonl: cannot tell the split from the name"):
-        convert_qa(tmp_path / "usmle.jsonl", tmp_path / "a", QAConfig())
+        convert_qa(QAConfig(source=str(tmp_path / "usmle.jsonl")), tmp_path / "a")
     summary, _, _ = convert(tmp_path / "usmle.jsonl", tmp_path / "b", split="dev", source_name="medqa5")
     assert summary["records"] == {"train": 0, "validation": 41, "test": 0}
     assert read_records(tmp_path / "b")[0]["id"].startswith("medqa5:")
@@ -364,7 +364,7 @@ def test_malformed_file_raises_naming_file_row_and_field(tmp_path):
     bad = write_jsonl(tmp_path / "x_test.jsonl", [raw[0], raw[1], {k: v for k, v in raw[2].items() if k != "question"}, raw[3]])
     out = tmp_path / "out"
     with pytest.raises(QAFormatError) as e:
-        convert_qa(bad, out, QAConfig())
+        convert_qa(QAConfig(source=str(bad)), out)
     assert str(e.value).startswith(f"{bad}, line 3: no field 'question' or 'sent1' (fields: answer, answer_idx, meta_info")
     assert str(e.value).endswith("expected MedQA, MedMCQA, PubMedQA or instruction records (see tasks/qa.py)")
     assert (e.value.path, e.value.row) == (str(bad), "line 3")
@@ -390,12 +390,12 @@ def test_files_in_no_accepted_format_raise(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(QAFormatError) as e:
-        convert_qa(path, tmp_path / "out", QAConfig())
+        convert_qa(QAConfig(source=str(path)), tmp_path / "out")
     assert str(e.value).startswith(f"{path}") and message in str(e.value)
 
 
 def test_records_parquet_and_jsonl_hold_the_same_rows(tmp_path):
-    convert_qa(PUBMEDQA, tmp_path, QAConfig())
+    convert_qa(QAConfig(source=str(PUBMEDQA)), tmp_path)
     records = read_records(tmp_path / RECORDS_FILE)
     assert pq.read_schema(tmp_path / RECORDS_FILE).equals(QA_SCHEMA)
     assert records == lines(tmp_path / RECORDS_JSONL)
@@ -432,13 +432,31 @@ def test_hub_dataset_is_loaded_with_datasets_load_dataset(tmp_path, monkeypatch)
     assert without_format(records) == expected
     assert summary["encodings"] == ["hf-hub/pubmedqa-hf"]
     with pytest.raises(ValueError, match="not both or neither"):
-        convert_qa(PUBMEDQA, tmp_path / "x", QAConfig(hub_dataset="qiaojin/PubMedQA"))
+        QAConfig(source=str(PUBMEDQA), hub_dataset="qiaojin/PubMedQA")
 
 
 def test_config_rejects_unknown_choices():
-    with pytest.raises(ValueError, match="QAConfig.format"):
-        QAConfig(format="csv")
-    with pytest.raises(ValueError, match="QAConfig.medmcqa_cop_base"):
-        QAConfig(medmcqa_cop_base=2)
-    with pytest.raises(ValueError, match="QAConfig.split"):
-        QAConfig(split="holdout")
+    with pytest.raises(ValueError, match="format"):
+        QAConfig(source="x", format="csv")
+    with pytest.raises(ValueError, match="medmcqa_cop_base"):
+        QAConfig(source="x", medmcqa_cop_base=2)
+    with pytest.raises(ValueError, match="split"):
+        QAConfig(source="x", split="holdout")
+
+
+def test_the_qa_stage_is_keyed_by_the_bytes_not_the_path(tmp_path):
+    from storage import Store
+    from tasks.qa import QA, qa_report
+
+    store = Store(tmp_path / "store")
+    first = QA.run(store, {}, QAConfig(source=str(MEDQA_4)))
+    moved = tmp_path / "elsewhere" / MEDQA_4.name
+    moved.parent.mkdir()
+    shutil.copyfile(MEDQA_4, moved)
+    assert QA.run(store, {}, QAConfig(source=str(moved))).ref == first.ref  # same bytes, same name: same artifact
+    edited = tmp_path / "edited" / MEDQA_4.name
+    edited.parent.mkdir()
+    edited.write_text(MEDQA_4.read_text().replace("?", "? ", 1))
+    assert QA.run(store, {}, QAConfig(source=str(edited))).ref != first.ref
+    assert first.summary["records"]["test"] == len(read_records(first.path)) and first.label == MEDQA_4.name
+    assert {"what": "records in test", "count": first.summary["records"]["test"]} in qa_report(first)
