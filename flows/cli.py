@@ -232,14 +232,22 @@ def _store(argv: list[str]) -> None:
 def _lineage(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="medlm lineage", description=OTHER_COMMANDS["lineage"])
     parser.add_argument("ref", help="An artifact ref, e.g. pretrain/3f9a...")
-    parser.add_argument("--json", action="store_true", help="Nested JSON instead of a tree.")
+    show = parser.add_mutually_exclusive_group()
+    show.add_argument("--json", action="store_true", help="Nested JSON instead of a tree.")
+    show.add_argument("--dot", action="store_true", help="Graphviz: medlm lineage REF --dot | dot -Tsvg > lineage.svg")
+    show.add_argument("--diff", metavar="OTHER_REF", help="What differs between the two ancestries: source files added or removed, parameters changed, stage by stage.")
     _store_argument(parser)
     args = parser.parse_args(argv)
-    from storage.lineage import lineage, tree_lines
+    from storage.lineage import diff, dot, lineage, tree_lines
 
     store = _open_store(args)
     root = lineage(store, store.require(args.ref).ref)
-    print(json.dumps(root.as_dict(), indent=2) if args.json else "\n".join(tree_lines(root)))
+    if args.diff:
+        print("\n".join(diff(root, lineage(store, store.require(args.diff).ref))))
+    elif args.dot:
+        print(dot(root))
+    else:
+        print(json.dumps(root.as_dict(), indent=2) if args.json else "\n".join(tree_lines(root)))
 
 
 # -- writing outside the store --------------------------------------------------------------------------

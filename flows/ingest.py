@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stage import run_stage, submit
+from flows.stage import publish_lineage, run_stage, submit
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
 from tasks.parse import PARSE, ParseConfig
@@ -70,6 +70,7 @@ def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusC
 
     snapshot = run_stage(CORPUS, {"parsed": parsed}, corpus)
     log.info("corpus snapshot %s: %s documents from %d files", snapshot.ref, f"{snapshot.summary['documents']:,}", len(parsed))
+    publish_lineage(snapshot.ref)
     return snapshot.ref
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from flows.stage import run_stage
+from flows.stage import publish_lineage, run_stage
 from model.train import TrainConfig
 from storage import Store
 from tasks.pretrain import PRETRAIN, shards_tokenizer
@@ -24,4 +24,5 @@ def retrain(
     tokenizer = store.require(shards_tokenizer(shards))
     checkpoint = run_stage(PRETRAIN, {"shards": shards, "tokenizer": tokenizer}, train)
     get_run_logger().info("checkpoint %s: %s", checkpoint.ref, checkpoint.summary)
+    publish_lineage(checkpoint.ref)
     return checkpoint.ref

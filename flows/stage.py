@@ -14,14 +14,16 @@ Where the store lives is the process's setting (``MEDLM_STORE``), never a run pa
 from __future__ import annotations
 
 import functools
+import json
 
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, add_asset_metadata
 from prefect.futures import PrefectFuture
 from prefect.states import Completed
 from prefect.tasks import MaterializingTask
 
-from storage import Artifact, Stage, Store
+from storage import Artifact, Stage, Store, write_text_atomic
+from storage.lineage import lineage, markdown
 
 ASSET_SCHEME = "medlm://"
 
@@ -66,3 +68,17 @@ def submit(stage: Stage, inputs: dict, config, *, label: str | None = None) -> P
 def run_stage(stage: Stage, inputs: dict, config, *, label: str | None = None) -> Artifact:
     """``submit`` and wait: the stage's artifact (its exception, if the stage failed)."""
     return submit(stage, inputs, config, label=label).result()
+
+
+def publish_lineage(ref: str) -> None:
+    """The artifact's lineage as a markdown artifact of this run (the open-source UI has no asset
+    graph: this is where a user sees it), down to the source files and their md5s; the whole
+    lineage, every file listed, is written as JSON under STORE/.lineage and linked from it."""
+    store = Store()
+    root = lineage(store, ref)
+    full = store.root / ".lineage" / f"{root.kind}-{ref.split('/')[1]}.json"
+    full.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(full, json.dumps(root.as_dict(), indent=1) + "\n")
+    create_markdown_artifact(
+        key=f"lineage-{root.kind}", markdown=markdown(root, full.resolve().as_uri()), description=f"Lineage of {ref}"
+    )

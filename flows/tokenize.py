@@ -11,7 +11,7 @@ from typing import Annotated
 from prefect import flow, get_run_logger
 from pydantic import Field
 
-from flows.stage import run_stage, submit
+from flows.stage import publish_lineage, run_stage, submit
 from storage import Store
 from tasks.shards import SHARDS, ShardsConfig
 from tasks.tokenizer import TOKENIZER, TokenizerConfig
@@ -30,4 +30,5 @@ def tokenize(
     fitted = store.require(tokenizer_ref) if tokenizer_ref else submit(TOKENIZER, {"corpus": corpus}, tokenizer)
     written = run_stage(SHARDS, {"corpus": corpus, "tokenizer": fitted}, shards)
     get_run_logger().info("shards %s: %s", written.ref, written.summary)
+    publish_lineage(written.ref)
     return written.ref

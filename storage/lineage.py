@@ -120,3 +120,108 @@ def _number(name: str, value) -> str:
 def _display_order(nodes: list[Node]) -> list[Node]:
     """Parents as people read them: by label (source files in NCBI's order), then ref."""
     return sorted(nodes, key=lambda n: (n.label or "", n.ref))
+
+
+# -- for people: markdown (the Prefect UI), Graphviz, and the difference between two ancestries -------------
+
+MANY = 12  # a kind with more artifacts than this is summarised in markdown, listed whole in the JSON
+
+
+def markdown(root: Node, full_list: str | None = None) -> str:
+    """The lineage as markdown, a table per kind from the artifact down to the source files.
+
+    A kind with more than ``MANY`` artifacts (1,300 downloads of a full baseline) is summarised:
+    how many, per folder where the artifacts say, the first and the last; ``full_list`` (a URL or
+    path of the whole lineage as JSON) is linked for the rest."""
+    levels = _by_kind(root)
+    lines = [f"# Lineage of `{root.ref}`", ""]
+    if root.label:
+        lines += [root.label, ""]
+    for kind, nodes in levels.items():
+        lines += [f"## {kind} ({len(nodes):,})", ""]
+        if len(nodes) > MANY:
+            folders = _count_by(nodes, "folder")
+            if folders:
+                lines.append("per folder: " + ", ".join(f"{folder} {n:,}" for folder, n in folders.items()))
+            first, last = nodes[0], nodes[-1]
+            lines += [f"first: `{first.ref}` {first.describe()}", f"last: `{last.ref}` {last.describe()}"]
+            if full_list:
+                lines.append(f"every one of them: [{full_list}]({full_list})")
+            lines.append("")
+            continue
+        lines += ["| artifact | what | parameters | created |", "| --- | --- | --- | --- |"]
+        for n in nodes:
+            params = ", ".join(f"{k}={_short(v)}" for k, v in n.params.items())
+            lines.append(f"| `{n.ref}` | {n.describe()} | {params} | {_when(n.created)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def dot(root: Node) -> str:
+    """Graphviz: ``medlm lineage REF --dot | dot -Tsvg > lineage.svg``."""
+    lines = ["digraph lineage {", "  rankdir=BT;", "  node [shape=box, fontname=Helvetica, fontsize=10];"]
+    for n in ancestors_first(root):
+        text = f"{n.ref}\\n{n.describe()}".replace('"', "'")
+        lines.append(f'  "{n.ref}" [label="{text}"];')
+        lines += [f'  "{p.ref}" -> "{n.ref}";' for p in n.parents]
+    return "\n".join(lines + ["}"])
+
+
+def diff(a: Node, b: Node) -> list[str]:
+    """What differs between two artifacts' ancestries, stage by stage: which artifacts (source files
+    by their labels) are only on one side, and which parameters changed."""
+    left, right = _by_kind(a), _by_kind(b)
+    lines = []
+    for kind in dict.fromkeys([*right, *left]):
+        was, now = left.get(kind, []), right.get(kind, [])
+        if {n.ref for n in was} == {n.ref for n in now}:
+            continue
+        if len(was) == 1 and len(now) == 1:
+            changed = {k: (was[0].params.get(k), now[0].params.get(k)) for k in {*was[0].params, *now[0].params}}
+            changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+            detail = ", ".join(f"{k}: {_short(x)} -> {_short(y)}" for k, (x, y) in sorted(changed.items()))
+            lines.append(f"{kind}: {was[0].ref} -> {now[0].ref}" + (f" ({detail})" if detail else " (same parameters, other inputs)"))
+            continue
+        removed = sorted(n.describe() for n in was if n.ref not in {m.ref for m in now})
+        added = sorted(n.describe() for n in now if n.ref not in {m.ref for m in was})
+        lines.append(f"{kind}: {len(was):,} -> {len(now):,}")
+        lines += [f"  - {item}" for item in removed] + [f"  + {item}" for item in added]
+    return lines or ["same ancestry"]
+
+
+def _by_kind(root: Node) -> dict[str, list[Node]]:
+    """Nodes grouped by kind, nearest first (the artifact's own kind, then its parents' ...)."""
+    depth: dict[str, int] = {}
+    nodes: dict[str, Node] = {}
+
+    def visit(node: Node, level: int) -> None:
+        if depth.get(node.ref, -1) >= level:
+            return
+        depth[node.ref], nodes[node.ref] = level, node
+        for parent in node.parents:
+            visit(parent, level + 1)
+
+    visit(root, 0)
+    kinds: dict[str, list[Node]] = {}
+    for node in sorted(nodes.values(), key=lambda n: (depth[n.ref], n.kind, n.label or "", n.ref)):
+        kinds.setdefault(node.kind, []).append(node)
+    return dict(sorted(kinds.items(), key=lambda kv: min(depth[n.ref] for n in kv[1])))
+
+
+def _count_by(nodes: list[Node], param: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in nodes:
+        if param in n.params:
+            counts[str(n.params[param])] = counts.get(str(n.params[param]), 0) + 1
+    return counts
+
+
+def _short(value, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _when(created: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(created)) if created else ""

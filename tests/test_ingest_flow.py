@@ -47,6 +47,18 @@ def task_run_states(flow_run_id) -> dict[str, str]:
     return asyncio.run(read())
 
 
+def run_artifacts(flow_run_id) -> list:
+    import asyncio
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
 def run_log_names(flow_run_id) -> set[str]:
     """Names of the loggers whose records reached the server for this flow run."""
     import asyncio
@@ -106,6 +118,10 @@ def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, 
         assert upstream == {"medlm://parse"}
         download_events = asset_events(prefect_server, "medlm://download")
         assert {e["payload"]["params"]["name"]: e["payload"]["params"]["md5"] for e in download_events} == md5s
+        [lineage_md] = [a.data for a in run_artifacts(first_run) if a.key == "lineage-corpus"]
+        assert f"# Lineage of `{corpus_ref}`" in lineage_md
+        for name, md5 in md5s.items():  # down to the source files, readable in the UI
+            assert f"{name} md5={md5}" in lineage_md
 
         gets_before = len(server.requests_for(BASELINE_PATH)) + len(server.requests_for(UPDATE_PATH))
         again = ingest(server.url, return_state=True)

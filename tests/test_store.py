@@ -270,3 +270,32 @@ def test_a_corrupted_input_is_quarantined_and_no_output_is_published(store):
     assert store.get(child.kind, child.key) is None and not store.work_dir(child).exists()
     assert [item["ref"] for item in store.quarantined()] == [parent.ref]
     assert store.get(parent.ref) is None  # so the next run rebuilds it
+
+
+def test_lineage_markdown_summarises_many_files_and_diff_names_what_changed(store):
+    from storage.lineage import diff, dot, markdown
+
+    parsed = []
+    for seq in range(1, 16):
+        name, folder = f"pubmed25n{seq:04d}.xml.gz", "baseline" if seq <= 10 else "updatefiles"
+        params = {"name": name, "folder": folder, "md5": f"{seq:032x}", "seq": seq}
+        download = store.get_or_build(ArtifactSpec("download", "1", params), write_files({name: b"x"}), label=f"{name} md5={seq:032x}")
+        parsed.append(store.get_or_build(ArtifactSpec("parse", "1", {}, (download.ref,)), write_files({"a": b"y"}), label=name))
+    old = store.get_or_build(ArtifactSpec("corpus", "1", {"min_abstract_chars": 200}, tuple(p.ref for p in parsed[:14])), write_files({"c": b"1"}))
+    new = store.get_or_build(ArtifactSpec("corpus", "1", {"min_abstract_chars": 100}, tuple(p.ref for p in parsed)), write_files({"c": b"2"}))
+
+    text = markdown(lineage(store, new.ref), "file:///store/.lineage/corpus.json")
+    assert f"# Lineage of `{new.ref}`" in text and "## download (15)" in text
+    assert "per folder: baseline 10, updatefiles 5" in text
+    assert "first: `" in text and "pubmed25n0001.xml.gz md5=" in text and "pubmed25n0015.xml.gz md5=" in text
+    assert "[file:///store/.lineage/corpus.json]" in text
+    assert "pubmed25n0007.xml.gz" not in text  # summarised, not listed
+
+    changes = diff(lineage(store, old.ref), lineage(store, new.ref))
+    assert f"corpus: {old.ref} -> {new.ref} (min_abstract_chars: 200 -> 100)" in changes
+    assert "download: 14 -> 15" in changes and f"  + pubmed25n0015.xml.gz md5={15:032x}" in changes
+    assert not any(line.startswith("  -") for line in changes)
+    assert diff(lineage(store, new.ref), lineage(store, new.ref)) == ["same ancestry"]
+
+    graph = dot(lineage(store, new.ref))
+    assert graph.startswith("digraph lineage {") and f'"{parsed[0].ref}" -> "{new.ref}";' in graph
