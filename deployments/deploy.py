@@ -1,20 +1,28 @@
-"""Register medlm's work pools and deployments on the Prefect server that PREFECT_API_URL points at.
+"""Register medlm's work pools, deployments and (optional) automations on the Prefect server that
+PREFECT_API_URL points at.
 
-    python -m deployments.deploy [--config RUN_CONFIG] [--cron "0 6 * * *"]
+    python -m deployments.deploy [--config RUN_CONFIG] [--cron "0 6 * * *"] [--gpu-slots 1]
+                                 [--retrain-after-ingest] [--reset]
 
-Deployments: `ingest/nightly-ingest` (cron), `tokenize/tokenize` and `retrain/retrain` (run from the
-UI or `prefect deployment run`; their parameter forms come from the config dataclasses). A run
-configuration (flows/configs/*.toml, or your copy) sets the deployments' default parameters, e.g.
-a mirror as the nightly source. Work pools (process type, created if missing): `cpu` for
-ingestion and tokenizing, `gpu` for training. Where the store lives is the workers' setting
-(MEDLM_STORE), never a parameter: see deployments/serve.py, which `make up` runs.
+Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
+(cron), `tokenize/tokenize`, `retrain/retrain`, to run from the UI or `prefect deployment run`.
+A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
+mirror as the nightly source: that file is the place for changes you want to keep.
+
+A deployment changed in the UI since it was last registered here (its parameters, schedule, pool
+or tags) is kept as it is, and the run says so; `--reset` registers it afresh from the code and
+the run configuration. Work pools (process type, created if missing): `cpu` for ingestion and
+tokenizing, `gpu` for training, with at most `--gpu-slots` runs at once (one per GPU). Where
+the store lives is the workers' setting (MEDLM_STORE), never a parameter: see deployments/serve.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows.settings import apply_prefect_defaults
@@ -31,62 +39,126 @@ class Deployment:
     name: str
     pool: str
     description: str
-    cron: str | None = None
-    tags: tuple[str, ...] = field(default=())
+    tags: tuple[str, ...]
+    scheduled: bool = False  # the nightly cron
 
 
 DEPLOYMENTS = (
-    Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot.", NIGHTLY_CRON, ("ingest",)),
-    Deployment("flows/tokenize.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", tags=("tokenize",)),
-    Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", tags=("pretrain",)),
+    Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot, every night.", ("ingest",), scheduled=True),
+    Deployment("flows/tokenize.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
+    Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", ("pretrain",)),
 )
+# retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.
+FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "retrain/retrain"))
 
 
-async def ensure_pools() -> None:
+def fingerprint(deployment) -> str:
+    """What a user can change in the UI, hashed: kept as the deployment's version when we register it,
+    so a later registration can tell whether someone changed it since."""
+    schedules = sorted((s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules)
+    state = [deployment.parameters, schedules, deployment.work_pool_name, sorted(deployment.tags), deployment.paused]
+    return "medlm-" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+async def _ensure_pools(gpu_slots: int) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
     async with get_client() as client:
         for name, description in POOLS.items():
+            limit = gpu_slots if name == "gpu" else None
             try:
-                await client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description))
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description, concurrency_limit=limit))
             except ObjectAlreadyExists:
-                pass
+                await client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
 
 
-def register(run_config: str | None = None, cron: str = NIGHTLY_CRON) -> list[str]:
-    """Create the pools and deployments; returns the deployment names ("flow/deployment")."""
+async def _read(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            return await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+async def _stamp(deployment_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    async with get_client() as client:
+        deployment = await client.read_deployment(deployment_id)
+        await client.update_deployment(deployment_id, DeploymentUpdate(version=fingerprint(deployment)))
+
+
+async def _follow_ups(enabled: bool) -> None:
+    """Automations (off unless asked for): a materialized asset starts the next deployment."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    async with get_client() as client:
+        for asset, deployment_name in FOLLOW_UPS:
+            deployment = await client.read_deployment_by_name(deployment_name)
+            name = f"{asset} -> {deployment_name}"
+            for old in await client.read_automations_by_name(name):
+                await client.delete_automation(old.id)
+            trigger = EventTrigger(
+                expect={"prefect.asset.materialization.succeeded"}, match={"prefect.resource.id": asset},
+                posture=Posture.Reactive, threshold=1,
+            )
+            automation = AutomationCore(
+                name=name, description=f"When {asset} is materialized, run {deployment_name}.", enabled=enabled,
+                trigger=trigger, actions=[RunDeployment(source="selected", deployment_id=deployment.id)],
+            )
+            await client.create_automation(automation)
+
+
+def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots: int = 1,
+             retrain_after_ingest: bool = False, reset: bool = False) -> list[str]:
+    """Create the pools, deployments and automations; returns what was done, a line per deployment."""
     from prefect import Flow
     from prefect.schedules import Cron
 
     from flows.cli import flow_parameters
     from storage.config import read_run_config
 
-    asyncio.run(ensure_pools())
+    asyncio.run(_ensure_pools(gpu_slots))
     tables = read_run_config(run_config) if run_config else {}
-    names = []
+    report = []
     for d in DEPLOYMENTS:
         flow = Flow.from_source(source=str(REPO), entrypoint=d.entrypoint)
+        full_name = f"{flow.name}/{d.name}"
+        existing = asyncio.run(_read(full_name))
+        if existing is not None and not reset and existing.version != fingerprint(existing):
+            report.append(f"kept {full_name} as changed in the UI (--reset to register it again from the code and the run configuration)")
+            continue
         configs, _ = flow_parameters(flow)
-        parameters = {name: tables[name] for name in configs if name in tables}
-        schedule = [Cron(cron if d.name == "nightly-ingest" else d.cron, timezone=NIGHTLY_TIMEZONE)] if d.cron else None
-        flow.deploy(
-            name=d.name, work_pool_name=d.pool, parameters=parameters, schedules=schedule, tags=list(d.tags),
+        deployment_id = flow.deploy(
+            name=d.name, work_pool_name=d.pool, parameters={name: tables[name] for name in configs if name in tables},
+            schedules=[Cron(cron, timezone=NIGHTLY_TIMEZONE)] if d.scheduled else None, tags=list(d.tags),
             description=d.description, print_next_steps=False,
         )
-        names.append(f"{flow.name}/{d.name}")
-    return names
+        asyncio.run(_stamp(deployment_id))
+        report.append(f"deployed {full_name}")
+    asyncio.run(_follow_ups(retrain_after_ingest))
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="Run configuration whose tables become the deployments' default parameters.")
     parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"Schedule of nightly-ingest (default {NIGHTLY_CRON!r}, {NIGHTLY_TIMEZONE}).")
+    parser.add_argument("--gpu-slots", type=int, default=1, help="Runs the gpu pool takes at once (one per GPU).")
+    parser.add_argument("--retrain-after-ingest", action="store_true", help="Enable the automations: new snapshot -> tokenize, new shards -> retrain.")
+    parser.add_argument("--reset", action="store_true", help="Register every deployment again, even one changed in the UI.")
     args = parser.parse_args()
     apply_prefect_defaults()
-    for name in register(args.config, args.cron):
-        print(f"deployed {name}")
+    for line in register(args.config, args.cron, args.gpu_slots, args.retrain_after_ingest, args.reset):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`make up` / `make down`: a Prefect server on loopback, medlm's deployments, a worker per pool.
 
-    python -m deployments.serve up [--port 4200] [--config RUN_CONFIG]
+    python -m deployments.serve up [--port 4200] [options of deployments.deploy: --config RUN_CONFIG, --gpu-slots N, ...]
     python -m deployments.serve down
 
 The server is locked down for a browser on the same machine: the API answers only the UI's own
@@ -119,7 +119,7 @@ def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float
             time.sleep(0.5)
 
 
-def up(port: int, run_config: str | None) -> None:
+def up(port: int, deploy_args: list[str]) -> None:
     apply_prefect_defaults()
     if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
         raise SystemExit("already up: run `make down` first")
@@ -130,7 +130,7 @@ def up(port: int, run_config: str | None) -> None:
     print(f"waiting for the Prefect server on 127.0.0.1:{port} ...", flush=True)
     wait_healthy(api, server, run_dir() / "server.log")
     client_env = {**os.environ, "PREFECT_API_URL": api, "MEDLM_STORE": str(default_root().resolve())}
-    register = [sys.executable, "-m", "deployments.deploy", *(["--config", run_config] if run_config else [])]
+    register = [sys.executable, "-m", "deployments.deploy", *deploy_args]
     subprocess.run(register, env=client_env, check=True)
     for pool in POOLS:
         start(f"worker-{pool}", [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process"], client_env)
@@ -147,11 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     start_parser = sub.add_parser("up", help="Start the server, register the deployments, start the workers.")
     start_parser.add_argument("--port", type=int, default=4200)
-    start_parser.add_argument("--config", help="Run configuration for the deployments' default parameters.")
     stop_parser = sub.add_parser("down", help="Stop exactly the processes `up` started.")
     stop_parser.add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
-    args = parser.parse_args(argv)
-    up(args.port, args.config) if args.action == "up" else down(args.grace)
+    args, deploy_args = parser.parse_known_args(argv)  # the rest goes to deployments.deploy (--config, --gpu-slots, ...)
+    up(args.port, deploy_args) if args.action == "up" else down(args.grace)
 
 
 if __name__ == "__main__":

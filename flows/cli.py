@@ -132,7 +132,7 @@ def _description(hint) -> str:
 
 def _flow_parser(command: str, flow) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"medlm {command}", description=flow.fn.__doc__ or FLOWS[command][1])
-    parser.add_argument("--config", metavar="FILE|NAME", help="Run configuration: a TOML file or a name in flows/configs (demo, base-1xh100).")
+    parser.add_argument("--config", metavar="FILE|NAME", help="Run configuration: a TOML file or a name in flows/configs (demo, full).")
     configs, plain = flow_parameters(flow)
     for name, description in plain.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="REF", help=description)

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stage import publish_lineage, run_stage, submit
+from flows.stage import publish_lineage, retry_when, run_stage, submit
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
 from tasks.parse import PARSE, ParseConfig
@@ -23,15 +23,7 @@ class IngestIncomplete(RuntimeError):
     The other files are in the store, so the next run redoes only the failed ones."""
 
 
-def _listing_may_heal(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except Exception as error:
-        return is_transient(error)
-    return False
-
-
-list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seconds=30, retry_condition_fn=_listing_may_heal)
+list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_when(is_transient))
 
 
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=4))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Callable
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, add_asset_metadata
@@ -50,7 +51,21 @@ def stage_task(stage: Stage) -> MaterializingTask:
         return artifact
 
     run.__name__ = run.__qualname__ = stage.name
-    return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, retries=0)
+    retries = {"retries": 2, "retry_delay_seconds": [60, 600], "retry_condition_fn": retry_when(stage.retry_if)} if stage.retry_if else {}
+    return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, tags=[stage.name], **retries)
+
+
+def retry_when(worth_retrying: Callable[[BaseException], bool]):
+    """A Prefect retry condition from a predicate on the exception a task raised."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except Exception as error:
+            return worth_retrying(error)
+        return False
+
+    return condition
 
 
 def submit(stage: Stage, inputs: dict, config, *, label: str | None = None) -> PrefectFuture:

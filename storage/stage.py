@@ -17,7 +17,7 @@ so a stage runs from a plain Python shell, under ``torchrun`` or in a worker pro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -61,7 +61,10 @@ class Stage(Generic[ConfigT]):
     # A short human label for lineage listings, e.g. a source file's name and md5.
     label: Callable[[Inputs, ConfigT], str] | None = None
     # Rows for a table a person reads (the run page in the UI): what the artifact holds.
-    report: Callable[[Artifact], list[dict]] | None = field(default=None, compare=False)
+    report: Callable[[Artifact], list[dict]] | None = None
+    # Which failures are worth running the stage again for, minutes later (a network outage); the
+    # rest (bad XML, a bad config) fail at once.
+    retry_if: Callable[[BaseException], bool] | None = None
 
     def spec(self, inputs: Inputs, config: ConfigT) -> ArtifactSpec:
         """The artifact's identity; its key is a pure function of this."""

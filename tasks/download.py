@@ -244,10 +244,11 @@ def download_file(remote: RemoteFile, dest_dir: Path) -> Path:
         final.unlink()
     attempts = remote.attempts
     for attempt in range(1, attempts + 1):
+        failure = None
         try:
             actual = _fetch_into(remote, part, remote.timeout_s)
         except _RETRYABLE as e:
-            problem = f"transfer failed: {e}"
+            failure, problem = e, f"transfer failed: {e}"
         else:
             if actual == remote.md5:
                 os.replace(part, final)
@@ -261,7 +262,7 @@ def download_file(remote: RemoteFile, dest_dir: Path) -> Path:
     raise DownloadError(
         f"{remote.name}: {problem} (from {remote.url}, {attempts} attempts); "
         f"the source may be corrupt or down: retry later or use another mirror"
-    )
+    ) from failure  # a transfer failure as the cause: is_transient() lets the task retry later
 
 
 def _fetch_into(remote: RemoteFile, part: Path, timeout_s: float) -> str:
@@ -356,14 +357,18 @@ DOWNLOAD = Stage(
     build=build_download,
     resume=True,  # a killed run's .part is continued with a Range request
     label=lambda inputs, remote: f"{remote.name} md5={remote.md5}",
+    retry_if=lambda error: is_transient(error),  # NCBI down for longer than the attempts above: try again later
 )
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a listing failure may heal by waiting (network, 408/429/5xx), unlike a wrong name or URL."""
+    """Whether a listing or download failure may heal by waiting (network, 408/429/5xx), unlike a
+    wrong name or URL, or bytes that never match their md5."""
     if not isinstance(error, DownloadError):
         return False
     cause = error.__cause__
+    if isinstance(cause, _TransferFailed):
+        return True
     if isinstance(cause, urllib.error.HTTPError):
         return cause.code >= 500 or cause.code in _RETRY_HTTP_CODES
     if isinstance(cause, urllib.error.URLError) and isinstance(cause.reason, FileNotFoundError):

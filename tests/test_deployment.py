@@ -65,10 +65,28 @@ async def _read_deployment(name):
         return await client.read_deployment_by_name(name)
 
 
+async def _edit_parameters(deployment_id, parameters: dict) -> None:
+    """What a user does in the UI's Edit form."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    async with get_client() as client:
+        await client.update_deployment(deployment_id, DeploymentUpdate(parameters=parameters))
+
+
+async def _read_work_pool(name):
+    async with get_client() as client:
+        return await client.read_work_pool(name)
+
+
+async def _read_automations():
+    async with get_client() as client:
+        return [a for a in await client.read_automations() if a.name.startswith("medlm://")]
+
+
 def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, workers):
     store = workers
     mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
-    assert register() == ["ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain"]
+    assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize", "deployed retrain/retrain"]
 
     deployment = asyncio.run(_read_deployment("ingest/nightly-ingest"))
     assert deployment.work_pool_name == "cpu"
@@ -96,6 +114,17 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     [checkpoint] = store.ls("pretrain")
     assert checkpoint.summary["steps"] == 2
     assert checkpoint.parents == [store.newest("shards").ref, store.newest("tokenizer").ref]
+
+    # A change made in the UI survives the next `make up` (which says so), unless reset.
+    asyncio.run(_edit_parameters(retrain.id, {"train": {"max_steps": 3}}))
+    assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize",
+                          "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)"]
+    assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"train": {"max_steps": 3}}
+    assert register(reset=True)[-1] == "deployed retrain/retrain"
+    assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {}
+    assert asyncio.run(_read_work_pool("gpu")).concurrency_limit == 1  # one run per GPU
+    follow_ups = asyncio.run(_read_automations())
+    assert {a.name: a.enabled for a in follow_ups} == {"medlm://corpus -> tokenize/tokenize": False, "medlm://shards -> retrain/retrain": False}
 
     # The form's bounds are the server's too: a run with steps = -5 is refused before it exists.
     with pytest.raises(PrefectHTTPStatusError, match="train.max_steps'. Failure reason: -5 is less than the minimum of 1"):
