@@ -42,7 +42,7 @@ def stage_task(stage: Stage) -> MaterializingTask:
         artifact = stage.run(Store(), inputs, config)
         if stage.report is not None:
             create_table_artifact(
-                key=stage.name, table=stage.report(artifact), description=f"{stage.name} {artifact.ref}: {artifact.label or ''}"
+                key=stage.name, table=stage.report(artifact), description=" ".join(filter(None, [artifact.ref, artifact.label]))
             )
         if artifact.reused:
             return Completed(name="Cached", message=f"{artifact.ref} was already in the store", data=artifact)

@@ -1,19 +1,13 @@
-"""Deployments as a user meets them: `make up` (a locked-down server, deployments, workers, a
-schedule that fires), runs triggered through the API and run by real workers, `make down`."""
+"""Deployments registered on the session's Prefect server, triggered through the API and run by
+real workers (test_make_up.py covers `make up` itself)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,13 +15,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import PrefectHTTPStatusError
 
-from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE, _free_port, _template_database
+from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
 from deployments.deploy import NIGHTLY_CRON, register
-from deployments.serve import process_start_time
 from ncbi_server import NcbiServer, make_mirror
 from storage import Store
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -130,88 +121,3 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     with pytest.raises(PrefectHTTPStatusError, match="train.max_steps'. Failure reason: -5 is less than the minimum of 1"):
         run_deployment("retrain/retrain", parameters={"train": {"max_steps": -5}}, timeout=120)
     assert len(store.ls("pretrain")) == 1
-
-
-# -- make up / make down ------------------------------------------------------------------------------
-
-
-def _request(url: str, method: str = "GET", headers: dict | None = None, body: dict | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
-def test_make_up_serves_a_locked_down_server_whose_nightly_schedule_fires(tmp_path):
-    port = _free_port()
-    home = tmp_path / ".medlm"
-    (home / "prefect").mkdir(parents=True)
-    shutil.copy(_template_database(), home / "prefect" / "prefect.db")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
-        "MEDLM_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
-        # The scheduler looks for runs to create every 60 s; sooner here, so the test waits less.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "3",
-    }
-    serve = [sys.executable, "-m", "deployments.serve"]
-    up = subprocess.run([*serve, "up", "--port", str(port)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    api, ui = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
-    try:
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        assert "deployed ingest/nightly-ingest" in up.stdout
-
-        # The nightly schedule fires: the server's scheduler creates the next runs at 06:00 UTC.
-        client_env = {**env, "PREFECT_API_URL": api}
-        script = (
-            "import asyncio, json\n"
-            "from prefect.client.orchestration import get_client\n"
-            "from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName\n"
-            "async def main():\n"
-            "    async with get_client() as c:\n"
-            "        runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=['nightly-ingest'])))\n"
-            "        print(json.dumps([[r.state.type.value, r.expected_start_time.isoformat()] for r in runs]))\n"
-            "asyncio.run(main())\n"
-        )
-        deadline, scheduled = time.time() + 60, []
-        while not scheduled and time.time() < deadline:
-            time.sleep(2)
-            out = subprocess.run([sys.executable, "-c", script], env=client_env, capture_output=True, text=True, timeout=60)
-            scheduled = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
-        assert len(scheduled) >= 3, (out.stderr[-2000:], (home / "run" / "server.log").read_text()[-3000:])
-        assert all(state == "SCHEDULED" and start.endswith("T06:00:00+00:00") for state, start in scheduled)
-
-        # A page from another origin can neither read a CSRF token nor start a run; the UI's origin can.
-        evil = {"Origin": "http://evil.example"}
-        status, headers, _ = _request(f"{api}/deployments/filter", "OPTIONS", {**evil, "Access-Control-Request-Method": "POST"})
-        assert "access-control-allow-origin" not in {h.lower() for h in headers}
-        status, headers, _ = _request(f"{api}/csrf-token?client=evil-page", headers=evil)
-        assert "access-control-allow-origin" not in {h.lower() for h in headers}  # the browser hides the token
-        status, _, _ = _request(f"{api}/deployments/filter", "POST", evil, {})
-        assert status == 403  # no token, no write
-        [deployment_id] = [d["id"] for d in json.loads(_request(f"{api}/deployments/filter", "POST", *_ui_headers(api, ui), {})[2]) if d["name"] == "nightly-ingest"]
-        status, _, _ = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", evil, {"parameters": {"source": {"source": "/tmp/x"}}})
-        assert status == 403
-        status, headers, body = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", *_ui_headers(api, ui), {})
-        assert status == 201 and headers.get("access-control-allow-origin") == ui, body
-    finally:
-        # A stale record must never get an unrelated process signalled: a `sleep` now holds a recorded PID.
-        bystander = subprocess.Popen(["sleep", "60"])
-        (home / "run" / "old-worker.json").write_text(json.dumps({"pid": bystander.pid, "start_time": process_start_time(bystander.pid) - 1}))
-        down = subprocess.run([*serve, "down", "--grace", "5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0, down.stderr
-    assert f"old-worker: PID {bystander.pid} is no longer the process `make up` started; not signalled" in down.stdout
-    assert bystander.poll() is None
-    bystander.kill()
-    for name in ("server", "worker-cpu", "worker-gpu"):
-        assert f"stopped {name}" in down.stdout
-    assert not list((home / "run").glob("*.json"))
-
-
-def _ui_headers(api: str, ui: str) -> tuple[dict]:
-    """What the UI sends: its origin, and a CSRF token it fetched for its client id."""
-    client = str(uuid.uuid4())
-    token = json.loads(_request(f"{api}/csrf-token?client={client}", headers={"Origin": ui})[2])["token"]
-    return ({"Origin": ui, "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client},)

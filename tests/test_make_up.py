@@ -1,0 +1,168 @@
+"""`make up` as a user meets it: a locked-down server, the deployments and a worker per pool, a
+nightly schedule that fires, the UI in a real browser, and `make down` stopping only what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import _free_port, _template_database, build_corpus
+from deployments.serve import process_start_time
+from storage import Store
+
+SERVE = [sys.executable, "-m", "deployments.serve"]
+CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (`playwright install` has no internet here)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`python -m deployments.serve up` (what `make up` runs) in a fresh folder of its own."""
+    home_dir = tmp_path_factory.mktemp("made-up")
+    port, home = _free_port(), home_dir / ".medlm"
+    (home / "prefect").mkdir(parents=True)
+    shutil.copy(_template_database(), home / "prefect" / "prefect.db")  # migrated once per machine: ~25 s saved
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))},
+        "MEDLM_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
+        # The scheduler looks for runs to create every 60 s; sooner here, so the test waits less.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "3",
+    }
+    up = subprocess.run([*SERVE, "up", "--port", str(port)], cwd=home_dir, env=env, capture_output=True, text=True, timeout=300)
+    stack = {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "cwd": home_dir, "env": env}
+    yield stack | {"up": up}
+    subprocess.run([*SERVE, "down", "--grace", "5"], cwd=home_dir, env=env, capture_output=True, timeout=120)
+
+
+def _request(url: str, method: str = "GET", headers: dict | None = None, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _ui_headers(api: str, ui: str) -> dict:
+    """What the UI sends: its origin, and a CSRF token it fetched for its client id."""
+    client = str(uuid.uuid4())
+    token = json.loads(_request(f"{api}/csrf-token?client={client}", headers={"Origin": ui})[2])["token"]
+    return {"Origin": ui, "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client}
+
+
+def test_the_nightly_schedule_fires(stack):
+    up = stack["up"]
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    assert "deployed ingest/nightly-ingest" in up.stdout
+    script = (
+        "import asyncio, json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=['nightly-ingest'])))\n"
+        "        print(json.dumps([[r.state.type.value, r.expected_start_time.isoformat()] for r in runs]))\n"
+        "asyncio.run(main())\n"
+    )
+    deadline, scheduled = time.time() + 60, []
+    while not scheduled and time.time() < deadline:
+        time.sleep(2)
+        out = subprocess.run([sys.executable, "-c", script], env={**stack["env"], "PREFECT_API_URL": stack["api"]}, capture_output=True, text=True, timeout=60)
+        scheduled = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+    assert len(scheduled) >= 3, (out.stderr[-2000:], (stack["home"] / "run" / "server.log").read_text()[-3000:])
+    assert all(state == "SCHEDULED" and start.endswith("T06:00:00+00:00") for state, start in scheduled)
+
+
+def test_a_page_from_another_origin_cannot_start_runs_but_the_ui_can(stack):
+    api, ui, evil = stack["api"], stack["ui"], {"Origin": "http://evil.example"}
+    status, headers, _ = _request(f"{api}/deployments/filter", "OPTIONS", {**evil, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in {h.lower() for h in headers}  # the browser blocks the request
+    status, headers, _ = _request(f"{api}/csrf-token?client=evil-page", headers=evil)
+    assert "access-control-allow-origin" not in {h.lower() for h in headers}  # ... and hides the token from the page
+    assert _request(f"{api}/deployments/filter", "POST", evil, {})[0] == 403  # no token, no write
+    deployments = json.loads(_request(f"{api}/deployments/filter", "POST", _ui_headers(api, ui), {})[2])
+    [deployment_id] = [d["id"] for d in deployments if d["name"] == "nightly-ingest"]
+    status, _, _ = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", evil, {"parameters": {"source": {"source": "/tmp/x"}}})
+    assert status == 403
+    status, headers, body = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", _ui_headers(api, ui), {})
+    assert status == 201 and headers.get("access-control-allow-origin") == ui, body
+
+
+def _field(page, label: str):
+    """The input of one property of a deployment's parameter form, by its label."""
+    return page.locator(
+        f"xpath=//div[contains(@class,'schema-form-property')][./div[@class='p-label__header']//span[normalize-space()='{label}']]//input"
+    ).first
+
+
+def test_retrain_from_the_ui_then_read_its_lineage(stack):
+    """A user in a real browser: Deployments -> retrain -> Run -> Custom run with other values ->
+    Completed -> the run's lineage artifact, down to the source XML files."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+
+    # Shards in the workers' store (./.medlm/store where `make up` ran), built by the real stages.
+    from tasks.shards import SHARDS, ShardsConfig
+    from tasks.tokenizer import TOKENIZER, TokenizerConfig
+
+    store = Store(stack["cwd"] / ".medlm" / "store")
+    corpus = build_corpus(store)
+    tokenizer = TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=600, val_fraction=0.05, test_fraction=0.05))
+    SHARDS.run(store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
+
+    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(stack["ui"] + "/deployments")
+        page.get_by_role("link", name="retrain").first.click()
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        _field(page, "Max Steps (Optional)").fill("3")
+        _field(page, "Batch Size (Optional)").fill("2")
+        _field(page, "Eval Windows (Optional)").fill("4")
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(re.compile(r"tab=Runs"))  # back on the deployment, its runs listed
+        page.locator("a[href*='/runs/flow-run/']").first.click()
+        page.wait_for_url(re.compile(r"/runs/flow-run/"))
+        deadline = time.time() + 240
+        while not page.locator(".state-badge", has_text="Completed").count():  # the run's state, as a user watches it
+            assert time.time() < deadline, page.inner_text("body")[-2000:]
+            page.wait_for_timeout(2000)
+            page.reload()
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("lineage-pretrain").first.click()
+        page.wait_for_url(re.compile(r"/artifacts/"))
+        playwright.expect(page.get_by_text("download (2)").first).to_be_visible()
+        text = page.inner_text("body")
+        browser.close()
+    [checkpoint] = store.ls("pretrain")
+    assert checkpoint.params["max_steps"] == 3 and checkpoint.params["batch_size"] == 2 and checkpoint.params["eval_windows"] == 4
+    assert checkpoint.ref in text
+    for download in store.ls("download"):  # the source files and their md5s, in the UI
+        assert download.label in text
+
+
+def test_make_down_stops_exactly_what_make_up_started(stack):
+    run = stack["home"] / "run"
+    bystander = subprocess.Popen(["sleep", "60"])  # a stale record now names this unrelated process's PID
+    (run / "old-worker.json").write_text(json.dumps({"pid": bystander.pid, "start_time": process_start_time(bystander.pid) - 1}))
+    down = subprocess.run([*SERVE, "down", "--grace", "5"], cwd=stack["cwd"], env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert f"old-worker: PID {bystander.pid} is no longer the process `make up` started; not signalled" in down.stdout
+    assert bystander.poll() is None
+    bystander.kill()
+    for name in ("server", "worker-cpu", "worker-gpu"):
+        assert f"stopped {name}" in down.stdout
+    assert not list(run.glob("*.json"))
