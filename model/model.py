@@ -7,7 +7,6 @@ Two architectures share every module: ``llama`` (RoPE, RMSNorm, SwiGLU, no biase
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -295,16 +294,6 @@ class Transformer(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return logits, loss
-
-    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
-        """AdamW; decay matrices (embeddings, projections) but not biases or norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 
     @torch.no_grad()
     def generate(

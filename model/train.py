@@ -13,6 +13,7 @@ fine-tuning is the same loop with masked batches.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -85,6 +86,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; decay matrices (embeddings, projections) but not biases
+    or norm gains. Any model: ours, a Hugging Face one, or one with LoRA adapters (only they train)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **({"fused": True} if fused else {}))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -245,8 +258,10 @@ def train(
             )
         grad_accum = resolve_grad_accum(config, context, rt.world_size)
         batches = TrainBatches(shards, context, config.batch_size, grad_accum, config.seed, rt.rank, rt.world_size, rt.device)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model = Transformer(model_cfg).to(rt.device)
         return train_loop(
-            config, rt, model_cfg, batches,
+            config, rt, model, model_cfg.to_dict(), batches,
             validate=lambda model: evaluate(model, shards, "val", context, config, rt),
             out=Path(out_dir),
             tokens_per_step=config.batch_size * context * rt.world_size * grad_accum,
@@ -261,25 +276,26 @@ def train(
 def train_loop(
     cfg: TrainConfig,
     rt: Runtime,
-    model_cfg: ModelConfig,
+    model: torch.nn.Module,
+    model_config: dict,
     batches: BatchSource,
-    validate: Callable[[Transformer], float],
+    validate: Callable[[torch.nn.Module], float],
     out: Path,
     tokens_per_step: int,
     run_info: dict,
     progress: Callable[[dict], None] | None = None,
     init_from: Path | None = None,
 ) -> dict:
-    """Train (or resume) ``cfg.max_steps`` optimizer steps into ``out``; return the run summary.
+    """Train (or resume) ``cfg.max_steps`` optimizer steps of ``model`` into ``out``; return the run summary.
 
-    A fresh run starts from random weights, or from the checkpoint ``init_from`` (fine-tuning);
-    a run folder with checkpoints resumes from its latest one, data position included.
-    ``run_info`` goes into every checkpoint's config.json beside the model and training config.
+    ``model`` (on rt.device) maps (x, y) to (logits, mean loss over y != -100): ours, or a wrapped
+    Hugging Face model, with or without adapters. A fresh run starts from its weights as given, or
+    from the checkpoint ``init_from`` (fine-tuning); a run folder with checkpoints resumes from its
+    latest one, data position included. ``model_config`` describes the network (a resumed run must
+    match it); it and ``run_info`` go into every checkpoint's config.json.
     """
     started = time.time()
-    run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), **run_info}
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = Transformer(model_cfg).to(rt.device)
+    run_config = {"model": model_config, "train": cfg.to_dict(), **run_info}
 
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -288,13 +304,13 @@ def train_loop(
     weights_from = resume_from or init_from
     if weights_from is not None:
         saved = load_checkpoint_config(weights_from)["model"]
-        if saved != model_cfg.to_dict():
+        if saved != model_config:
             raise ValueError(
-                f"{weights_from} holds a different model ({saved}) than this run ({model_cfg.to_dict()}); "
+                f"{weights_from} holds a different model ({saved}) than this run ({model_config}); "
                 f"use a fresh run folder or the same model settings"
             )
         load_weights(model, weights_from, rt.device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), rt.device.type)
+    optimizer = adamw(model, cfg, rt.device.type)
     start_step = 0
     if resume_from is not None:
         load_optimizer_state(resume_from, optimizer, rt.device)
@@ -386,7 +402,8 @@ def train_loop(
         "tokens_per_step": tokens_per_step,
         "grad_accum": grad_accum,  # None when resumed from the final checkpoint
         "world_size": rt.world_size,
-        "params": raw_model.num_params(),
+        "params": sum(p.numel() for p in raw_model.parameters()),
+        "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
         "checkpoint": checkpoint_name(cfg.max_steps),
         "seconds": round(time.time() - started, 3),
     }
