@@ -46,12 +46,14 @@ PAD = 0  # filler id for right padding; padded positions are never read
 class CausalLM:
     """Scoring for any causal LM; a back end supplies encode/decode and the network calls below."""
 
-    def __init__(self, max_length: int, prefix_token_id: int, eos_token_id: int | None, device: torch.device, batch_tokens: int = 8192):
+    def __init__(self, max_length: int, prefix_token_id: int, eos_token_id: int | None, device: torch.device, batch_tokens: int = 2048):
         self.max_length = max_length
         self.prefix_token_id = prefix_token_id
         self.eos_token_id = eos_token_id
         self.device = device
-        self.batch_tokens = batch_tokens  # tokens per forward pass; bounds memory
+        # Tokens per forward pass. Perplexity scores every position: its logits take about
+        # batch_tokens x vocab x 4 bytes (262 MB at 2048 x 32k), twice that with their log-softmax.
+        self.batch_tokens = batch_tokens
 
     # -- what a back end implements ----------------------------------------------------------
 
@@ -247,22 +249,25 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int, strid
 
 
 class TransformerLM(CausalLM):
-    """Our Transformer with its tokenizers.Tokenizer (as tasks/binarize.load_tokenizer returns it)."""
+    """Our Transformer with its tokenizers.Tokenizer (as tasks/binarize.load_tokenizer returns it).
 
-    def __init__(self, model: Transformer, tokenizer, prefix_token_id: int = 3, eos_token_id: int = 3, batch_tokens: int = 8192):
+    Ids 3 = [EOS] by the shards' contract (tasks/binarize.py): it ends generation and, as the
+    token every pretraining document follows, is the prefix token.
+    """
+
+    def __init__(self, model: Transformer, tokenizer, prefix_token_id: int = 3, eos_token_id: int = 3, batch_tokens: int = 2048):
         self.model = model.eval()
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
         super().__init__(model.config.context_length, prefix_token_id, eos_token_id, device, batch_tokens)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, tokenizer_json: str | Path, device: str = "cpu", **kwargs) -> "TransformerLM":
+    def from_checkpoint(cls, checkpoint_dir: str | Path, tokenizer, device: str = "cpu", **kwargs) -> "TransformerLM":
+        """A checkpoint folder and its tokenizer (tasks.binarize.load_tokenizer's result)."""
         from model.train import load_checkpoint_config, load_model
-        from tasks.binarize import load_tokenizer
 
-        tokens = load_checkpoint_config(checkpoint_dir).get("tokens") or {}
-        eos = tokens.get("eos_id", 3)
-        return cls(load_model(checkpoint_dir, device), load_tokenizer(Path(tokenizer_json)), eos, eos, **kwargs)
+        eos = (load_checkpoint_config(checkpoint_dir).get("tokens") or {}).get("eos_id", 3)
+        return cls(load_model(checkpoint_dir, device), tokenizer, prefix_token_id=eos, eos_token_id=eos, **kwargs)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -283,7 +288,7 @@ class TransformerLM(CausalLM):
 class HFCausalLM(CausalLM):
     """A transformers causal LM and its tokenizer, e.g. a folder written by model/export_hf.py."""
 
-    def __init__(self, model, tokenizer, prefix_token_id: int | None = None, max_length: int | None = None, batch_tokens: int = 8192):
+    def __init__(self, model, tokenizer, prefix_token_id: int | None = None, max_length: int | None = None, batch_tokens: int = 2048):
         self.model = model.eval()
         self.tokenizer = tokenizer
         if prefix_token_id is None:  # HFLM's choice

@@ -186,25 +186,29 @@ def multiple_choice_suite(lm: CausalLM, records: Sequence[dict], shots: Sequence
 # -- perplexity and bits per byte --------------------------------------------------------------
 
 
-def shards_perplexity(lm: CausalLM, shards_dir: str | Path, split: str = "test", max_documents: int | None = None, stride: int | None = None) -> dict:
-    """Bits per byte and perplexity on a shards folder's ``{split}.bin``, made with lm's tokenizer.
-
-    The stream is cut at [EOS] into documents (the first max_documents of them, if given); each is
-    scored alone as lm-eval scores a document, its bytes are those of its decoded text.
-    """
+def shard_documents(shards_dir: str | Path, split: str = "test") -> list[list[int]]:
+    """The token ids of each document of a shards folder's ``{split}.bin`` (cut at [EOS], which is dropped)."""
     root = Path(shards_dir)
-    meta = json.loads((root / "meta.json").read_text())
     path = root / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; pass a shards folder written by tasks/binarize.py")
-    stream = np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+    meta = json.loads((root / "meta.json").read_text())
+    stream = np.fromfile(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
     ends = np.flatnonzero(stream == meta["eos_id"])
     starts = np.concatenate(([0], ends + 1))
-    bounds = [(int(a), int(b)) for a, b in zip(starts, np.append(ends, len(stream))) if b > a]
-    documents = [stream[a:b].tolist() for a, b in bounds[:max_documents]]
-    texts = [lm.decode(d) for d in documents]
-    result = _language_modelling(lm, documents, texts, stride)
-    return {"name": f"{root.name}/{split}.bin", "documents_in_file": len(bounds)} | result
+    return [stream[a:b].tolist() for a, b in zip(starts, np.append(ends, len(stream))) if b > a]
+
+
+def shards_perplexity(lm: CausalLM, shards_dir: str | Path, split: str = "test", max_documents: int | None = None, stride: int | None = None) -> dict:
+    """Bits per byte and perplexity on a shards folder's ``{split}.bin``, made with lm's tokenizer.
+
+    Each document (the first max_documents, if given) is scored alone, as lm-eval scores one; its
+    bytes are those of its decoded text.
+    """
+    all_documents = shard_documents(shards_dir, split)
+    documents = all_documents[:max_documents]
+    result = _language_modelling(lm, documents, [lm.decode(d) for d in documents], stride)
+    return {"name": f"{Path(shards_dir).name}/{split}.bin", "documents_in_file": len(all_documents)} | result
 
 
 def text_bits_per_byte(lm: CausalLM, texts: Sequence[str], name: str = "held-out text", stride: int | None = None) -> dict:
@@ -222,6 +226,8 @@ def _language_modelling(lm: CausalLM, documents: list[list[int]], texts: list[st
     ]
     result = {
         "kind": "language_modelling",
+        "window": lm.max_length,
+        "stride": stride or lm.max_length,
         "method": (
             f"lm-eval loglikelihood_rolling: each document alone after prefix token {lm.prefix_token_id}, "
             f"windows of {lm.max_length} tokens, stride {stride or lm.max_length}"
@@ -365,7 +371,7 @@ def render_markdown(results: Sequence[dict]) -> str:
             shots = f"{r['num_fewshot']}-shot" + (f", shots from {'; '.join(r['shots_from'])}" if r["num_fewshot"] else "")
             label = f"{r['style']}, {shots}"
         elif r["kind"] == "language_modelling":
-            title, label = r["name"], r["method"]
+            title, label = r["name"], f"rolling windows of {r['window']} tokens, stride {r['stride']}"
         else:
             title, label = r["name"], f"greedy, ≤{r['max_new_tokens']} tokens"
         rows = tables.setdefault(title, ["| metric | value | 95% CI | n | baseline |", "| --- | --- | --- | --- | --- |"])

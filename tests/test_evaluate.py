@@ -45,6 +45,15 @@ from tasks.evaluate import (
 RECORDS = load_records()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small score fastest on one thread; the test machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def record(id="q1", source="medqa", split="test", question="Which drug?", options=("Aspirin", "Heparin", "Warfarin", "Insulin"), answer_idx=0, context=(), explanation=None) -> dict:
     options = list(options)
     return {"id": id, "source": source, "split": split, "question": question, "context": list(context), "options": options,
@@ -279,6 +288,7 @@ def test_bits_per_byte_on_a_tiny_stream_by_hand(tmp_path):
     assert result["metrics"]["token_perplexity"]["value"] == pytest.approx(16)
     assert (result["tokens"], result["bytes"], result["documents_in_file"]) == (8, 9, 2)
     assert [i["nll"] for i in result["per_item"]] == pytest.approx([6 * math.log(16), 2 * math.log(16)])
+    assert "| bits_per_byte (rolling windows of 4 tokens, stride 4) | 3.556 |" in render_markdown([result])
     first = shards_perplexity(UniformLM(), shards, max_documents=1)
     assert first["metrics"]["bits_per_byte"]["value"] == pytest.approx(4.0) and first["metrics"]["bits_per_byte"]["n"] == 1
 

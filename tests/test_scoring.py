@@ -1,7 +1,7 @@
 """Log-likelihood scoring against lm-evaluation-harness 0.4.13, the peer implementation.
 
-A tiny seeded Transformer with the real BPE fitted on the sample corpus (conftest), exported to a
-Hugging Face folder; lm-eval's HFLM reads that folder and our local task YAMLs
+A tiny seeded Transformer with the real BPE fitted on the sample corpus (conftest), saved as a
+checkpoint and exported to a Hugging Face folder by model/export_hf.py; lm-eval's HFLM reads that folder and our local task YAMLs
 (tests/data/lm_eval_tasks/), which call the harness's own prompt functions. Its context length
 (256) is shorter than the PubMedQA and MedQA prompts, so left truncation is compared too.
 """
@@ -9,8 +9,8 @@ Hugging Face folder; lm-eval's HFLM reads that folder and our local task YAMLs
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
+from pathlib import Path
 
 # Nothing from the hub, and the datasets cache out of the home folder: set before HF imports.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,10 +22,11 @@ import pytest
 import torch
 from eval_records import LM_EVAL_TASKS, REPO, load_records
 
-from model.export_hf import TOKENIZER_FILES, to_hf_model
+from model.export_hf import export_hf
 from model.model import ModelConfig, Transformer
 from model.prompts import doc_to_text
 from model.scoring import HFCausalLM, TransformerLM, rolling_windows
+from model.train import save_checkpoint
 from tasks.binarize import load_tokenizer
 from tasks.evaluate import benchmark_records, multiple_choice
 
@@ -42,27 +43,35 @@ LOCAL_TASKS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small score fastest on one thread; the test machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def model(tokenizer) -> Transformer:
+def checkpoint(tokenizer, tmp_path_factory) -> Path:
+    """A seeded random model saved as pretraining saves it."""
     vocab = load_tokenizer(tokenizer.file("tokenizer.json")).get_vocab_size()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, context_length=256)
-    return Transformer(cfg).eval()
+    model = Transformer(cfg)
+    config = {"model": cfg.to_dict(), "tokens": {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}}
+    run = tmp_path_factory.mktemp("run")
+    return save_checkpoint(run, 0, model, torch.optim.AdamW(model.parameters()), config, {"step": 0}, keep_last=1)
 
 
 @pytest.fixture(scope="module")
-def ours(model, tokenizer) -> TransformerLM:
-    return TransformerLM(model, load_tokenizer(tokenizer.file("tokenizer.json")))
+def ours(checkpoint, tokenizer) -> TransformerLM:
+    return TransformerLM.from_checkpoint(checkpoint, load_tokenizer(tokenizer.file("tokenizer.json")))
 
 
 @pytest.fixture(scope="module")
-def hf_dir(model, tokenizer, tmp_path_factory):
-    """The model as export_hf writes it: config + safetensors + the tokenizer files."""
-    out = tmp_path_factory.mktemp("hf")
-    to_hf_model(model, {"bos_id": 2, "eos_id": 3, "pad_id": 0}).save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy2(tokenizer.file(name), out / name)
-    return out
+def hf_dir(checkpoint, tokenizer, tmp_path_factory) -> Path:
+    return export_hf(checkpoint, tmp_path_factory.mktemp("hf"), tokenizer.path)
 
 
 @pytest.fixture(scope="module")
