@@ -133,6 +133,24 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def expand(self, batch: int, max_len: int) -> "KVCache":
+        """A new cache with this one-row cache's tokens in each of ``batch`` rows, room for max_len.
+
+        Scoring shares one prompt among several continuations: the prompt runs once, then all
+        continuations run as one batch on top of its keys and values.
+        """
+        if self.k is None or self.k.size(1) != 1:
+            raise ValueError("expand needs a filled cache of batch size 1; run the shared prefix through it first")
+        if max_len < self.length:
+            raise ValueError(f"max_len {max_len} is shorter than the {self.length} cached tokens")
+        out = KVCache(self.n_layer, max_len)
+        out.length = self.length
+        shape = (self.n_layer, batch, self.k.size(2), max_len, self.k.size(4))
+        out.k, out.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        out.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]  # broadcast over the batch
+        out.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        return out
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -261,11 +279,22 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context_length)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logit_positions: torch.Tensor | None = None,
+    ):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets != -100.
 
         With a KV cache, idx holds only the new tokens; they sit at positions after the cached ones.
+        logit_positions (B, P), indices into idx's T, returns logits (B, P, vocab) at those positions
+        only: scoring needs a few, and in a small model the vocabulary projection costs more than
+        all the blocks together.
         """
+        if targets is not None and logit_positions is not None:
+            raise ValueError("pass targets or logit_positions, not both: the loss needs every position's logits")
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_length:
@@ -287,6 +316,8 @@ class Transformer(nn.Module):
             x = block(x, rope, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.length += T
+        if logit_positions is not None:
+            x = x.gather(1, logit_positions[:, :, None].expand(-1, -1, x.size(-1)))
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:

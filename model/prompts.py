@@ -1,0 +1,121 @@
+"""QA records rendered as lm-evaluation-harness 0.4.13 renders them, for scoring and fine-tuning.
+
+A record is the canonical QA dict (``id``, ``source``, ``split``, ``question``, ``context``,
+``options``, ``answer_idx``, ``answer_text``, ``explanation``, ``meta``). The harness's three
+medical tasks, which these functions reproduce character for character:
+
+    medqa_4options  Question: {q}\\nA. {o0}\\nB. {o1}\\nC. {o2}\\nD. {o3}\\nAnswer:      choices A B C D
+    medmcqa         Question: {q}\\nChoices:\\nA. {o0}\\n...\\nD. {o3}\\nAnswer:          choices A B C D
+    pubmedqa        Abstract: {contexts joined by \\n}\\nQuestion: {q}\\nAnswer:         choices yes no maybe
+
+MedQA with five options uses the MedQA template with letters A-E (the harness has no such task).
+Each choice is scored as the continuation TARGET_DELIMITER + choice. Two choice styles:
+
+- "letters": the harness's choices for MedQA/MedMCQA (" A", " B", ...).
+- "cloze": the option text itself (" Aspirin"); small models do badly on letters, so both are
+  reported, labelled. PubMedQA's harness choices already are the answer words: its only style is
+  "cloze".
+
+Fine-tuning renders the same prompt and uses ``target(record, style)`` (" A", " yes") as the
+completion. The explanation (PubMedQA's LONG_ANSWER) never goes into a prompt: it is the answer
+itself (BioGPT's 78.2% put it in the input).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Sequence
+
+TARGET_DELIMITER = " "  # between a prompt and its answer (the harness's default)
+FEWSHOT_DELIMITER = "\n\n"  # after each worked example (the harness's default)
+LETTERS = "ABCDEFGHIJ"
+STYLES = ("letters", "cloze")
+
+
+def doc_to_text(record: dict) -> str:
+    """The prompt for one record, ending in "Answer:" (no trailing space: the answer brings it)."""
+    source, options = record["source"], record["options"]
+    lines = []
+    if record["context"]:
+        lines.append(("Abstract: " if source == "pubmedqa" else "Context: ") + "\n".join(record["context"]))
+    lines.append("Question: " + record["question"])
+    if options and source != "pubmedqa":  # PubMedQA's options are the answer words, never listed
+        if len(options) > len(LETTERS):
+            raise ValueError(f"record {record['id']}: {len(options)} options; at most {len(LETTERS)} have letters")
+        if source == "medmcqa":
+            lines.append("Choices:")
+        lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def choices(record: dict, style: str) -> list[str]:
+    """The answer strings scored for a record, without the target delimiter, in option order."""
+    options = record["options"]
+    if not options:
+        raise ValueError(f"record {record['id']} has no options; it is a free-text item, not multiple choice")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if record["source"] == "pubmedqa" and style == "letters":
+        raise ValueError("PubMedQA's harness choices are the words yes/no/maybe: use style='cloze'")
+    return list(LETTERS[: len(options)]) if style == "letters" else list(options)
+
+
+def gold_index(record: dict) -> int:
+    idx = record["answer_idx"]
+    if idx is None or not 0 <= idx < len(record["options"]):
+        raise ValueError(f"record {record['id']}: answer_idx {idx!r} does not index its {len(record['options'])} options")
+    return idx
+
+
+def target(record: dict, style: str) -> str:
+    """The gold continuation, delimiter included: " A" (letters) or " yes" / " Aspirin" (cloze)."""
+    return TARGET_DELIMITER + choices(record, style)[gold_index(record)]
+
+
+def fewshot_context(record: dict, shots: Sequence[dict], style: str) -> str:
+    """Worked examples then the record's prompt, as the harness joins them for plain-text models:
+    each shot is prompt + " " + gold choice + "\\n\\n"; the record's prompt follows, unanswered."""
+    examples = "".join(doc_to_text(s) + target(s, style) + FEWSHOT_DELIMITER for s in shots)
+    return examples + doc_to_text(record)
+
+
+def _seed(item_id: str) -> int:
+    """A seed from the item id alone (Python's str hash changes from run to run)."""
+    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "little")
+
+
+def select_shots(record: dict, pool: Sequence[dict], k: int) -> tuple[list[dict], str]:
+    """k worked examples for ``record`` from ``pool`` and where they came from.
+
+    Shots come from a split other than the record's; when the pool holds fewer than k of those,
+    they come from the record's own split, and the returned label says so. Never the record
+    itself (same id or same question). The draw depends only on the record's id and on the
+    pool's content (sorted by id), not on the order it is given in.
+    """
+    if k == 0:
+        return [], "none"
+
+    def usable(r: dict) -> bool:
+        return r["id"] != record["id"] and r["question"] != record["question"]
+
+    others = sorted((r for r in pool if r["split"] != record["split"] and usable(r)), key=lambda r: r["id"])
+    if len(others) >= k:
+        splits = sorted({r["split"] for r in others})
+        return random.Random(_seed(record["id"])).sample(others, k), "other split: " + ", ".join(splits)
+    same = sorted((r for r in pool if r["split"] == record["split"] and usable(r)), key=lambda r: r["id"])
+    if len(same) < k:
+        raise ValueError(
+            f"{k} shots asked for item {record['id']}, but the pool has only {len(others)} items of other splits "
+            f"and {len(same)} other items of its split {record['split']!r}; lower num_fewshot or pass more records"
+        )
+    label = f"same split ({record['split']}): other splits have {len(others)} items, fewer than {k}"
+    return random.Random(_seed(record["id"])).sample(same, k), label
+
+
+def reference(record: dict) -> str:
+    """The free-text answer a generation is compared with: PubMedQA's long answer, else answer_text."""
+    text = record["explanation"] if record["source"] == "pubmedqa" else record["answer_text"]
+    if not text:
+        raise ValueError(f"record {record['id']} has no reference answer (explanation/answer_text is empty)")
+    return text

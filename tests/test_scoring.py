@@ -1,0 +1,199 @@
+"""Log-likelihood scoring against lm-evaluation-harness 0.4.13, the peer implementation.
+
+A tiny seeded Transformer with the real BPE fitted on the sample corpus (conftest), saved as a
+checkpoint and exported to a Hugging Face folder by model/export_hf.py; lm-eval's HFLM reads that folder and our local task YAMLs
+(tests/data/lm_eval_tasks/), which call the harness's own prompt functions. Its context length
+(256) is shorter than the PubMedQA and MedQA prompts, so left truncation is compared too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Nothing from the hub, and the datasets cache out of the home folder: set before HF imports.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="medlm-test-datasets-"))
+
+import lm_eval  # the `eval` extra (lm-eval[hf]); these tests are its peer check, so they need it
+import pytest
+import torch
+from eval_records import LM_EVAL_TASKS, REPO, load_records
+
+from model.export_hf import export_hf
+from model.model import ModelConfig, Transformer
+from model.prompts import doc_to_text
+from model.scoring import HFCausalLM, TransformerLM, rolling_windows
+from model.train import save_checkpoint
+from tasks.binarize import load_tokenizer
+from tasks.evaluate import benchmark_records, multiple_choice
+
+ITEMS_PER_TASK = 8
+# local task -> (our benchmark, style)
+LOCAL_TASKS = {
+    "local_pubmedqa": ("pubmedqa", "cloze"),
+    "local_medmcqa": ("medmcqa", "letters"),
+    "local_medmcqa_cloze": ("medmcqa", "cloze"),
+    "local_medqa_4options": ("medqa_4options", "letters"),
+    "local_medqa_4options_cloze": ("medqa_4options", "cloze"),
+    "local_medqa_5options": ("medqa_5options", "letters"),
+    "local_medqa_5options_cloze": ("medqa_5options", "cloze"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small score fastest on one thread; the test machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory) -> Path:
+    """A seeded random model saved as pretraining saves it."""
+    vocab = load_tokenizer(tokenizer.file("tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, context_length=256)
+    model = Transformer(cfg)
+    config = {"model": cfg.to_dict(), "tokens": {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}}
+    run = tmp_path_factory.mktemp("run")
+    return save_checkpoint(run, 0, model, torch.optim.AdamW(model.parameters()), config, {"step": 0}, keep_last=1)
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint, tokenizer) -> TransformerLM:
+    return TransformerLM.from_checkpoint(checkpoint, load_tokenizer(tokenizer.file("tokenizer.json")))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(checkpoint, tokenizer, tmp_path_factory) -> Path:
+    return export_hf(checkpoint, tmp_path_factory.mktemp("hf"), tokenizer.path)
+
+
+@pytest.fixture(scope="module")
+def harness(hf_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    # prefix_token_id=3: condition empty contexts and documents on [EOS], as TransformerLM does.
+    return HFLM(pretrained=str(hf_dir), device="cpu", batch_size=8, prefix_token_id=3)
+
+
+@pytest.fixture(scope="module")
+def harness_samples(harness):
+    """Per-item log-likelihoods from lm_eval.simple_evaluate on the first items of each local task."""
+    from lm_eval.tasks import TaskManager
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)  # the task YAMLs name their data files relative to the repository root
+        out = lm_eval.simple_evaluate(
+            model=harness, tasks=list(LOCAL_TASKS), task_manager=TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False),
+            num_fewshot=0, limit=ITEMS_PER_TASK, log_samples=True, bootstrap_iters=0,
+        )
+    return out["samples"]
+
+
+@pytest.mark.parametrize("task", list(LOCAL_TASKS))
+def test_per_item_loglikelihoods_and_accuracy_match_lm_eval(task, harness_samples, ours):
+    benchmark, style = LOCAL_TASKS[task]
+    samples = harness_samples[task]
+    ids = [s["doc"]["id"] for s in samples]
+    records = [r for r in load_records() if r["id"] in ids]
+    result = multiple_choice(ours, records, benchmark, style)
+    by_id = {item["id"]: item for item in result["per_item"]}
+    assert sorted(by_id) == sorted(ids) and len(ids) == ITEMS_PER_TASK
+    for s in samples:
+        item = by_id[s["doc"]["id"]]
+        record = next(r for r in records if r["id"] == item["id"])
+        # The same prompt text, character for character, from the harness's own doc_to_text.
+        assert s["arguments"][0][0] == doc_to_text(record)
+        theirs = [ll for ll, _ in s["filtered_resps"]]
+        assert item["logprobs"] == pytest.approx(theirs, abs=1e-4)
+        assert item["is_greedy"] == [greedy for _, greedy in s["filtered_resps"]]
+        assert (float(item["pred"] == item["gold"]), float(item["pred_norm"] == item["gold"])) == (s["acc"], s["acc_norm"])
+    mean_acc = sum(s["acc"] for s in samples) / len(samples)
+    assert result["metrics"]["acc"]["value"] == pytest.approx(mean_acc)
+
+
+def test_the_peer_run_covers_truncation_and_multi_token_options(harness_samples, ours):
+    """Guards the comparison above: it must include prompts longer than the context and options
+    of several tokens (the KV-cache path), or it would prove little."""
+    pubmedqa = [r for r in load_records() if r["id"] in {s["doc"]["id"] for s in harness_samples["local_pubmedqa"]}]
+    assert max(len(ours.encode(doc_to_text(r))) for r in pubmedqa) > ours.max_length
+    medqa = [r for r in load_records() if r["id"] in {s["doc"]["id"] for s in harness_samples["local_medqa_4options_cloze"]}]
+    assert min(len(ours.encode_pair("Answer:", " " + o)[1]) for r in medqa for o in r["options"]) >= 1
+    assert max(len(ours.encode_pair("Answer:", " " + o)[1]) for r in medqa for o in r["options"]) > 5
+
+
+def test_transformer_and_hf_folder_give_the_same_numbers(ours, hf_dir):
+    hf = HFCausalLM.from_folder(hf_dir, prefix_token_id=3)
+    records, _ = benchmark_records(load_records(), "medqa_5options")
+    requests = [(doc_to_text(r), [" " + o for o in r["options"]]) for r in records[:4]]
+    requests.append(("", [" yes", " no"]))  # empty context: the prefix token stands in
+    for a, b in zip(ours.loglikelihoods(requests), hf.loglikelihoods(requests)):
+        assert [s[0] for s in a] == pytest.approx([s[0] for s in b], abs=1e-4)
+        assert [s[1] for s in a] == [s[1] for s in b]
+    documents = [ours.encode(" ".join(r["question"] for r in records[:3]))]
+    assert ours.rolling_loglikelihoods(documents) == pytest.approx(hf.rolling_loglikelihoods(documents), abs=1e-3)
+    assert ours.generate(requests[0][0], 12) == hf.generate(requests[0][0], 12)
+
+
+@torch.no_grad()
+def naive_loglikelihood(lm: TransformerLM, context: str, continuation: str) -> tuple[float, bool]:
+    """The textbook way: one full forward pass of context + continuation per option."""
+    ctx, cont = lm.encode_pair(context, continuation)
+    ids = (ctx + cont)[-(lm.max_length + 1) :][:-1]
+    logprobs = torch.log_softmax(lm.model(torch.tensor([ids]))[0][0, -len(cont) :].float(), dim=-1)
+    targets = torch.tensor(cont)
+    return float(logprobs.gather(1, targets[:, None]).sum()), bool((logprobs.argmax(-1) == targets).all())
+
+
+@pytest.mark.parametrize("batch_tokens", [8192, 300])
+def test_shared_context_scoring_equals_full_sequence_scoring(ours, batch_tokens):
+    lm = TransformerLM(ours.model, ours.tokenizer, batch_tokens=batch_tokens)  # 300: many small batches
+    records = [r for r in load_records() if r["split"] != "train"][::9]
+    requests = [(doc_to_text(r), [" " + o for o in r["options"]] + [" " + o[0] for o in r["options"][:2]]) for r in records]
+    requests.append(("Question: " + "very long " * 200 + "\nAnswer:", [" A", " " + "long option text " * 10]))
+    for (context, continuations), scores in zip(requests, lm.loglikelihoods(requests)):
+        expected = [naive_loglikelihood(lm, context, c) for c in continuations]
+        assert [s[0] for s in scores] == pytest.approx([e[0] for e in expected], abs=1e-4)
+        assert [s[1] for s in scores] == [e[1] for e in expected]
+
+
+def test_encode_pair_moves_trailing_spaces_and_uses_the_prefix_for_an_empty_context(ours):
+    assert ours.encode_pair("Answer: ", "yes") == ours.encode_pair("Answer:", " yes")
+    ctx, cont = ours.encode_pair("", " yes")
+    assert ctx == [3] and cont == ours.encode(" yes")
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("stride", [16, 5, 1])
+def test_rolling_windows_are_lm_evals(n_tokens, stride):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    tokens = list(range(10, 10 + n_tokens))
+    theirs = [
+        make_disjoint_window(w)
+        for w in get_rolling_token_windows(tokens, prefix_token=3, max_seq_len=16, context_len=16 - stride + 1)
+    ]
+    ours = rolling_windows(tokens, 3, 16, stride)
+    assert [(window, scored) for window, scored in ours] == [(ctx + cont, len(cont)) for ctx, cont in theirs]
+    assert sum(scored for _, scored in ours) == n_tokens  # every token predicted exactly once
+
+
+def test_rolling_loglikelihood_and_generation_match_lm_eval(ours, harness, documents):
+    from lm_eval.api.instance import Instance
+
+    texts = [text for _, text in documents[:6]]  # real abstracts, several longer than the 256-token context
+    assert max(len(ours.encode(t)) for t in texts) > 2 * ours.max_length
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    theirs = harness.loglikelihood_rolling(requests, disable_tqdm=True)
+    assert ours.rolling_loglikelihoods([ours.encode(t) for t in texts]) == pytest.approx(theirs, abs=1e-3)
+
+    prompt = doc_to_text(benchmark_records(load_records(), "pubmedqa")[0][0])
+    gen_kwargs = {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}
+    (expected,) = harness.generate_until([Instance("generate_until", {}, (prompt, gen_kwargs), 0)], disable_tqdm=True)
+    assert ours.generate(prompt, 16, until=("\n\n",)) == expected
