@@ -45,9 +45,11 @@ from benchmarks.common import REPO, write_result
 from benchmarks.tokenize import SAMPLES, prepare
 from model.export_hf import export_hf
 from model.scoring import HFCausalLM, TransformerLM
-from model.train import TrainConfig, latest_checkpoint, load_checkpoint_config, train
+from model.checkpoint import latest_checkpoint, load_checkpoint_config
+from model.train import TrainConfig, train
 from storage import Store
-from tasks.binarize import CORPUS_FILE, binarize_corpus, load_tokenizer
+from storage.formats import CORPUS_FILE, load_tokenizer
+from tasks.shards import binarize_corpus
 from tasks.evaluate import multiple_choice, shard_documents, shards_perplexity
 from tests.eval_records import load_records
 

@@ -1,4 +1,4 @@
-"""pipeline: the whole DAG, each step a flow of its own: ingest -> tokenize -> retrain.
+"""pipeline: the whole DAG, each step a flow of its own: ingest -> tokenize -> retrain -> evaluate.
 
 Every stage goes through the store, so a second run with the same configuration does no work,
 and a changed parameter reruns its stage and what is downstream of it, nothing upstream.
@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.evaluate import evaluate
 from flows.ingest import ingest
 from flows.retrain import retrain
 from flows.tokenize import tokenize
 from model.train import TrainConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
+from tasks.evaluate import EvaluationConfig
+from tasks.qa import QASources
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
 
@@ -25,9 +28,12 @@ def pipeline(
     tokenizer: TokenizerConfig = TokenizerConfig(),
     shards: ShardsConfig = ShardsConfig(),
     train: TrainConfig = TrainConfig(),
+    qa: QASources = QASources(),
+    evaluation: EvaluationConfig = EvaluationConfig(),
 ) -> list[str]:
-    """Ingest, tokenize and pretrain; returns the refs of the final artifacts."""
+    """Ingest, tokenize, pretrain and evaluate; returns the refs of the final artifacts."""
     corpus_ref = ingest(source, corpus)
     shards_ref = tokenize(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain(train, shards_ref=shards_ref)
-    return [checkpoint_ref]
+    evaluation_ref = evaluate(evaluation, qa, model_ref=checkpoint_ref)
+    return [evaluation_ref]

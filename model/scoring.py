@@ -249,9 +249,9 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int, strid
 
 
 class TransformerLM(CausalLM):
-    """Our Transformer with its tokenizers.Tokenizer (as tasks/binarize.load_tokenizer returns it).
+    """Our Transformer with its tokenizers.Tokenizer (as storage.formats.load_tokenizer returns it).
 
-    Ids 3 = [EOS] by the shards' contract (tasks/binarize.py): it ends generation and, as the
+    Ids 3 = [EOS] by the shards' contract (storage/formats.py): it ends generation and, as the
     token every pretraining document follows, is the prefix token.
     """
 
@@ -263,8 +263,8 @@ class TransformerLM(CausalLM):
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, tokenizer, device: str = "cpu", **kwargs) -> "TransformerLM":
-        """A checkpoint folder and its tokenizer (tasks.binarize.load_tokenizer's result)."""
-        from model.train import load_checkpoint_config, load_model
+        """A checkpoint folder and its tokenizer (storage.formats.load_tokenizer's result)."""
+        from model.checkpoint import load_checkpoint_config, load_model
 
         eos = (load_checkpoint_config(checkpoint_dir).get("tokens") or {}).get("eos_id", 3)
         return cls(load_model(checkpoint_dir, device), tokenizer, prefix_token_id=eos, eos_token_id=eos, **kwargs)

@@ -57,6 +57,19 @@ def lineage(store: Store, ref: str) -> Node:
     return node(ref)
 
 
+def ancestor(root: Node, kind: str) -> Node | None:
+    """The nearest ancestor of ``root`` of this kind (breadth first), e.g. a checkpoint's shards."""
+    queue, seen = list(root.parents), set()
+    while queue:
+        node = queue.pop(0)
+        if node.kind == kind and not node.missing:
+            return node
+        if node.ref not in seen:
+            seen.add(node.ref)
+            queue += node.parents
+    return None
+
+
 def ancestors_first(*roots: Node) -> Iterator[Node]:
     """Every node under ``roots`` once, each after all of its parents."""
     seen: set[str] = set()

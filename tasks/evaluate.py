@@ -31,6 +31,7 @@ Per-item results are kept, so ``score_subset(result, ids)`` recomputes every num
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -39,12 +40,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass as config_dataclass
 
 from model.prompts import TARGET_DELIMITER, choices, doc_to_text, fewshot_context, gold_index, reference, select_shots
 from model.scoring import CausalLM
+from storage import Input, Stage
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2_000
@@ -191,7 +195,7 @@ def shard_documents(shards_dir: str | Path, split: str = "test") -> list[list[in
     root = Path(shards_dir)
     path = root / f"{split}.bin"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; pass a shards folder written by tasks/binarize.py")
+        raise FileNotFoundError(f"{path} is missing; pass a shards folder written by the shards stage")
     meta = json.loads((root / "meta.json").read_text())
     stream = np.fromfile(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
     ends = np.flatnonzero(stream == meta["eos_id"])
@@ -381,3 +385,224 @@ def render_markdown(results: Sequence[dict]) -> str:
             ci = f"{_format(metric, m['ci95'][0])} – {_format(metric, m['ci95'][1])}"
             rows.append(f"| {metric} ({label}) | {_format(metric, m['value'])} | {ci} | {m['n']} | {base_text} |")
     return "\n\n".join(f"### {title}\n\n" + "\n".join(rows) for title, rows in tables.items()) + "\n"
+
+
+# -- contamination: what the pretraining corpus already held --------------------------------------
+
+NGRAM = 13  # GPT-3's decontamination length: long enough that a match is copied text, not shared phrasing
+
+
+def _ngrams(text: str, n: int = NGRAM) -> set[int]:
+    words = normalize_answer(text).split()
+    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def contamination(records: Sequence[dict], corpus_parquet: Path) -> dict[str, str]:
+    """id -> how an item overlaps the pretraining corpus, for the items that do: PubMedQA by its
+    PMID (its context is that abstract), the others by a 13-gram of the question found in the
+    corpus text (lower-cased, punctuation and articles dropped)."""
+    import pyarrow.parquet as pq
+
+    from storage.formats import iter_corpus
+
+    pmids = {int(r["id"].split(":", 1)[1]): r["id"] for r in records if r["source"] == "pubmedqa"}
+    by_gram: dict[int, list[str]] = {}
+    for r in records:
+        if r["source"] != "pubmedqa":
+            for gram in _ngrams(r["question"]):
+                by_gram.setdefault(gram, []).append(r["id"])
+    found: dict[str, str] = {}
+    in_corpus = pq.read_table(corpus_parquet, columns=["pmid"]).column("pmid").to_pylist()
+    found |= {pmids[p]: "PMID in the corpus" for p in set(in_corpus) & set(pmids)}
+    if by_gram:
+        for _, texts in iter_corpus(corpus_parquet):
+            for text in texts:
+                for gram in _ngrams(text) & by_gram.keys():
+                    found |= {item: f"{NGRAM}-gram of the question in the corpus" for item in by_gram[gram]}
+    return found
+
+
+# -- the stage ----------------------------------------------------------------------------------------
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+
+@config_dataclass(frozen=True)
+class EvaluationConfig:
+    """What to measure, and how much of it."""
+
+    benchmarks: tuple[Literal["pubmedqa", "medmcqa", "medqa_4options", "medqa_5options"], ...] = Field(
+        tuple(BENCHMARKS), description="Multiple-choice benchmarks to score (each where its QA data is given)."
+    )
+    shots: tuple[int, ...] = Field((0, 5), description="Worked examples in the prompt; one run per number (0: zero-shot).")
+    max_items: int | None = Field(None, ge=1, description="Score at most this many items per benchmark, the first by id (unset: all).")
+    perplexity_documents: int | None = Field(None, ge=1, description="Documents of the checkpoint's test.bin for perplexity (unset: all).")
+    held_out_documents: int | None = Field(None, ge=1, description="Held-out PubMed abstracts (the corpus's test split) for bits per byte (unset: all).")
+    generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
+    max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
+    hf_model: str | None = Field(None, description="A local Hugging Face causal-LM folder to evaluate instead of a checkpoint artifact.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: torch's default).")
+
+    # The folder's bytes decide the key (evaluation_content), not where it is.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("hf_model", "threads")
+
+    @model_validator(mode="after")
+    def _shots(self):
+        if any(k < 0 for k in self.shots) or not self.shots:
+            raise ValueError(f"shots must be numbers >= 0, at least one; got {self.shots}")
+        return self
+
+
+def load_lm(inputs: dict, config: EvaluationConfig) -> CausalLM:
+    """Our checkpoint artifact (weights, config and tokenizer files), or a Hugging Face folder."""
+    from model.scoring import HFCausalLM, TransformerLM
+    from storage.formats import TOKENIZER_FILE, load_tokenizer
+
+    if config.hf_model:
+        return HFCausalLM.from_folder(config.hf_model)
+    checkpoint = inputs.get("model")
+    if checkpoint is None:
+        raise ValueError("nothing to evaluate: give a checkpoint artifact (model_ref) or a Hugging Face folder (hf_model)")
+    return TransformerLM.from_checkpoint(checkpoint.path, load_tokenizer(checkpoint.file(TOKENIZER_FILE)))
+
+
+def _first(records: list[dict], benchmark: str, n: int | None) -> list[dict]:
+    """The records with only the first ``n`` scored items (by id) of a benchmark; the shot pool is kept whole."""
+    if n is None:
+        return records
+    items, _ = benchmark_records(records, benchmark)
+    dropped = {r["id"] for r in sorted(items, key=lambda r: r["id"])[n:]}
+    return [r for r in records if r["id"] not in dropped]
+
+
+def held_out_texts(corpus_parquet: Path, val_fraction: float, test_fraction: float, limit: int | None) -> list[str]:
+    """The corpus's test-split documents (split by PMID as the shards cut it): text no model saw."""
+    from storage.formats import iter_corpus, split_of
+
+    texts: list[str] = []
+    for pmids, batch in iter_corpus(corpus_parquet):
+        texts += [t for p, t in zip(pmids, batch) if split_of(p, val_fraction, test_fraction) == "test"]
+        if limit is not None and len(texts) >= limit:
+            return texts[:limit]
+    return texts
+
+
+def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dict:
+    """Every measurement the inputs allow, written as results.json and report.md; returns the headline numbers."""
+    import torch
+
+    from storage.formats import CORPUS_FILE, META_FILE, read_records
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    lm = load_lm(inputs, config)
+    records = [r for qa in inputs["qa"] for r in read_records(qa.path)]
+    corpus, shards = inputs.get("corpus"), inputs.get("shards")
+    overlaps = contamination(records, corpus.file(CORPUS_FILE)) if corpus is not None else None
+
+    results = []
+    for name in config.benchmarks:
+        if not benchmark_records(records, name)[0]:
+            continue
+        chosen = _first(records, name, config.max_items)
+        for style in BENCHMARKS[name].styles:
+            for k in config.shots:
+                result = multiple_choice(lm, chosen, name, style, k)
+                if overlaps is not None:
+                    result["contamination"] = _clean_score(result, overlaps)
+                results.append(result)
+    if shards is not None:
+        results.append(shards_perplexity(lm, shards.path, "test", config.perplexity_documents))
+    if corpus is not None:
+        split = json.loads(shards.file(META_FILE).read_text())["split"] if shards is not None else {"val_fraction": 0.005, "test_fraction": 0.005}
+        texts = held_out_texts(corpus.file(CORPUS_FILE), split["val_fraction"], split["test_fraction"], config.held_out_documents)
+        if texts:
+            results.append(text_bits_per_byte(lm, texts, "held-out PubMed abstracts"))
+    if config.generation_items:
+        free_text = {
+            "PubMedQA long answers": [r for r in records if r["source"] == "pubmedqa" and r["split"] == "test" and r["explanation"]],
+            "instruction answers": [r for r in records if not r["options"] and r["split"] != "train"],
+        }
+        for name, chosen in free_text.items():
+            if chosen:
+                results.append(generation(lm, sorted(chosen, key=lambda r: r["id"])[: config.generation_items], name, config.max_new_tokens))
+
+    if not results:
+        raise ValueError("nothing to evaluate: no benchmark records in the QA inputs, no shards and no corpus; give QA data")
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / REPORT_FILE).write_text(render_markdown(results))
+    return {_headline(r): r["metrics"][_main_metric(r)]["value"] for r in results}
+
+
+def _clean_score(result: dict, overlaps: dict[str, str]) -> dict:
+    """How many scored items the pretraining corpus held, and the score without them."""
+    ids = [i["id"] for i in result["per_item"]]
+    seen = [i for i in ids if i in overlaps]
+    clean = [i for i in ids if i not in overlaps]
+    report = {"overlapping_items": len(seen), "why": sorted({overlaps[i] for i in seen})}
+    if clean:
+        subset = score_subset(result, clean)
+        report["clean"] = {"n": len(clean), "metrics": subset["metrics"]}
+    return report
+
+
+def _main_metric(result: dict) -> str:
+    return {"multiple_choice": "acc", "language_modelling": "bits_per_byte", "generation": "rougeL"}[result["kind"]]
+
+
+def _headline(result: dict) -> str:
+    if result["kind"] == "multiple_choice":
+        return f"{result['name']}_{result['style']}_{result['num_fewshot']}shot_acc"
+    return f"{result['name']} {_main_metric(result)}"
+
+
+def evaluation_rows(artifact) -> list[dict]:
+    """The results as table rows: benchmark, metric, value, 95% CI, n, baseline, and the clean score."""
+    rows = []
+    for r in json.loads(artifact.file(RESULTS_FILE).read_text()):
+        metric = _main_metric(r)
+        m, base = r["metrics"][metric], (r["baseline"] or {}).get(metric)
+        label = f"{r['style']}, {r['num_fewshot']}-shot" if r["kind"] == "multiple_choice" else ""
+        row = {
+            "benchmark": r["name"], "how": label, "metric": metric, "value": _format(metric, m["value"]),
+            "ci95": f"{_format(metric, m['ci95'][0])} – {_format(metric, m['ci95'][1])}", "n": m["n"],
+            "baseline": f"{_format(metric, base['value'])} ({base['name']})" if base else "",
+        }
+        if "contamination" in r:
+            c = r["contamination"]
+            clean = c.get("clean", {}).get("metrics", {}).get(metric)
+            row["in pretraining corpus"] = c["overlapping_items"]
+            row["clean value"] = f"{_format(metric, clean['value'])} (n={clean['n']})" if clean else "–"
+        rows.append(row)
+    return rows
+
+
+def evaluation_content(config: EvaluationConfig) -> dict:
+    """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
+    from storage import sha256_file
+
+    if not config.hf_model:
+        return {}
+    folder = Path(config.hf_model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
+    listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in sorted(folder.rglob("*")) if f.is_file())
+    return {"hf_model_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+EVALUATE = Stage(
+    name="evaluate",
+    version="1",
+    config=EvaluationConfig,
+    inputs={
+        "model": Input(("pretrain", "finetune"), optional=True),  # or config.hf_model
+        "qa": Input("qa", many=True),
+        "shards": Input("shards", optional=True),  # test.bin: perplexity
+        "corpus": Input("corpus", optional=True),  # held-out text and contamination
+    },
+    build=evaluate_model,
+    content=evaluation_content,
+    label=lambda inputs, config: f"of {inputs['model'].ref}" if inputs.get("model") else f"of {config.hf_model}",
+    report=evaluation_rows,
+)

@@ -130,6 +130,22 @@ class QAConfig:
         return self
 
 
+@dataclass(frozen=True)
+class QASources:
+    """Where the QA datasets are: a file or folder each, in any layout the qa stage reads (unset: not used)."""
+
+    pubmedqa: str | None = Field(None, description="PubMedQA: a folder with ori_pqal.json and test_ground_truth.json, or a Hugging Face copy.")
+    medmcqa: str | None = Field(None, description="MedMCQA: JSON lines, the CSV-derived array, or a Hugging Face copy (the validation split is scored).")
+    medqa: str | None = Field(None, description="MedQA (USMLE): JSON lines with 4 or 5 options, a folder of them, or a Hugging Face copy.")
+    instructions: tuple[str, ...] = Field((), description="Instruction data (Alpaca instruction/input/output, dialogue exports) for fine-tuning.")
+
+    def configs(self) -> dict[str, QAConfig]:
+        """name -> the qa stage's config for each source given."""
+        named = {"pubmedqa": self.pubmedqa, "medmcqa": self.medmcqa, "medqa": self.medqa}
+        named |= {Path(p).stem: p for p in self.instructions}
+        return {name: QAConfig(source=path) for name, path in named.items() if path}
+
+
 class QAFormatError(ValueError):
     """The input is not one of the accepted formats.
 

@@ -1,62 +1,31 @@
-"""Canonical QA records from the bundled real rows (tests/data/eval/), and the same rows in the
-schemas lm-evaluation-harness's tasks read (tests/data/lm_eval_tasks/data/).
-
-A stand-in for the QA converter, for tests and benchmarks only; see tests/data/eval/SOURCES.md
-for what the rows are. ``python tests/eval_records.py`` rewrites the lm-eval data files.
+"""Canonical QA records of the bundled real rows (tests/data/{pubmedqa,medqa,medmcqa}, made by the
+qa stage's converter), and the same rows in the schemas lm-evaluation-harness's tasks read
+(tests/data/lm_eval_tasks/data/). ``python tests/eval_records.py`` rewrites the lm-eval data files.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+from storage.formats import read_records
+from tasks.qa import QAConfig, convert_qa
+
 REPO = Path(__file__).resolve().parents[1]
-EVAL_DATA = REPO / "tests" / "data" / "eval"
-LM_EVAL_TASKS = REPO / "tests" / "data" / "lm_eval_tasks"
-LETTERS = "ABCDE"
-
-
-def _record(id, source, split, question, options, answer_idx, context=(), explanation=None, **meta) -> dict:
-    return {
-        "id": id, "source": source, "split": split, "question": question, "context": list(context),
-        "options": options, "answer_idx": answer_idx, "answer_text": options[answer_idx],
-        "explanation": explanation, "meta": json.dumps(meta),
-    }
-
-
-def pubmedqa_records() -> list[dict]:
-    rows = json.loads((EVAL_DATA / "pubmedqa" / "ori_pqal.json").read_text())
-    test = json.loads((EVAL_DATA / "pubmedqa" / "test_ground_truth.json").read_text())
-    options = ["yes", "no", "maybe"]
-    return [
-        _record(pmid, "pubmedqa", "test" if pmid in test else "train", r["QUESTION"], options, options.index(r["final_decision"]),
-                r["CONTEXTS"], r["LONG_ANSWER"], labels=r["LABELS"], year=r["YEAR"])
-        for pmid, r in rows.items()
-    ]
-
-
-def medqa_records() -> list[dict]:
-    records = []
-    for n, name in ((4, "US_4_options_phrases_no_exclude_test.jsonl"), (5, "US_test.jsonl")):
-        lines = (EVAL_DATA / "medqa" / name).read_text(encoding="utf-8").splitlines()
-        for i, line in enumerate(lines):
-            r = json.loads(line)
-            records.append(_record(f"medqa-us{n}-test-{i:04d}", "medqa", "test", r["question"], list(r["options"].values()),
-                                   LETTERS.index(r["answer_idx"]), meta_info=r["meta_info"]))
-    return records
-
-
-def medmcqa_records() -> list[dict]:
-    rows = json.loads((EVAL_DATA / "medmcqa" / "medmcqa_val.json").read_text())
-    return [
-        _record(d["id"], "medmcqa", "validation", d["question"], [d[k] for k in ("opa", "opb", "opc", "opd")], int(d["cop"]),
-                explanation=None if d["exp"] == "nan" else d["exp"], subject=d["subject_name"])
-        for d in (row["data"] for row in rows)
-    ]
+DATA = REPO / "tests" / "data"
+QA_SOURCES = (DATA / "pubmedqa", DATA / "medqa", DATA / "medmcqa" / "medmcqa_val.json")
+LM_EVAL_TASKS = DATA / "lm_eval_tasks"
 
 
 def load_records() -> list[dict]:
-    return pubmedqa_records() + medqa_records() + medmcqa_records()
+    """PubMedQA (train and test), MedQA with 4 and with 5 options (test), MedMCQA (validation)."""
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, source in enumerate(QA_SOURCES):
+            convert_qa(QAConfig(source=str(source)), Path(tmp) / str(i))
+            records += read_records(Path(tmp) / str(i))
+    return records
 
 
 def lm_eval_docs(records: list[dict]) -> dict[str, list[dict]]:
@@ -66,7 +35,7 @@ def lm_eval_docs(records: list[dict]) -> dict[str, list[dict]]:
     for r in records:
         if r["source"] == "pubmedqa" and r["split"] == "test":
             files["pubmedqa"].append({"id": r["id"], "QUESTION": r["question"], "CONTEXTS": r["context"], "final_decision": r["answer_text"]})
-        elif r["source"] == "medmcqa":
+        elif r["source"] == "medmcqa" and len(r["options"]) == 4:  # lm-eval's task reads opa..opd
             files["medmcqa"].append({"id": r["id"], "question": r["question"], **dict(zip(("opa", "opb", "opc", "opd"), r["options"])), "cop": r["answer_idx"]})
         elif r["source"] == "medqa":
             endings = {f"ending{i}": o for i, o in enumerate(r["options"])}

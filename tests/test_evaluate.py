@@ -17,15 +17,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="medlm-test-datasets-"))
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
-from eval_records import LM_EVAL_TASKS, lm_eval_docs, load_records
+from eval_records import DATA, LM_EVAL_TASKS, lm_eval_docs, load_records
 
 from model.data import write_shards
 from model.model import ModelConfig, Transformer
 from model.prompts import choices, doc_to_text, fewshot_context, select_shots, target
 from model.scoring import CausalLM, TransformerLM
-from tasks.binarize import load_tokenizer
+from storage.formats import load_tokenizer
 from tasks.evaluate import (
     BENCHMARKS,
     benchmark_records,
@@ -92,7 +94,7 @@ def test_few_shot_prompt_is_the_harness_few_shot_prompt(source, task_module, tmp
 
     from lm_eval.tasks import TaskManager
 
-    pool = [r for r in RECORDS if r["source"] == source]
+    pool = [r for r in RECORDS if r["source"] == source and (source == "pubmedqa" or len(r["options"]) == 4)]  # the harness reads opa..opd
     item = next(r for r in pool if r["split"] in ("test", "validation"))
     shots = [r for r in pool if r["id"] != item["id"]][:2]
     name = "pubmedqa" if source == "pubmedqa" else "medmcqa"
@@ -126,9 +128,10 @@ def test_shots_come_from_another_split_deterministically_and_never_the_item():
     shots, source = select_shots(medqa[0], medqa, 3)
     assert source.startswith("same split (test)") and medqa[0]["id"] not in {s["id"] for s in shots}
     duplicate = {**medqa[1], "id": "copy", "question": medqa[0]["question"]}
-    assert all(s["question"] != medqa[0]["question"] for s in select_shots(medqa[0], medqa + [duplicate], 39)[0])
+    others = len(medqa) - 1
+    assert all(s["question"] != medqa[0]["question"] for s in select_shots(medqa[0], medqa + [duplicate], others)[0])
     with pytest.raises(ValueError, match="lower num_fewshot"):
-        select_shots(medqa[0], medqa, 40)
+        select_shots(medqa[0], medqa, others + 1)
 
 
 class RecordingLM(CausalLM):
@@ -316,3 +319,55 @@ def test_bundled_lm_eval_data_files_are_the_bundled_records():
     for name, docs in lm_eval_docs(RECORDS).items():
         written = (LM_EVAL_TASKS / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in written] == docs, "rerun: python tests/eval_records.py"
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def test_contamination_finds_pubmedqa_pmids_and_13_grams_of_questions(tmp_path):
+    from tasks.evaluate import contamination
+
+    pubmedqa = next(r for r in RECORDS if r["source"] == "pubmedqa" and r["split"] == "test")
+    medqa = next(r for r in RECORDS if r["source"] == "medqa")
+    words = medqa["question"].split()
+    texts = [
+        "An unrelated abstract about cardiology.",
+        "Earlier text. " + " ".join(words[3:3 + 16]).upper() + " and more.",  # 16 words of the question (13 without articles), other case
+        "Close but no: " + " ".join(words[3:3 + 12]),  # 12 words at most: never a 13-gram
+    ]
+    pmids = [1, 2, int(pubmedqa["id"].split(":")[1])]
+    pq.write_table(pa.table({"pmid": pmids, "text": texts}), tmp_path / "corpus.parquet")
+    found = contamination(RECORDS, tmp_path / "corpus.parquet")
+    assert found[pubmedqa["id"]] == "PMID in the corpus"
+    assert found[medqa["id"]] == "13-gram of the question in the corpus"
+    assert set(found) == {pubmedqa["id"], medqa["id"]} | {r["id"] for r in RECORDS if r["source"] == "medqa" and r["question"] == medqa["question"]}
+
+
+def test_the_evaluate_stage_scores_a_checkpoint_with_its_baselines_and_clean_subsets(session_store, corpus, tokenizer):
+    from model.train import TrainConfig
+    from tasks.evaluate import EVALUATE, RESULTS_FILE, EvaluationConfig, evaluation_rows
+    from tasks.pretrain import PRETRAIN
+    from tasks.qa import QA, QAConfig
+    from tasks.shards import SHARDS, ShardsConfig
+
+    shards = SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
+    tiny = TrainConfig(model={"n_layer": 1, "d_model": 32, "n_head": 2, "context_length": 64}, max_steps=2, batch_size=2, eval_windows=2)
+    checkpoint = PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, tiny)
+    data = [QA.run(session_store, {}, QAConfig(source=str(DATA / name))) for name in ("pubmedqa", "medqa")]
+    config = EvaluationConfig(shots=(0, 1), max_items=5, perplexity_documents=3, held_out_documents=3, generation_items=2, max_new_tokens=8)
+    inputs = {"model": checkpoint, "qa": data, "shards": shards, "corpus": corpus}
+    evaluation = EVALUATE.run(session_store, inputs, config)
+
+    results = json.loads(evaluation.file(RESULTS_FILE).read_text())
+    kinds = [(r["kind"], r["name"]) for r in results]
+    assert ("multiple_choice", "pubmedqa") in kinds and ("multiple_choice", "medqa_5options") in kinds
+    assert ("language_modelling", "held-out PubMed abstracts") in kinds and ("generation", "PubMedQA long answers") in kinds
+    for r in results:
+        assert all(m["n"] > 0 and len(m["ci95"]) == 2 for m in r["metrics"].values())
+        if r["kind"] == "multiple_choice":
+            assert len(r["per_item"]) == 5 and r["contamination"]["overlapping_items"] == 0 and r["contamination"]["clean"]["n"] == 5
+    rows = evaluation_rows(evaluation)
+    assert {"benchmark", "metric", "value", "ci95", "n", "baseline"} <= set(rows[0]) and "clean value" in rows[0]
+    assert any("25.0%" in row["baseline"] for row in rows) and any("20.0%" in row["baseline"] for row in rows)
+    assert evaluation.parents == sorted([checkpoint.ref]) + sorted(a.ref for a in data) + [shards.ref, corpus.ref]
+    assert EVALUATE.run(session_store, inputs, EvaluationConfig(**{**config.__dict__, "threads": 1})).reused  # threads: how, not what

@@ -105,7 +105,7 @@ def test_pubmedqa_without_ground_truth_is_all_train(tmp_path):
     """PQA-A has the same layout and no test_ground_truth.json: every item is "train"."""
     shutil.copy(PUBMEDQA / "ori_pqal.json", tmp_path / "ori_pqaa.json")
     summary, records, report = convert(tmp_path / "ori_pqaa.json", tmp_path / "out")
-    assert summary["records"] == {"train": 40, "validation": 0, "test": 0}
+    assert summary["records"] == {"train": 66, "validation": 0, "test": 0}
     assert report["files"][0]["test_ground_truth"] is None
 
 
@@ -125,7 +125,7 @@ def test_pubmedqa_ground_truth_disagreement_and_duplicate_pmid_skipped(tmp_path)
     assert report["skip_examples"][GROUND_TRUTH_DISAGREES][0]["id"] == f"pubmedqa:{pmid}"
     assert report["skip_examples"][DUPLICATE_ID][0]["row"] == "key 21645374"
     assert f"pubmedqa:{pmid}" not in {r["id"] for r in records}
-    assert summary["records"]["test"] == len(truth) - 1 and summary["rows_read"] == 41
+    assert summary["records"]["test"] == len(truth) - 1 and summary["rows_read"] == len(json.loads(text)) + 1
 
 
 # -- MedMCQA -------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from model.export_hf import export_hf
 from model.model import ModelConfig, Transformer
 from model.prompts import doc_to_text
 from model.scoring import HFCausalLM, TransformerLM, rolling_windows
-from model.train import save_checkpoint
-from tasks.binarize import load_tokenizer
+from model.checkpoint import save_checkpoint
+from storage.formats import load_tokenizer
 from tasks.evaluate import benchmark_records, multiple_choice
 
 ITEMS_PER_TASK = 8

@@ -1,0 +1,53 @@
+"""evaluate: a checkpoint (or a local Hugging Face model) on the medical QA benchmarks, its test
+shards and held-out PubMed text, with contamination against its own pretraining corpus."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
+
+from flows.qa import convert
+from flows.stage import publish_lineage, run_stage
+from storage import Artifact, ArtifactError, Store
+from storage.lineage import ancestor, lineage
+from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig
+from tasks.qa import QASources
+
+CHECKPOINT_KINDS = ("finetune", "pretrain")
+
+
+def newest_checkpoint(store: Store) -> Artifact:
+    found = [a for kind in CHECKPOINT_KINDS for a in store.ls(kind)]
+    if not found:
+        raise ArtifactError(f"no checkpoint in the store at {store.root}; train one (`medlm retrain`) or give evaluation.hf_model")
+    return max(found, key=lambda a: a.manifest.get("created", 0))
+
+
+def lineage_inputs(store: Store, model: Artifact) -> dict:
+    """The shards and corpus a checkpoint came from (its perplexity data, held-out text and contamination check)."""
+    root = lineage(store, model.ref)
+    return {kind: store.require(node.ref) if (node := ancestor(root, kind)) else None for kind in ("shards", "corpus")}
+
+
+@flow(name="evaluate")
+def evaluate(
+    evaluation: EvaluationConfig = EvaluationConfig(),
+    qa: QASources = QASources(),
+    model_ref: Annotated[str | None, Field(description="Checkpoint to evaluate, e.g. finetune/3f9a... (unset: the newest; not used with evaluation.hf_model).")] = None,
+) -> str:
+    """Evaluate a checkpoint or a Hugging Face folder; returns the evaluation's ref."""
+    store = Store()
+    data = [future.result() for future in convert(qa).values()]
+    if evaluation.hf_model:
+        inputs = {"qa": data}
+    else:
+        model = store.require(model_ref) if model_ref else newest_checkpoint(store)
+        inputs = {"model": model, "qa": data, **lineage_inputs(store, model)}
+    result = run_stage(EVALUATE, inputs, evaluation)
+    create_markdown_artifact(key="evaluation-report", markdown=result.file(REPORT_FILE).read_text(), description=f"{result.ref} {result.label}")
+    publish_lineage(result.ref)
+    get_run_logger().info("evaluation %s: %s", result.ref, result.summary)
+    return result.ref
