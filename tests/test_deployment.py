@@ -121,3 +121,46 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     with pytest.raises(PrefectHTTPStatusError, match="train.max_steps'. Failure reason: -5 is less than the minimum of 1"):
         run_deployment("retrain/retrain", parameters={"train": {"max_steps": -5}}, timeout=120)
     assert len(store.ls("pretrain")) == 1
+
+
+def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, workers):
+    """Two nightly runs (a manual one beside the scheduled one) and a retrain, all at once: every file
+    is fetched once, every artifact built once, and the store verifies afterwards."""
+    from prefect.deployments import run_deployment as start
+
+    from conftest import build_corpus
+    from tasks.shards import SHARDS, ShardsConfig
+    from tasks.tokenizer import TOKENIZER, TokenizerConfig
+
+    store = workers
+    corpus = build_corpus(store)  # last week's snapshot, tokenized: what the retrain trains on
+    tokenizer = TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=600, val_fraction=0.05, test_fraction=0.05))
+    SHARDS.run(store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
+    register()
+    new_update = tmp_path / "pubmed21n1299.xml.gz"
+    new_update.write_bytes(UPDATE_SAMPLE.read_bytes())  # tonight's update file (real bytes under a new name)
+    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE, new_update]})
+    with NcbiServer(mirror) as server:
+        source = {"source": {"source": server.url}}
+        runs = [start("ingest/nightly-ingest", parameters=source, timeout=0) for _ in range(2)]
+        runs.append(start("retrain/retrain", parameters={"train": {"max_steps": 3, "batch_size": 2}}, timeout=0))
+        states = asyncio.run(_wait_for([r.id for r in runs], timeout_s=300))
+        assert all(s.is_completed() for s in states), f"{states}; worker logs:\n{worker_logs(tmp_path)}"
+        assert len(server.requests_for("/updatefiles/pubmed21n1299.xml.gz")) == 1  # fetched once, not twice
+    assert len(store.ls("download")) == 3 and len(store.ls("parse")) == 3 and len(store.ls("pretrain")) == 1
+    assert len(store.ls("corpus")) == 2  # last week's and tonight's, built once although two runs asked for it
+    for artifact in store.ls():
+        assert store.problems(artifact.ref) == [], artifact.ref
+    assert store.quarantined() == [] and not list(store.root.glob("*/*.partial"))
+
+
+async def _wait_for(flow_run_ids, timeout_s: float):
+    import time
+
+    async with get_client() as client:
+        deadline = time.time() + timeout_s
+        while True:
+            states = [(await client.read_flow_run(i)).state for i in flow_run_ids]
+            if all(s.is_final() for s in states) or time.time() > deadline:
+                return states
+            await asyncio.sleep(1)
