@@ -76,15 +76,19 @@ def run_log_names(flow_run_id) -> set[str]:
     return asyncio.run(read())
 
 
-def asset_events(api_url: str, resource: str, wait_s: float = 30) -> list[dict]:
-    """Materialization events of one asset; events reach the server asynchronously, so poll."""
+def asset_events(api_url: str, resource: str, flow_run_id, expect: int = 1, wait_s: float = 60) -> list[dict]:
+    """Materialization events of one asset in one flow run; events reach the server asynchronously, so poll."""
+    run = f"prefect.flow-run.{flow_run_id}"
     body = json.dumps({"filter": {"event": {"prefix": ["prefect.asset.materialization."]}, "order": "DESC"}, "limit": 50})
     deadline = time.time() + wait_s
     while True:
         request = urllib.request.Request(f"{api_url}/events/filter", data=body.encode(), headers={"Content-Type": "application/json"})
         events = json.loads(urllib.request.urlopen(request).read())["events"]
-        found = [e for e in events if e["resource"]["prefect.resource.id"] == resource]
-        if found or time.time() > deadline:
+        found = [
+            e for e in events
+            if e["resource"]["prefect.resource.id"] == resource and any(r["prefect.resource.id"] == run for r in e["related"])
+        ]
+        if len(found) >= expect or time.time() > deadline:
             return found
         time.sleep(0.5)
 
@@ -110,13 +114,13 @@ def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, 
         assert {"medlm.download", "medlm.corpus"} <= run_log_names(first_run)  # stage progress reaches the UI
         assert states["download pubmed20n0014.xml.gz"] == "Completed"
         assert states["parse pubmed21n1298.xml.gz"] == "Completed"
-        corpus_events = asset_events(prefect_server, "medlm://corpus")
+        corpus_events = asset_events(prefect_server, "medlm://corpus", first_run)
         assert corpus_events and corpus_events[0]["payload"]["ref"] == corpus_ref
         parsed_refs = {a.ref for a in store.ls("parse")}
         assert set(corpus_events[0]["payload"]["parents"]) == parsed_refs  # the edges, with exact refs
         upstream = {r["prefect.resource.id"] for r in corpus_events[0]["related"] if r.get("prefect.resource.role") == "asset"}
         assert upstream == {"medlm://parse"}
-        download_events = asset_events(prefect_server, "medlm://download")
+        download_events = asset_events(prefect_server, "medlm://download", first_run, expect=2)
         assert {e["payload"]["params"]["name"]: e["payload"]["params"]["md5"] for e in download_events} == md5s
         [lineage_md] = [a.data for a in run_artifacts(first_run) if a.key == "lineage-corpus"]
         assert f"# Lineage of `{corpus_ref}`" in lineage_md
