@@ -17,7 +17,8 @@ so a stage runs from a plain Python shell, under ``torchrun`` or in a worker pro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -29,12 +30,18 @@ Inputs = Mapping[str, "Artifact | list[Artifact]"]
 
 @dataclass(frozen=True)
 class Input:
-    """One role a stage reads: the artifact kind(s) it accepts, whether it takes a list, and
-    whether it may be left out (given as None)."""
+    """One role a stage reads: the artifact kind(s) it accepts, whether it takes a list, whether
+    it may be left out (given as None), and whether it decides the content.
+
+    ``keyed=False`` marks an input that only makes the build faster, such as the previous corpus
+    snapshot an incremental build starts from: the result must be the same bytes without it, so
+    it is neither in the key nor among the parents. Its files are verified before use all the same.
+    """
 
     kinds: str | tuple[str, ...]
     many: bool = False
     optional: bool = False
+    keyed: bool = True
 
     def accepts(self, kind: str) -> bool:
         return kind in ((self.kinds,) if isinstance(self.kinds, str) else self.kinds)
@@ -42,9 +49,13 @@ class Input:
 
 def config_params(config: Any) -> dict:
     """The config fields that decide an artifact's content: all but the class's ``RUNTIME_FIELDS``
-    (threads, memory limits, retry timings: how the work is done, not what it makes)."""
+    (threads, memory limits, retry timings: how the work is done, not what it makes), plus what
+    its ``content_params()`` derives, if it has one: a setting that names a file is runtime (the
+    path says nothing), and the file's content goes into the key instead."""
     runtime = getattr(config, "RUNTIME_FIELDS", ())
-    return {k: v for k, v in asdict(config).items() if k not in runtime}
+    params = {k: v for k, v in asdict(config).items() if k not in runtime}
+    derived = getattr(config, "content_params", None)
+    return params | (derived() if derived else {})
 
 
 @dataclass(frozen=True, eq=False)  # one object per stage: compared and hashed by identity
@@ -66,21 +77,38 @@ class Stage(Generic[ConfigT]):
         return ArtifactSpec(self.name, self.version, config_params(config), tuple(self._refs(inputs)))
 
     def run(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact:
-        """The artifact for these inputs and config: from the store, or built now."""
+        """The artifact for these inputs and config: from the store, or built now.
+
+        The build reads its inputs from ``store``, whichever process or machine the Artifact
+        objects were made on (a Dask worker may mount the shared store elsewhere)."""
         spec = self.spec(inputs, config)
-        return store.get_or_build(
-            spec,
-            lambda work: self.build(inputs, work, config),
-            resume=self.resume,
-            label=self.label(inputs, config) if self.label else None,
-        )
+
+        def build(work: Path) -> dict | None:
+            for role, input_ in self.inputs.items():  # the keyed ones were verified as parents
+                for artifact in [] if input_.keyed else _artifacts(inputs.get(role)):
+                    store.verified(artifact.ref)
+            return self.build(_in_store(store, inputs), work, config)
+
+        return store.get_or_build(spec, build, resume=self.resume, label=self.label(inputs, config) if self.label else None)
+
+    def previous(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact | None:
+        """The newest stored artifact of this stage, version and content config whose parents are
+        all among ``inputs``' (but not all of them): what an incremental build can start from,
+        with the fewest inputs left to apply. None when there is none."""
+        spec = self.spec(inputs, config)
+        wanted = set(spec.parents)
+        fits = [
+            a for a in store.ls(self.name)
+            if a.key != spec.key and a.manifest.get("version") == spec.version and a.params == _json_round_trip(spec.params)
+            and set(a.parents) <= wanted
+        ]
+        return max(fits, key=lambda a: (len(a.parents), a.manifest.get("created", 0)), default=None)
 
     def _refs(self, inputs: Inputs) -> list[str]:
         refs = []
-        for role in self.inputs:
-            value = inputs.get(role)
-            # A list input is a set: the same artifacts in any order make the same key.
-            refs += sorted(a.ref for a in value) if isinstance(value, list) else [value.ref] if value is not None else []
+        for role, spec in self.inputs.items():
+            if spec.keyed:  # a list input is a set: the same artifacts in any order make the same key
+                refs += sorted(a.ref for a in _artifacts(inputs.get(role)))
         return refs
 
     def _check(self, inputs: Inputs, config: ConfigT) -> None:
@@ -102,3 +130,21 @@ class Stage(Generic[ConfigT]):
                     raise ArtifactError(
                         f"stage {self.name}: input {role!r} must be a {spec.kinds} artifact, got {artifact.ref}"
                     )
+
+
+def _artifacts(value: "Artifact | list[Artifact] | None") -> list[Artifact]:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _in_store(store: Store, inputs: Inputs) -> dict:
+    """``inputs`` with every artifact's path under ``store``'s root."""
+
+    def local(artifact: Artifact) -> Artifact:
+        return replace(artifact, path=store.path(artifact.kind, artifact.key))
+
+    return {role: [local(a) for a in value] if isinstance(value, list) else value and local(value) for role, value in inputs.items()}
+
+
+def _json_round_trip(params: dict) -> dict:
+    """``params`` as a manifest stores them (tuples become lists), to compare with one read back."""
+    return json.loads(json.dumps(params, default=str))
