@@ -14,6 +14,7 @@ from flows.tokenize import tokenize
 from model.train import TrainConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
+from tasks.parse import ParseConfig
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
 
@@ -25,9 +26,10 @@ def pipeline(
     tokenizer: TokenizerConfig = TokenizerConfig(),
     shards: ShardsConfig = ShardsConfig(),
     train: TrainConfig = TrainConfig(),
+    parse: ParseConfig = ParseConfig(),
 ) -> list[str]:
     """Ingest, tokenize and pretrain; returns the refs of the final artifacts."""
-    corpus_ref = ingest(source, corpus)
+    corpus_ref = ingest(source, corpus, parse)
     shards_ref = tokenize(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain(train, shards_ref=shards_ref)
     return [checkpoint_ref]

@@ -5,7 +5,8 @@
 
 Each stage is one task named after it, materializing the asset ``medlm://<stage>``; its asset
 dependencies come from its inputs (Prefect infers them from upstream futures; an input given as
-an artifact adds its kind's asset). The artifact store is the only cache: a stage whose artifact
+an artifact adds its kind's asset, unless the input does not decide the content, such as the
+previous snapshot an incremental build starts from). The artifact store is the only cache: a stage whose artifact
 is already stored ends ``Cached`` (and, as nothing new was made, emits no asset event); one that
 builds it attaches the artifact's ref, label, parents and counts to the materialization event.
 Where the store lives is the process's setting (``MEDLM_STORE``), never a run parameter.
@@ -17,8 +18,10 @@ import functools
 
 from prefect.artifacts import create_table_artifact
 from prefect.assets import Asset, add_asset_metadata
+from prefect.client.schemas.objects import TaskRunResult
 from prefect.futures import PrefectFuture
 from prefect.states import Completed
+from prefect.task_runners import TaskRunner
 from prefect.tasks import MaterializingTask
 
 from storage import Artifact, Stage, Store
@@ -51,16 +54,32 @@ def stage_task(stage: Stage) -> MaterializingTask:
     return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, retries=0)
 
 
-def submit(stage: Stage, inputs: dict, config, *, label: str | None = None) -> PrefectFuture:
+def submit(
+    stage: Stage,
+    inputs: dict,
+    config,
+    *,
+    label: str | None = None,
+    runner: TaskRunner | None = None,
+    after: PrefectFuture | None = None,
+) -> PrefectFuture:
     """Start ``stage`` on ``inputs`` (artifacts or futures of other stages); the future of its Artifact.
 
     Run it this way, not by calling the task: called directly, a task whose function returns a
     State (Cached) hands back the State itself.
+
+    ``runner``: a started task runner other than the flow's own, e.g. the worker processes or the
+    Dask cluster that parse. Give such a runner artifacts, not futures (a Dask worker cannot wait
+    on this process's futures), and the future an input came from as ``after``, which keeps the
+    edge in the run graph.
     """
-    given = [value for v in inputs.values() for value in (v if isinstance(v, list) else [v])]
+    given = [a for role, v in inputs.items() if stage.inputs[role].keyed for a in (v if isinstance(v, list) else [v])]
     deps = sorted({asset_key(a.kind) for a in given if isinstance(a, Artifact)})
     task = stage_task(stage).with_options(task_run_name=f"{stage.name} {label}" if label else stage.name, asset_deps=deps or None)
-    return task.submit(inputs, config)
+    if runner is None:
+        return task.submit(inputs, config)
+    upstream = {"inputs": {TaskRunResult(id=after.task_run_id)}} if after is not None else None
+    return runner.submit(task, {"inputs": inputs, "config": config}, dependencies=upstream)
 
 
 def run_stage(stage: Stage, inputs: dict, config, *, label: str | None = None) -> Artifact:
