@@ -2,8 +2,8 @@
 
 Downloads are network-bound and run a few at a time in the flow's threads. Parsing is CPU-bound
 and lxml holds the GIL, so each file is parsed, as soon as it is downloaded, in a worker process
-(Prefect's ProcessPoolTaskRunner, one per core) or on a Dask cluster (prefect-dask's
-DaskTaskRunner); ``ParseConfig`` says which. Every stage goes through the artifact store, so a
+on this machine (one per core) or on a Dask cluster (prefect-dask's DaskTaskRunner);
+``ParseConfig`` says which. Every stage goes through the artifact store, so a
 nightly run downloads and parses only the new update files, and the snapshot starts from the
 previous one and applies only them; a run killed half-way redoes only unfinished files.
 """
@@ -11,7 +11,7 @@ previous one and applies only them; a run killed half-way redoes only unfinished
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from prefect import flow, get_run_logger, task
@@ -19,9 +19,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.stage import run_stage, submit
+from flows.stage import builds_in_processes, run_stage, submit
 from storage import Artifact, Store
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
@@ -85,9 +85,7 @@ def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: Pars
     """
     name_of = {id(future): name for name, future in downloads}
     parsing, failures = [], {}
-    runner, where = parse_runner(config)
-    get_run_logger().info("parsing %d files on %s", len(downloads), where)
-    with _api_for_workers(), runner:
+    with parse_runner(config) as runner:
         for downloaded in as_completed([future for _, future in downloads]):
             name = name_of[id(downloaded)]
             downloaded.wait()  # done: this only takes its final state in
@@ -105,25 +103,32 @@ def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: Pars
     return [parsed[name] for name, _ in downloads if name in parsed], failures
 
 
-def parse_runner(config: ParseConfig) -> tuple[TaskRunner, str]:
-    """Where files are parsed, and those words for the log: the Dask cluster at ``dask_address``;
-    else ``workers`` processes on this machine (one per core by default); one worker is the
-    flow's own process."""
+@contextmanager
+def parse_runner(config: ParseConfig) -> Iterator[TaskRunner]:
+    """The task runner for the parse tasks, started. On a Dask cluster when ``dask_address`` is
+    given (the whole task runs on a Dask worker); else ``workers`` processes on this machine (one
+    per core by default), each task waiting in a thread here for its file's build in a process;
+    one worker is the flow's own process."""
+    log = get_run_logger()
     if config.dask_address:
         from prefect_dask import DaskTaskRunner  # imports distributed (~1 s): only when asked for
 
-        return DaskTaskRunner(address=config.dask_address), f"the Dask cluster at {config.dask_address}"
+        log.info("parsing on the Dask cluster at %s", config.dask_address)
+        with _api_for_workers(), DaskTaskRunner(address=config.dask_address) as runner:
+            yield runner
+        return
     workers = config.workers or len(os.sched_getaffinity(0))
-    if workers == 1:
-        return ThreadPoolTaskRunner(max_workers=1), "the flow's own process"
-    return ProcessPoolTaskRunner(max_workers=workers), f"{workers} worker processes"
+    log.info("parsing in %s", f"{workers} worker processes" if workers > 1 else "the flow's own process")
+    with ThreadPoolTaskRunner(max_workers=workers) as runner, builds_in_processes(workers, PARSE) if workers > 1 else nullcontext():
+        yield runner
 
 
 @contextmanager
 def _api_for_workers() -> Iterator[None]:
-    """Worker processes and Dask workers report their task runs to the flow's Prefect API. A flow
-    on a temporary server (PREFECT_API_URL unset) would have each of them start a server of its
-    own on the same database; name the flow's server for them instead."""
+    """Dask workers report their task runs to the flow's Prefect API. A flow on a temporary
+    server (PREFECT_API_URL unset) would have each of them start a server of its own on the same
+    database; name the flow's server for them instead (a LocalCluster reaches it; for remote
+    workers, run a server they can reach and set PREFECT_API_URL)."""
     context = FlowRunContext.get()
     if PREFECT_API_URL.value() or context is None:
         yield

@@ -10,11 +10,22 @@ previous snapshot an incremental build starts from). The artifact store is the o
 is already stored ends ``Cached`` (and, as nothing new was made, emits no asset event); one that
 builds it attaches the artifact's ref, label, parents and counts to the materialization event.
 Where the store lives is the process's setting (``MEDLM_STORE``), never a run parameter.
+
+CPU-bound builds (parsing: lxml holds the GIL) run in worker processes: stage tasks submitted
+inside ``builds_in_processes(n, STAGE)`` keep their Prefect side in a thread of the flow's
+process and hand the pure build function to one of ``n`` processes forked from a server that
+has imported the stage's module once, so a worker starts in milliseconds and holds only what
+the build uses (no Prefect, no other stage).
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 from prefect.artifacts import create_table_artifact
 from prefect.assets import Asset, add_asset_metadata
@@ -27,6 +38,7 @@ from prefect.tasks import MaterializingTask
 from storage import Artifact, Stage, Store
 
 ASSET_SCHEME = "medlm://"
+_BUILD_PROCESSES: ContextVar[Executor | None] = ContextVar("medlm_build_processes", default=None)
 
 
 def asset_key(stage_name: str) -> str:
@@ -39,7 +51,7 @@ def stage_task(stage: Stage) -> MaterializingTask:
     """The Prefect task that runs ``stage`` through the store."""
 
     def run(inputs: dict, config) -> Artifact:
-        artifact = stage.run(Store(), inputs, config)
+        artifact = stage.run(Store(), inputs, config, build_in=_build_processes())
         if stage.report is not None:
             create_table_artifact(
                 key=stage.name, table=stage.report(artifact), description=f"{stage.name} {artifact.ref}: {artifact.label or ''}"
@@ -52,6 +64,28 @@ def stage_task(stage: Stage) -> MaterializingTask:
 
     run.__name__ = run.__qualname__ = stage.name
     return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, retries=0)
+
+
+@contextmanager
+def builds_in_processes(workers: int, stage: Stage) -> Iterator[None]:
+    """Stage tasks submitted in this block build in ``workers`` worker processes (Prefect's task
+    runners copy the context into the threads that run tasks, and with it this pool). The
+    processes fork from Python's forkserver, which imports ``stage``'s module when it starts:
+    the first time in the process, so name the stage that will use it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([stage.build.__module__])
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        token = _BUILD_PROCESSES.set(pool)
+        try:
+            yield
+        finally:
+            _BUILD_PROCESSES.reset(token)
+
+
+def _build_processes() -> Executor | None:
+    """The worker processes of the enclosing ``builds_in_processes`` block, if any. (A function:
+    a task shipped to a Dask worker is pickled with what it names, and a ContextVar does not pickle.)"""
+    return _BUILD_PROCESSES.get()
 
 
 def submit(

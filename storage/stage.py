@@ -18,6 +18,7 @@ so a stage runs from a plain Python shell, under ``torchrun`` or in a worker pro
 from __future__ import annotations
 
 import json
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
@@ -76,20 +77,35 @@ class Stage(Generic[ConfigT]):
         self._check(inputs, config)
         return ArtifactSpec(self.name, self.version, config_params(config), tuple(self._refs(inputs)))
 
-    def run(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact:
+    def run(self, store: Store, inputs: Inputs, config: ConfigT, *, build_in: Executor | None = None) -> Artifact:
         """The artifact for these inputs and config: from the store, or built now.
 
         The build reads its inputs from ``store``, whichever process or machine the Artifact
-        objects were made on (a Dask worker may mount the shared store elsewhere)."""
+        objects were made on (a Dask worker may mount the shared store elsewhere).
+
+        ``build_in``: an executor to run the pure build function in, such as worker processes
+        (lxml holds the GIL: in threads, files would parse one at a time). The store's part (key,
+        lock, input checks, manifest, hashes) stays here; the function goes by reference, its
+        inputs pickled, with absolute paths.
+        """
         spec = self.spec(inputs, config)
+        label = self.label(inputs, config) if self.label else None
 
         def build(work: Path) -> dict | None:
             for role, input_ in self.inputs.items():  # the keyed ones were verified as parents
                 for artifact in [] if input_.keyed else _artifacts(inputs.get(role)):
                     store.verified(artifact.ref)
-            return self.build(_in_store(store, inputs), work, config)
+            if build_in is None:
+                return self.build(_in_store(store, inputs), work, config)
+            try:
+                return build_in.submit(self.build, _in_store(store, inputs), work.absolute(), config).result()
+            except BrokenExecutor as e:
+                raise ArtifactError(
+                    f"{self.name} {label or spec.ref}: the worker process building it ended abruptly ({e}); "
+                    f"was it killed or out of memory? Run again"
+                ) from e
 
-        return store.get_or_build(spec, build, resume=self.resume, label=self.label(inputs, config) if self.label else None)
+        return store.get_or_build(spec, build, resume=self.resume, label=label)
 
     def previous(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact | None:
         """The newest stored artifact of this stage, version and content config whose parents are
@@ -140,7 +156,7 @@ def _in_store(store: Store, inputs: Inputs) -> dict:
     """``inputs`` with every artifact's path under ``store``'s root."""
 
     def local(artifact: Artifact) -> Artifact:
-        return replace(artifact, path=store.path(artifact.kind, artifact.key))
+        return replace(artifact, path=store.path(artifact.kind, artifact.key).absolute())
 
     return {role: [local(a) for a in value] if isinstance(value, list) else value and local(value) for role, value in inputs.items()}
 

@@ -129,5 +129,5 @@ def test_the_installed_command_works_in_an_empty_folder(tmp_path):
     [corpus] = Store(tmp_path / ".medlm" / "store").ls("corpus")
     assert run.stdout.strip().splitlines()[-1] == corpus.ref and corpus.summary["documents"] > 0
     assert (tmp_path / ".medlm" / "prefect" / "prefect.db").is_file()
-    # Its two parse worker processes reported to that server, rather than each starting one.
+    # One server: its parse worker processes never start Prefect (they only parse).
     assert run.stderr.count("Starting temporary server") == 1, run.stderr[-3000:]

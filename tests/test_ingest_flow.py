@@ -246,7 +246,7 @@ def test_ingest_parses_on_a_dask_cluster_of_two_workers(mirror, store):
     assert state.is_completed(), state.message
     assert any(parsed_on_workers.values()), parsed_on_workers
     logs = run_logs(state.state_details.flow_run_id)
-    assert f"parsing 2 files on the Dask cluster at {cluster.scheduler_address}" in logs["prefect.flow_runs"]
+    assert f"parsing on the Dask cluster at {cluster.scheduler_address}" in logs["prefect.flow_runs"]
     states = task_run_states(state.state_details.flow_run_id)
     assert states["parse pubmed20n0014.xml.gz"] == states["parse pubmed21n1298.xml.gz"] == "Completed"
     assert sorted(a.label for a in store.ls("parse")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,25 @@ def test_an_unkeyed_input_speeds_a_build_without_entering_its_key_and_a_predeces
     with pytest.raises(ArtifactError, match="sha256 differs"):
         total.run(store, {"parts": parts, "previous": found}, Config())
     assert [item["ref"] for item in store.quarantined()] == [first.ref]
+
+
+@dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+def _exit_abruptly(inputs, out: Path, config) -> dict:
+    os._exit(3)  # as if the kernel's OOM killer had ended the worker
+
+
+def test_a_build_whose_worker_process_dies_fails_by_name_and_publishes_nothing(store):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from storage import Stage
+
+    doomed = Stage("doomed", "1", _NoConfig, {}, _exit_abruptly, label=lambda inputs, config: "pubmed25n0001.xml.gz")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with pytest.raises(ArtifactError, match="doomed pubmed25n0001.xml.gz: the worker process building it ended abruptly .* Run again"):
+            doomed.run(store, {}, _NoConfig(), build_in=pool)
+    assert store.ls("doomed") == []
