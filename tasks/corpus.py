@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import re
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -325,11 +327,14 @@ class _Snapshot:
                        greatest(b.deleted_seq, d.deleted_seq) AS deleted_seq
                 FROM keys k LEFT JOIN before b USING (pmid) LEFT JOIN new_latest n USING (pmid) LEFT JOIN new_deleted d USING (pmid)"""
         )
-        # 3. The new current records, whole: which filter drops each, and the document it makes.
+        # 3. The new current records: which filter drops each, and the document it makes (only the
+        # columns a document keeps, and its text only if it passes: this table is the big one).
         first_failure = " ".join(f"WHEN NOT ({condition}) THEN {i + 1}" for i, (_, condition) in enumerate(self.steps))
+        others = ", ".join(name for name in DOCUMENT_SCHEMA.names if name not in ("pmid", "text"))
         con.execute(
             f"""CREATE TEMP TABLE fresh AS
-                SELECT *, CASE WHEN filtered_by IS NULL THEN unhex(md5(text)) END AS text_md5
+                SELECT pmid, filtered_by, CASE WHEN filtered_by IS NULL THEN text END AS text,
+                       CASE WHEN filtered_by IS NULL THEN unhex(md5(text)) END AS text_md5, {others}
                 FROM (SELECT *, CASE {first_failure or 'WHEN false THEN 0'} END AS filtered_by
                       FROM ({_documents(new_articles)}) a
                       SEMI JOIN (SELECT new_record.source_file AS source_file, new_record.file_row AS file_row_number
@@ -394,7 +399,7 @@ class _Snapshot:
             self._previous_rows(CORPUS_FILE, "SELECT pmid FROM changed ANTI JOIN stays USING (pmid)"),
             self._sorted(" UNION ALL ".join(added) + " ORDER BY pmid"),
         )
-        stats.documents = _write_parquet(self.out_dir / CORPUS_FILE, DOCUMENT_SCHEMA, _counting_characters(corpus, stats), dictionary=_LOW_CARDINALITY)
+        stats.documents = _write_parquet(self.out_dir / CORPUS_FILE, DOCUMENT_SCHEMA, _counting_characters(_read_ahead(corpus), stats), dictionary=_LOW_CARDINALITY)
         self._count(stats, added_records)
         return stats
 
@@ -456,6 +461,41 @@ def _merge_by_pmid(left: Iterator[pa.Table], right: Iterator[pa.Table]) -> Itera
             yield from rest
 
 
+def _read_ahead(tables: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
+    """``tables``, produced in a thread of their own up to ``depth`` ahead of the caller: reading
+    and decompressing (pyarrow, DuckDB) overlap with encoding and compressing (the Parquet
+    writer), as both release the GIL. The producer stops when the caller does."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for table in tables:
+                while not stop.is_set():
+                    try:
+                        ready.put(table, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as error:  # handed to the caller, which raises it
+            ready.put(error)
+
+    producer = threading.Thread(target=produce, name="corpus-read-ahead", daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        producer.join()
+
+
 def _next(tables: Iterator[pa.Table]) -> pa.Table | None:
     return next((t for t in tables if t.num_rows), None)
 
@@ -487,6 +527,11 @@ def build_corpus(inputs: dict, out_dir: Path, config: CorpusConfig) -> dict:
     config, a subset of these files), only the files it lacks are applied to it."""
     parsed: list[Artifact] = inputs["parsed"]
     previous: Artifact | None = inputs.get("previous")
+    names: dict[str, str] = {}
+    for artifact in parsed:  # a record is known by its file's name and its row there
+        if (name := artifact.summary.get("source_file")) in names:
+            raise ValueError(f"{names[name]} and {artifact.ref} are both parsed from {name}; a snapshot takes one of each file")
+        names[name] = artifact.ref
     start = None
     if previous is not None:
         if previous.manifest.get("version") != CORPUS.version or previous.params != json.loads(json.dumps(config_params(config))):
