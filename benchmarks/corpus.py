@@ -12,7 +12,7 @@ runs in a child process under ``/usr/bin/time -v``, whose peak RSS is the figure
 With ``--update``, the whole 2021 update file (20,788 records, 20 deletions; about 1,500 of its
 PMIDs revise records of the first copy) is then applied to the largest snapshot, once
 incrementally and once by a full rebuild, and the two results are checked to be the same bytes.
-Records JSON in benchmarks/results/corpus.json.
+Records JSON in benchmarks/results/corpus.json (``--result NAME``: NAME.json).
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--copies-per-file", type=int, default=20, help="sample copies in one synthetic parsed file (20: 30,000 records, a real file's size)")
     parser.add_argument("--memory-limit", default=CorpusConfig().memory_limit, help="the snapshot's memory_limit")
     parser.add_argument("--update", action="store_true", help="also apply the full 2021 update file to the largest snapshot, incrementally and by a full rebuild")
+    parser.add_argument("--result", default="corpus", help="name of the JSON under benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -129,7 +130,7 @@ def main() -> None:
         result = {"memory_limit": args.memory_limit, "sizes": sizes}
         if args.update:
             result["update"] = apply_update(tmp, files, args.memory_limit, tmp / f"snapshot-{max(args.records)}")
-    print(f"wrote {write_result('corpus', {'results': result})}")
+    print(f"wrote {write_result(args.result, {'results': result})}")
 
 
 def apply_update(tmp: Path, files: list[tuple[Path, Path]], memory_limit: str, snapshot: Path) -> dict:

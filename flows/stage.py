@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -70,10 +71,14 @@ def stage_task(stage: Stage) -> MaterializingTask:
 def builds_in_processes(workers: int, stage: Stage) -> Iterator[None]:
     """Stage tasks submitted in this block build in ``workers`` worker processes (Prefect's task
     runners copy the context into the threads that run tasks, and with it this pool). The
-    processes fork from Python's forkserver, which imports ``stage``'s module when it starts:
-    the first time in the process, so name the stage that will use it."""
+    processes fork from Python's forkserver, which imports ``stage``'s module when it starts (the
+    first time in the process, so name the stage that will use it). A worker also runs the main
+    module again (multiprocessing's rule): a script or ``python -m pkg`` costs nothing, but a
+    flow run from a Prefect worker is ``python -m prefect.engine``, so the server imports that
+    module too, once, rather than every worker."""
+    main = getattr(sys.modules["__main__"].__spec__, "name", None)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([stage.build.__module__])
+    context.set_forkserver_preload([stage.build.__module__, *([main] if main and not main.endswith("__main__") else [])])
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         token = _BUILD_PROCESSES.set(pool)
         try:

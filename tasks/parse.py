@@ -46,7 +46,7 @@ from pydantic.dataclasses import dataclass
 from storage import Input, Stage
 from storage.formats import ARTICLES_FILE, DELETIONS_FILE
 
-try:  # ISA-L's inflate: 2.7x zlib's speed, 7-22% of a full file's parse CPU time (benchmarks/results/parse.json)
+try:  # ISA-L's inflate: 2.7x zlib's speed, 5-13% of a full file's parse CPU time (benchmarks/results/parse.json)
     from isal.igzip import IGzipFile as _GzipFile
     from isal.isal_zlib import error as _InflateError
 except ImportError:  # plain zlib where isal is not installed
