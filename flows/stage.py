@@ -6,9 +6,10 @@
 Each stage is one task named after it, materializing the asset ``medlm://<stage>``; its asset
 dependencies come from its inputs (Prefect infers them from upstream futures; an input given as
 an artifact adds its kind's asset, unless the input does not decide the content, such as the
-previous snapshot an incremental build starts from). The artifact store is the only cache: a stage whose artifact
-is already stored ends ``Cached`` (and, as nothing new was made, emits no asset event); one that
-builds it attaches the artifact's ref, label, parents and counts to the materialization event.
+previous snapshot an incremental build starts from). The artifact store is the only cache: a
+stage whose artifact is already stored ends ``Cached`` (and, as nothing new was made, emits no
+asset event); one that builds it attaches the artifact's ref, label, parents and counts to the
+materialization event.
 Where the store lives is the process's setting (``MEDLM_STORE``), never a run parameter.
 
 CPU-bound builds (parsing: lxml holds the GIL) run in worker processes: stage tasks submitted
@@ -73,10 +74,10 @@ def builds_in_processes(workers: int, stage: Stage) -> Iterator[None]:
     runners copy the context into the threads that run tasks, and with it this pool). The
     processes fork from Python's forkserver, which imports ``stage``'s module when it starts (the
     first time in the process, so name the stage that will use it). A worker also runs the main
-    module again (multiprocessing's rule): a script or ``python -m pkg`` costs nothing, but a
-    flow run from a Prefect worker is ``python -m prefect.engine``, so the server imports that
-    module too, once, rather than every worker."""
-    main = getattr(sys.modules["__main__"].__spec__, "name", None)
+    module again (multiprocessing's rule): the ``medlm`` command's is a two-line script and a
+    package's ``__main__`` is skipped, but a flow run from a Prefect worker is ``python -m
+    prefect.engine``, so the server imports such a module too, once, rather than every worker."""
+    main = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([stage.build.__module__, *([main] if main and not main.endswith("__main__") else [])])
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -107,10 +108,10 @@ def submit(
     Run it this way, not by calling the task: called directly, a task whose function returns a
     State (Cached) hands back the State itself.
 
-    ``runner``: a started task runner other than the flow's own, e.g. the worker processes or the
-    Dask cluster that parse. Give such a runner artifacts, not futures (a Dask worker cannot wait
-    on this process's futures), and the future an input came from as ``after``, which keeps the
-    edge in the run graph.
+    ``runner``: a started task runner other than the flow's own, e.g. the threads that wait on the
+    parse worker processes, or the Dask cluster. Give such a runner artifacts, not futures (a
+    Dask worker cannot wait on this process's futures), and the future an input came from as
+    ``after``, which keeps the edge in the run graph.
     """
     given = [a for role, v in inputs.items() if stage.inputs[role].keyed for a in (v if isinstance(v, list) else [v])]
     deps = sorted({asset_key(a.kind) for a in given if isinstance(a, Artifact)})
