@@ -1,16 +1,29 @@
-"""Rows/s of the corpus snapshot (DuckDB) over many parsed files.
+"""Records/s and peak memory of the corpus snapshot (DuckDB) as the corpus grows, and the cost of
+one nightly update file applied to a snapshot against a full rebuild.
 
-    python -m benchmarks.corpus [--copies 200]
+    python -m benchmarks.corpus [--records 300000 3000000] [--memory-limit 4GB] [--update]
 
-Parses the two sample files once, then writes COPIES shifted copies of their rows (PMIDs offset
-and titles marked so every copy is a distinct set of articles, file_seq increasing, deletions
-shifted with them),
-and times `build_snapshot` over all of them. Records JSON in benchmarks/results/corpus.json.
+Parses the two sample files once, then writes synthetic parsed files made of shifted copies of
+their rows (PMIDs offset and titles marked so every copy is a distinct set of articles, file_seq
+increasing, deletions shifted with them), ``--copies-per-file`` copies to a file (20: 30,000
+records, the size of a real NCBI file). Each size is the first files of one set, and each build
+runs in a child process under ``/usr/bin/time -v``, whose peak RSS is the figure recorded.
+
+With ``--update``, the whole 2021 update file (20,788 records, 20 deletions; about 1,500 of its
+PMIDs revise records of the first copy) is then applied to the largest snapshot, once
+incrementally and once by a full rebuild, and the two results are checked to be the same bytes.
+Records JSON in benchmarks/results/corpus.json (``--result NAME``: NAME.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from benchmarks.common import REPO, peak_rss_mib, write_result
-from tasks.corpus import CorpusConfig, build_snapshot
+from benchmarks.common import REPO, full_pubmed_files, write_result
+from tasks.corpus import CorpusConfig, Previous, build_snapshot
 from tasks.parse import parse_xml_file
 
 SAMPLES = [
     (REPO / "tests/data/pubmed/mirror/baseline/pubmed20n0014.xml.gz", 14),
     (REPO / "tests/data/pubmed/mirror/updatefiles/pubmed21n1298.xml.gz", 1298),
 ]
+SAMPLE_RECORDS = 3_000  # both samples, one copy
 
 
 def shifted(table: pa.Table, copy: int, file_seq: int) -> pa.Table:
@@ -41,44 +55,109 @@ def shifted(table: pa.Table, copy: int, file_seq: int) -> pa.Table:
     return table
 
 
+def write_copies(folder: Path, copies: int, per_file: int) -> list[tuple[Path, Path]]:
+    """Parsed (articles, deletions) files holding ``copies`` shifted copies of each sample, in
+    files of ``per_file`` copies of one sample, file_seq increasing."""
+    originals = []
+    for xml, seq in SAMPLES:
+        parse_xml_file(xml, folder / f"orig-{seq}", source_file=xml.name, file_seq=seq)
+        originals.append((pq.read_table(folder / f"orig-{seq}/articles.parquet"), pq.read_table(folder / f"orig-{seq}/deletions.parquet")))
+    files = []
+    for first in range(0, copies, per_file):
+        for i, (articles, deletions) in enumerate(originals):
+            seq = len(files) + 1
+            group = range(first, min(first + per_file, copies))
+            name = f"pubmed99n{seq:04d}.xml.gz"
+            pair = (folder / f"a{seq:05d}.parquet", folder / f"d{seq:05d}.parquet")
+            for path, table in zip(pair, (articles, deletions)):
+                rows = pa.concat_tables([shifted(table, copy, seq) for copy in group])
+                pq.write_table(rows.set_column(rows.schema.get_field_index("source_file"), "source_file", pa.array([name] * len(rows))), path, compression="zstd")
+            files.append(pair)
+    return files
+
+
+def run_child(files: list[tuple[Path, Path]], out: Path, memory_limit: str, previous: Path | None = None, applied: int = 0) -> dict:
+    """One snapshot build in a child process under /usr/bin/time -v: its wall time and peak RSS."""
+    spec = out.with_suffix(".json")
+    spec.write_text(json.dumps({"files": [[str(a), str(d)] for a, d in files], "out": str(out), "memory_limit": memory_limit,
+                                "previous": str(previous) if previous else None, "applied": applied}))
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "benchmarks.corpus", "--child", str(spec)]
+    load = os.getloadavg()[0]  # the machine is shared: what other work put on it
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**child, "peak_rss_mb": round(rss_kb / 1024), "load_average_1min_before": round(load, 2)}
+
+
+def child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    files = [(Path(a), Path(d)) for a, d in spec["files"]]
+    previous = Previous(Path(spec["previous"]), frozenset(a for a, _ in files[: spec["applied"]])) if spec["previous"] else None
+    start = time.perf_counter()
+    stats = build_snapshot([a for a, _ in files], [d for _, d in files], Path(spec["out"]), CorpusConfig(memory_limit=spec["memory_limit"]), previous=previous)
+    print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "documents": stats["documents"], "records": stats["records"]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--copies", type=int, default=200, help="shifted copies of each sample file")
+    parser.add_argument("--records", type=int, nargs="+", default=[300_000, 3_000_000], help="corpus sizes (input records), each rounded to whole copies of the samples")
+    parser.add_argument("--copies-per-file", type=int, default=20, help="sample copies in one synthetic parsed file (20: 30,000 records, a real file's size)")
+    parser.add_argument("--memory-limit", default=CorpusConfig().memory_limit, help="the snapshot's memory_limit")
+    parser.add_argument("--update", action="store_true", help="also apply the full 2021 update file to the largest snapshot, incrementally and by a full rebuild")
+    parser.add_argument("--result", default="corpus", help="name of the JSON under benchmarks/results/")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args.child)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    per_file = args.copies_per_file
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
-        originals = []
-        for xml, seq in SAMPLES:
-            parse_xml_file(xml, tmp / f"orig-{seq}", source_file=xml.name, file_seq=seq)
-            originals.append((pq.read_table(tmp / f"orig-{seq}/articles.parquet"), pq.read_table(tmp / f"orig-{seq}/deletions.parquet")))
-        article_files, deletion_files = [], []
-        for copy in range(args.copies):
-            for i, (articles, deletions) in enumerate(originals):
-                seq = copy * len(originals) + i + 1
-                article_files.append(tmp / f"a{seq:05d}.parquet")
-                deletion_files.append(tmp / f"d{seq:05d}.parquet")
-                pq.write_table(shifted(articles, copy, seq), article_files[-1], compression="zstd")
-                pq.write_table(shifted(deletions, copy, seq), deletion_files[-1], compression="zstd")
-        records = sum(len(a) for a, _ in originals) * args.copies
+        t0 = time.perf_counter()
+        files = write_copies(tmp / "parsed", max(args.records) // SAMPLE_RECORDS, per_file)
+        print(f"wrote {len(files)} parsed files in {time.perf_counter() - t0:.0f} s")
+        sizes = []
+        for records in sorted(args.records):
+            chosen = files[: 2 * -(-records // SAMPLE_RECORDS // per_file)]
+            run = run_child(chosen, tmp / f"snapshot-{records}", args.memory_limit)
+            run.update(files=len(chosen), records_per_s=round(run["records"] / run["seconds"]))
+            sizes.append(run)
+            print(f"{run['records']:>12,} records in {run['files']} files: {run['seconds']} s, {run['records_per_s']:,} records/s, peak RSS {run['peak_rss_mb']:,} MB")
+            if records != max(args.records):
+                shutil.rmtree(tmp / f"snapshot-{records}")
+        result = {"memory_limit": args.memory_limit, "sizes": sizes}
+        if args.update:
+            result["update"] = apply_update(tmp, files, args.memory_limit, tmp / f"snapshot-{max(args.records)}")
+    print(f"wrote {write_result(args.result, {'results': result})}")
 
-        start = time.perf_counter()
-        stats = build_snapshot(article_files, deletion_files, tmp / "out", CorpusConfig())
-        seconds = time.perf_counter() - start
 
-    result = {
-        "files": len(article_files),
-        "input_records": records,
-        "documents": stats["documents"],
-        "seconds": round(seconds, 3),
-        "records_per_s": round(records / seconds),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+def apply_update(tmp: Path, files: list[tuple[Path, Path]], memory_limit: str, snapshot: Path) -> dict:
+    """The whole 2021 update file, applied to ``snapshot`` and rebuilt with it from nothing."""
+    full_update = next(p for p in full_pubmed_files() if p.name.startswith("pubmed21"))
+    parse_xml_file(full_update, tmp / "update", source_file=full_update.name, file_seq=len(files) + 1)
+    with_update = files + [(tmp / "update/articles.parquet", tmp / "update/deletions.parquet")]
+    incremental = run_child(with_update, tmp / "incremental", memory_limit, previous=snapshot, applied=len(files))
+    full = run_child(with_update, tmp / "full", memory_limit)
+    same = all((tmp / "incremental" / n).read_bytes() == (tmp / "full" / n).read_bytes() for n in ("corpus.parquet", "pmids.parquet", "stats.json"))
+    update = {
+        "snapshot_records": full["records"] - pq.ParquetFile(tmp / "update/articles.parquet").metadata.num_rows,
+        "update_records": pq.ParquetFile(tmp / "update/articles.parquet").metadata.num_rows,
+        "incremental": incremental,
+        "full_rebuild": full,
+        "incremental_over_full": round(incremental["seconds"] / full["seconds"], 3),
+        "same_bytes": same,
+        "target": "incremental <= 0.1 x full rebuild",
     }
     print(
-        f"snapshot of {records:,} records in {len(article_files)} files -> {stats['documents']:,} documents: "
-        f"{seconds:.2f} s, {result['records_per_s']:,} records/s, peak RSS {result['peak_rss_mib']:.0f} MiB"
+        f"one update file ({update['update_records']:,} records) on {update['snapshot_records']:,}: incremental {incremental['seconds']} s "
+        f"(peak RSS {incremental['peak_rss_mb']:,} MB), full rebuild {full['seconds']} s (peak RSS {full['peak_rss_mb']:,} MB): "
+        f"{update['incremental_over_full']:.3f}; same bytes: {same}"
     )
-    print(f"wrote {write_result('corpus', {'results': result})}")
+    if not same:
+        raise SystemExit("the incremental snapshot differs from the full rebuild")
+    return update
 
 
 if __name__ == "__main__":

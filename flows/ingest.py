@@ -1,20 +1,33 @@
-"""ingest: list -> download (a task per file, concurrent) -> parse (a task per file) -> corpus snapshot.
+"""ingest: list -> download (a task per file) -> parse (a task per file) -> corpus snapshot.
 
-Every stage goes through the artifact store, so a nightly run downloads and parses only the new
-update files and rebuilds the snapshot, and a run killed half-way redoes only unfinished files.
+Downloads are network-bound and run a few at a time in the flow's threads. Parsing is CPU-bound
+and lxml holds the GIL, so each file is parsed, as soon as it is downloaded, in a worker process
+on this machine (one per core) or on a Dask cluster (prefect-dask's DaskTaskRunner);
+``ParseConfig`` says which. Every stage goes through the artifact store, so a
+nightly run downloads and parses only the new update files, and the snapshot starts from the
+previous one and applies only them; a run killed half-way redoes only unfinished files.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.stage import publish_lineage, retry_when, run_stage, submit
+from flows.stage import builds_in_processes, publish_lineage, retry_when, run_stage, submit
+from storage import Artifact, Store
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
 from tasks.parse import PARSE, ParseConfig
+
+DOWNLOADS_AT_ONCE = 4  # NCBI's server is shared by everyone: a few transfers at a time
 
 
 class IngestIncomplete(RuntimeError):
@@ -26,8 +39,8 @@ class IngestIncomplete(RuntimeError):
 list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_when(is_transient))
 
 
-@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig()) -> str:
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
+def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig(), parse: ParseConfig = ParseConfig()) -> str:
     """Bring the corpus snapshot up to date with the source (NCBI or a mirror); returns its ref."""
     log = get_run_logger()
     remotes = list_remote(source)
@@ -35,18 +48,8 @@ def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusC
     if not remotes:
         raise ValueError(f"no PubMed files selected at {source.source} with {source}; a snapshot needs at least one")
 
-    chains = {}
-    for remote in remotes:
-        downloaded = submit(DOWNLOAD, {}, remote, label=remote.name)
-        chains[remote.name] = (downloaded, submit(PARSE, {"download": downloaded}, ParseConfig(), label=remote.name))
-
-    parsed, failures = [], {}
-    for name, (downloaded, parsing) in chains.items():
-        parsing.wait()
-        if parsing.state.is_completed():
-            parsed.append(parsing.result())
-        else:
-            failures[name] = _first_failure(downloaded, parsing)
+    downloads = [(remote.name, submit(DOWNLOAD, {}, remote, label=remote.name)) for remote in remotes]
+    parsed, failures = parse_as_downloaded(downloads, parse)
     if failures:
         rows = "\n".join(f"| `{name}` | {reason} |" for name, reason in sorted(failures.items()))
         create_markdown_artifact(
@@ -60,17 +63,74 @@ def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusC
             + "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
         )
 
-    snapshot = run_stage(CORPUS, {"parsed": parsed}, corpus)
+    inputs = {"parsed": parsed, "previous": CORPUS.previous(Store(), {"parsed": parsed}, corpus)}
+    snapshot = run_stage(CORPUS, inputs, corpus)
     log.info("corpus snapshot %s: %s documents from %d files", snapshot.ref, f"{snapshot.summary['documents']:,}", len(parsed))
     publish_lineage(snapshot.ref)
     return snapshot.ref
 
 
-def _first_failure(*chain: PrefectFuture) -> str:
-    """What went wrong first in a file's chain of tasks, as the exception says it (not "upstream failed")."""
-    for future in chain:
-        future.wait()
-        if not future.state.is_completed():
-            error = future.state.result(raise_on_failure=False)
-            return str(error) if isinstance(error, BaseException) else (future.state.message or future.state.name)
-    return "unknown failure"
+def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: ParseConfig) -> tuple[list[Artifact], dict[str, str]]:
+    """Parse each file on the parse runner as soon as its download is done.
+
+    Returns the parse artifacts (in file order) and, by file name, what failed first in the
+    chains that did not finish (the download's or the parse's error, never "upstream failed").
+    """
+    name_of = {id(future): name for name, future in downloads}
+    parsing, failures = [], {}
+    with parse_runner(config) as runner:
+        for downloaded in as_completed([future for _, future in downloads]):
+            name = name_of[id(downloaded)]
+            downloaded.wait()  # done: this only takes its final state in
+            if downloaded.state.is_completed():
+                parsing.append((name, submit(PARSE, {"download": downloaded.result()}, config, label=name, runner=runner, after=downloaded)))
+            else:
+                failures[name] = _failure(downloaded)
+        parsed = {}
+        for name, future in parsing:
+            future.wait()
+            if future.state.is_completed():
+                parsed[name] = future.result()
+            else:
+                failures[name] = _failure(future)
+    return [parsed[name] for name, _ in downloads if name in parsed], failures
+
+
+@contextmanager
+def parse_runner(config: ParseConfig) -> Iterator[TaskRunner]:
+    """The task runner for the parse tasks, started. On a Dask cluster when ``dask_address`` is
+    given (the whole task runs on a Dask worker); else ``workers`` processes on this machine (one
+    per core by default), each task waiting in a thread here for its file's build in a process;
+    one worker is the flow's own process."""
+    log = get_run_logger()
+    if config.dask_address:
+        from prefect_dask import DaskTaskRunner  # imports distributed (~1 s): only when asked for
+
+        log.info("parsing on the Dask cluster at %s", config.dask_address)
+        with _api_for_workers(), DaskTaskRunner(address=config.dask_address) as runner:
+            yield runner
+        return
+    workers = config.workers or len(os.sched_getaffinity(0))
+    log.info("parsing in %s", f"{workers} worker processes" if workers > 1 else "the flow's own process")
+    with ThreadPoolTaskRunner(max_workers=workers) as runner, builds_in_processes(workers, PARSE) if workers > 1 else nullcontext():
+        yield runner
+
+
+@contextmanager
+def _api_for_workers() -> Iterator[None]:
+    """Dask workers report their task runs to the flow's Prefect API. A flow on a temporary
+    server (PREFECT_API_URL unset) would have each of them start a server of its own on the same
+    database; name the flow's server for them instead (a LocalCluster reaches it; for remote
+    workers, run a server they can reach and set PREFECT_API_URL)."""
+    context = FlowRunContext.get()
+    if PREFECT_API_URL.value() or context is None:
+        yield
+        return
+    with temporary_settings({PREFECT_API_URL: str(context.client.api_url).rstrip("/")}):
+        yield
+
+
+def _failure(future: PrefectFuture) -> str:
+    """What went wrong in a task, as its exception says it."""
+    error = future.state.result(raise_on_failure=False)
+    return str(error) if isinstance(error, BaseException) else (future.state.message or future.state.name)

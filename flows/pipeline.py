@@ -16,6 +16,7 @@ from model.train import TrainConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
 from tasks.evaluate import EvaluationConfig
+from tasks.parse import ParseConfig
 from tasks.qa import QASources
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
@@ -28,11 +29,12 @@ def pipeline(
     tokenizer: TokenizerConfig = TokenizerConfig(),
     shards: ShardsConfig = ShardsConfig(),
     train: TrainConfig = TrainConfig(),
+    parse: ParseConfig = ParseConfig(),
     qa: QASources = QASources(),
     evaluation: EvaluationConfig = EvaluationConfig(),
 ) -> list[str]:
     """Ingest, tokenize, pretrain and evaluate; returns the refs of the final artifacts."""
-    corpus_ref = ingest(source, corpus)
+    corpus_ref = ingest(source, corpus, parse)
     shards_ref = tokenize(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain(train, shards_ref=shards_ref)
     evaluation_ref = evaluate(evaluation, qa, model_ref=checkpoint_ref)

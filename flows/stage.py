@@ -5,28 +5,44 @@
 
 Each stage is one task named after it, materializing the asset ``medlm://<stage>``; its asset
 dependencies come from its inputs (Prefect infers them from upstream futures; an input given as
-an artifact adds its kind's asset). The artifact store is the only cache: a stage whose artifact
-is already stored ends ``Cached`` (and, as nothing new was made, emits no asset event); one that
-builds it attaches the artifact's ref, label, parents and counts to the materialization event.
+an artifact adds its kind's asset, unless the input does not decide the content, such as the
+previous snapshot an incremental build starts from). The artifact store is the only cache: a
+stage whose artifact is already stored ends ``Cached`` (and, as nothing new was made, emits no
+asset event); one that builds it attaches the artifact's ref, label, parents and counts to the
+materialization event.
 Where the store lives is the process's setting (``MEDLM_STORE``), never a run parameter.
+
+CPU-bound builds (parsing: lxml holds the GIL) run in worker processes: stage tasks submitted
+inside ``builds_in_processes(n, STAGE)`` keep their Prefect side in a thread of the flow's
+process and hand the pure build function to one of ``n`` processes forked from a server that
+has imported the stage's module once, so a worker starts in milliseconds and holds only what
+the build uses (no Prefect, no other stage).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from typing import Callable
+import multiprocessing
+import sys
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.assets import Asset, add_asset_metadata
+from prefect.client.schemas.objects import TaskRunResult
 from prefect.futures import PrefectFuture
 from prefect.states import Completed
+from prefect.task_runners import TaskRunner
 from prefect.tasks import MaterializingTask
 
 from storage import Artifact, Stage, Store, write_text_atomic
 from storage.lineage import lineage, markdown
 
 ASSET_SCHEME = "medlm://"
+_BUILD_PROCESSES: ContextVar[Executor | None] = ContextVar("medlm_build_processes", default=None)
 
 
 def asset_key(stage_name: str) -> str:
@@ -39,7 +55,7 @@ def stage_task(stage: Stage) -> MaterializingTask:
     """The Prefect task that runs ``stage`` through the store."""
 
     def run(inputs: dict, config) -> Artifact:
-        artifact = stage.run(Store(), inputs, config)
+        artifact = stage.run(Store(), inputs, config, build_in=_build_processes())
         if stage.report is not None:
             create_table_artifact(
                 key=stage.name, table=stage.report(artifact), description=" ".join(filter(None, [artifact.ref, artifact.label]))
@@ -68,16 +84,58 @@ def retry_when(worth_retrying: Callable[[BaseException], bool]):
     return condition
 
 
-def submit(stage: Stage, inputs: dict, config, *, label: str | None = None) -> PrefectFuture:
+@contextmanager
+def builds_in_processes(workers: int, stage: Stage) -> Iterator[None]:
+    """Stage tasks submitted in this block build in ``workers`` worker processes (Prefect's task
+    runners copy the context into the threads that run tasks, and with it this pool). The
+    processes fork from Python's forkserver, which imports ``stage``'s module when it starts (the
+    first time in the process, so name the stage that will use it). A worker also runs the main
+    module again (multiprocessing's rule): the ``medlm`` command's is a two-line script and a
+    package's ``__main__`` is skipped, but a flow run from a Prefect worker is ``python -m
+    prefect.engine``, so the server imports such a module too, once, rather than every worker."""
+    main = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([stage.build.__module__, *([main] if main and not main.endswith("__main__") else [])])
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        token = _BUILD_PROCESSES.set(pool)
+        try:
+            yield
+        finally:
+            _BUILD_PROCESSES.reset(token)
+
+
+def _build_processes() -> Executor | None:
+    """The worker processes of the enclosing ``builds_in_processes`` block, if any. (A function:
+    a task shipped to a Dask worker is pickled with what it names, and a ContextVar does not pickle.)"""
+    return _BUILD_PROCESSES.get()
+
+
+def submit(
+    stage: Stage,
+    inputs: dict,
+    config,
+    *,
+    label: str | None = None,
+    runner: TaskRunner | None = None,
+    after: PrefectFuture | None = None,
+) -> PrefectFuture:
     """Start ``stage`` on ``inputs`` (artifacts or futures of other stages); the future of its Artifact.
 
     Run it this way, not by calling the task: called directly, a task whose function returns a
     State (Cached) hands back the State itself.
+
+    ``runner``: a started task runner other than the flow's own, e.g. the threads that wait on the
+    parse worker processes, or the Dask cluster. Give such a runner artifacts, not futures (a
+    Dask worker cannot wait on this process's futures), and the future an input came from as
+    ``after``, which keeps the edge in the run graph.
     """
-    given = [value for v in inputs.values() for value in (v if isinstance(v, list) else [v])]
+    given = [a for role, v in inputs.items() if stage.inputs[role].keyed for a in (v if isinstance(v, list) else [v])]
     deps = sorted({asset_key(a.kind) for a in given if isinstance(a, Artifact)})
     task = stage_task(stage).with_options(task_run_name=f"{stage.name} {label}" if label else stage.name, asset_deps=deps or None)
-    return task.submit(inputs, config)
+    if runner is None:
+        return task.submit(inputs, config)
+    upstream = {"inputs": {TaskRunResult(id=after.task_run_id)}} if after is not None else None
+    return runner.submit(task, {"inputs": inputs, "config": config}, dependencies=upstream)
 
 
 def run_stage(stage: Stage, inputs: dict, config, *, label: str | None = None) -> Artifact:

@@ -17,7 +17,9 @@ so a stage runs from a plain Python shell, under ``torchrun`` or in a worker pro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from concurrent.futures import BrokenExecutor, Executor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -29,12 +31,18 @@ Inputs = Mapping[str, "Artifact | list[Artifact]"]
 
 @dataclass(frozen=True)
 class Input:
-    """One role a stage reads: the artifact kind(s) it accepts, whether it takes a list, and
-    whether it may be left out (given as None)."""
+    """One role a stage reads: the artifact kind(s) it accepts, whether it takes a list, whether
+    it may be left out (given as None), and whether it decides the content.
+
+    ``keyed=False`` marks an input that only makes the build faster, such as the previous corpus
+    snapshot an incremental build starts from: the result must be the same bytes without it, so
+    it is neither in the key nor among the parents. Its files are verified before use all the same.
+    """
 
     kinds: str | tuple[str, ...]
     many: bool = False
     optional: bool = False
+    keyed: bool = True
 
     def accepts(self, kind: str) -> bool:
         return kind in ((self.kinds,) if isinstance(self.kinds, str) else self.kinds)
@@ -42,9 +50,13 @@ class Input:
 
 def config_params(config: Any) -> dict:
     """The config fields that decide an artifact's content: all but the class's ``RUNTIME_FIELDS``
-    (threads, memory limits, retry timings: how the work is done, not what it makes)."""
+    (threads, memory limits, retry timings: how the work is done, not what it makes), plus what
+    its ``content_params()`` derives, if it has one: a setting that names a file is runtime (the
+    path says nothing), and the file's content goes into the key instead."""
     runtime = getattr(config, "RUNTIME_FIELDS", ())
-    return {k: v for k, v in asdict(config).items() if k not in runtime}
+    params = {k: v for k, v in asdict(config).items() if k not in runtime}
+    derived = getattr(config, "content_params", None)
+    return params | (derived() if derived else {})
 
 
 @dataclass(frozen=True, eq=False)  # one object per stage: compared and hashed by identity
@@ -55,9 +67,6 @@ class Stage(Generic[ConfigT]):
     inputs: Mapping[str, Input]
     build: Callable[[Inputs, Path, ConfigT], dict | None]
     resume: bool = False  # keep the work folder of a killed build and hand it back (downloads, training)
-    # What paths in the config point at, as key params (e.g. a source file's sha256), so the key
-    # follows the bytes, not where they are; the paths themselves are RUNTIME_FIELDS.
-    content: Callable[[ConfigT], dict] | None = None
     # A short human label for lineage listings, e.g. a source file's name and md5.
     label: Callable[[Inputs, ConfigT], str] | None = None
     # Rows for a table a person reads (the run page in the UI): what the artifact holds.
@@ -69,25 +78,56 @@ class Stage(Generic[ConfigT]):
     def spec(self, inputs: Inputs, config: ConfigT) -> ArtifactSpec:
         """The artifact's identity; its key is a pure function of this."""
         self._check(inputs, config)
-        params = config_params(config) | (self.content(config) if self.content else {})
-        return ArtifactSpec(self.name, self.version, params, tuple(self._refs(inputs)))
+        return ArtifactSpec(self.name, self.version, config_params(config), tuple(self._refs(inputs)))
 
-    def run(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact:
-        """The artifact for these inputs and config: from the store, or built now."""
+    def run(self, store: Store, inputs: Inputs, config: ConfigT, *, build_in: Executor | None = None) -> Artifact:
+        """The artifact for these inputs and config: from the store, or built now.
+
+        The build reads its inputs from ``store``, whichever process or machine the Artifact
+        objects were made on (a Dask worker may mount the shared store elsewhere).
+
+        ``build_in``: an executor to run the pure build function in, such as worker processes
+        (lxml holds the GIL: in threads, files would parse one at a time). The store's part (key,
+        lock, input checks, manifest, hashes) stays here; the function goes by reference, its
+        inputs pickled, with absolute paths.
+        """
         spec = self.spec(inputs, config)
-        return store.get_or_build(
-            spec,
-            lambda work: self.build(inputs, work, config),
-            resume=self.resume,
-            label=self.label(inputs, config) if self.label else None,
-        )
+        label = self.label(inputs, config) if self.label else None
+
+        def build(work: Path) -> dict | None:
+            for role, input_ in self.inputs.items():  # the keyed ones were verified as parents
+                for artifact in [] if input_.keyed else _artifacts(inputs.get(role)):
+                    store.verified(artifact.ref)
+            if build_in is None:
+                return self.build(_in_store(store, inputs), work, config)
+            try:
+                return build_in.submit(self.build, _in_store(store, inputs), work.absolute(), config).result()
+            except BrokenExecutor as e:
+                raise ArtifactError(
+                    f"{self.name} {label or spec.ref}: the worker process building it ended abruptly ({e}); "
+                    f"was it killed or out of memory? Run again"
+                ) from e
+
+        return store.get_or_build(spec, build, resume=self.resume, label=label)
+
+    def previous(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact | None:
+        """The newest stored artifact of this stage, version and content config whose parents are
+        all among ``inputs``' (but not all of them): what an incremental build can start from,
+        with the fewest inputs left to apply. None when there is none."""
+        spec = self.spec(inputs, config)
+        wanted = set(spec.parents)
+        fits = [
+            a for a in store.ls(self.name)
+            if a.key != spec.key and a.manifest.get("version") == spec.version and a.params == _json_round_trip(spec.params)
+            and set(a.parents) <= wanted
+        ]
+        return max(fits, key=lambda a: (len(a.parents), a.manifest.get("created", 0)), default=None)
 
     def _refs(self, inputs: Inputs) -> list[str]:
         refs = []
-        for role in self.inputs:
-            value = inputs.get(role)
-            # A list input is a set: the same artifacts in any order make the same key.
-            refs += sorted(a.ref for a in value) if isinstance(value, list) else [value.ref] if value is not None else []
+        for role, spec in self.inputs.items():
+            if spec.keyed:  # a list input is a set: the same artifacts in any order make the same key
+                refs += sorted(a.ref for a in _artifacts(inputs.get(role)))
         return refs
 
     def _check(self, inputs: Inputs, config: ConfigT) -> None:
@@ -109,3 +149,21 @@ class Stage(Generic[ConfigT]):
                     raise ArtifactError(
                         f"stage {self.name}: input {role!r} must be a {spec.kinds} artifact, got {artifact.ref}"
                     )
+
+
+def _artifacts(value: "Artifact | list[Artifact] | None") -> list[Artifact]:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _in_store(store: Store, inputs: Inputs) -> dict:
+    """``inputs`` with every artifact's path under ``store``'s root."""
+
+    def local(artifact: Artifact) -> Artifact:
+        return replace(artifact, path=store.path(artifact.kind, artifact.key).absolute())
+
+    return {role: [local(a) for a in value] if isinstance(value, list) else value and local(value) for role, value in inputs.items()}
+
+
+def _json_round_trip(params: dict) -> dict:
+    """``params`` as a manifest stores them (tuples become lists), to compare with one read back."""
+    return json.loads(json.dumps(params, default=str))

@@ -444,8 +444,20 @@ class EvaluationConfig:
     hf_model: str | None = Field(None, description="A local Hugging Face causal-LM folder to evaluate instead of a checkpoint artifact.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: torch's default).")
 
-    # The folder's bytes decide the key (evaluation_content), not where it is.
+    # The folder's bytes decide the key (content_params), not where it is.
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("hf_model", "threads")
+
+    def content_params(self) -> dict:
+        """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
+        from storage import sha256_file
+
+        if not self.hf_model:
+            return {}
+        folder = Path(self.hf_model)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
+        listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in sorted(folder.rglob("*")) if f.is_file())
+        return {"hf_model_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
     @model_validator(mode="after")
     def _shots(self):
@@ -578,19 +590,6 @@ def evaluation_rows(artifact) -> list[dict]:
     return rows
 
 
-def evaluation_content(config: EvaluationConfig) -> dict:
-    """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
-    from storage import sha256_file
-
-    if not config.hf_model:
-        return {}
-    folder = Path(config.hf_model)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
-    listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in sorted(folder.rglob("*")) if f.is_file())
-    return {"hf_model_sha256": hashlib.sha256(listing.encode()).hexdigest()}
-
-
 EVALUATE = Stage(
     name="evaluate",
     version="1",
@@ -602,7 +601,6 @@ EVALUATE = Stage(
         "corpus": Input("corpus", optional=True),  # held-out text and contamination
     },
     build=evaluate_model,
-    content=evaluation_content,
     label=lambda inputs, config: f"of {inputs['model'].ref}" if inputs.get("model") else f"of {config.hf_model}",
     report=evaluation_rows,
 )

@@ -32,11 +32,9 @@ and thin spaces) are content and are kept.
 from __future__ import annotations
 
 import datetime as _dt
-import gzip
 import re
 import zlib
 from pathlib import Path
-
 from typing import ClassVar
 
 import pyarrow as pa
@@ -47,6 +45,13 @@ from pydantic.dataclasses import dataclass
 
 from storage import Input, Stage
 from storage.formats import ARTICLES_FILE, DELETIONS_FILE
+
+try:  # ISA-L's inflate: 2.7x zlib's speed, 5-13% of a full file's parse CPU time (benchmarks/results/parse.json)
+    from isal.igzip import IGzipFile as _GzipFile
+    from isal.isal_zlib import error as _InflateError
+except ImportError:  # plain zlib where isal is not installed
+    from gzip import GzipFile as _GzipFile
+    from zlib import error as _InflateError
 
 SECTION_TYPE = pa.struct(
     [pa.field("label", pa.string()), pa.field("nlm_category", pa.string()), pa.field("text", pa.string())]
@@ -113,6 +118,9 @@ class ParseError(ValueError):
         where = f"{self.path}, line {line}" if line is not None else self.path
         super().__init__(f"{where}: {problem}; expected {expected}")
 
+    def __reduce__(self):  # raised in a worker process, it travels back to the flow pickled
+        return type(self), (self.path, self.line, self.problem, self.expected)
+
 
 # -- input -------------------------------------------------------------------------------------
 
@@ -155,7 +163,7 @@ class _Reader:
         self._raw = open(path, "rb")
         is_gzip = self._raw.read(2) == _GZIP_MAGIC
         self._raw.seek(0)
-        self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb") if is_gzip else self._raw
+        self._stream = _GzipFile(fileobj=self._raw, mode="rb") if is_gzip else self._raw
         self._out, self._pos, self._pending, self._eof = b"", 0, b"", False
 
     def read(self, size: int = -1) -> bytes:
@@ -170,7 +178,7 @@ class _Reader:
         """Decompress the next chunk and pass it on, unread subtrees cut."""
         try:
             chunk = self._stream.read(_READ_CHUNK)
-        except (EOFError, OSError, zlib.error) as e:
+        except (EOFError, OSError, zlib.error, _InflateError) as e:
             raise _InputError(e) from e
         if chunk:
             data = self._pending + chunk
@@ -558,9 +566,19 @@ def _check_root(elem, path: Path) -> None:
 
 @dataclass(frozen=True)
 class ParseConfig:
+    """Where and how the files are parsed: none of it changes what a file parses into."""
+
+    workers: int | None = Field(
+        None, ge=1, description="Files parsed at once, each in a worker process (unset: one per core; 1: in the flow's own process)."
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Parse on this Dask cluster instead, e.g. tcp://10.0.0.5:8786; its workers need the same "
+        "MEDLM_STORE (a shared folder) and a Prefect API they can reach (PREFECT_API_URL).",
+    )
     batch_rows: int = Field(5000, ge=1, description="Articles per Parquet row group.")
 
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("batch_rows",)
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("workers", "dask_address", "batch_rows")
 
 
 def build_parse(inputs: dict, out_dir: Path, config: ParseConfig) -> dict:

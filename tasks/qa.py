@@ -120,8 +120,22 @@ class QAConfig:
     pubmedqa_ground_truth: str | None = Field(None, description="PubMedQA's test_ground_truth.json (default: the one beside the data).")
     skip_examples: int = Field(3, ge=0, description="Examples kept in the report per skip reason.")
 
-    # Paths say where the bytes are; the key holds their sha256 instead (see source_content).
+    # Paths say where the bytes are; the key holds their sha256 instead (content_params).
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("source", "pubmedqa_ground_truth", "skip_examples")
+
+    def content_params(self) -> dict:
+        """What the paths hold, for the artifact key: each file's name and sha256 (a name can
+        decide the split, e.g. US_test.jsonl), so a moved copy is the same artifact."""
+        paths = [Path(p) for p in (self.source, self.pubmedqa_ground_truth) if p]
+        for path in paths:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist; give a file or folder of QA data")
+        listing = "".join(
+            f"{f.relative_to(path.parent)}:{sha256_file(f)}\n"
+            for path in paths
+            for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+        )
+        return {"source_sha256": hashlib.sha256(listing.encode()).hexdigest()} if paths else {}
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -806,21 +820,6 @@ def _convert_unit(unit: _Unit, config: QAConfig, output: _Output, seen: set[str]
 # -- the stage -----------------------------------------------------------------------------------
 
 
-def source_content(config: QAConfig) -> dict:
-    """What the paths in ``config`` hold, for the artifact key: each file's name and sha256 (a
-    name can decide the split, e.g. US_test.jsonl), so a moved copy is the same artifact."""
-    paths = [Path(p) for p in (config.source, config.pubmedqa_ground_truth) if p]
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; give a file or folder of QA data")
-    listing = "".join(
-        f"{f.relative_to(path.parent)}:{sha256_file(f)}\n"
-        for path in paths
-        for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-    )
-    return {"source_sha256": hashlib.sha256(listing.encode()).hexdigest()} if paths else {}
-
-
 def qa_report(artifact: Artifact) -> list[dict]:
     """The conversion report as table rows: records per split, then skipped rows per reason."""
     report = json.loads(artifact.file(REPORT_FILE).read_text())
@@ -838,7 +837,6 @@ QA = Stage(
     config=QAConfig,
     inputs={},
     build=lambda inputs, out_dir, config: convert_qa(config, out_dir),
-    content=source_content,
     label=lambda inputs, config: Path(config.source).name if config.source else f"hf://{config.hub_dataset}",
     report=qa_report,
 )

@@ -124,8 +124,10 @@ def test_the_installed_command_works_in_an_empty_folder(tmp_path):
     from conftest import MIRROR
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}
-    run = subprocess.run([str(MEDLM), "ingest", "--source", str(MIRROR)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([str(MEDLM), "ingest", "--source", str(MIRROR), "--workers", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     [corpus] = Store(tmp_path / ".medlm" / "store").ls("corpus")
     assert run.stdout.strip().splitlines()[-1] == corpus.ref and corpus.summary["documents"] > 0
     assert (tmp_path / ".medlm" / "prefect" / "prefect.db").is_file()
+    # One server: its parse worker processes never start Prefect (they only parse).
+    assert run.stderr.count("Starting temporary server") == 1, run.stderr[-3000:]

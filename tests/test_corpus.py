@@ -13,7 +13,9 @@ import pytest
 from lxml import etree
 
 from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
-from tasks.corpus import CorpusConfig, build_snapshot
+import tasks.corpus as corpus_module
+from storage import config_params
+from tasks.corpus import CorpusConfig, Previous, build_snapshot
 from tasks.parse import parse_xml_file
 
 KEEP_ALL = CorpusConfig(
@@ -168,3 +170,99 @@ def test_the_last_occurrence_in_a_file_wins_a_tie(parsed_samples, tmp_path):
     all_files = files + [twice]
     build_snapshot([a for a, _ in all_files], [d for _, d in all_files], tmp_path / "out", KEEP_ALL)
     assert snapshot_rows(tmp_path / "out")[pmid_of(article)]["title"] == "The last record of the PMID in this file."
+
+
+def _build_both_ways(files: list[tuple[Path, Path]], out: Path, previous: Previous | None, config: CorpusConfig) -> tuple[Path, Previous]:
+    """Apply the newest file to the previous snapshot and build the same files from nothing;
+    assert the two are the same bytes. Returns the incremental one, as the next previous."""
+    articles, deletions = [a for a, _ in files], [d for _, d in files]
+    build_snapshot(articles, deletions, out / "full", config)
+    build_snapshot(articles, deletions, out / "incremental", config, previous=previous)
+    for name in ("corpus.parquet", "pmids.parquet", "stats.json"):
+        assert (out / "incremental" / name).read_bytes() == (out / "full" / name).read_bytes(), f"{out.name}: {name} differs"
+    return out / "incremental", Previous(out / "incremental", frozenset(articles))
+
+
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "no-dedup"])
+def test_an_incremental_snapshot_is_the_full_rebuild_byte_for_byte(parsed_samples, tmp_path, monkeypatch, dedup):
+    """A series of update files made of real articles, each applied to the previous snapshot,
+    against a full rebuild of the same files after every one. Small row groups, so the merge of
+    the previous snapshot's rows with the new ones crosses many of them."""
+    monkeypatch.setattr(corpus_module, "ROW_GROUP_ROWS", 256)
+    _, files = parsed_samples
+    config = replace(CorpusConfig(), drop_duplicate_text=dedup)
+    kept = sorted(snapshot_rows(_build_both_ways(files, tmp_path / "0", None, config)[0]))
+    by_pmid = {pmid_of(a): a for a in real_articles(BASELINE_SAMPLE)}
+    revised, original, deleted_same_file, deleted_earlier, retracted, excluded_later = (by_pmid[p] for p in kept[:6])
+    config = replace(config, exclude_pmids=(pmid_of(excluded_later), 99999991))
+    snapshot, previous = _build_both_ways(files, tmp_path / "1", None, config)
+
+    def retitled(article, title: str, pmid: int | None = None):
+        changed = copy.deepcopy(article)
+        changed.find("MedlineCitation/Article/ArticleTitle").text = title
+        if pmid is not None:
+            changed.find("MedlineCitation/PMID").text = str(pmid)
+        return changed
+
+    twin = retitled(original, original.findtext("MedlineCitation/Article/ArticleTitle"), pmid=1)  # lower PMID, same text
+    late_retraction = copy.deepcopy(retracted)
+    types = late_retraction.find("MedlineCitation/Article/PublicationTypeList")
+    etree.SubElement(types, "PublicationType", UI="D016441").text = "Retracted Publication"
+    updates = [
+        # A revision, a twin of a kept text under a lower PMID, a record deleted in its own file, an excluded PMID.
+        (1400, [retitled(revised, "Revised once."), twin, deleted_same_file, retitled(excluded_later, "Revised too.")], [pmid_of(deleted_same_file)]),
+        # Applied later but numbered before the baseline: its deletion precedes the record and does nothing.
+        (10, [], [pmid_of(deleted_earlier)]),
+        # The twin is deleted (the original keeps its text again), the retraction arrives, a deleted PMID comes back.
+        (1401, [late_retraction, retitled(deleted_same_file, "Back again.")], [1]),
+        # The revised record (from a file not in this delta) is deleted.
+        (1402, [retitled(by_pmid[kept[7]], "Another revision.")], [pmid_of(revised)]),
+    ]
+    for step, (seq, articles, deleted) in enumerate(updates, 2):
+        xml = write_update(tmp_path / f"pubmed21n{seq:04d}.xml", articles, deleted)
+        files = files + [parse_into(tmp_path, xml, seq)]
+        snapshot, previous = _build_both_ways(files, tmp_path / str(step), previous, config)
+        if step == 2 and dedup:
+            rows = snapshot_rows(snapshot)
+            assert 1 in rows and pmid_of(original) not in rows  # the lower PMID took the text
+
+    rows = snapshot_rows(snapshot)
+    assert pmid_of(original) in rows and 1 not in rows
+    assert pmid_of(revised) not in rows and pmid_of(retracted) not in rows and pmid_of(excluded_later) not in rows
+    assert rows[pmid_of(deleted_same_file)]["title"] == "Back again." and pmid_of(deleted_earlier) in rows
+    assert rows[kept[7]]["title"] == "Another revision."
+    stats = json.loads((snapshot / "stats.json").read_text())
+    assert {d["filter"]: d["rows"] for d in stats["dropped"]}["PMID on the exclusion list (2 PMIDs)"] == 1
+
+
+def test_excluded_pmids_are_dropped_counted_and_keyed_by_content(parsed_samples, tmp_path):
+    _, files = parsed_samples
+    articles, deletions = [a for a, _ in files], [d for _, d in files]
+    build_snapshot(articles, deletions, tmp_path / "all", KEEP_ALL)
+    everything = snapshot_rows(tmp_path / "all")
+    clean_from = sorted(everything)[:3]
+    listed = tmp_path / "pubmedqa-test-pmids.txt"
+    listed.write_text("# PubMedQA test PMIDs\n" + "\n".join(map(str, clean_from[1:])) + "\n\n")
+    config = replace(KEEP_ALL, exclude_pmids=(clean_from[0],), exclude_pmids_file=str(listed))
+    stats = build_snapshot(articles, deletions, tmp_path / "clean", config)
+    assert set(everything) - set(snapshot_rows(tmp_path / "clean")) == set(clean_from)
+    assert stats["dropped"][0] == {"filter": "PMID on the exclusion list (3 PMIDs)", "rows": 3}
+
+    # The file's PMIDs decide the key, not its path or layout; another list is another snapshot.
+    elsewhere = tmp_path / "copy.txt"
+    elsewhere.write_text("\n".join(map(str, reversed(clean_from[1:]))))
+    assert config_params(config) == config_params(replace(config, exclude_pmids_file=str(elsewhere)))
+    elsewhere.write_text(str(clean_from[1]))
+    assert config_params(config) != config_params(replace(config, exclude_pmids_file=str(elsewhere)))
+
+    elsewhere.write_text("31688362\nPMID:123\n")
+    with pytest.raises(ValueError, match=rf"{elsewhere}, line 2: 'PMID:123' is not a PMID; expected one PMID \(digits\) per line"):
+        config_params(replace(config, exclude_pmids_file=str(elsewhere)))
+    with pytest.raises(ValueError, match="no-such.txt: cannot be read"):
+        config_params(replace(config, exclude_pmids_file=str(tmp_path / "no-such.txt")))
+
+
+def test_memory_limit_must_be_a_size():
+    assert CorpusConfig(memory_limit="512MiB").memory_limit == "512MiB"
+    with pytest.raises(ValueError, match="memory_limit '4 gigs' is not a size: expected a number and a unit, such as '4GB'"):
+        CorpusConfig(memory_limit="4 gigs")

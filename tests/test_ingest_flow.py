@@ -20,8 +20,9 @@ from flows.ingest import IngestIncomplete
 from flows.ingest import ingest as ingest_flow
 from ncbi_server import HOSTILE_HREFS, NcbiServer, make_mirror
 from storage.lineage import lineage, tree_lines
-from tasks.corpus import CorpusConfig
+from tasks.corpus import CorpusConfig, build_snapshot
 from tasks.download import SourceConfig
+from tasks.parse import ParseConfig
 from test_corpus import real_articles, write_update
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -59,8 +60,8 @@ def run_artifacts(flow_run_id) -> list:
     return asyncio.run(read())
 
 
-def run_log_names(flow_run_id) -> set[str]:
-    """Names of the loggers whose records reached the server for this flow run."""
+def run_logs(flow_run_id) -> dict[str, list[str]]:
+    """The messages that reached the server for this flow run, by logger name."""
     import asyncio
 
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -71,7 +72,10 @@ def run_log_names(flow_run_id) -> set[str]:
     async def read():
         async with get_client() as client:
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            return {log.name for log in logs}
+            found: dict[str, list[str]] = {}
+            for log in logs:
+                found.setdefault(log.name, []).append(log.message)
+            return found
 
     return asyncio.run(read())
 
@@ -111,7 +115,7 @@ def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, 
             md5s[name] = (mirror / ("baseline" if "20n" in name else "updatefiles") / f"{name}.md5").read_text().split("= ")[1].strip()
             assert f"{name} md5={md5s[name]}" in tree
         states = task_run_states(first_run)
-        assert {"medlm.download", "medlm.corpus"} <= run_log_names(first_run)  # stage progress reaches the UI
+        assert {"medlm.download", "medlm.corpus"} <= set(run_logs(first_run))  # stage progress reaches the UI
         assert states["download pubmed20n0014.xml.gz"] == "Completed"
         assert states["parse pubmed21n1298.xml.gz"] == "Completed"
         corpus_events = asset_events(prefect_server, "medlm://corpus", first_run)
@@ -139,7 +143,7 @@ def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, 
 
 def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp_path, store):
     with NcbiServer(mirror) as server:
-        first = ingest(server.url)
+        first = ingest(server.url, parse=ParseConfig(workers=2))  # two worker processes, wherever the test runs
         corpus = store.require(first)
         doomed = min(int(p) for p in _corpus_pmids(corpus))
         # Tonight NCBI publishes pubmed21n1299: one real article, and a deletion of a baseline PMID.
@@ -157,6 +161,13 @@ def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp
     assert str(doomed) not in _corpus_pmids(snapshot)
     assert snapshot.summary["deleted"] == corpus.summary["deleted"] + 1
     assert len(store.ls("download")) == 3 and len(store.ls("parse")) == 3
+    # Tonight's snapshot is last night's with one file applied, and the same bytes as a full build.
+    assert snapshot.summary["previous"] == first and snapshot.summary["files_applied"] == 1
+    assert snapshot.parents == sorted(a.ref for a in store.ls("parse"))  # the previous one is no parent
+    parsed = store.ls("parse")
+    build_snapshot([a.file("articles.parquet") for a in parsed], [a.file("deletions.parquet") for a in parsed], tmp_path / "full", CorpusConfig())
+    for name in ("corpus.parquet", "pmids.parquet", "stats.json"):
+        assert snapshot.file(name).read_bytes() == (tmp_path / "full" / name).read_bytes()
 
 
 def test_failed_files_fail_alone_and_the_error_names_each_file_and_cause(mirror, tmp_path, store):
@@ -241,3 +252,29 @@ def test_a_corrupted_parsed_file_is_caught_before_the_snapshot_reads_it_then_reb
     rebuilt = store.require(ingest_flow(SourceConfig(source=str(mirror)), stricter))  # parses the file again
     assert rebuilt.ref != first.ref and store.problems(update.ref) == []
     assert rebuilt.summary["documents"] < first.summary["documents"]
+
+
+def test_ingest_parses_on_a_dask_cluster_of_two_workers(mirror, store, monkeypatch):
+    """prefect-dask's DaskTaskRunner on a LocalCluster of two worker processes: the parse tasks run
+    there (they import the parse stage; this process's import does not count), into the same
+    store, and the snapshot is the one parsing anywhere else gives."""
+    from distributed import Client, LocalCluster
+
+    # Prefect's script loader (the deployment tests load flows/*.py by path) leaves flows/ on
+    # sys.path, where flows/tokenize.py would stand in for the standard library's tokenize in the
+    # cluster's freshly spawned workers. Workers started with `dask worker` never see it.
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if not (Path(entry or ".") / "__init__.py").is_file()])
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        state = ingest(mirror, parse=ParseConfig(dask_address=cluster.scheduler_address), return_state=True)
+        parsed_on_workers = client.run(lambda: "tasks.parse" in sys.modules)
+    assert state.is_completed(), state.message
+    assert any(parsed_on_workers.values()), parsed_on_workers
+    logs = run_logs(state.state_details.flow_run_id)
+    assert f"parsing on the Dask cluster at {cluster.scheduler_address}" in logs["prefect.flow_runs"]
+    states = task_run_states(state.state_details.flow_run_id)
+    assert states["parse pubmed20n0014.xml.gz"] == states["parse pubmed21n1298.xml.gz"] == "Completed"
+    assert sorted(a.label for a in store.ls("parse")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
+
+    in_process = ingest(mirror, parse=ParseConfig(workers=1))
+    assert in_process == state.result()  # found in the store: the same artifact

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import html
 import http.server
+import pickle
 import re
 import threading
 import zlib
@@ -558,7 +559,8 @@ def test_parse_through_the_store_is_cached(tmp_path, monkeypatch):
         raise AssertionError("parsed again")
 
     monkeypatch.setattr(parse_mod, "parse_xml_file", must_not_run)
-    again = PARSE.run(store, {"download": download}, ParseConfig(batch_rows=64))
+    # Where and how it is parsed is no part of the key either.
+    again = PARSE.run(store, {"download": download}, ParseConfig(batch_rows=64, workers=3, dask_address="tcp://10.0.0.5:8786"))
     assert again.ref == artifact.ref and again.manifest["created"] == artifact.manifest["created"]
     assert any("pubmed21n1298.xml.gz md5=" in line for line in tree_lines(lineage(store, artifact.ref)))
 
@@ -576,3 +578,29 @@ def test_failing_parse_leaves_no_artifact(tmp_path):
     assert not store.path(spec.kind, spec.key).exists()
     assert store.ls("parse") == []
     assert list((store.root / "parse").rglob("*.parquet")) == []
+
+
+def test_isal_and_plain_gzip_read_the_same_rows(tmp_path, monkeypatch):
+    """ISA-L inflates the files (it is a dependency); without it the standard library's gzip
+    reads them, row for row the same. A truncated stream is the same ParseError either way (a
+    corrupt one too, though ISA-L may hand lxml garbage before its checksum fails)."""
+    assert parse_mod._GzipFile.__module__.startswith("isal")
+    fast = _parse(UPDATE, tmp_path / "isal")
+    data = UPDATE.read_bytes()
+    cut = tmp_path / "cut.xml.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ParseError, match="the gzip stream is truncated or corrupt") as fast_error:
+        parse_xml_file(cut, tmp_path / "cut-isal", source_file=cut.name, file_seq=1)
+
+    monkeypatch.setattr(parse_mod, "_GzipFile", gzip.GzipFile)
+    monkeypatch.setattr(parse_mod, "_InflateError", zlib.error)
+    assert _parse(UPDATE, tmp_path / "gzip") == fast
+    with pytest.raises(ParseError, match="the gzip stream is truncated or corrupt") as plain_error:
+        parse_xml_file(cut, tmp_path / "cut-gzip", source_file=cut.name, file_seq=1)
+    assert str(plain_error.value) == str(fast_error.value)
+
+
+def test_a_parse_error_survives_the_trip_back_from_a_worker_process():
+    error = ParseError("/data/pubmed21n1298.xml.gz", 7, "malformed XML: boom", "a well-formed PubmedArticleSet document")
+    back = pickle.loads(pickle.dumps(error))
+    assert str(back) == str(error) and (back.path, back.line, back.expected) == (error.path, 7, error.expected)

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from storage import ArtifactSpec, Store
+from storage import ArtifactError, ArtifactSpec, Store, remove_tree
 from storage.lineage import lineage, tree_lines
 from storage.store import MANIFEST
 
@@ -299,3 +300,67 @@ def test_lineage_markdown_summarises_many_files_and_diff_names_what_changed(stor
 
     graph = dot(lineage(store, new.ref))
     assert graph.startswith("digraph lineage {") and f'"{parsed[0].ref}" -> "{new.ref}";' in graph
+
+
+def test_an_unkeyed_input_speeds_a_build_without_entering_its_key_and_a_predecessor_is_found(store):
+    """The previous snapshot an incremental build starts from: neither in the key nor among the
+    parents, verified before use, and found as the newest artifact of the same stage and config
+    built from a subset of today's inputs."""
+    from dataclasses import dataclass as plain_dataclass
+
+    from storage import Input, Stage
+
+    @plain_dataclass(frozen=True)
+    class Config:
+        size: int = 1
+
+    def build_source(inputs, out: Path, config) -> dict:
+        (out / "n.txt").write_text(str(config.size))
+
+    def build_total(inputs, out: Path, config) -> dict:
+        start = int(inputs["previous"].file("total.txt").read_text()) if inputs.get("previous") else 0
+        done = set(inputs["previous"].parents) if inputs.get("previous") else set()
+        total = start + sum(int(a.file("n.txt").read_text()) for a in inputs["parts"] if a.ref not in done)
+        (out / "total.txt").write_text(str(total))
+
+    source = Stage("source", "1", Config, {}, build_source)
+    total = Stage("total", "1", Config, {"parts": Input("source", many=True), "previous": Input("total", optional=True, keyed=False)}, build_total)
+    parts = [source.run(store, {}, Config(size)) for size in (1, 2, 3)]
+    first = total.run(store, {"parts": parts[:2]}, Config())
+    assert total.previous(store, {"parts": parts[:2]}, Config()) is None  # itself is no predecessor
+    assert total.previous(store, {"parts": parts}, Config(size=9)) is None  # other settings
+    found = total.previous(store, {"parts": parts}, Config())
+    assert found.ref == first.ref
+
+    faster = total.run(store, {"parts": parts, "previous": found}, Config())
+    assert faster.ref == total.spec({"parts": parts}, Config()).ref  # the same artifact as without it
+    assert faster.parents == sorted(p.ref for p in parts) and faster.file("total.txt").read_text() == "6"
+
+    first.file("total.txt").chmod(0o644)
+    first.file("total.txt").write_text("9")  # same size, other bytes: caught before use
+    remove_tree(faster.path)  # so that it is built again
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        total.run(store, {"parts": parts, "previous": found}, Config())
+    assert [item["ref"] for item in store.quarantined()] == [first.ref]
+
+
+@dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+def _exit_abruptly(inputs, out: Path, config) -> dict:
+    os._exit(3)  # as if the kernel's OOM killer had ended the worker
+
+
+def test_a_build_whose_worker_process_dies_fails_by_name_and_publishes_nothing(store):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from storage import Stage
+
+    doomed = Stage("doomed", "1", _NoConfig, {}, _exit_abruptly, label=lambda inputs, config: "pubmed25n0001.xml.gz")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with pytest.raises(ArtifactError, match="doomed pubmed25n0001.xml.gz: the worker process building it ended abruptly .* Run again"):
+            doomed.run(store, {}, _NoConfig(), build_in=pool)
+    assert store.ls("doomed") == []
