@@ -16,12 +16,13 @@ def test_the_demo_configuration_runs_the_whole_pipeline(store):
     args = _flow_parser("pipeline", pipeline).parse_args(["--config", "demo", "--max-steps", "5"])
     kwargs = flow_arguments(pipeline, args)
     assert kwargs["source"].source == str(MIRROR) and kwargs["tokenizer"].vocab_size == 4096
-    [checkpoint_ref] = pipeline(**kwargs)
-    checkpoint = store.require(checkpoint_ref)
-    assert checkpoint.kind == "pretrain" and checkpoint.summary["steps"] == 5
-    root = lineage(store, checkpoint_ref)
+    [evaluation_ref] = pipeline(**kwargs)
+    assert store.require(evaluation_ref).kind == "evaluate"
+    [checkpoint] = store.ls("pretrain")
+    assert checkpoint.summary["steps"] == 5
+    root = lineage(store, evaluation_ref)
     built = table(root)
-    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/"):
+    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "qa/", "evaluate/"):
         assert kind in built
     tree = "\n".join(tree_lines(root))
     for md5_file in MIRROR.glob("*/*.md5"):
