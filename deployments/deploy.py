@@ -137,8 +137,11 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
             report.append(f"kept {full_name} as changed in the UI (--reset to register it again from the code and the run configuration)")
             continue
         configs, _ = flow_parameters(flow)
+        parameters = {name: tables[name] for name in configs if name in tables}
+        if d.scheduled:  # once the baseline is in, a night lists and fetches only the new update files
+            parameters["source"] = {"new_files_only": True, **parameters.get("source", {})}
         deployment_id = flow.deploy(
-            name=d.name, work_pool_name=d.pool, parameters={name: tables[name] for name in configs if name in tables},
+            name=d.name, work_pool_name=d.pool, parameters=parameters,
             schedules=[Cron(cron, timezone=NIGHTLY_TIMEZONE)] if d.scheduled else None, tags=list(d.tags),
             description=d.description, print_next_steps=False,
         )

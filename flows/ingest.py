@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Iterator
 
 from prefect import flow, get_run_logger, task
@@ -43,9 +44,15 @@ list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seco
 def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig(), parse: ParseConfig = ParseConfig()) -> str:
     """Bring the corpus snapshot up to date with the source (NCBI or a mirror); returns its ref."""
     log = get_run_logger()
+    carried: list[Artifact] = []
+    if source.new_files_only and (base := _snapshot_with_baseline(Store())) is not None:
+        carried = [Store().require(ref) for ref in base.parents]
+        newest = max(a.summary["file_seq"] for a in carried)
+        log.info("building on %s (%d files, the newest update %d): listing only newer update files", base.ref, len(carried), newest)
+        source = replace(source, folders=("updatefiles",), updates_after=max(newest, source.updates_after or 0))
     remotes = list_remote(source)
     log.info("%d files selected from %s", len(remotes), source.source)
-    if not remotes:
+    if not remotes and not carried:
         raise ValueError(f"no PubMed files selected at {source.source} with {source}; a snapshot needs at least one")
 
     downloads = [(remote.name, submit(DOWNLOAD, {}, remote, label=remote.name)) for remote in remotes]
@@ -63,11 +70,23 @@ def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusC
             + "; ".join(f"{name}: {reason}" for name, reason in sorted(failures.items()))
         )
 
+    parsed = carried + parsed
     inputs = {"parsed": parsed, "previous": CORPUS.previous(Store(), {"parsed": parsed}, corpus)}
     snapshot = run_stage(CORPUS, inputs, corpus)
     log.info("corpus snapshot %s: %s documents from %d files", snapshot.ref, f"{snapshot.summary['documents']:,}", len(parsed))
     publish_lineage(snapshot.ref)
     return snapshot.ref
+
+
+def _snapshot_with_baseline(store: Store) -> Artifact | None:
+    """The newest corpus snapshot built from baseline files (their downloads say which folder)."""
+    from storage.lineage import lineage
+
+    for snapshot in reversed(store.ls("corpus")):
+        downloads = [p for parsed in lineage(store, snapshot.ref).parents for p in parsed.parents]
+        if any(d.params.get("folder") == "baseline" for d in downloads):
+            return snapshot
+    return None
 
 
 def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: ParseConfig) -> tuple[list[Artifact], dict[str, str]]:

@@ -67,6 +67,7 @@ class SourceConfig:
     baseline_limit: int | None = Field(None, ge=0, description="Only the first N baseline files (unset: all).")
     updates_after: int | None = Field(None, ge=0, description="Only update files numbered above this (unset: all).")
     names: tuple[str, ...] = Field((), description="Only these file names, e.g. pubmed25n0001.xml.gz (empty: all).")
+    new_files_only: bool = Field(False, description="Once a snapshot in the store holds baseline files: list only the update files newer than its newest, and build on its files (the nightly run).")
     attempts: int = Field(5, ge=1, description="Tries per file before it counts as failed (a dropped transfer resumes where it stopped).")
     backoff_s: float = Field(2.0, ge=0, description="Seconds before the second try, doubled before each further one.")
 

@@ -170,6 +170,23 @@ def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp
         assert snapshot.file(name).read_bytes() == (tmp_path / "full" / name).read_bytes()
 
 
+def test_a_nightly_run_lists_only_new_update_files_once_the_baseline_is_in(mirror, tmp_path, store):
+    nightly = {"new_files_only": True}
+    with NcbiServer(mirror) as server:
+        first = ingest(server.url, selection=nightly)  # no snapshot yet: the whole listing
+        assert len(server.requests_for("/baseline/")) == 1
+        new_gz = tmp_path / "pubmed21n1299.xml.gz"
+        new_gz.write_bytes(gzip.compress(write_update(tmp_path / "pubmed21n1299.xml", real_articles(UPDATE_SAMPLE)[:1], []).read_bytes()))
+        make_mirror(mirror, {"updatefiles": [new_gz]})
+        seen = len(server.requests)
+        second = ingest(server.url, selection=nightly)
+        tonight = [r.path for r in server.requests[seen:]]
+    assert not [path for path in tonight if path.startswith("/baseline/")]  # the baseline is not even listed
+    assert "/updatefiles/pubmed21n1299.xml.gz" in tonight and UPDATE_PATH + ".md5" not in tonight
+    assert second != first and set(store.require(second).parents) == {a.ref for a in store.ls("parse")}
+    assert ingest(mirror) == second  # what the whole listing builds
+
+
 def test_failed_files_fail_alone_and_the_error_names_each_file_and_cause(mirror, tmp_path, store):
     broken = tmp_path / "pubmed21n1300.xml.gz"
     broken.write_bytes(UPDATE_SAMPLE.read_bytes()[: UPDATE_SAMPLE.stat().st_size // 2])  # truncated, honest md5
