@@ -45,7 +45,7 @@ class Deployment:
 
 DEPLOYMENTS = (
     Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot, every night.", ("ingest",), scheduled=True),
-    Deployment("flows/tokenize.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
+    Deployment("flows/tokenizing.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
     Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", ("pretrain",)),
 )
 # retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.

@@ -26,7 +26,7 @@ from storage.config import ConfigError, add_config_options, config_values, make_
 
 FLOWS = {  # command -> (flow, what it does)
     "ingest": ("flows.ingest:ingest", "Download, parse and snapshot PubMed into the store."),
-    "tokenize": ("flows.tokenize:tokenize", "Fit the tokenizer on a corpus snapshot and write uint16 token shards."),
+    "tokenize": ("flows.tokenizing:tokenize", "Fit the tokenizer on a corpus snapshot and write uint16 token shards."),
     "retrain": ("flows.retrain:retrain", "Pretrain on token shards and register the checkpoint in the store."),
     "qa": ("flows.qa:qa", "Convert QA datasets (PubMedQA, MedMCQA, MedQA, instruction data) into canonical records."),
     "evaluate": ("flows.evaluate:evaluate", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks."),

@@ -11,7 +11,7 @@ from prefect import flow
 from flows.evaluate import evaluate
 from flows.ingest import ingest
 from flows.retrain import retrain
-from flows.tokenize import tokenize
+from flows.tokenizing import tokenize
 from model.train import TrainConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig

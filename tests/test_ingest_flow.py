@@ -271,16 +271,11 @@ def test_a_corrupted_parsed_file_is_caught_before_the_snapshot_reads_it_then_reb
     assert rebuilt.summary["documents"] < first.summary["documents"]
 
 
-def test_ingest_parses_on_a_dask_cluster_of_two_workers(mirror, store, monkeypatch):
+def test_ingest_parses_on_a_dask_cluster_of_two_workers(mirror, store):
     """prefect-dask's DaskTaskRunner on a LocalCluster of two worker processes: the parse tasks run
     there (they import the parse stage; this process's import does not count), into the same
     store, and the snapshot is the one parsing anywhere else gives."""
     from distributed import Client, LocalCluster
-
-    # Prefect's script loader (the deployment tests load flows/*.py by path) leaves flows/ on
-    # sys.path, where flows/tokenize.py would stand in for the standard library's tokenize in the
-    # cluster's freshly spawned workers. Workers started with `dask worker` never see it.
-    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if not (Path(entry or ".") / "__init__.py").is_file()])
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         state = ingest(mirror, parse=ParseConfig(dask_address=cluster.scheduler_address), return_state=True)

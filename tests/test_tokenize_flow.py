@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.tokenize import tokenize
+from flows.tokenizing import tokenize
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
 

@@ -1,5 +1,8 @@
 """tokenize: corpus snapshot -> tokenizer -> token shards.
 
+(This module is tokenizing.py: a flows/tokenize.py would stand in for the standard library's
+`tokenize` wherever flows/ is on sys.path, as it is in a deployment's run.)
+
 Runs on a snapshot ref, or the newest snapshot in the store. A pinned tokenizer re-shards a grown
 corpus with the same vocabulary (and the split it was fitted with) instead of fitting a new one.
 """
