@@ -17,7 +17,7 @@ so a stage runs from a plain Python shell, under ``torchrun`` or in a worker pro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -42,9 +42,14 @@ class Input:
 
 def config_params(config: Any) -> dict:
     """The config fields that decide an artifact's content: all but the class's ``RUNTIME_FIELDS``
-    (threads, memory limits, retry timings: how the work is done, not what it makes)."""
+    (threads, memory limits, retry timings: how the work is done, not what it makes); a config
+    made of configs (fine-tuning's) leaves out each one's own."""
     runtime = getattr(config, "RUNTIME_FIELDS", ())
-    return {k: v for k, v in asdict(config).items() if k not in runtime}
+    params = asdict(config)
+    for f in fields(config):
+        if is_dataclass(value := getattr(config, f.name)):
+            params[f.name] = config_params(value)
+    return {k: v for k, v in params.items() if k not in runtime}
 
 
 @dataclass(frozen=True, eq=False)  # one object per stage: compared and hashed by identity
