@@ -252,11 +252,12 @@ def save_adapter(peft_model, cfg: FinetuneConfig, hf: bool, out_dir: Path) -> st
 
 
 def check_train_config(train: TrainConfig) -> None:
-    """The TrainConfig fields that shape a pretraining run are the base's or FinetuneConfig's here."""
+    """The TrainConfig fields that shape a pretraining run (preset, model, context_length,
+    tokens_per_step, devices) are the base's or FinetuneConfig's here; eval_windows is unused."""
     if train.devices != 1:
         raise ValueError("fine-tuning runs in one process: set devices to 1 (multi-GPU fine-tuning is not supported yet)")
-    if train.model:
-        raise ValueError(f"the base decides the model's shape; leave the train config's model overrides empty (got {train.model})")
+    if train.model or train.preset != TrainConfig().preset:
+        raise ValueError("the base decides the model's shape; leave the train config's preset and model overrides at their defaults")
     if train.context_length is not None:
         raise ValueError("fine-tuning sequences are finetune.max_length tokens; leave the train config's context_length unset")
     if train.tokens_per_step is not None:
