@@ -5,7 +5,8 @@ PREFECT_API_URL points at.
                                  [--retrain-after-ingest] [--reset]
 
 Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
-(cron), `tokenize/tokenize`, `retrain/retrain`, to run from the UI or `prefect deployment run`.
+(cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, to run from the UI or
+`prefect deployment run`.
 A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
 mirror as the nightly source: that file is the place for changes you want to keep.
 
@@ -47,6 +48,7 @@ DEPLOYMENTS = (
     Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot, every night.", ("ingest",), scheduled=True),
     Deployment("flows/tokenizing.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
     Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", ("pretrain",)),
+    Deployment("flows/finetune.py:finetune", "finetune", "gpu", "Fine-tune a checkpoint (full or LoRA) through a curriculum of QA sources, evaluating every stage.", ("finetune", "evaluate")),
 )
 # retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.
 FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "retrain/retrain"))

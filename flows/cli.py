@@ -30,7 +30,8 @@ FLOWS = {  # command -> (flow, what it does)
     "retrain": ("flows.retrain:retrain", "Pretrain on token shards and register the checkpoint in the store."),
     "qa": ("flows.qa:qa", "Convert QA datasets (PubMedQA, MedMCQA, MedQA, instruction data) into canonical records."),
     "evaluate": ("flows.evaluate:evaluate", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks."),
-    "pipeline": ("flows.pipeline:pipeline", "The whole pipeline: ingest, tokenize, pretrain."),
+    "finetune": ("flows.finetune:finetune", "Fine-tune a checkpoint or a local Hugging Face model (full or LoRA) through a curriculum, evaluating every stage."),
+    "pipeline": ("flows.pipeline:pipeline", "The whole pipeline: ingest, tokenize, pretrain, fine-tune, evaluate."),
 }
 OTHER_COMMANDS = {
     "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
@@ -172,12 +173,19 @@ def _demo(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
     parser.parse_args(argv)
     refs = _run_flow("pipeline", ["--config", "demo"])
+    from flows.finetune import comparison
     from storage import Store
-    from storage.lineage import lineage, table
+    from storage.lineage import lineage, table, tree_lines
+    from tasks.evaluate import rows_markdown
 
     store = Store()
     print(f"\nDemo outputs are in {store.root.resolve()}:\n")
     print(table(*(lineage(store, ref) for ref in refs)))
+    print("\nEvaluation, before and after each fine-tuning stage (a tiny model: near chance, every number real):\n")
+    print(rows_markdown(comparison(store, refs)))
+    model = next((p for p in store.require(refs[-1]).parents if p.split("/")[0] in ("pretrain", "finetune")), refs[-1])
+    print("Lineage of the final model:\n")
+    print("\n".join(tree_lines(lineage(store, model))))
     print(f"\nTrace any of them with: medlm lineage {refs[-1]}")
 
 

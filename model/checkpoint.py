@@ -4,7 +4,10 @@ A run folder holds ``ckpt_NNNNNNN/`` folders (``model.safetensors``, ``config.js
 model and training config, ``optimizer.pt``, ``state.json`` with the step and the data position)
 and a ``latest`` pointer. A checkpoint only gets its final name once complete, so a folder with
 that name is always whole. A checkpoint artifact (pretrain, finetune) holds the same
-``model.safetensors`` + ``config.json`` + ``state.json`` at its top level.
+``model.safetensors`` + ``config.json`` + ``state.json`` at its top level, its run folder
+having been published and removed (``publish_run_files``, ``finished_summary``); a model
+fine-tuned from a Hugging Face base is published as a Hugging Face folder instead
+(``is_hf_folder``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)  # what a checkpoint artifact keeps
+RUN_DIR = "run"  # a training stage's run folder inside the artifact's work folder
+RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json")  # what a checkpoint artifact keeps of its run
 
 
 def checkpoint_name(step: int) -> str:
@@ -105,3 +110,27 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -
 def load_optimizer_state(checkpoint_dir: Path, optimizer, device: torch.device) -> None:
     # weights_only: tensors and plain containers only; a pickled object in the file raises.
     optimizer.load_state_dict(torch.load(checkpoint_dir / OPTIMIZER_FILE, map_location=device, weights_only=True))
+
+
+def is_hf_folder(folder: str | Path) -> bool:
+    """Whether a checkpoint folder is a Hugging Face model folder (its config.json names a model_type)
+    rather than ours (config.json with "model", "train" and "tokens")."""
+    path = Path(folder) / CONFIG_FILE
+    return path.is_file() and "model_type" in json.loads(path.read_text())
+
+
+def remove_run(run: Path) -> None:
+    """Delete a published run folder. It is renamed first, so a crash while deleting never leaves a
+    run that looks resumable (``finished_summary`` then finishes the clean-up)."""
+    finished = run.with_name(f"{run.name}.done")
+    os.rename(run, finished)
+    shutil.rmtree(finished)
+
+
+def finished_summary(out_dir: Path) -> dict | None:
+    """The summary of a build killed after its run was published: only clean-up was left."""
+    run, finished = out_dir / RUN_DIR, out_dir / f"{RUN_DIR}.done"
+    if finished.exists() or ((out_dir / "summary.json").is_file() and not run.exists()):
+        shutil.rmtree(finished, ignore_errors=True)
+        return json.loads((out_dir / "summary.json").read_text())
+    return None

@@ -10,12 +10,13 @@ given, ``AutoTokenizer.from_pretrained(out_dir)`` loads the tokenizer.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint_config, load_model
+from model.checkpoint import is_hf_folder, load_checkpoint_config, load_model
 from model.model import ModelConfig, Transformer
 from storage.formats import TOKENIZER_FILES
 
@@ -61,6 +62,19 @@ def hf_config(cfg: ModelConfig, special_tokens: dict | None = None):
     )
 
 
+LLAMA_PROJECTIONS = tuple(f"attn.{p}_proj" for p in "qkvo") + tuple(f"mlp.{p}_proj" for p in ("gate", "up", "down"))
+
+
+def hf_module_name(name: str) -> str:
+    """The LlamaForCausalLM path of one of our llama projections (what a LoRA adapter is keyed by):
+    blocks.3.attn.q_proj -> model.layers.3.self_attn.q_proj, blocks.3.mlp.up_proj -> model.layers.3.mlp.up_proj."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.(\w+_proj)", name)
+    if match is None:
+        raise ValueError(f"{name!r} is not one of our llama projections (blocks.N.attn.q_proj, blocks.N.mlp.up_proj, ...)")
+    layer, part, projection = match.groups()
+    return f"model.layers.{layer}.{'self_attn' if part == 'attn' else 'mlp'}.{projection}"
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Our weights under the parameter names of the matching transformers model."""
     ours = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
@@ -73,10 +87,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             src, dst = f"blocks.{i}.", f"model.layers.{i}."
             hf[dst + "input_layernorm.weight"] = ours[src + "attn_norm.weight"]
             hf[dst + "post_attention_layernorm.weight"] = ours[src + "mlp_norm.weight"]
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                hf[dst + f"self_attn.{proj}.weight"] = ours[src + f"attn.{proj}.weight"]
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                hf[dst + f"mlp.{proj}.weight"] = ours[src + f"mlp.{proj}.weight"]
+            for proj in LLAMA_PROJECTIONS:
+                hf[hf_module_name(src + proj) + ".weight"] = ours[src + proj + ".weight"]
         return hf
     # GPT-2 stores its projections as Conv1D, (in, out): the transpose of nn.Linear's weight,
     # with query, key and value fused into c_attn.
@@ -115,6 +127,8 @@ def to_hf_model(model: Transformer, special_tokens: dict | None = None):
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write config.json + model.safetensors (+ the tokenizer files) into out_dir."""
     out = Path(out_dir)
+    if is_hf_folder(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} already is a Hugging Face model folder (fine-tuned from one): load it with from_pretrained as it is")
     if tokenizer_dir is not None:
         missing = [name for name in TOKENIZER_FILES if not (Path(tokenizer_dir) / name).is_file()]
         if missing:

@@ -285,6 +285,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         logit_positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets != -100.
 
@@ -292,9 +293,14 @@ class Transformer(nn.Module):
         logit_positions (B, P), indices into idx's T, returns logits (B, P, vocab) at those positions
         only: scoring needs a few, and in a small model the vocabulary projection costs more than
         all the blocks together.
+        segments (B, T), for rows packed with several examples (fine-tuning): the example each token
+        belongs to, in runs. A token attends only to earlier tokens of its own run, and positions
+        restart at 0 where a run starts, so each example is computed exactly as if it were alone.
         """
         if targets is not None and logit_positions is not None:
             raise ValueError("pass targets or logit_positions, not both: the loss needs every position's logits")
+        if segments is not None and kv_cache is not None:
+            raise ValueError("segments are for packed training rows; generation with a KV cache takes one sequence per row")
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_length:
@@ -303,15 +309,21 @@ class Transformer(nn.Module):
                 f"({self.config.context_length}); crop the input"
             )
         positions = torch.arange(start, start + T, device=idx.device)
-        x = self.tok_emb(idx)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.drop(x)
-        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.pos_emb is None else None
         # Several new tokens after cached ones: each sees the cache and the new ones up to itself.
         attn_mask = None
         if start > 0 and T > 1:
             attn_mask = torch.arange(start + T, device=idx.device)[None, :] <= positions[:, None]
+        if segments is not None:
+            positions, attn_mask = packed_positions_and_mask(segments)
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.drop(x)
+        rope = None
+        if self.pos_emb is None:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if positions.dim() == 2:  # per-row positions (B, T, head_dim): broadcast over the heads
+                rope = (rope[0][:, None], rope[1][:, None])
         for block in self.blocks:
             x = block(x, rope, kv_cache, attn_mask)
         if kv_cache is not None:
@@ -373,6 +385,22 @@ class Transformer(nn.Module):
                 break
         self.train(was_training)
         return idx
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Per-token positions (B, T) that restart at 0 where a run of equal segment ids starts."""
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def packed_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment_positions, and the attention mask (B, 1, T, T): causal, and within a run only."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return segment_positions(segments), (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
 
 
 def next_token(logits, history, temperature, top_k, top_p, repetition_penalty, generator) -> torch.Tensor:

@@ -35,18 +35,27 @@ STYLES = ("letters", "cloze")
 
 def doc_to_text(record: dict) -> str:
     """The prompt for one record, ending in "Answer:" (no trailing space: the answer brings it)."""
-    source, options = record["source"], record["options"]
+    source = record["source"]
     lines = []
     if record["context"]:
         lines.append(("Abstract: " if source == "pubmedqa" else "Context: ") + "\n".join(record["context"]))
     lines.append("Question: " + record["question"])
-    if options and source != "pubmedqa":  # PubMedQA's options are the answer words, never listed
-        if len(options) > len(LETTERS):
-            raise ValueError(f"record {record['id']}: {len(options)} options; at most {len(LETTERS)} have letters")
-        if source == "medmcqa":
-            lines.append("Choices:")
-        lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
+    options = option_lines(record)
+    if options and source == "medmcqa":
+        lines.append("Choices:")
+    lines += options
     return "\n".join(lines) + "\nAnswer:"
+
+
+def option_lines(record: dict) -> list[str]:
+    """The lettered options as a prompt lists them ("A. Aspirin", ...); none for PubMedQA, whose
+    options are the answer words, never listed, and none for free-text items."""
+    options = record["options"]
+    if not options or record["source"] == "pubmedqa":
+        return []
+    if len(options) > len(LETTERS):
+        raise ValueError(f"record {record['id']}: {len(options)} options; at most {len(LETTERS)} have letters")
+    return [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
 
 
 def choices(record: dict, style: str) -> list[str]:

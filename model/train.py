@@ -40,7 +40,7 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.data import Shards, TrainBatches, eval_batches
-from model.model import PRESETS, ModelConfig, Transformer
+from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from storage import write_text_atomic
 from storage.config import add_config_options, config_values, make_config
 
@@ -230,12 +230,33 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 class BatchSource(Protocol):
     """Where a training loop's data comes from; its whole state is what ``state_dict`` returns."""
 
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches (x, y) of the next optimizer step (y = -100 where no loss is wanted)."""
+    def next(self) -> list[tuple]:
+        """The micro-batches of the next optimizer step: (x, y) windows of equal size (pretraining),
+        or masked (x, y, inputs) batches, y = -100 where no loss is wanted and ``inputs`` more
+        keyword arguments for the model (fine-tuning: ``segments`` of packed rows)."""
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def target_shares(micro_batches: list[tuple], rt: Runtime) -> list[torch.Tensor] | None:
+    """What each micro-batch's mean loss weighs in the step's loss.
+
+    (x, y) windows all have the same number of targets: None, each weighs 1 / grad_accum. Masked
+    batches have as many targets as their completions have tokens, so a mean of micro-batch means
+    would weigh a short answer's tokens more than a long one's: each weighs its share of the
+    step's targets (summed over every rank, times world_size since DDP averages the gradients),
+    making the step's loss the mean over every target token of the step. That is how transformers'
+    Trainer (num_items_in_batch) and TRL's SFTTrainer normalise it.
+    """
+    if all(len(batch) == 2 for batch in micro_batches):
+        return None
+    counts = torch.stack([batch[1].ne(IGNORE_INDEX).sum() for batch in micro_batches]).double()
+    total = counts.sum()
+    if rt.world_size > 1:
+        dist.all_reduce(total)
+    return list((counts * rt.world_size / total).float())
 
 
 def train(
@@ -288,8 +309,9 @@ def train_loop(
 ) -> dict:
     """Train (or resume) ``cfg.max_steps`` optimizer steps of ``model`` into ``out``; return the run summary.
 
-    ``model`` (on rt.device) maps (x, y) to (logits, mean loss over y != -100): ours, or a wrapped
-    Hugging Face model, with or without adapters. A fresh run starts from its weights as given, or
+    ``model`` (on rt.device) maps (x, y, **inputs) to (logits, mean loss over y != -100): ours, or a
+    wrapped Hugging Face model, with or without adapters. The step's loss is the mean over its
+    targets (``target_shares``). A fresh run starts from its weights as given, or
     from the checkpoint ``init_from`` (fine-tuning); a run folder with checkpoints resumes from its
     latest one, data position included. ``model_config`` describes the network (a resumed run must
     match it); it and ``run_info`` go into every checkpoint's config.json.
@@ -359,20 +381,25 @@ def train_loop(
         loss_sum = torch.zeros((), device=rt.device)
         micro_batches = batches.next()
         grad_accum = len(micro_batches)
-        for i, (x, y) in enumerate(micro_batches):
+        shares = target_shares(micro_batches, rt)
+        for i, (x, y, *inputs) in enumerate(micro_batches):
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = rt.world_size == 1 or i == len(micro_batches) - 1
             with (nullcontext() if sync else model.no_sync()), rt.autocast():
-                _, loss = model(x, y)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
+                _, loss = model(x, y, **(inputs[0] if inputs else {}))
+            if shares is None:
+                (loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            else:
+                (loss * shares[i]).backward()
+                loss_sum += loss.detach() * shares[i]
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            mean_loss = loss_sum / grad_accum
+            mean_loss = loss_sum / grad_accum if shares is None else loss_sum
             if rt.world_size > 1:  # SUM then divide: gloo has no AVG
                 dist.all_reduce(mean_loss)
                 mean_loss /= rt.world_size

@@ -10,6 +10,7 @@ from storage.store import (
     file_digest,
     remove_tree,
     sha256_file,
+    sha256_folder,
     write_text_atomic,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "file_digest",
     "remove_tree",
     "sha256_file",
+    "sha256_folder",
     "write_text_atomic",
 ]

@@ -11,7 +11,7 @@ field named. A run-configuration file is TOML with one table per flow parameter:
     preset = "tiny"
     max_steps = 150
 
-A string value that starts with ``./`` or ``../`` is a path relative to the file.
+A string value (or a list's) that starts with ``./`` or ``../`` is a path relative to the file.
 """
 
 from __future__ import annotations
@@ -69,10 +69,13 @@ def read_run_config(name_or_path: str | Path) -> dict[str, dict]:
 def _resolve_paths(values: Any, base: Path, where: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
-    return {
-        k: str((base / v).resolve()) if isinstance(v, str) and v.startswith(("./", "../")) else v
-        for k, v in values.items()
-    }
+
+    def resolve(v):
+        if isinstance(v, list):  # a list of paths (e.g. qa.instructions)
+            return [resolve(item) for item in v]
+        return str((base / v).resolve()) if isinstance(v, str) and v.startswith(("./", "../")) else v
+
+    return {k: resolve(v) for k, v in values.items()}
 
 
 # -- command-line options ---------------------------------------------------------------------------
@@ -83,11 +86,11 @@ def add_config_options(parser: argparse.ArgumentParser, section: str, cls: type,
     stored as ``section.field`` so ``config_values`` can collect them; help from the field's description."""
     group = parser.add_argument_group(f"{section} ({cls.__name__})", (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
     for name, info in config_fields(cls).items():
-        flag = "--" + (f"{section}." if qualified else "") + name.replace("_", "-")
+        flag = "--" + (section.replace("_", "-") + "." if qualified else "") + name.replace("_", "-")
         kwargs = _option(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = "unset" if default is None else json.dumps(default) if isinstance(default, (tuple, dict, list)) else default
-        help_text = f"{info.description or ''} [default: {shown}]".strip()
+        help_text = f"{info.description or ''} [default: {shown}]".strip().replace("%", "%%")  # argparse formats help with %
         group.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 

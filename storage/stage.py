@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import BrokenExecutor, Executor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -50,13 +50,17 @@ class Input:
 
 def config_params(config: Any) -> dict:
     """The config fields that decide an artifact's content: all but the class's ``RUNTIME_FIELDS``
-    (threads, memory limits, retry timings: how the work is done, not what it makes), plus what
-    its ``content_params()`` derives, if it has one: a setting that names a file is runtime (the
-    path says nothing), and the file's content goes into the key instead."""
+    (threads, memory limits, retry timings: how the work is done, not what it makes); a config
+    made of configs (fine-tuning's) leaves out each one's own. What its ``content_params()``
+    derives, if it has one, is added: a setting that names a file is runtime (the path says
+    nothing), and the file's content goes into the key instead."""
     runtime = getattr(config, "RUNTIME_FIELDS", ())
-    params = {k: v for k, v in asdict(config).items() if k not in runtime}
+    params = asdict(config)
+    for f in fields(config):
+        if is_dataclass(value := getattr(config, f.name)):
+            params[f.name] = config_params(value)
     derived = getattr(config, "content_params", None)
-    return params | (derived() if derived else {})
+    return {k: v for k, v in params.items() if k not in runtime} | (derived() if derived else {})
 
 
 @dataclass(frozen=True, eq=False)  # one object per stage: compared and hashed by identity

@@ -58,6 +58,14 @@ def sha256_file(path: Path) -> str:
     return file_digest(path).hexdigest()
 
 
+def sha256_folder(folder: Path) -> str:
+    """One digest of a folder's content: every file's path in it and its sha256 (so a moved copy
+    of a model folder is the same input, a changed file is not)."""
+    folder = Path(folder)
+    listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in sorted(folder.rglob("*")) if f.is_file())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # one per writer

@@ -31,7 +31,6 @@ Per-item results are kept, so ``score_subset(result, ids)`` recomputes every num
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -467,7 +466,9 @@ class EvaluationConfig:
 
 
 def load_lm(inputs: dict, config: EvaluationConfig) -> CausalLM:
-    """Our checkpoint artifact (weights, config and tokenizer files), or a Hugging Face folder."""
+    """Our checkpoint artifact (weights, config and tokenizer files), or a Hugging Face folder:
+    ``hf_model``, or a checkpoint artifact fine-tuned from one (published as a Hugging Face folder)."""
+    from model.checkpoint import is_hf_folder
     from model.scoring import HFCausalLM, TransformerLM
     from storage.formats import TOKENIZER_FILE, load_tokenizer
 
@@ -476,6 +477,8 @@ def load_lm(inputs: dict, config: EvaluationConfig) -> CausalLM:
     checkpoint = inputs.get("model")
     if checkpoint is None:
         raise ValueError("nothing to evaluate: give a checkpoint artifact (model_ref) or a Hugging Face folder (hf_model)")
+    if is_hf_folder(checkpoint.path):
+        return HFCausalLM.from_folder(checkpoint.path)
     return TransformerLM.from_checkpoint(checkpoint.path, load_tokenizer(checkpoint.file(TOKENIZER_FILE)))
 
 
@@ -588,6 +591,44 @@ def evaluation_rows(artifact) -> list[dict]:
             row["clean value"] = f"{_format(metric, clean['value'])} (n={clean['n']})" if clean else "–"
         rows.append(row)
     return rows
+
+
+def comparison_rows(columns: Sequence[tuple[str, object]]) -> list[dict]:
+    """Evaluations side by side (the base model, then each fine-tuning stage): a row per benchmark
+    and way of scoring it, its main metric under each column's label, then the baseline (chance,
+    or PubMedQA's majority class) of the same items. ``columns``: (label, evaluate artifact)."""
+    rows: dict[tuple, dict] = {}
+    for label, artifact in columns:
+        for r in json.loads(artifact.file(RESULTS_FILE).read_text()):
+            metric = _main_metric(r)
+            how = f"{r['style']}, {r['num_fewshot']}-shot" if r["kind"] == "multiple_choice" else ""
+            row = rows.setdefault((r["name"], how, metric), {"benchmark": r["name"], "how": how, "metric": metric})
+            row[label] = _format(metric, r["metrics"][metric]["value"])
+            base = (r["baseline"] or {}).get(metric)
+            row.setdefault("baseline", f"{_format(metric, base['value'])} ({base['name']})" if base else "–")
+    labels = [label for label, _ in columns]
+    return [{k: row.get(k, "–") for k in ("benchmark", "how", "metric", *labels, "baseline")} for row in rows.values()]
+
+
+def rows_markdown(rows: Sequence[dict]) -> str:
+    """Table rows (dicts with the same keys) as a markdown table."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]) + "\n"
+
+
+def evaluation_content(config: EvaluationConfig) -> dict:
+    """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
+    from storage import sha256_folder
+
+    if not config.hf_model:
+        return {}
+    folder = Path(config.hf_model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
+    return {"hf_model_sha256": sha256_folder(folder)}
 
 
 EVALUATE = Stage(

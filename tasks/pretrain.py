@@ -17,13 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model.checkpoint import CHECKPOINT_FILES
+from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, RUN_FILES, finished_summary, remove_run
 from model.train import TrainConfig, format_record, train
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
 from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
-RUN_DIR = "run"
-RUN_FILES = ("metrics.jsonl", "loss.png", "summary.json")
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("medlm.pretrain")
 
@@ -59,8 +57,7 @@ def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path) -> 
 
 def publish_run(run: Path, summary: dict, out_dir: Path, tokenizer: Artifact) -> None:
     """Copy a finished run's final checkpoint, metrics and the tokenizer files to the top of the
-    artifact folder, then drop the run folder (intermediate checkpoints, optimizer state). It is
-    renamed before it is deleted, so a crash while deleting never leaves a run that looks resumable."""
+    artifact folder, then drop the run folder (intermediate checkpoints, optimizer state)."""
     final = run / summary["checkpoint"]
     for name in CHECKPOINT_FILES:
         shutil.copyfile(final / name, out_dir / name)
@@ -68,18 +65,7 @@ def publish_run(run: Path, summary: dict, out_dir: Path, tokenizer: Artifact) ->
         shutil.copyfile(run / name, out_dir / name)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer.file(name), out_dir / name)
-    finished = run.with_name(f"{run.name}.done")
-    os.rename(run, finished)
-    shutil.rmtree(finished)
-
-
-def finished_summary(out_dir: Path) -> dict | None:
-    """The summary of a build killed after ``publish_run`` copied its files: only clean-up was left."""
-    run, finished = out_dir / RUN_DIR, out_dir / f"{RUN_DIR}.done"
-    if finished.exists() or ((out_dir / "summary.json").is_file() and not run.exists()):
-        shutil.rmtree(finished, ignore_errors=True)
-        return json.loads((out_dir / "summary.json").read_text())
-    return None
+    remove_run(run)
 
 
 def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:

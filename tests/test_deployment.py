@@ -4,6 +4,7 @@ real workers (test_make_up.py covers `make up` itself)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -77,7 +78,7 @@ async def _read_automations():
 def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, workers):
     store = workers
     mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
-    assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize", "deployed retrain/retrain"]
+    assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize", "deployed retrain/retrain", "deployed finetune/finetune"]
 
     deployment = asyncio.run(_read_deployment("ingest/nightly-ingest"))
     assert deployment.work_pool_name == "cpu"
@@ -87,7 +88,12 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     train_form = retrain.parameter_openapi_schema["definitions"]["TrainConfig"]["properties"]
     assert train_form["preset"]["enum"] == ["tiny", "small", "base", "gpt2"] and train_form["max_steps"]["minimum"] == 1
     assert train_form["warmup_steps"]["description"] and "context_length" in train_form and "weight_decay" in train_form
-    for name in ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain"):
+    finetune = asyncio.run(_read_deployment("finetune/finetune"))
+    assert finetune.work_pool_name == "gpu" and set(finetune.tags) == {"finetune", "evaluate"}
+    form = finetune.parameter_openapi_schema["definitions"]
+    assert form["FinetuneConfig"]["properties"]["method"]["enum"] == ["full", "lora"] and "lr" in form["TrainConfig"]["properties"]
+    assert "pubmedqa" in json.dumps(form["Curriculum"]["properties"]["stages"])
+    for name in ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune"):
         assert "store_root" not in asyncio.run(_read_deployment(name)).parameter_openapi_schema["properties"]
 
     with NcbiServer(mirror) as server:
@@ -109,9 +115,10 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     # A change made in the UI survives the next `make up` (which says so), unless reset.
     asyncio.run(_edit_parameters(retrain.id, {"train": {"max_steps": 3}}))
     assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize",
-                          "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)"]
+                          "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)",
+                          "deployed finetune/finetune"]
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"train": {"max_steps": 3}}
-    assert register(reset=True)[-1] == "deployed retrain/retrain"
+    assert register(reset=True)[2] == "deployed retrain/retrain"
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {}
     assert asyncio.run(_read_work_pool("gpu")).concurrency_limit == 1  # one run per GPU
     follow_ups = asyncio.run(_read_automations())

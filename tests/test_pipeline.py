@@ -13,16 +13,21 @@ from storage.lineage import lineage, table, tree_lines
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_demo_configuration_runs_the_whole_pipeline(store):
-    args = _flow_parser("pipeline", pipeline).parse_args(["--config", "demo", "--max-steps", "5"])
+    quick = ["--train.max-steps", "5", "--finetune-train.max-steps", "2", "--evaluation.shots", "0", "--evaluation.max-items", "3",
+             "--evaluation.generation-items", "0", "--evaluation.perplexity-documents", "3", "--evaluation.held-out-documents", "3"]
+    args = _flow_parser("pipeline", pipeline).parse_args(["--config", "demo", *quick])
     kwargs = flow_arguments(pipeline, args)
     assert kwargs["source"].source == str(MIRROR) and kwargs["tokenizer"].vocab_size == 4096
-    [evaluation_ref] = pipeline(**kwargs)
-    assert store.require(evaluation_ref).kind == "evaluate"
-    [checkpoint] = store.ls("pretrain")
-    assert checkpoint.summary["steps"] == 5
-    root = lineage(store, evaluation_ref)
+    assert kwargs["curriculum"].stages == ("pubmedqa", "instructions") and kwargs["finetune"].method == "lora"
+    refs = pipeline(**kwargs)
+    assert len(refs) == 3  # the pretrained model's evaluation, then each fine-tuning stage's
+    evaluated = [store.require(store.require(ref).parents[0]) for ref in refs]
+    assert [a.kind for a in evaluated] == ["pretrain", "finetune", "finetune"]
+    checkpoint = evaluated[0]
+    assert checkpoint.summary["steps"] == 5 and evaluated[2].summary["steps"] == 2
+    root = lineage(store, evaluated[-1].ref)  # the final model, down to the XML files
     built = table(root)
-    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "qa/", "evaluate/"):
+    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "finetune/", "qa/"):
         assert kind in built
     tree = "\n".join(tree_lines(root))
     for md5_file in MIRROR.glob("*/*.md5"):

@@ -1,0 +1,110 @@
+"""Finetune: a checkpoint (or a local Hugging Face model) + QA records -> a fine-tuned checkpoint artifact.
+
+The work is model/finetune.py's; this module declares it as a stage. The run folder lives in the
+artifact's work folder, which the store keeps across a crash (``resume=True``): a killed
+fine-tuning continues from its last checkpoint with the same losses. The artifact is a
+checkpoint like pretrain's (``model.safetensors``, ``config.json``, ``state.json``, tokenizer files
+with a chat template, metrics), LoRA merged, plus ``adapter/`` (PEFT format) for LoRA; from a
+Hugging Face base it is a Hugging Face folder. Evaluation, ``medlm export-hf`` and the next
+stage of a curriculum read it as they read a pretrain artifact.
+
+Its config (``FinetuneRun``) is two tables: ``FinetuneConfig`` (method, LoRA, template, packing)
+and a ``TrainConfig`` (optimizer, schedule, steps: the same settings as pretraining, one
+definition), so the CLI, run configurations and the UI show the training settings once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from model.checkpoint import RUN_DIR, finished_summary
+from model.finetune import FinetuneConfig, finetune, publish
+from model.train import TrainConfig, format_record
+from storage import Artifact, ArtifactError, Input, Stage, sha256_folder
+from storage.formats import read_records
+
+log = logging.getLogger("medlm.finetune")
+SOURCES = ("pubmedqa", "medmcqa", "medqa", "instructions")
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tuning stage: how (FinetuneConfig) and the optimizer, schedule and steps (TrainConfig)."""
+
+    finetune: FinetuneConfig = FinetuneConfig()
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """Fine-tuning stages in order, each on the train split of one QA source, each evaluated."""
+
+    stages: tuple[Literal["pubmedqa", "medmcqa", "medqa", "instructions"], ...] = Field(
+        (),
+        description="QA sources to fine-tune on, in order, e.g. pubmedqa medmcqa medqa: each stage starts from the previous one's model (instructions: every instruction file). Empty: no fine-tuning.",
+    )
+    evaluate_base: bool = Field(True, description="Evaluate the base model first, for the before/after table.")
+
+
+def split_records(data: list[Artifact]) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of the qa artifacts; a one-line error when none is for training."""
+    records = [r for qa in data for r in read_records(qa.path)]
+    train = [r for r in records if r["split"] == "train"]
+    if not train:
+        splits = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["split"] for r in records).items())) or "no records"
+        names = ", ".join(a.label or a.ref for a in data)
+        raise ValueError(
+            f"no training examples: the QA data {names} has no train split ({splits}); fine-tune on a source with "
+            f"train records (the MedMCQA/MedQA validation and test rows are for evaluation only)"
+        )
+    return train, [r for r in records if r["split"] == "validation"]
+
+
+def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
+    base, cfg = inputs.get("base"), config.finetune
+    if (base is None) == (cfg.hf_base is None):
+        raise ValueError("give the model to fine-tune: a checkpoint artifact (base) or a Hugging Face folder (finetune.hf_base), not both")
+    base_path = base.path if base is not None else Path(cfg.hf_base)
+    train, validation = split_records(inputs["data"])
+    if (summary := finished_summary(out_dir)) is not None:
+        return summary
+    run = out_dir / RUN_DIR
+    summary = finetune(cfg, config.train, base_path, train, run, validation, progress=lambda record: log.info(format_record(record)))
+    return publish(run, summary, out_dir, base_path, cfg, config.train.seed)
+
+
+def finetune_content(config: FinetuneRun) -> dict:
+    """The Hugging Face base folder's bytes, for the key."""
+    if not config.finetune.hf_base:
+        return {}
+    folder = Path(config.finetune.hf_base)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} does not exist; give a local Hugging Face causal-LM folder as finetune.hf_base")
+    return {"hf_base_sha256": sha256_folder(folder)}
+
+
+def finetune_label(inputs: dict, config: FinetuneRun) -> str:
+    base, hf_base = inputs.get("base"), config.finetune.hf_base
+    data = ", ".join(a.label or a.ref for a in inputs["data"])
+    return f"{config.finetune.method} of {base.ref if base is not None else Path(hf_base).name if hf_base else '?'} on {data}"
+
+
+FINETUNE = Stage(
+    name="finetune",
+    version="1",
+    config=FinetuneRun,
+    inputs={"base": Input(("pretrain", "finetune"), optional=True), "data": Input("qa", many=True)},
+    build=build_finetune,
+    resume=True,  # the run folder's checkpoints survive a crash and fine-tuning continues from them
+    content=finetune_content,
+    label=finetune_label,
+    report=lambda checkpoint: [
+        {"metric": k, "value": v} for k, v in checkpoint.summary.items() if isinstance(v, (int, float)) and v is not None
+    ],
+)
