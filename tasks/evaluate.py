@@ -448,15 +448,14 @@ class EvaluationConfig:
 
     def content_params(self) -> dict:
         """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
-        from storage import sha256_file
+        from storage import sha256_folder
 
         if not self.hf_model:
             return {}
         folder = Path(self.hf_model)
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
-        listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in sorted(folder.rglob("*")) if f.is_file())
-        return {"hf_model_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        return {"hf_model_sha256": sha256_folder(folder)}
 
     @model_validator(mode="after")
     def _shots(self):
@@ -617,18 +616,6 @@ def rows_markdown(rows: Sequence[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
     return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]) + "\n"
-
-
-def evaluation_content(config: EvaluationConfig) -> dict:
-    """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
-    from storage import sha256_folder
-
-    if not config.hf_model:
-        return {}
-    folder = Path(config.hf_model)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
-    return {"hf_model_sha256": sha256_folder(folder)}
 
 
 EVALUATE = Stage(

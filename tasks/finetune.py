@@ -40,6 +40,15 @@ class FinetuneRun:
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
 
+    def content_params(self) -> dict:
+        """The Hugging Face base folder's bytes, for the key (its path is a runtime field)."""
+        if not self.finetune.hf_base:
+            return {}
+        folder = Path(self.finetune.hf_base)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} does not exist; give a local Hugging Face causal-LM folder as finetune.hf_base")
+        return {"hf_base_sha256": sha256_folder(folder)}
+
 
 @dataclass(frozen=True)
 class Curriculum:
@@ -79,16 +88,6 @@ def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
     return publish(run, summary, out_dir, base_path, cfg, config.train.seed)
 
 
-def finetune_content(config: FinetuneRun) -> dict:
-    """The Hugging Face base folder's bytes, for the key."""
-    if not config.finetune.hf_base:
-        return {}
-    folder = Path(config.finetune.hf_base)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} does not exist; give a local Hugging Face causal-LM folder as finetune.hf_base")
-    return {"hf_base_sha256": sha256_folder(folder)}
-
-
 def finetune_label(inputs: dict, config: FinetuneRun) -> str:
     base, hf_base = inputs.get("base"), config.finetune.hf_base
     data = ", ".join(a.label or a.ref for a in inputs["data"])
@@ -102,7 +101,6 @@ FINETUNE = Stage(
     inputs={"base": Input(("pretrain", "finetune"), optional=True), "data": Input("qa", many=True)},
     build=build_finetune,
     resume=True,  # the run folder's checkpoints survive a crash and fine-tuning continues from them
-    content=finetune_content,
     label=finetune_label,
     report=lambda checkpoint: [
         {"metric": k, "value": v} for k, v in checkpoint.summary.items() if isinstance(v, (int, float)) and v is not None
