@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         apply_prefect_defaults()
         if not debug:
             _console_without_tracebacks()
-        return _run_flow(command, argv[1:]) if command in FLOWS else _demo(argv[1:])
+        server = None if {"-h", "--help"} & set(argv) else _temporary_server_in_background()
+        return _run_flow(command, argv[1:], server) if command in FLOWS else _demo(argv[1:], server)
     if command == "train":
         from model.train import main as train_main
 
@@ -161,18 +163,35 @@ def flow_arguments(flow, args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _run_flow(command: str, argv: list[str]):
+def _temporary_server_in_background() -> threading.Thread | None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server at a flow's first API call and
+    waits ~4 s for it; start that same server now, while the flows (and torch) are imported."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    thread = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
+    thread.start()
+    return thread
+
+
+def _run_flow(command: str, argv: list[str], server: threading.Thread | None = None):
     flow = _load_flow(command)
     args = _flow_parser(command, flow).parse_args(argv)
-    result = flow(**flow_arguments(flow, args))
+    kwargs = flow_arguments(flow, args)
+    if server is not None:
+        server.join()  # the flow's client finds it running
+    result = flow(**kwargs)
     print("\n".join(result) if isinstance(result, list) else result)
     return result
 
 
-def _demo(argv: list[str]) -> None:
+def _demo(argv: list[str], server: threading.Thread | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
     parser.parse_args(argv)
-    refs = _run_flow("pipeline", ["--config", "demo"])
+    refs = _run_flow("pipeline", ["--config", "demo"], server)
     from flows.finetune import comparison
     from storage import Store
     from storage.lineage import lineage, table, tree_lines

@@ -1,5 +1,9 @@
-"""pipeline: the whole DAG, each step a flow of its own: ingest -> tokenize -> retrain -> finetune
-(a curriculum of stages, each evaluated, when curriculum.stages names any) or evaluate.
+"""pipeline: the whole DAG: ingest -> tokenize -> retrain -> finetune (a curriculum of stages,
+each evaluated, when curriculum.stages names any) or evaluate.
+
+Each step is one of the flows the CLI and deployments run on their own, called here through
+``.fn``: its tasks run in this one flow run, not in a subflow run per step (each flow run costs
+Prefect about a second of bookkeeping, which a cached rerun would notice).
 
 Every stage goes through the store, so a second run with the same configuration does no work,
 and a changed parameter reruns its stage and what is downstream of it, nothing upstream.
@@ -10,10 +14,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.evaluate import evaluate
 from flows.finetune import finetune as finetune_flow
-from flows.ingest import ingest
+from flows.ingest import DOWNLOADS_AT_ONCE, ingest
 from flows.retrain import retrain
 from flows.tokenizing import tokenize
 from model.finetune import FinetuneConfig
@@ -28,7 +33,7 @@ from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
 
 
-@flow(name="pipeline")
+@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
 def pipeline(
     source: SourceConfig = SourceConfig(),
     corpus: CorpusConfig = CorpusConfig(),
@@ -44,9 +49,9 @@ def pipeline(
 ) -> list[str]:
     """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it has stages) and evaluate;
     returns the refs of the evaluations: the pretrained model's, then each fine-tuning stage's."""
-    corpus_ref = ingest(source, corpus, parse)
-    shards_ref = tokenize(tokenizer, shards, corpus_ref=corpus_ref)
-    checkpoint_ref = retrain(train, shards_ref=shards_ref)
+    corpus_ref = ingest.fn(source, corpus, parse)
+    shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
+    checkpoint_ref = retrain.fn(train, shards_ref=shards_ref)
     if curriculum.stages:
-        return finetune_flow(finetune, finetune_train, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
-    return [evaluate(evaluation, qa, model_ref=checkpoint_ref)]
+        return finetune_flow.fn(finetune, finetune_train, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
+    return [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]

@@ -130,4 +130,4 @@ def test_the_installed_command_works_in_an_empty_folder(tmp_path):
     assert run.stdout.strip().splitlines()[-1] == corpus.ref and corpus.summary["documents"] > 0
     assert (tmp_path / ".medlm" / "prefect" / "prefect.db").is_file()
     # One server: its parse worker processes never start Prefect (they only parse).
-    assert run.stderr.count("Starting temporary server") == 1, run.stderr[-3000:]
+    assert run.stderr.count("Stopping temporary server") == 1, run.stderr[-3000:]
