@@ -5,8 +5,8 @@ PREFECT_API_URL points at.
                                  [--retrain-after-ingest] [--reset]
 
 Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
-(cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, to run from the UI or
-`prefect deployment run`.
+(cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, `evaluate/evaluate` and
+`pipeline/pipeline`, to run from the UI or `prefect deployment run`.
 A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
 mirror as the nightly source: that file is the place for changes you want to keep.
 
@@ -49,6 +49,8 @@ DEPLOYMENTS = (
     Deployment("flows/tokenizing.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
     Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", ("pretrain",)),
     Deployment("flows/finetune.py:finetune", "finetune", "gpu", "Fine-tune a checkpoint (full or LoRA) through a curriculum of QA sources, evaluating every stage.", ("finetune", "evaluate")),
+    Deployment("flows/evaluate.py:evaluate", "evaluate", "gpu", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks.", ("evaluate",)),
+    Deployment("flows/pipeline.py:pipeline", "pipeline", "gpu", "The whole DAG: ingest, tokenize, pretrain, fine-tune, evaluate (a run configuration's tables as its parameters).", ("pipeline",)),
 )
 # retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.
 FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "retrain/retrain"))

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def workers(prefect_server, tmp_path):
         log.close()
 
 
+DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline")
+
+
 def worker_logs(tmp_path) -> str:
     return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("worker-*.log")))
 
@@ -78,7 +82,7 @@ async def _read_automations():
 def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, workers):
     store = workers
     mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
-    assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize", "deployed retrain/retrain", "deployed finetune/finetune"]
+    assert register() == [f"deployed {name}" for name in DEPLOYED]
 
     deployment = asyncio.run(_read_deployment("ingest/nightly-ingest"))
     assert deployment.work_pool_name == "cpu"
@@ -93,7 +97,7 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     form = finetune.parameter_openapi_schema["definitions"]
     assert form["FinetuneConfig"]["properties"]["method"]["enum"] == ["full", "lora"] and "lr" in form["TrainConfig"]["properties"]
     assert "pubmedqa" in json.dumps(form["Curriculum"]["properties"]["stages"])
-    for name in ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune"):
+    for name in DEPLOYED:
         assert "store_root" not in asyncio.run(_read_deployment(name)).parameter_openapi_schema["properties"]
 
     with NcbiServer(mirror) as server:
@@ -114,9 +118,7 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
 
     # A change made in the UI survives the next `make up` (which says so), unless reset.
     asyncio.run(_edit_parameters(retrain.id, {"train": {"max_steps": 3}}))
-    assert register() == ["deployed ingest/nightly-ingest", "deployed tokenize/tokenize",
-                          "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)",
-                          "deployed finetune/finetune"]
+    assert register()[2] == "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)"
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"train": {"max_steps": 3}}
     assert register(reset=True)[2] == "deployed retrain/retrain"
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {}
@@ -171,3 +173,41 @@ async def _wait_for(flow_run_ids, timeout_s: float):
             if all(s.is_final() for s in states) or time.time() > deadline:
                 return states
             await asyncio.sleep(1)
+
+
+def test_the_pipeline_deployment_runs_on_a_worker_and_its_lineage_is_read_through_the_api(tmp_path, workers):
+    """Triggered as from the UI with a run configuration's tables as parameters (the demo's data and
+    stages, fewer steps); the run's lineage artifacts and asset events are read back through the API."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from conftest import DATA, MIRROR
+    from storage.config import read_run_config
+
+    store = workers
+    register()
+    run = run_deployment("pipeline/pipeline", parameters=read_run_config(DATA / "quick-pipeline.toml"), timeout=600)
+    assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
+    [finetuned] = store.ls("finetune")
+
+    async def lineage_artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage-finetune"])))
+
+    [lineage_md] = [a.data for a in asyncio.run(lineage_artifacts()) if finetuned.ref in a.data]
+    for md5_file in MIRROR.glob("*/*.md5"):  # down to the XML files and their md5s
+        name, md5 = md5_file.read_text().removeprefix("MD5(").strip().split(")= ")
+        assert f"{name} md5={md5}" in lineage_md
+
+    async def finetune_events():
+        async with get_client() as client:
+            from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+            page = await client.read_events(EventFilter(event=EventNameFilter(prefix=["prefect.asset.materialization"]),
+                                                        resource=EventResourceFilter(id=["medlm://finetune"])), limit=50)
+            return page.events
+
+    deadline = time.time() + 60
+    while not (events := [e for e in asyncio.run(finetune_events()) if e.payload.get("ref") == finetuned.ref]):
+        assert time.time() < deadline, "no materialization event of the fine-tuned model"
+        time.sleep(1)
+    assert events[0].payload["parents"] == finetuned.parents
