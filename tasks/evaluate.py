@@ -10,9 +10,11 @@ JSON-able result dict:
   MedQA (test, 4 and 5 options), as lm-evaluation-harness 0.4.13 scores them: acc = argmax of the
   summed log-probabilities, acc_norm = argmax of log-probability / len(choice) in characters
   (the choice string without its leading space; the harness's ``acc_bytes`` would use UTF-8 bytes).
-  Zero- or k-shot, "letters" or "cloze" style (model/prompts.py). Baseline: chance
-  (mean of 1/options) or, for PubMedQA, the majority class, taken from the other split's labels
-  when the records have one, else from the evaluated items themselves (the result says which).
+  Zero- or k-shot, "letters" or "cloze" style (model/prompts.py). Baseline: the best constant
+  answer (always the same option position: its share of the gold answers, which beats chance,
+  the mean of 1/options it names, wherever the answer key is unbalanced) or, for PubMedQA, the
+  majority class, taken from the other split's labels when the records have one, else from the
+  evaluated items themselves (the result says which).
 - ``shards_perplexity`` / ``text_bits_per_byte``: lm-eval's ``loglikelihood_rolling`` convention
   (see model/scoring.py): every document scored alone, conditioned on the model's prefix token;
   bits per byte = total negative log-likelihood in bits / total UTF-8 bytes of the text, which
@@ -108,14 +110,14 @@ class Benchmark:
     split: str  # the split that is scored
     n_options: int | None  # records with this many options only (None: any)
     styles: tuple[str, ...]
-    baseline: str  # "chance" or "majority"
+    baseline: str  # "constant" (the best constant answer) or "majority"
 
 
 BENCHMARKS = {
     "pubmedqa": Benchmark("pubmedqa", "test", None, ("cloze",), "majority"),
-    "medmcqa": Benchmark("medmcqa", "validation", None, ("letters", "cloze"), "chance"),  # test has no labels
-    "medqa_4options": Benchmark("medqa", "test", 4, ("letters", "cloze"), "chance"),
-    "medqa_5options": Benchmark("medqa", "test", 5, ("letters", "cloze"), "chance"),
+    "medmcqa": Benchmark("medmcqa", "validation", None, ("letters", "cloze"), "constant"),  # test has no labels
+    "medqa_4options": Benchmark("medqa", "test", 4, ("letters", "cloze"), "constant"),
+    "medqa_5options": Benchmark("medqa", "test", 5, ("letters", "cloze"), "constant"),
 }
 
 
@@ -169,8 +171,8 @@ def multiple_choice(lm: CausalLM, records: Sequence[dict], benchmark: str, style
 
 
 def _baseline_rule(spec: Benchmark, items: list[dict], pool: list[dict]) -> dict:
-    if spec.baseline == "chance":
-        return {"rule": "chance"}
+    if spec.baseline == "constant":
+        return {"rule": "constant"}
     others = [r["answer_idx"] for r in pool if r["split"] != spec.split and r["answer_idx"] is not None]
     labels, origin = (others, "labels of the other splits") if others else ([r["answer_idx"] for r in items], "labels of the evaluated items themselves (no other split given)")
     label = Counter(labels).most_common(1)[0][0]
@@ -202,7 +204,7 @@ def shard_documents(shards_dir: str | Path, split: str = "test") -> list[list[in
     return [stream[a:b].tolist() for a, b in zip(starts, np.append(ends, len(stream))) if b > a]
 
 
-def shards_perplexity(lm: CausalLM, shards_dir: str | Path, split: str = "test", max_documents: int | None = None, stride: int | None = None) -> dict:
+def shards_perplexity(lm: CausalLM, shards_dir: str | Path, split: str = "test", max_documents: int | None = None, stride: int | None = None, name: str | None = None) -> dict:
     """Bits per byte and perplexity on a shards folder's ``{split}.bin``, made with lm's tokenizer.
 
     Each document (the first max_documents, if given) is scored alone, as lm-eval scores one; its
@@ -211,7 +213,7 @@ def shards_perplexity(lm: CausalLM, shards_dir: str | Path, split: str = "test",
     all_documents = shard_documents(shards_dir, split)
     documents = all_documents[:max_documents]
     result = _language_modelling(lm, documents, [lm.decode(d) for d in documents], stride)
-    return {"name": f"{Path(shards_dir).name}/{split}.bin", "documents_in_file": len(all_documents)} | result
+    return {"name": name or f"{Path(shards_dir).name}/{split}.bin", "documents_in_file": len(all_documents)} | result
 
 
 def text_bits_per_byte(lm: CausalLM, texts: Sequence[str], name: str = "held-out text", stride: int | None = None) -> dict:
@@ -317,8 +319,14 @@ def _summarise(result: dict) -> dict:
             "acc": proportion([i["pred"] == i["gold"] for i in items]),
             "acc_norm": proportion([i["pred_norm"] == i["gold"] for i in items]),
         }
-        if rule["rule"] == "chance":
-            baseline = {"name": "chance (1 / options)", "value": float(np.mean([1 / i["n_options"] for i in items]))}
+        if rule["rule"] == "constant":
+            # Answer keys are rarely balanced: a model that always picks one letter beats 1/options
+            # without reading a question, so the bar is the best such letter on these very items.
+            golds = Counter(i["gold"] for i in items)
+            position = max(sorted(golds), key=golds.get)
+            chance = float(np.mean([1 / i["n_options"] for i in items]))
+            name = f"always {chr(ord('A') + position)}, the commonest answer; chance {_format('acc', chance)}"
+            baseline = {"name": name, "value": golds[position] / len(items)}
         else:
             share = float(np.mean([i["gold"] == rule["label"] for i in items]))
             baseline = {"name": f"majority class {rule['option']!r} (from {rule['from']})", "value": share}
@@ -527,7 +535,7 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
                     result["contamination"] = _clean_score(result, overlaps)
                 results.append(result)
     if shards is not None:
-        results.append(shards_perplexity(lm, shards.path, "test", config.perplexity_documents))
+        results.append(shards_perplexity(lm, shards.path, "test", config.perplexity_documents, name=f"test split of {shards.ref}"))
     if corpus is not None:
         split = json.loads(shards.file(META_FILE).read_text())["split"] if shards is not None else {"val_fraction": 0.005, "test_fraction": 0.005}
         texts = held_out_texts(corpus.file(CORPUS_FILE), split["val_fraction"], split["test_fraction"], config.held_out_documents)
@@ -594,8 +602,8 @@ def evaluation_rows(artifact) -> list[dict]:
 
 def comparison_rows(columns: Sequence[tuple[str, object]]) -> list[dict]:
     """Evaluations side by side (the base model, then each fine-tuning stage): a row per benchmark
-    and way of scoring it, its main metric under each column's label, then the baseline (chance,
-    or PubMedQA's majority class) of the same items. ``columns``: (label, evaluate artifact)."""
+    and way of scoring it, its main metric under each column's label, then the baseline (the
+    best constant answer, or PubMedQA's majority class) of the same items. ``columns``: (label, evaluate artifact)."""
     rows: dict[tuple, dict] = {}
     for label, artifact in columns:
         for r in json.loads(artifact.file(RESULTS_FILE).read_text()):
@@ -620,7 +628,7 @@ def rows_markdown(rows: Sequence[dict]) -> str:
 
 EVALUATE = Stage(
     name="evaluate",
-    version="1",
+    version="2",
     config=EvaluationConfig,
     inputs={
         "model": Input(("pretrain", "finetune"), optional=True),  # or config.hf_model

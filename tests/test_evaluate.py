@@ -172,9 +172,21 @@ def test_accuracy_and_length_normalised_accuracy_by_hand():
     assert [(i["pred"], i["pred_norm"]) for i in result["per_item"]] == [(0, 3), (3, 2), (0, 1)]
     assert result["metrics"]["acc"]["value"] == pytest.approx(1 / 3) and result["metrics"]["acc_norm"]["value"] == pytest.approx(1 / 3)
     assert result["metrics"]["acc"]["ci95"] == pytest.approx(list(wilson_interval(1, 3)))
-    assert result["baseline"]["acc"]["value"] == 0.25 and result["metrics"]["acc"]["n"] == 3
+    assert result["metrics"]["acc"]["n"] == 3
     letters = multiple_choice(RecordingLM(), records, "medqa_4options", "letters")
     assert letters["metrics"]["acc"]["value"] == letters["metrics"]["acc_norm"]["value"]  # one-letter choices
+
+
+def test_multiple_choice_baseline_is_the_best_constant_answer_not_chance():
+    """A model that always answers "B" scores the share of B in the key; with an unbalanced key
+    that beats chance, and a baseline of chance would make such a model look like it learned."""
+    records = [record(str(i), answer_idx=gold) for i, gold in enumerate([1, 1, 1, 0, 2, 3, 1, 0])]
+    result = multiple_choice(RecordingLM(), records, "medqa_4options", "letters")
+    assert result["baseline"]["acc"] == {"name": "always B, the commonest answer; chance 25.0%", "value": 0.5}
+    always_b = {**result, "per_item": [{**i, "pred": 1, "pred_norm": 1} for i in result["per_item"]]}
+    assert score_subset(always_b, [r["id"] for r in records])["metrics"]["acc"]["value"] == result["baseline"]["acc"]["value"]
+    balanced = multiple_choice(RecordingLM(), records[2:6], "medqa_4options", "letters")  # golds 1, 0, 2, 3
+    assert balanced["baseline"]["acc"] == {"name": "always A, the commonest answer; chance 25.0%", "value": 0.25}
 
 
 def test_pubmedqa_majority_baseline_comes_from_the_train_labels():
@@ -206,7 +218,7 @@ def test_suite_runs_every_benchmark_style_and_shot_count_and_renders_a_report():
     json.dumps(results)  # JSON-able as it is
     report = render_markdown(results)
     assert report.count("| metric | value | 95% CI | n | baseline |") == 4
-    assert "### medqa_5options (test)" in report and "20.0% (chance (1 / options))" in report
+    assert "### medqa_5options (test)" in report and "the commonest answer; chance 20.0%" in report
     assert "### pubmedqa (test)" in report and "majority class 'yes'" in report and "shots from other split: train" in report
 
 
