@@ -22,10 +22,8 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from model.model import ModelConfig, Transformer
-from storage import write_text_atomic
 
 CHECKPOINT_PREFIX = "ckpt_"
-LATEST = "latest"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
@@ -45,11 +43,6 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / LATEST
-    if pointer.is_file():
-        named = out_dir / pointer.read_text().strip()
-        if (named / STATE_FILE).is_file():
-            return named
     found = checkpoint_dirs(out_dir)
     return found[-1] if found else None
 
@@ -76,8 +69,7 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer,
     final = out_dir / name
     if final.exists():
         shutil.rmtree(final)
-    os.rename(tmp, final)
-    write_text_atomic(out_dir / LATEST, name + "\n")
+    os.rename(tmp, final)  # its name is the commit: no pointer file to update after it
     for old in checkpoint_dirs(out_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final

