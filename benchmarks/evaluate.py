@@ -51,17 +51,7 @@ from storage import Store
 from storage.formats import CORPUS_FILE, load_tokenizer
 from tasks.shards import binarize_corpus
 from tasks.evaluate import multiple_choice, shard_documents, shards_perplexity
-from tests.eval_records import load_records
-
-TASKS = {  # local lm-eval task -> (our benchmark, style)
-    "local_pubmedqa": ("pubmedqa", "cloze"),
-    "local_medmcqa": ("medmcqa", "letters"),
-    "local_medmcqa_cloze": ("medmcqa", "cloze"),
-    "local_medqa_4options": ("medqa_4options", "letters"),
-    "local_medqa_4options_cloze": ("medqa_4options", "cloze"),
-    "local_medqa_5options": ("medqa_5options", "letters"),
-    "local_medqa_5options_cloze": ("medqa_5options", "cloze"),
-}
+from tests.eval_records import LOCAL_TASKS, load_records
 
 
 def build_model(work: Path, vocab: int, steps: int) -> tuple[Path, Path, Path, dict]:
@@ -139,12 +129,12 @@ def main() -> None:
     records = load_records()
 
     os.chdir(REPO)  # the task YAMLs name their data files relative to the repository root
-    built = {name: harness_requests(name) for name in TASKS}
+    built = {name: harness_requests(name) for name in LOCAL_TASKS}
     scorers = {"ours": ours, "ours_hf_folder": ours_hf}
-    times: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in TASKS}  # (wall, cpu) seconds
-    results: dict[str, dict[str, dict]] = {name: {} for name in TASKS}  # task -> side -> per-item results
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {name: {} for name in LOCAL_TASKS}  # (wall, cpu) seconds
+    results: dict[str, dict[str, dict]] = {name: {} for name in LOCAL_TASKS}  # task -> side -> per-item results
     for _ in range(args.repeats):
-        for name, (benchmark, style) in TASKS.items():
+        for name, (benchmark, style) in LOCAL_TASKS.items():
             for side, scorer in scorers.items():
                 result, wall, cpu = timed(lambda: multiple_choice(scorer, records, benchmark, style))
                 results[name][side] = {i["id"]: i for i in result["per_item"]}
@@ -156,7 +146,7 @@ def main() -> None:
                 times[name].setdefault(f"lm_eval_batch{b}", []).append((wall, cpu))
 
     per_task, totals = {}, {"wall": {}, "cpu": {}}
-    for name in TASKS:
+    for name in LOCAL_TASKS:
         theirs = results[name]["lm_eval"]
         n = len(theirs)
         median = {

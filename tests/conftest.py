@@ -133,6 +133,24 @@ def tokenizer(session_store, corpus):
     return TOKENIZER.run(session_store, {"corpus": corpus}, config)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small run fastest on one thread (the test machine's two cores are shared);
+    subprocesses get the same setting, so their losses match in-process runs bit for bit.
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """An empty store, which is also where flows run in this test put their artifacts (MEDLM_STORE:

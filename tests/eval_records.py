@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 QA_SOURCES = (DATA / "pubmedqa", DATA / "medqa", DATA / "medmcqa" / "medmcqa_val.json")
 LM_EVAL_TASKS = DATA / "lm_eval_tasks"
+LOCAL_TASKS = {  # the local lm-eval tasks in LM_EVAL_TASKS -> (our benchmark, style)
+    "local_pubmedqa": ("pubmedqa", "cloze"),
+    "local_medmcqa": ("medmcqa", "letters"),
+    "local_medmcqa_cloze": ("medmcqa", "cloze"),
+    "local_medqa_4options": ("medqa_4options", "letters"),
+    "local_medqa_4options_cloze": ("medqa_4options", "cloze"),
+    "local_medqa_5options": ("medqa_5options", "letters"),
+    "local_medqa_5options_cloze": ("medqa_5options", "cloze"),
+}
 
 
 def load_records() -> list[dict]:

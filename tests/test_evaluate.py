@@ -47,13 +47,7 @@ from tasks.evaluate import (
 RECORDS = load_records()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small score fastest on one thread; the test machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def record(id="q1", source="medqa", split="test", question="Which drug?", options=("Aspirin", "Heparin", "Warfarin", "Insulin"), answer_idx=0, context=(), explanation=None) -> dict:

@@ -65,19 +65,7 @@ def small(**overrides) -> TrainConfig:
     return TrainConfig(**(dict(max_steps=4, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_every=100, checkpoint_every=100) | overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small train fastest on one thread; subprocesses get the same setting, so their
-    losses match in-process runs bit for bit."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

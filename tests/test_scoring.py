@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="medlm-test-d
 import lm_eval  # the `eval` extra (lm-eval[hf]); these tests are its peer check, so they need it
 import pytest
 import torch
-from eval_records import LM_EVAL_TASKS, REPO, load_records
+from eval_records import LM_EVAL_TASKS, LOCAL_TASKS, REPO, load_records
 
 from model.export_hf import export_hf
 from model.model import ModelConfig, Transformer
@@ -31,25 +31,8 @@ from storage.formats import load_tokenizer
 from tasks.evaluate import benchmark_records, multiple_choice
 
 ITEMS_PER_TASK = 8
-# local task -> (our benchmark, style)
-LOCAL_TASKS = {
-    "local_pubmedqa": ("pubmedqa", "cloze"),
-    "local_medmcqa": ("medmcqa", "letters"),
-    "local_medmcqa_cloze": ("medmcqa", "cloze"),
-    "local_medqa_4options": ("medqa_4options", "letters"),
-    "local_medqa_4options_cloze": ("medqa_4options", "cloze"),
-    "local_medqa_5options": ("medqa_5options", "letters"),
-    "local_medqa_5options_cloze": ("medqa_5options", "cloze"),
-}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small score fastest on one thread; the test machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
