@@ -68,7 +68,7 @@ def stage_task(stage: Stage) -> MaterializingTask:
 
     run.__name__ = run.__qualname__ = stage.name
     retries = {"retries": 2, "retry_delay_seconds": [60, 600], "retry_condition_fn": retry_when(stage.retry_if)} if stage.retry_if else {}
-    return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, tags=[stage.name], **retries)
+    return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, **retries)
 
 
 def retry_when(worth_retrying: Callable[[BaseException], bool]):
