@@ -27,7 +27,7 @@ from storage import Store
 def workers(prefect_server, tmp_path):
     """A process worker for each pool (`cpu`, `gpu`), whose runs write to tmp_path/store (the
     store is the workers' setting), stopped by PID (SIGINT, then SIGTERM)."""
-    env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store")}
+    env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store"), "PREFECT_WORKER_QUERY_SECONDS": "2"}  # default: every 10 s
     logs = {pool: open(tmp_path / f"worker-{pool}.log", "w") for pool in ("cpu", "gpu")}
     procs = [
         subprocess.Popen(

@@ -36,6 +36,7 @@ def stack(tmp_path_factory):
         "MEDLM_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
         # The scheduler looks for runs to create every 60 s; sooner here, so the test waits less.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "3",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # a worker asks for runs every 10 s by default
     }
     up = subprocess.run([*SERVE, "up", "--port", str(port)], cwd=home_dir, env=env, capture_output=True, text=True, timeout=300)
     stack = {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "cwd": home_dir, "env": env}
