@@ -134,8 +134,12 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
         _field(page, "Batch Size (Optional)").fill("2")
         _field(page, "Eval Windows (Optional)").fill("4")
         page.get_by_role("button", name="Submit").click()
-        page.wait_for_url(re.compile(r"tab=Runs"))  # back on the deployment, its runs listed
-        page.locator("a[href*='/runs/flow-run/']").first.click()
+        run_link = page.locator("a[href*='/runs/flow-run/']").first  # the toast's "View run", or the deployment's runs
+        try:
+            run_link.wait_for(timeout=60_000)
+        except playwright.TimeoutError:
+            raise AssertionError(f"no flow run link after Submit at {page.url}:\n{page.inner_text('body')[-3000:]}") from None
+        run_link.click()
         page.wait_for_url(re.compile(r"/runs/flow-run/"))
         deadline = time.time() + 240
         while not page.locator(".state-badge", has_text="Completed").count():  # the run's state, as a user watches it
