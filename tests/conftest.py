@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,20 @@ def tokenizer(session_store, corpus):
 
     config = TokenizerConfig(vocab_size=TEST_VOCAB, val_fraction=0.05, test_fraction=0.05)
     return TOKENIZER.run(session_store, {"corpus": corpus}, config)
+
+
+def kill_once_written(command: list[str], path: Path) -> None:
+    """Run ``command`` (from the repository root) and SIGKILL it as soon as the folder ``path``
+    exists; it must not end on its own first."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not path.is_dir() and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.stderr.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from conftest import kill_once_written
 from eval_records import DATA, load_records
 
 from model.checkpoint import load_model
@@ -31,17 +29,15 @@ from model.sft import (
     alpaca_prompt,
     collate,
     encode_examples,
-    eval_batches,
     instruction_parts,
     pack,
     render,
 )
 from model.train import TrainConfig, adamw, lr_at
-from storage import ArtifactSpec, Store
+from storage import ArtifactSpec
 from storage.formats import EOS_ID, PAD_ID, read_records
 from tasks.qa import QAConfig, convert_qa
 
-REPO = Path(__file__).resolve().parents[1]
 RECORDS = load_records()
 TINY = {"n_layer": 2, "d_model": 32, "n_head": 2, "context_length": 256}
 
@@ -238,15 +234,7 @@ def test_full_finetune_resumes_after_sigkill_with_the_same_losses(base, tmp_path
     pq.write_table(pa.Table.from_pylist(records, schema=qa_schema()), data / "records.parquet")
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "model.finetune", "--base", str(base.path), "--data", str(data), "--out", str(killed), "--config", str(tmp_path / "run.json")]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        while not (killed / "ckpt_0000010").is_dir() and proc.poll() is None:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()
-    finally:
-        proc.kill()
-        proc.stderr.close()
+    kill_once_written(command, killed / "ckpt_0000010")
     assert not (killed / "ckpt_0000060").exists()
 
     cfg, train = FinetuneConfig(**tables["finetune"]), TrainConfig(**tables["train"])

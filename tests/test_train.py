@@ -2,13 +2,9 @@
 
 import json
 import math
-import os
 import pickle
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataclasses import replace
 
+from conftest import kill_once_written
 from model.checkpoint import latest_checkpoint, load_model
 from model.data import write_shards
 from model.export_hf import export_hf
@@ -25,7 +22,6 @@ from model.train import TrainConfig, lr_at, parse_args, train
 from storage import ArtifactSpec, Store, sha256_file
 from tasks.pretrain import PRETRAIN, shards_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
 MODEL = {"n_layer": 2, "n_head": 2, "d_model": 32, "context_length": 32}
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -131,15 +127,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(shards, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "model.train", "--config", str(tmp_path / "config.json"), "--shards", str(shards), "--out", str(killed)]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        while not (killed / "ckpt_0000010").is_dir() and proc.poll() is None:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()
-    finally:
-        proc.kill()
-        proc.stderr.close()
+    kill_once_written(command, killed / "ckpt_0000010")
     assert not (killed / "ckpt_0000080").exists()
     (killed / ".tmp_ckpt_0000999").mkdir()  # as if killed while saving: never read, removed
 
