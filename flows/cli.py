@@ -243,7 +243,7 @@ def _store(argv: list[str]) -> None:
             print(f"no artifacts in {store.root}")
         quarantined = store.quarantined()
         if quarantined:
-            print(f"\nquarantined (failed a check; kept, not used; `medlm store purge` deletes them):")
+            print("\nquarantined (failed a check; kept, not used; `medlm store purge` deletes them):")
             for item in quarantined:
                 print(f"{item['ref']:<40} {item['path']}  {item['reasons'][0]}")
     elif args.action == "verify":

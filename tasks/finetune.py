@@ -26,7 +26,7 @@ from pydantic.dataclasses import dataclass
 from model.checkpoint import RUN_DIR, finished_summary
 from model.finetune import FinetuneConfig, finetune, publish
 from model.train import TrainConfig, format_record
-from storage import Artifact, ArtifactError, Input, Stage, sha256_folder
+from storage import Artifact, Input, Stage, sha256_folder
 from storage.formats import read_records
 
 log = logging.getLogger("medlm.finetune")
