@@ -10,14 +10,20 @@ records, the size of a real NCBI file). Each size is the first files of one set,
 runs in a child process under ``/usr/bin/time -v``, whose peak RSS is the figure recorded.
 
 With ``--update``, the whole 2021 update file (20,788 records, 20 deletions; about 1,500 of its
-PMIDs revise records of the first copy) is then applied to the largest snapshot, once
-incrementally and once by a full rebuild, and the two results are checked to be the same bytes.
+PMIDs revise records of the first copy) is then applied to the largest snapshot three ways:
+incrementally (a new part, the old one linked), incrementally with a compaction into one part
+(what every MAX_PARTS-th night costs), and by a full rebuild. The results are checked to hold the
+same documents in the same order, the same state and statistics (and the compacted part the
+full rebuild's bytes). Each time includes hashing the files the store would hash when it
+publishes the snapshot (all but the linked ones), and a pass of ``iter_corpus`` over the
+incremental and the full snapshot shows what readers pay for the parts.
 Records JSON in benchmarks/results/corpus.json (``--result NAME``: NAME.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -33,7 +39,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.common import REPO, full_pubmed_files, write_result
-from tasks.corpus import CorpusConfig, Previous, build_snapshot
+from storage import sha256_file
+from storage.formats import corpus_tables, iter_corpus, rebatched
+from tasks.corpus import MAX_PARTS, CorpusConfig, Previous, build_snapshot
 from tasks.parse import parse_xml_file
 
 SAMPLES = [
@@ -76,11 +84,11 @@ def write_copies(folder: Path, copies: int, per_file: int) -> list[tuple[Path, P
     return files
 
 
-def run_child(files: list[tuple[Path, Path]], out: Path, memory_limit: str, previous: Path | None = None, applied: int = 0) -> dict:
+def run_child(files: list[tuple[Path, Path]], out: Path, memory_limit: str, previous: Path | None = None, applied: int = 0, compact: bool = False) -> dict:
     """One snapshot build in a child process under /usr/bin/time -v: its wall time and peak RSS."""
     spec = out.with_suffix(".json")
     spec.write_text(json.dumps({"files": [[str(a), str(d)] for a, d in files], "out": str(out), "memory_limit": memory_limit,
-                                "previous": str(previous) if previous else None, "applied": applied}))
+                                "previous": str(previous) if previous else None, "applied": applied, "compact": compact}))
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "benchmarks.corpus", "--child", str(spec)]
     load = os.getloadavg()[0]  # the machine is shared: what other work put on it
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -95,9 +103,17 @@ def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     files = [(Path(a), Path(d)) for a, d in spec["files"]]
     previous = Previous(Path(spec["previous"]), frozenset(a for a, _ in files[: spec["applied"]])) if spec["previous"] else None
+    out = Path(spec["out"])
     start = time.perf_counter()
-    stats = build_snapshot([a for a, _ in files], [d for _, d in files], Path(spec["out"]), CorpusConfig(memory_limit=spec["memory_limit"]), previous=previous)
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "documents": stats["documents"], "records": stats["records"]}))
+    compaction = {"compact_fraction": 0.0} if spec["compact"] else {}
+    stats = build_snapshot([a for a, _ in files], [d for _, d in files], out, CorpusConfig(memory_limit=spec["memory_limit"]), previous=previous, **compaction)
+    built = time.perf_counter()
+    for path in out.iterdir():  # what the store hashes when it publishes: every file but those linked from the previous snapshot
+        if path.stat().st_nlink == 1:
+            sha256_file(path)
+    done = time.perf_counter()
+    print(json.dumps({"seconds": round(done - start, 2), "build_seconds": round(built - start, 2), "hash_seconds": round(done - built, 2),
+                      "documents": stats["documents"], "records": stats["records"]}))
 
 
 def main() -> None:
@@ -134,30 +150,58 @@ def main() -> None:
 
 
 def apply_update(tmp: Path, files: list[tuple[Path, Path]], memory_limit: str, snapshot: Path) -> dict:
-    """The whole 2021 update file, applied to ``snapshot`` and rebuilt with it from nothing."""
+    """The whole 2021 update file, applied to ``snapshot`` (adding a part, then compacting) and
+    rebuilt with it from nothing."""
     full_update = next(p for p in full_pubmed_files() if p.name.startswith("pubmed21"))
     parse_xml_file(full_update, tmp / "update", source_file=full_update.name, file_seq=len(files) + 1)
     with_update = files + [(tmp / "update/articles.parquet", tmp / "update/deletions.parquet")]
-    incremental = run_child(with_update, tmp / "incremental", memory_limit, previous=snapshot, applied=len(files))
-    full = run_child(with_update, tmp / "full", memory_limit)
-    same = all((tmp / "incremental" / n).read_bytes() == (tmp / "full" / n).read_bytes() for n in ("corpus.parquet", "pmids.parquet", "stats.json"))
+    runs = {
+        "incremental": run_child(with_update, tmp / "incremental", memory_limit, previous=snapshot, applied=len(files)),
+        "compacting": run_child(with_update, tmp / "compacting", memory_limit, previous=snapshot, applied=len(files), compact=True),
+        "full_rebuild": run_child(with_update, tmp / "full", memory_limit),
+    }
+    same = {name: same_snapshot(tmp / name, tmp / "full") for name in ("incremental", "compacting")}
+    same["compacting"] = same["compacting"] and (tmp / "compacting/part-0000.parquet").read_bytes() == (tmp / "full/part-0000.parquet").read_bytes()
+    reads = {name: time_reading(tmp / name) for name in ("incremental", "full")}
+    full, incremental, compacting = (runs[n]["seconds"] for n in ("full_rebuild", "incremental", "compacting"))
+    # Parts accumulate one a night; the MAX_PARTS-th night compacts (with updates this size, the
+    # removed-rows fraction stays under COMPACT_FRACTION for longer than that).
+    per_night = ((MAX_PARTS - 1) * incremental + compacting) / MAX_PARTS
     update = {
-        "snapshot_records": full["records"] - pq.ParquetFile(tmp / "update/articles.parquet").metadata.num_rows,
+        "snapshot_records": runs["full_rebuild"]["records"] - pq.ParquetFile(tmp / "update/articles.parquet").metadata.num_rows,
         "update_records": pq.ParquetFile(tmp / "update/articles.parquet").metadata.num_rows,
-        "incremental": incremental,
-        "full_rebuild": full,
-        "incremental_over_full": round(incremental["seconds"] / full["seconds"], 3),
-        "same_bytes": same,
+        **runs,
+        "incremental_over_full": round(incremental / full, 3),
+        "compacting_over_full": round(compacting / full, 3),
+        "mean_night_over_full": round(per_night / full, 3),
+        "mean_night": f"{MAX_PARTS - 1} nights adding a part, 1 compacting",
+        "iter_corpus_seconds": reads,
+        "same_documents_state_and_stats": same,
         "target": "incremental <= 0.1 x full rebuild",
     }
     print(
-        f"one update file ({update['update_records']:,} records) on {update['snapshot_records']:,}: incremental {incremental['seconds']} s "
-        f"(peak RSS {incremental['peak_rss_mb']:,} MB), full rebuild {full['seconds']} s (peak RSS {full['peak_rss_mb']:,} MB): "
-        f"{update['incremental_over_full']:.3f}; same bytes: {same}"
+        f"one update file ({update['update_records']:,} records) on {update['snapshot_records']:,}: incremental {incremental} s "
+        f"(peak RSS {runs['incremental']['peak_rss_mb']:,} MB), compacting {compacting} s, full rebuild {full} s "
+        f"(peak RSS {runs['full_rebuild']['peak_rss_mb']:,} MB): {update['incremental_over_full']:.3f} of a full rebuild, "
+        f"{update['mean_night_over_full']:.3f} a night on average; iter_corpus {reads['incremental']} s vs {reads['full']} s; same: {same}"
     )
-    if not same:
-        raise SystemExit("the incremental snapshot differs from the full rebuild")
+    if not all(same.values()):
+        raise SystemExit("an incremental snapshot differs from the full rebuild")
     return update
+
+
+def same_snapshot(snapshot: Path, full: Path) -> bool:
+    """The same documents in the same order (compared 50,000 at a time), state and statistics."""
+    pairs = itertools.zip_longest(*(rebatched(corpus_tables(folder), 50_000) for folder in (snapshot, full)))
+    documents = all(a is not None and a.equals(b) for a, b in pairs)
+    return documents and all((snapshot / n).read_bytes() == (full / n).read_bytes() for n in ("pmids.parquet", "stats.json"))
+
+
+def time_reading(snapshot: Path) -> float:
+    start = time.perf_counter()
+    for _ in iter_corpus(snapshot):
+        pass
+    return round(time.perf_counter() - start, 2)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,10 @@ import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from benchmarks.common import REPO, write_result
 from storage import Store
-from storage.formats import CORPUS_BATCH, load_tokenizer
+from storage.formats import CORPUS_BATCH, load_tokenizer, read_corpus
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, RemoteFile, file_seq
 from tasks.parse import PARSE, ParseConfig
@@ -80,9 +79,9 @@ def time_encode(tokenizer, texts: list[str], method: str) -> tuple[int, Clock]:
     return tokens, clock
 
 
-def time_binarize(corpus_parquet: Path, tokenizer_json: Path) -> tuple[int, Clock]:
+def time_binarize(corpus_dir: Path, tokenizer_json: Path) -> tuple[int, Clock]:
     with tempfile.TemporaryDirectory() as out, Clock() as clock:
-        summary = binarize_corpus(corpus_parquet, tokenizer_json, Path(out), val_fraction=0.005, test_fraction=0.005)
+        summary = binarize_corpus(corpus_dir, tokenizer_json, Path(out), val_fraction=0.005, test_fraction=0.005)
     return sum(summary[f"{s}_tokens"] for s in ("train", "val", "test")), clock
 
 
@@ -121,8 +120,8 @@ def main() -> None:
     args = parser.parse_args()
 
     corpus, tokenizer = prepare(args.xml, Store(args.work), args.vocab)
-    corpus_parquet, tokenizer_json = corpus.file("corpus.parquet"), tokenizer.file("tokenizer.json")
-    texts = pq.read_table(corpus_parquet, columns=["text"])["text"].to_pylist()
+    corpus_dir, tokenizer_json = corpus.path, tokenizer.file("tokenizer.json")
+    texts = read_corpus(corpus_dir, ["text"])["text"].to_pylist()
     encoder = load_tokenizer(tokenizer_json)
     runs: dict[str, list[float]] = {"limit": [], "binarize": [], "encode_batch": [], "process_pool": []}
     cpu_runs: dict[str, list[float]] = {name: [] for name in runs}
@@ -132,7 +131,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts every variant alike
             for name, measure in (
                 ("limit", lambda: time_encode(encoder, texts, "encode_batch_fast")),
-                ("binarize", lambda: time_binarize(corpus_parquet, tokenizer_json)),
+                ("binarize", lambda: time_binarize(corpus_dir, tokenizer_json)),
                 ("encode_batch", lambda: time_encode(encoder, texts, "encode_batch")),
                 ("process_pool", lambda: time_process_pool(pool, texts)),
             ):

@@ -6,14 +6,19 @@ another stage. Heavy libraries (pyarrow, tokenizers) are imported only by the fu
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
 
 # -- file names ------------------------------------------------------------------------------------
 
 ARTICLES_FILE = "articles.parquet"  # parse: one row per PubmedArticle
 DELETIONS_FILE = "deletions.parquet"  # parse: one row per DeleteCitation PMID
-CORPUS_FILE = "corpus.parquet"  # corpus: pmid, text, ... sorted by pmid
 TOKENIZER_FILE = "tokenizer.json"
 # What AutoTokenizer.from_pretrained needs; a tokenizer artifact and every checkpoint hold them.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
@@ -52,31 +57,165 @@ def split_of(pmid: int, val_fraction: float = DEFAULT_VAL_FRACTION, test_fractio
 
 
 # -- the corpus snapshot ------------------------------------------------------------------------------
+# A snapshot's documents are the rows of one or more Parquet parts, but the rows each part lists as
+# removed, in PMID order across the parts (every part is sorted by PMID, and a PMID has at most one
+# document). A nightly update adds a part with the documents it changes and removes their old rows,
+# so the parts it does not touch are shared with the snapshot before it (hard links) and never
+# rewritten. A full build, and a compaction, write one part with nothing removed.
 
+CORPUS_PARTS = "parts.json"  # corpus: {"documents": N, "parts": [{"file", "rows", "removed"}]}
 CORPUS_BATCH = 1_024  # documents per batch: big enough to keep both cores busy encoding, small in memory
 
 
-def iter_corpus(corpus_parquet: Path, batch_size: int = CORPUS_BATCH) -> Iterator[tuple[list[int], list[str]]]:
-    """(pmids, texts) in batches, in file order, reading only those two columns."""
+@dataclass(frozen=True)
+class CorpusPart:
+    """One Parquet file of a snapshot and the sorted numbers of its rows that are no longer documents."""
+
+    path: Path
+    rows: int
+    removed: np.ndarray
+
+    @property
+    def documents(self) -> int:
+        return self.rows - len(self.removed)
+
+    def tables(self, columns: Sequence[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
+        """Its documents in file order, as tables of at most ``batch_rows`` rows."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(self.path)
+        if missing := set(columns or ()) - set(parquet.schema_arrow.names):
+            raise ValueError(
+                f"{self.path}: no column(s) {sorted(missing)} (found {parquet.schema_arrow.names}); "
+                f"expected a corpus snapshot part with pmid and text, as written by the corpus stage"
+            )
+        if parquet.metadata.num_rows != self.rows:
+            raise ValueError(f"{self.path}: {parquet.metadata.num_rows} rows, {CORPUS_PARTS} says {self.rows}; rebuild the corpus snapshot")
+        live = np.ones(self.rows, dtype=bool)
+        live[self.removed] = False
+        start = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            table, keep = pa.Table.from_batches([batch]), live[start : start + batch.num_rows]
+            start += batch.num_rows
+            yield table if keep.all() else table.filter(keep)
+
+
+def corpus_parts(folder: Path) -> list[CorpusPart]:
+    """The parts of the snapshot in ``folder``, as its parts.json lists them."""
+    import numpy as np
+
+    try:
+        listing = json.loads((Path(folder) / CORPUS_PARTS).read_text())
+        parts = [
+            CorpusPart(
+                Path(folder) / part["file"],
+                part["rows"],
+                np.load(Path(folder) / part["removed"], allow_pickle=False) if part["removed"] else np.zeros(0, dtype=np.int64),
+            )
+            for part in listing["parts"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{folder}: not a corpus snapshot ({why}); expected a folder with {CORPUS_PARTS} and its parts, as the corpus stage writes them") from None
+    return parts
+
+
+def write_corpus_parts(folder: Path, parts: Sequence[CorpusPart]) -> int:
+    """Write parts.json (and each part's removed rows) for parts already in ``folder``; returns the documents."""
+    import numpy as np
+
+    listing = []
+    for part in parts:
+        removed = None
+        if len(part.removed):
+            removed = f"{part.path.stem}.removed.npy"
+            np.save(Path(folder) / removed, np.asarray(part.removed, dtype=np.int64), allow_pickle=False)
+        listing.append({"file": part.path.name, "rows": part.rows, "removed": removed})
+    documents = sum(part.documents for part in parts)
+    (Path(folder) / CORPUS_PARTS).write_text(json.dumps({"documents": documents, "parts": listing}, indent=2) + "\n")
+    return documents
+
+
+def corpus_documents(folder: Path) -> int:
+    return sum(part.documents for part in corpus_parts(folder))
+
+
+def corpus_tables(folder: Path, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """The snapshot's documents in PMID order, as tables (``columns``: only these)."""
+    if columns is not None and "pmid" not in columns:
+        columns = ["pmid", *columns]
+    return merge_by_pmid([part.tables(columns) for part in corpus_parts(folder)])
+
+
+def read_corpus(folder: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """The snapshot's documents as one table, in PMID order (small snapshots: tests, evaluation)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(corpus_parquet)
-    missing = {"pmid", "text"} - set(parquet.schema_arrow.names)
-    if missing:
-        raise ValueError(
-            f"{corpus_parquet}: no column(s) {sorted(missing)} (found {parquet.schema_arrow.names}); "
-            f"expected a corpus snapshot with pmid and text, as written by the corpus stage"
-        )
-    for batch in parquet.iter_batches(batch_size=batch_size, columns=["pmid", "text"]):
-        pmids = batch.column("pmid").to_pylist()
-        texts = batch.column("text").to_pylist()
-        if batch.column("text").null_count or batch.column("pmid").null_count:
+    tables = list(corpus_tables(folder, columns))
+    table = pa.concat_tables(tables) if tables else pq.read_schema(corpus_parts(folder)[0].path).empty_table()
+    return table.select(columns) if columns else table
+
+
+def iter_corpus(folder: Path, batch_size: int = CORPUS_BATCH) -> Iterator[tuple[list[int], list[str]]]:
+    """(pmids, texts) of the snapshot in ``folder``, in PMID order, in batches of ``batch_size``
+    documents (the last one shorter) whatever the parts."""
+    for table in rebatched(corpus_tables(folder, ["pmid", "text"]), batch_size):
+        pmids, texts = table.column("pmid").to_pylist(), table.column("text").to_pylist()
+        if table.column("text").null_count or table.column("pmid").null_count:
             row = next(i for i, (p, t) in enumerate(zip(pmids, texts)) if p is None or t is None)
             raise ValueError(
-                f"{corpus_parquet}: record pmid={pmids[row]} has a null pmid or text; expected a string "
+                f"{folder}: record pmid={pmids[row]} has a null pmid or text; expected a string "
                 f"(title, blank line, abstract) for every row; rebuild the corpus snapshot"
             )
         yield pmids, texts
+
+
+def rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The same rows as tables of exactly ``rows`` rows (the last one shorter)."""
+    import pyarrow as pa
+
+    pending, buffered = [], 0
+    for table in tables:
+        pending.append(table)
+        buffered += table.num_rows
+        while buffered >= rows:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, rows)
+            pending, buffered = [joined.slice(rows)], buffered - rows
+    if buffered:
+        yield pa.concat_tables(pending)
+
+
+def merge_by_pmid(streams: Sequence[Iterator[pa.Table]]) -> Iterator[pa.Table]:
+    """Streams of tables, each sorted by pmid, no PMID in two of them, as one stream sorted by pmid.
+
+    Each step takes from every stream the rows up to the smallest last PMID among their current
+    tables, so a row is copied at most once, and a table that needs no merging is passed on as it is.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    streams = [iter(s) for s in streams]
+    heads = [(table, stream) for stream in streams if (table := _next_rows(stream)) is not None]
+    while heads:
+        bound = min(table["pmid"][-1].as_py() for table, _ in heads)
+        pieces, rest = [], []
+        for table, stream in heads:
+            n = int(np.searchsorted(table["pmid"].to_numpy(), bound, side="right"))
+            if n:
+                pieces.append(table.slice(0, n))
+            following = table.slice(n) if n < table.num_rows else _next_rows(stream)
+            if following is not None:
+                rest.append((following, stream))
+        heads = rest
+        yield pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces).sort_by("pmid")
+
+
+def _next_rows(tables: Iterator[pa.Table]) -> pa.Table | None:
+    return next((t for t in tables if t.num_rows), None)
 
 
 # -- the tokenizer ----------------------------------------------------------------------------------

@@ -99,9 +99,6 @@ class Stage(Generic[ConfigT]):
         label = self.label(inputs, config) if self.label else None
 
         def build(work: Path) -> dict | None:
-            for role, input_ in self.inputs.items():  # the keyed ones were verified as parents
-                for artifact in [] if input_.keyed else _artifacts(inputs.get(role)):
-                    store.verified(artifact.ref)
             if build_in is None:
                 return self.build(_in_store(store, inputs), work, config)
             try:
@@ -112,7 +109,8 @@ class Stage(Generic[ConfigT]):
                     f"was it killed or out of memory? Run again"
                 ) from e
 
-        return store.get_or_build(spec, build, resume=self.resume, label=label)
+        unkeyed = [a.ref for role, input_ in self.inputs.items() if not input_.keyed for a in _artifacts(inputs.get(role))]
+        return store.get_or_build(spec, build, resume=self.resume, label=label, also_reads=unkeyed)
 
     def previous(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact | None:
         """The newest stored artifact of this stage, version and content config whose parents are

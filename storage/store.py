@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path(".medlm") / "store"
@@ -86,7 +86,10 @@ def remove_tree(path: Path) -> None:
     """``rm -rf`` that also removes read-only files and folders (published artifacts are read-only)."""
 
     def make_writable_and_retry(function, failed_path, _exc_info) -> None:
-        for writable in (Path(failed_path).parent, Path(failed_path)):
+        # A file's own mode never stops its removal, and it may be a hard link that another
+        # artifact shares: only folders are made writable.
+        failed = Path(failed_path)
+        for writable in (failed.parent, *([failed] if failed.is_dir() and not failed.is_symlink() else [])):
             writable.chmod(writable.stat().st_mode | stat_module.S_IWUSR)
         function(failed_path)
 
@@ -352,6 +355,7 @@ class Store:
         *,
         resume: bool = False,
         label: str | None = None,
+        also_reads: Sequence[str] = (),
     ) -> Artifact:
         """Return the artifact for ``spec``, building it with ``build(work_dir)`` if needed.
 
@@ -360,7 +364,10 @@ class Store:
         verified against their manifest hashes (see ``verified``). With ``resume`` a work folder
         left by a killed run is handed back to ``build`` as it is (downloads keep their ``.part``,
         training its checkpoints); otherwise it is removed first. ``label`` names the artifact
-        for people in lineage listings. The published artifact's files and folders are read-only.
+        for people in lineage listings. ``also_reads``: artifacts the build reads that are not
+        parents (they only make it faster), verified the same way. The published artifact's files
+        and folders are read-only; a file that is a hard link to a verified input's file is not
+        hashed again.
         """
         if artifact := self.get(spec.kind, spec.key):
             return replace(artifact, reused=True)
@@ -371,8 +378,10 @@ class Store:
             final = self.path(spec.kind, spec.key)
             if final.exists():  # present but failed its check: moved aside, then rebuilt
                 self.quarantine(spec.kind, spec.key, problems)
-            for parent in spec.parents:
-                self.verified(parent)
+            for ref in (*spec.parents, *also_reads):
+                self.verified(ref)
+            # (size, mtime, inode) -> sha256 of the input files just verified: a build that links one needs no hashing.
+            known = {tuple(state[:3]): state[3] for ref in (*spec.parents, *also_reads) for state in self._verified_cache(*_split(ref)).load().values()}
             work = self.work_dir(spec)
             if work.exists() and not resume:
                 remove_tree(work)
@@ -392,7 +401,7 @@ class Store:
                 "summary": summary,
                 "created": time.time(),
                 "build_seconds": round(time.time() - started, 3),
-                "files": {str(p.relative_to(work)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+                "files": {str(p.relative_to(work)): {"size": p.stat().st_size, "sha256": _digest(p, known)} for p in files},
             }
             write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             _make_read_only(work)
@@ -402,6 +411,11 @@ class Store:
                 {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
             )
             return Artifact(spec.kind, spec.key, final, manifest)
+
+
+def _digest(path: Path, known: dict[tuple, str]) -> str:
+    stat = path.stat()
+    return known.get((stat.st_size, stat.st_mtime_ns, stat.st_ino)) or sha256_file(path)
 
 
 def _split(ref_or_kind: str, key: str | None = None) -> tuple[str, str]:

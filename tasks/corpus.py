@@ -1,4 +1,4 @@
-"""Corpus snapshot: all parsed files -> one deduplicated, filtered Parquet, with DuckDB.
+"""Corpus snapshot: all parsed files -> the deduplicated, filtered documents, with DuckDB.
 
 NLM's rule for the baseline plus its daily updates: files are applied in sequence order, so a
 PMID's current record is the one from the highest file_seq (then the highest version, then the
@@ -7,13 +7,20 @@ record's file is gone. The current record then passes the filters or is dropped 
 fails, and of the documents with exactly the same text the lowest PMID keeps it.
 
 Every rule is a function of one PMID's records and deletions, except the duplicate rule, which is
-a function of the documents sharing one text. So the snapshot keeps, beside ``corpus.parquet``,
-the state of every PMID it has seen (``pmids.parquet``: its current record, its last deletion,
-the filter that drops it, the digest of its text), and a snapshot of files F plus new files N is
-the previous snapshot of F with N applied: only the PMIDs that N touches, and the texts those
-PMIDs had or now have, are decided again. A full build is the same procedure applied to an empty
-snapshot, so the two give the same bytes: the previous snapshot is a way to build faster, never
-a different artifact, and it does not enter the key.
+a function of the documents sharing one text. So the snapshot keeps, beside its documents, the
+state of every PMID it has seen (``pmids.parquet``: its current record, its last deletion, the
+filter that drops it, the digest and length of its text), and a snapshot of files F plus new
+files N is the previous snapshot of F with N applied: only the PMIDs that N touches, and the
+texts those PMIDs had or now have, are decided again. A full build is the same procedure applied
+to an empty snapshot, so the two give the same documents in the same order, the same state and
+the same statistics: the previous snapshot is a way to build faster, never a different
+artifact, and it does not enter the key.
+
+The documents are Parquet parts (``storage.formats``): a full build writes one; an update links
+the previous parts, removes the rows of the documents it changes and adds a part with their new
+rows, so a nightly file costs what it changes, not the size of the corpus. Past ``MAX_PARTS``
+parts, or ``COMPACT_FRACTION`` of rows removed or outside the largest part, the update writes one
+part again, the same bytes a full build writes.
 
 Memory stays within ``memory_limit`` whatever the corpus size: DuckDB gets half of it
 and spills to the work folder beyond that, and the Parquet files are written in a stream of
@@ -25,11 +32,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import re
 import shutil
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, Iterable, Iterator, Sequence
@@ -43,12 +51,14 @@ from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from storage import Artifact, Input, Stage, config_params
-from storage.formats import ARTICLES_FILE, CORPUS_FILE, DELETIONS_FILE
+from storage.formats import ARTICLES_FILE, DELETIONS_FILE, CorpusPart, corpus_parts, merge_by_pmid, write_corpus_parts
 
 log = logging.getLogger("medlm.corpus")
 
 STATE_FILE = "pmids.parquet"  # every PMID seen: current record, last deletion, filter verdict, text digest
 STATS_FILE = "stats.json"
+MAX_PARTS = 8  # a snapshot is compacted into one part beyond this many: readers merge them all
+COMPACT_FRACTION = 0.25  # ... or when more rows than this fraction of its documents are removed or outside its largest part
 ROW_GROUP_ROWS = 50_000  # fixed, so the same rows always make the same bytes (~65 MB of text per group)
 _DUCKDB_SHARE = 0.5  # of memory_limit; the rest: Arrow batches on their way to the Parquet writer, Python (~1.3 GB at 3M records)
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
@@ -81,6 +91,7 @@ STATE_SCHEMA = pa.schema(
         ("deleted_seq", pa.int32()),  # the latest file that deleted the PMID (null: none)
         ("filtered_by", pa.int32()),  # 1-based index of the first filter the record fails (null: none)
         ("text_md5", pa.binary()),  # md5 of the document text, for records that pass the filters
+        ("text_chars", pa.int64()),  # and its length in characters
     ]
 )
 _LOW_CARDINALITY = ["journal", "languages", "mesh_terms", "publication_types", "source_file"]
@@ -244,13 +255,20 @@ def build_snapshot(
     filters: CorpusConfig = CorpusConfig(),
     *,
     previous: Previous | None = None,
+    max_parts: int = MAX_PARTS,
+    compact_fraction: float = COMPACT_FRACTION,
 ) -> dict:
-    """Write ``out_dir/corpus.parquet`` (sorted by pmid), ``pmids.parquet`` and ``stats.json``;
-    return the stats. ``article_files[i]`` and ``deletion_files[i]`` come from one parsed file.
+    """Write the snapshot's parts and ``parts.json`` (see ``storage.formats``), ``pmids.parquet``
+    and ``stats.json`` into ``out_dir``; return the stats. ``article_files[i]`` and
+    ``deletion_files[i]`` come from one parsed file.
 
     With ``previous`` (a snapshot built with the same filters from the ``applied`` files, all of
-    which are in ``article_files``) only the other files are read, and the result is byte for
-    byte the one a full build gives.
+    which are in ``article_files``) only the other files are read: the documents they change go
+    into a new part, and the previous parts are linked with those documents' old rows removed.
+    The documents, their order, ``pmids.parquet`` and ``stats.json`` are those a full build
+    gives; so are the parts' bytes when the snapshot is compacted into one part, which happens
+    when it would have more than ``max_parts`` parts or more than ``compact_fraction`` of its
+    documents' worth of rows outside its largest part or removed.
     """
     if not article_files:
         raise ValueError("build_snapshot: no parsed article files given; run the parse stage first")
@@ -261,8 +279,9 @@ def build_snapshot(
     new = [i for i, path in enumerate(article_files) if previous is None or Path(path) not in previous.applied]
     out_dir.mkdir(parents=True, exist_ok=True)
     if not new:  # nothing to apply: the previous snapshot already is this one
-        for name in (CORPUS_FILE, STATE_FILE, STATS_FILE):
-            shutil.copyfile(previous.folder / name, out_dir / name)
+        write_corpus_parts(out_dir, [_linked(part, out_dir) for part in corpus_parts(previous.folder)])
+        for name in (STATE_FILE, STATS_FILE):
+            _link_file(previous.folder / name, out_dir / name)
         return json.loads((out_dir / STATS_FILE).read_text())
     tmp_dir = out_dir / ".duckdb_tmp"  # spill files, if DuckDB needs any
     config = {
@@ -274,7 +293,7 @@ def build_snapshot(
         config["threads"] = filters.threads
     try:
         with duckdb.connect(config=config) as con:
-            stats = _Snapshot(con, filters, out_dir, previous).apply(
+            stats = _Snapshot(con, filters, out_dir, previous, max_parts, compact_fraction).apply(
                 [Path(article_files[i]) for i in new], [Path(deletion_files[i]) for i in new], list(map(Path, article_files))
             )
     except duckdb.OutOfMemoryException as e:
@@ -291,12 +310,19 @@ def build_snapshot(
 class _Snapshot:
     """One application of parsed files to a snapshot (an empty one for a full build)."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, filters: CorpusConfig, out_dir: Path, previous: Previous | None):
+    def __init__(self, con: duckdb.DuckDBPyConnection, filters: CorpusConfig, out_dir: Path, previous: Previous | None,
+                 max_parts: int, compact_fraction: float):
         self.con, self.filters, self.out_dir, self.previous = con, filters, out_dir, previous
+        self.max_parts, self.compact_fraction = max_parts, compact_fraction
         self.steps = _filters_in_order(filters)
         con.register("excluded", pa.table({"pmid": pa.array(filters.excluded(), pa.int64())}))
         con.register("no_state", STATE_SCHEMA.empty_table())
-        con.register("no_documents", DOCUMENT_SCHEMA.empty_table())
+        # The previous documents' PMIDs: every row of each previous part (to find the rows to
+        # remove), and those that are documents.
+        self.previous_parts = corpus_parts(previous.folder) if previous else []
+        self.previous_pmids = [pq.read_table(part.path, columns=["pmid"]).column("pmid").to_numpy() for part in self.previous_parts]
+        documents = [np.delete(pmids, part.removed) for part, pmids in zip(self.previous_parts, self.previous_pmids)]
+        con.register("previous_documents", pa.table({"pmid": pa.array(np.concatenate([np.zeros(0, np.int64), *documents]), pa.int64())}))
         old_state = f"read_parquet({_sql_str(str(previous.folder / STATE_FILE))})" if previous else "no_state"
         con.execute(f"CREATE VIEW old_state AS SELECT * FROM {old_state}")
 
@@ -321,8 +347,8 @@ class _Snapshot:
             f"""CREATE TEMP TABLE touched AS
                 WITH keys AS (SELECT pmid FROM new_latest UNION SELECT pmid FROM new_deleted),
                 before AS (SELECT pmid, CASE WHEN file_seq IS NOT NULL THEN {record} END AS record,
-                                  deleted_seq, filtered_by, text_md5 FROM old_state)
-                SELECT k.pmid, b.record AS old_record, b.filtered_by AS old_filtered_by, b.text_md5 AS old_md5,
+                                  deleted_seq, filtered_by, text_md5, text_chars FROM old_state)
+                SELECT k.pmid, b.record AS old_record, b.filtered_by AS old_filtered_by, b.text_md5 AS old_md5, b.text_chars AS old_chars,
                        CASE WHEN n.record IS NOT NULL AND (b.record IS NULL OR n.record > b.record) THEN n.record END AS new_record,
                        greatest(b.deleted_seq, d.deleted_seq) AS deleted_seq
                 FROM keys k LEFT JOIN before b USING (pmid) LEFT JOIN new_latest n USING (pmid) LEFT JOIN new_deleted d USING (pmid)"""
@@ -334,7 +360,8 @@ class _Snapshot:
         con.execute(
             f"""CREATE TEMP TABLE fresh AS
                 SELECT pmid, filtered_by, CASE WHEN filtered_by IS NULL THEN text END AS text,
-                       CASE WHEN filtered_by IS NULL THEN unhex(md5(text)) END AS text_md5, {others}
+                       CASE WHEN filtered_by IS NULL THEN unhex(md5(text)) END AS text_md5,
+                       CASE WHEN filtered_by IS NULL THEN length(text) END AS text_chars, {others}
                 FROM (SELECT *, CASE {first_failure or 'WHEN false THEN 0'} END AS filtered_by
                       FROM ({_documents(new_articles)}) a
                       SEMI JOIN (SELECT new_record.source_file AS source_file, new_record.file_row AS file_row_number
@@ -346,20 +373,21 @@ class _Snapshot:
                SELECT t.pmid, t.record.file_seq AS file_seq, t.record.version AS version, t.record.source_file AS source_file,
                       t.record.file_row AS file_row, t.deleted_seq,
                       CASE WHEN t.new_record IS NOT NULL THEN f.filtered_by ELSE t.old_filtered_by END AS filtered_by,
-                      CASE WHEN t.new_record IS NOT NULL THEN f.text_md5 ELSE t.old_md5 END AS text_md5
+                      CASE WHEN t.new_record IS NOT NULL THEN f.text_md5 ELSE t.old_md5 END AS text_md5,
+                      CASE WHEN t.new_record IS NOT NULL THEN f.text_chars ELSE t.old_chars END AS text_chars
                FROM (SELECT *, coalesce(new_record, old_record) AS record FROM touched) t
-               LEFT JOIN (SELECT pmid, filtered_by, text_md5 FROM fresh) f USING (pmid)"""
+               LEFT JOIN (SELECT pmid, filtered_by, text_md5, text_chars FROM fresh) f USING (pmid)"""
         )
         state_path = self.out_dir / STATE_FILE
         _write_parquet(
             state_path,
             STATE_SCHEMA,
-            _merge_by_pmid(self._previous_rows(STATE_FILE, "SELECT pmid FROM touched"), self._sorted("SELECT * FROM touched_state ORDER BY pmid")),
+            merge_by_pmid([self._previous_state("SELECT pmid FROM touched"), self._sorted("SELECT * FROM touched_state ORDER BY pmid")]),
             dictionary=["source_file"],
         )
         con.execute(f"CREATE VIEW state AS SELECT * FROM read_parquet({_sql_str(str(state_path))})")
         con.execute(
-            "CREATE VIEW candidates AS SELECT pmid, text_md5 FROM state "
+            "CREATE VIEW candidates AS SELECT pmid, text_md5, text_chars FROM state "
             "WHERE text_md5 IS NOT NULL AND (deleted_seq IS NULL OR deleted_seq < file_seq)"
         )
 
@@ -379,11 +407,9 @@ class _Snapshot:
 
         # 6. Their documents. A new current record makes a new one; a keeper whose record is not
         # new keeps its row in the previous snapshot, or, if it was a duplicate until now, its row
-        # is made again from its parsed file.
-        previous = f"read_parquet({_sql_str(str(self.previous.folder / CORPUS_FILE))})" if self.previous else "no_documents"
+        # is made again from its parsed file. The rows of the others that changed are removed.
         con.execute(
-            f"""CREATE TEMP TABLE stays AS
-                SELECT pmid FROM keep ANTI JOIN fresh USING (pmid) SEMI JOIN (SELECT pmid FROM {previous}) p USING (pmid)"""
+            "CREATE TEMP TABLE stays AS SELECT pmid FROM keep ANTI JOIN fresh USING (pmid) SEMI JOIN previous_documents USING (pmid)"
         )
         columns = ", ".join(DOCUMENT_SCHEMA.names)
         added = [f"SELECT {columns} FROM fresh SEMI JOIN keep USING (pmid)"]
@@ -394,14 +420,37 @@ class _Snapshot:
             con.register("promoted", pa.table({"source_file": [n for n, _ in promoted], "file_row_number": [r for _, r in promoted]}))
             in_files = f"source_file IN ({', '.join(map(_sql_str, sorted({name for name, _ in promoted})))})"
             added.append(f"SELECT {columns} FROM ({_documents(all_articles, in_files)}) SEMI JOIN promoted USING (source_file, file_row_number)")
-        stats = CorpusStats()
-        corpus = _merge_by_pmid(
-            self._previous_rows(CORPUS_FILE, "SELECT pmid FROM changed ANTI JOIN stays USING (pmid)"),
-            self._sorted(" UNION ALL ".join(added) + " ORDER BY pmid"),
-        )
-        stats.documents = _write_parquet(self.out_dir / CORPUS_FILE, DOCUMENT_SCHEMA, _counting_characters(_read_ahead(corpus), stats), dictionary=_LOW_CARDINALITY)
+        gone = con.sql("SELECT pmid FROM changed ANTI JOIN stays USING (pmid) SEMI JOIN previous_documents USING (pmid)").to_arrow_table()
+        parts = self._removing(gone.column("pmid").to_numpy())
+        new_documents = None if full else con.execute("SELECT count(*) FROM fresh SEMI JOIN keep USING (pmid)").fetchall()[0][0] + len(promoted)
+        documents = self._sorted(" UNION ALL ".join(added) + " ORDER BY pmid")
+        if full or _compaction_due(parts, new_documents, self.max_parts, self.compact_fraction):
+            written = self._write_part(0, merge_by_pmid([part.tables() for part in parts] + [documents]))
+            parts = [written]
+        else:
+            parts = [_linked(part, self.out_dir) for part in parts if part.documents]
+            if new_documents:
+                parts.append(self._write_part(1 + max((_part_number(part) for part in parts), default=0), documents))
+        stats = CorpusStats(documents=write_corpus_parts(self.out_dir, parts))
         self._count(stats, added_records)
         return stats
+
+    def _removing(self, pmids: np.ndarray) -> list[CorpusPart]:
+        """The previous snapshot's parts, with the rows of these PMIDs' documents removed too."""
+        parts = []
+        for part, part_pmids in zip(self.previous_parts, self.previous_pmids):
+            live = np.ones(part.rows, dtype=bool)
+            live[part.removed] = False
+            rows = np.flatnonzero(np.isin(part_pmids, pmids) & live)
+            parts.append(replace(part, removed=np.union1d(part.removed, rows)))
+        if (removed := sum(p.documents for p in self.previous_parts) - sum(p.documents for p in parts)) != len(pmids):
+            raise RuntimeError(f"{self.previous.folder}: {len(pmids)} documents to replace but {removed} found in its parts; build without the previous snapshot")
+        return parts
+
+    def _write_part(self, number: int, tables: Iterator[pa.Table]) -> CorpusPart:
+        path = self.out_dir / f"part-{number:04d}.parquet"
+        rows = _write_parquet(path, DOCUMENT_SCHEMA, _read_ahead(tables), dictionary=_LOW_CARDINALITY)
+        return CorpusPart(path, rows, np.zeros(0, dtype=np.int64))
 
     def _count(self, stats: CorpusStats, added_records: int) -> None:
         """The statistics of the new state (the same query whichever way it was reached)."""
@@ -412,6 +461,10 @@ class _Snapshot:
         stats.superseded = stats.records - stats.pmids
         dropped = dict(self.con.execute(f"SELECT filtered_by, count(*) FROM state WHERE {live} GROUP BY filtered_by").fetchall())
         stats.dropped = [{"filter": reason, "rows": dropped.get(i + 1, 0)} for i, (reason, _) in enumerate(self.steps)]
+        one_per_text = "(SELECT any_value(text_chars) AS text_chars FROM candidates GROUP BY text_md5)" if self.filters.drop_duplicate_text else "candidates"
+        documents, stats.characters = self.con.execute(f"SELECT count(*), coalesce(sum(text_chars), 0) FROM {one_per_text}").fetchone()
+        if documents != stats.documents:
+            raise RuntimeError(f"{self.out_dir}: the parts hold {stats.documents} documents but the state says {documents}; build without the previous snapshot")
         if self.filters.drop_duplicate_text:
             stats.dropped.append({"filter": "exact duplicate text", "rows": dropped.get(None, 0) - stats.documents})
 
@@ -419,14 +472,43 @@ class _Snapshot:
         for batch in self.con.sql(query).to_arrow_reader(ROW_GROUP_ROWS):
             yield pa.Table.from_batches([batch])
 
-    def _previous_rows(self, name: str, leaving: str) -> Iterator[pa.Table]:
-        """The previous snapshot's rows of file ``name`` in order, but those of the PMIDs that the
-        query ``leaving`` selects (run now, before another query streams its result)."""
+    def _previous_state(self, leaving: str) -> Iterator[pa.Table]:
+        """The previous snapshot's state in order, but that of the PMIDs that the query ``leaving``
+        selects (run now, before another query streams its result)."""
         if self.previous is None:
             return iter(())
         gone = self.con.sql(leaving).to_arrow_table().column(0).combine_chunks()
-        batches = pq.ParquetFile(self.previous.folder / name).iter_batches(ROW_GROUP_ROWS)
+        batches = pq.ParquetFile(self.previous.folder / STATE_FILE).iter_batches(ROW_GROUP_ROWS)
         return (pa.Table.from_batches([b]).filter(pc.invert(pc.is_in(b.column("pmid"), value_set=gone))) for b in batches)
+
+
+def _compaction_due(parts: list[CorpusPart], new_documents: int, max_parts: int, fraction: float) -> bool:
+    """Whether to write the snapshot as one part rather than add one: when it would have more
+    than ``max_parts`` parts, or when the rows that readers pass over (removed) or merge in (all
+    but the largest part's) would be more than ``fraction`` of its documents."""
+    kept = [part for part in parts if part.documents]
+    documents = sum(part.documents for part in kept) + new_documents
+    merged_or_skipped = documents - max((part.documents for part in kept), default=0) + sum(len(part.removed) for part in kept)
+    return len(kept) + bool(new_documents) > max_parts or merged_or_skipped > fraction * documents
+
+
+def _part_number(part: CorpusPart) -> int:
+    return int(part.path.stem.removeprefix("part-"))
+
+
+def _linked(part: CorpusPart, out_dir: Path) -> CorpusPart:
+    """A previous snapshot's part in ``out_dir``, as a hard link."""
+    _link_file(part.path, out_dir / part.path.name)
+    return replace(part, path=out_dir / part.path.name)
+
+
+def _link_file(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source``: no byte copied, and the store finds the digest it
+    already knows. A copy where the file system has no links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _documents(article_files: Sequence[Path], where: str = "") -> str:
@@ -438,27 +520,6 @@ def _documents(article_files: Sequence[Path], where: str = "") -> str:
         f"SELECT *, {title} || chr(10) || chr(10) || coalesce(abstract, '') AS text "
         f"FROM read_parquet({_parquet_list(article_files)}, file_row_number = true) {'WHERE ' + where if where else ''}"
     )
-
-
-def _counting_characters(tables: Iterable[pa.Table], stats: CorpusStats) -> Iterator[pa.Table]:
-    for table in tables:
-        stats.characters += pc.sum(pc.utf8_length(table["text"])).as_py() or 0
-        yield table
-
-
-def _merge_by_pmid(left: Iterator[pa.Table], right: Iterator[pa.Table]) -> Iterator[pa.Table]:
-    """Two streams of tables, each sorted by pmid and sharing no PMID, as one stream sorted by pmid."""
-    a, b = _next(left), _next(right)
-    while a is not None and b is not None:
-        if a["pmid"][-1].as_py() > b["pmid"][-1].as_py():  # let `a` be the table that ends first
-            a, b, left, right = b, a, right, left
-        n = int(np.searchsorted(b["pmid"].to_numpy(), a["pmid"][-1].as_py(), side="right"))
-        yield pa.concat_tables([a, b.slice(0, n)]).sort_by("pmid") if n else a
-        a, b = _next(left), (b.slice(n) if n < b.num_rows else _next(right))
-    for table, rest in ((a, left), (b, right)):
-        if table is not None:
-            yield table
-            yield from rest
 
 
 def _read_ahead(tables: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
@@ -494,10 +555,6 @@ def _read_ahead(tables: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table
     finally:
         stop.set()
         producer.join()
-
-
-def _next(tables: Iterator[pa.Table]) -> pa.Table | None:
-    return next((t for t in tables if t.num_rows), None)
 
 
 def _write_parquet(path: Path, schema: pa.Schema, tables: Iterable[pa.Table], *, dictionary: list[str]) -> int:
@@ -546,7 +603,7 @@ def build_corpus(inputs: dict, out_dir: Path, config: CorpusConfig) -> dict:
 
 CORPUS = Stage(
     name="corpus",
-    version="3",
+    version="4",
     config=CorpusConfig,
     inputs={"parsed": Input("parse", many=True), "previous": Input("corpus", optional=True, keyed=False)},
     build=build_corpus,

@@ -404,13 +404,11 @@ def _ngrams(text: str, n: int = NGRAM) -> set[int]:
     return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
 
 
-def contamination(records: Sequence[dict], corpus_parquet: Path) -> dict[str, str]:
+def contamination(records: Sequence[dict], corpus_dir: Path) -> dict[str, str]:
     """id -> how an item overlaps the pretraining corpus, for the items that do: PubMedQA by its
     PMID (its context is that abstract), the others by a 13-gram of the question found in the
     corpus text (lower-cased, punctuation and articles dropped)."""
-    import pyarrow.parquet as pq
-
-    from storage.formats import iter_corpus
+    from storage.formats import iter_corpus, read_corpus
 
     pmids = {int(r["id"].split(":", 1)[1]): r["id"] for r in records if r["source"] == "pubmedqa"}
     by_gram: dict[int, list[str]] = {}
@@ -419,10 +417,10 @@ def contamination(records: Sequence[dict], corpus_parquet: Path) -> dict[str, st
             for gram in _ngrams(r["question"]):
                 by_gram.setdefault(gram, []).append(r["id"])
     found: dict[str, str] = {}
-    in_corpus = pq.read_table(corpus_parquet, columns=["pmid"]).column("pmid").to_pylist()
+    in_corpus = read_corpus(corpus_dir, ["pmid"]).column("pmid").to_pylist()
     found |= {pmids[p]: "PMID in the corpus" for p in set(in_corpus) & set(pmids)}
     if by_gram:
-        for _, texts in iter_corpus(corpus_parquet):
+        for _, texts in iter_corpus(corpus_dir):
             for text in texts:
                 for gram in _ngrams(text) & by_gram.keys():
                     found |= {item: f"{NGRAM}-gram of the question in the corpus" for item in by_gram[gram]}
@@ -498,12 +496,12 @@ def _first(records: list[dict], benchmark: str, n: int | None) -> list[dict]:
     return [r for r in records if r["id"] not in dropped]
 
 
-def held_out_texts(corpus_parquet: Path, val_fraction: float, test_fraction: float, limit: int | None) -> list[str]:
+def held_out_texts(corpus_dir: Path, val_fraction: float, test_fraction: float, limit: int | None) -> list[str]:
     """The corpus's test-split documents (split by PMID as the shards cut it): text no model saw."""
     from storage.formats import iter_corpus, split_of
 
     texts: list[str] = []
-    for pmids, batch in iter_corpus(corpus_parquet):
+    for pmids, batch in iter_corpus(corpus_dir):
         texts += [t for p, t in zip(pmids, batch) if split_of(p, val_fraction, test_fraction) == "test"]
         if limit is not None and len(texts) >= limit:
             return texts[:limit]
@@ -514,14 +512,14 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
     """Every measurement the inputs allow, written as results.json and report.md; returns the headline numbers."""
     import torch
 
-    from storage.formats import CORPUS_FILE, META_FILE, read_records
+    from storage.formats import META_FILE, read_records
 
     if config.threads:
         torch.set_num_threads(config.threads)
     lm = load_lm(inputs, config)
     records = [r for qa in inputs["qa"] for r in read_records(qa.path)]
     corpus, shards = inputs.get("corpus"), inputs.get("shards")
-    overlaps = contamination(records, corpus.file(CORPUS_FILE)) if corpus is not None else None
+    overlaps = contamination(records, corpus.path) if corpus is not None else None
 
     results = []
     for name in config.benchmarks:
@@ -538,7 +536,7 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
         results.append(shards_perplexity(lm, shards.path, "test", config.perplexity_documents, name=f"test split of {shards.ref}"))
     if corpus is not None:
         split = json.loads(shards.file(META_FILE).read_text())["split"] if shards is not None else {"val_fraction": 0.005, "test_fraction": 0.005}
-        texts = held_out_texts(corpus.file(CORPUS_FILE), split["val_fraction"], split["test_fraction"], config.held_out_documents)
+        texts = held_out_texts(corpus.path, split["val_fraction"], split["test_fraction"], config.held_out_documents)
         if texts:
             results.append(text_bits_per_byte(lm, texts, "held-out PubMed abstracts"))
     if config.generation_items:

@@ -28,7 +28,6 @@ from pydantic.dataclasses import dataclass as config_dataclass
 
 from storage import Input, Stage, sha256_file
 from storage.formats import (
-    CORPUS_FILE,
     EOS_ID,
     META_FILE,
     SHARD_DTYPE,
@@ -121,7 +120,7 @@ def _check_vocab(tokenizer: Tokenizer, tokenizer_json: Path) -> int:
 
 
 def binarize_corpus(
-    corpus_parquet: Path,
+    corpus_dir: Path,
     tokenizer_json: Path,
     out_dir: Path,
     *,
@@ -130,7 +129,7 @@ def binarize_corpus(
     test_fraction: float,
     tokenizer_ref: str | None = None,
 ) -> dict:
-    """Encode every document of ``corpus_parquet`` into ``out_dir``; return the summary.
+    """Encode every document of ``corpus_dir`` into ``out_dir``; return the summary.
 
     Memory stays bounded: one batch of documents is held at a time and written as it is encoded.
     """
@@ -143,7 +142,7 @@ def binarize_corpus(
     started = last_log = time.time()
     documents = total_tokens = 0
     try:
-        for pmids, texts in iter_corpus(corpus_parquet):
+        for pmids, texts in iter_corpus(corpus_dir):
             # encode_batch_fast (Rust threads on every core, no offsets) rather than a process pool:
             # 583k tokens per CPU-second against 511k for one single-threaded tokenizer per core, and
             # 508k for encode_batch (medians of 3, 30k real abstracts, 32k vocab, 2 shared cores;
@@ -190,7 +189,7 @@ def binarize_corpus(
 def build_shards(inputs: dict, out_dir: Path, config: ShardsConfig) -> dict:
     corpus, tokenizer = inputs["corpus"], inputs["tokenizer"]
     return binarize_corpus(
-        corpus.file(CORPUS_FILE), tokenizer.file(TOKENIZER_FILE), out_dir, shard_tokens=config.shard_tokens,
+        corpus.path, tokenizer.file(TOKENIZER_FILE), out_dir, shard_tokens=config.shard_tokens,
         val_fraction=tokenizer.params["val_fraction"], test_fraction=tokenizer.params["test_fraction"], tokenizer_ref=tokenizer.ref,
     )
 

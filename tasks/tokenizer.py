@@ -17,19 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from storage import Input, Stage, sha256_file
 from storage.formats import (
-    CORPUS_FILE,
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
     SPECIAL_TOKENS,
     TOKENIZER_FILE,
     UINT16_VOCAB_LIMIT,
+    corpus_documents,
     iter_corpus,
     load_tokenizer,
     split_of,
@@ -67,7 +66,7 @@ class _TrainSample:
     """Batches of train-split texts, sampled by PMID hash down to about ``max_documents``;
     ``documents`` counts what has been handed out."""
 
-    corpus_parquet: Path
+    corpus_dir: Path
     config: TokenizerConfig
     documents: int = 0
 
@@ -75,9 +74,9 @@ class _TrainSample:
         config, cap = self.config, self.config.max_documents
         keep_rate = 1.0
         if cap is not None:
-            rows = pq.ParquetFile(self.corpus_parquet).metadata.num_rows
+            rows = corpus_documents(self.corpus_dir)
             keep_rate = cap / max(rows * (1 - config.val_fraction - config.test_fraction), 1)
-        for pmids, texts in iter_corpus(self.corpus_parquet):
+        for pmids, texts in iter_corpus(self.corpus_dir):
             batch = [
                 text
                 for pmid, text in zip(pmids, texts)
@@ -93,11 +92,11 @@ class _TrainSample:
                 return
 
 
-def _fertility(tokenizer_json: Path, corpus_parquet: Path, config: TokenizerConfig) -> tuple[float | None, int]:
+def _fertility(tokenizer_json: Path, corpus_dir: Path, config: TokenizerConfig) -> tuple[float | None, int]:
     """Tokens per whitespace-separated word over the validation split, and its document count."""
     tokenizer = load_tokenizer(tokenizer_json)
     tokens = words = documents = 0
-    for pmids, texts in iter_corpus(corpus_parquet):
+    for pmids, texts in iter_corpus(corpus_dir):
         val = [t for p, t in zip(pmids, texts) if split_of(p, config.val_fraction, config.test_fraction) == "val"]
         tokens += sum(len(e) for e in tokenizer.encode_batch_fast(val, add_special_tokens=False))
         words += sum(len(t.split()) for t in val)
@@ -118,8 +117,8 @@ def _write_transformers_files(out_dir: Path) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(roles, indent=2) + "\n")
 
 
-def fit_tokenizer(corpus_parquet: Path, out_dir: Path, config: TokenizerConfig = TokenizerConfig()) -> dict:
-    """Fit the BPE on ``corpus_parquet`` and write it to ``out_dir``; return the summary."""
+def fit_tokenizer(corpus_dir: Path, out_dir: Path, config: TokenizerConfig = TokenizerConfig()) -> dict:
+    """Fit the BPE on ``corpus_dir`` and write it to ``out_dir``; return the summary."""
     started = time.time()
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -131,7 +130,7 @@ def fit_tokenizer(corpus_parquet: Path, out_dir: Path, config: TokenizerConfig =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    sample = _TrainSample(corpus_parquet, config)
+    sample = _TrainSample(corpus_dir, config)
     tokenizer.train_from_iterator(sample, trainer)
     ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
     assert ids == [0, 1, 2, 3], f"special tokens got ids {ids}"
@@ -140,7 +139,7 @@ def fit_tokenizer(corpus_parquet: Path, out_dir: Path, config: TokenizerConfig =
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
     _write_transformers_files(out_dir)
-    fertility, val_documents = _fertility(out_dir / TOKENIZER_FILE, corpus_parquet, config)
+    fertility, val_documents = _fertility(out_dir / TOKENIZER_FILE, corpus_dir, config)
     log.info("validation fertility %s tokens/word over %d documents", fertility, val_documents)
     return {
         "vocab_size": tokenizer.get_vocab_size(),
@@ -153,7 +152,7 @@ def fit_tokenizer(corpus_parquet: Path, out_dir: Path, config: TokenizerConfig =
 
 
 def build_tokenizer(inputs: dict, out_dir: Path, config: TokenizerConfig) -> dict:
-    return fit_tokenizer(inputs["corpus"].file(CORPUS_FILE), out_dir, config)
+    return fit_tokenizer(inputs["corpus"].path, out_dir, config)
 
 
 TOKENIZER = Stage(

@@ -119,9 +119,22 @@ TEST_VOCAB = 1_000
 @pytest.fixture(scope="session")
 def documents(corpus) -> list[tuple[int, str]]:
     """(pmid, text) of every corpus document, in corpus order."""
-    from storage.formats import CORPUS_FILE, iter_corpus
+    from storage.formats import iter_corpus
 
-    return [pair for pmids, texts in iter_corpus(corpus.file(CORPUS_FILE)) for pair in zip(pmids, texts)]
+    return [pair for pmids, texts in iter_corpus(corpus.path) for pair in zip(pmids, texts)]
+
+
+def write_corpus(folder: Path, table) -> Path:
+    """A one-part corpus snapshot of ``table``'s rows, as readers see one (no state, no stats)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from storage.formats import CorpusPart, write_corpus_parts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "part-0000.parquet")
+    write_corpus_parts(folder, [CorpusPart(folder / "part-0000.parquet", table.num_rows, np.zeros(0, dtype=np.int64))])
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import gzip
 import json
 from dataclasses import replace
@@ -15,6 +16,7 @@ from lxml import etree
 from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
 import tasks.corpus as corpus_module
 from storage import config_params
+from storage.formats import corpus_parts, read_corpus
 from tasks.corpus import CorpusConfig, Previous, build_snapshot
 from tasks.parse import parse_xml_file
 
@@ -52,7 +54,7 @@ def pmid_of(article) -> int:
 
 
 def snapshot_rows(out: Path) -> dict[int, dict]:
-    return {row["pmid"]: row for row in pq.read_table(out / "corpus.parquet").to_pylist()}
+    return {row["pmid"]: row for row in read_corpus(out).to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -174,20 +176,27 @@ def test_the_last_occurrence_in_a_file_wins_a_tie(parsed_samples, tmp_path):
 
 def _build_both_ways(files: list[tuple[Path, Path]], out: Path, previous: Previous | None, config: CorpusConfig) -> tuple[Path, Previous]:
     """Apply the newest file to the previous snapshot and build the same files from nothing;
-    assert the two are the same bytes. Returns the incremental one, as the next previous."""
+    assert the two have the same documents in the same order, the same state and statistics,
+    and, when the update was compacted into one part, the same bytes. Returns the incremental
+    one, as the next previous."""
     articles, deletions = [a for a, _ in files], [d for _, d in files]
     build_snapshot(articles, deletions, out / "full", config)
-    build_snapshot(articles, deletions, out / "incremental", config, previous=previous)
-    for name in ("corpus.parquet", "pmids.parquet", "stats.json"):
+    build_snapshot(articles, deletions, out / "incremental", config, previous=previous, max_parts=2)
+    incremental, full = read_corpus(out / "incremental"), read_corpus(out / "full")
+    assert incremental.equals(full), f"{out.name}: the documents differ"
+    assert [p.path.name for p in corpus_parts(out / "full")] == ["part-0000.parquet"]
+    same_bytes = ["pmids.parquet", "stats.json"] + (["part-0000.parquet"] if len(corpus_parts(out / "incremental")) == 1 else [])
+    for name in same_bytes:
         assert (out / "incremental" / name).read_bytes() == (out / "full" / name).read_bytes(), f"{out.name}: {name} differs"
     return out / "incremental", Previous(out / "incremental", frozenset(articles))
 
 
 @pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "no-dedup"])
-def test_an_incremental_snapshot_is_the_full_rebuild_byte_for_byte(parsed_samples, tmp_path, monkeypatch, dedup):
+def test_an_incremental_snapshot_is_the_full_rebuild(parsed_samples, tmp_path, monkeypatch, dedup):
     """A series of update files made of real articles, each applied to the previous snapshot,
     against a full rebuild of the same files after every one. Small row groups, so the merge of
-    the previous snapshot's rows with the new ones crosses many of them."""
+    the parts' rows crosses many of them; at most 2 parts, so the series both adds parts (linked,
+    with rows removed) and compacts them into one."""
     monkeypatch.setattr(corpus_module, "ROW_GROUP_ROWS", 256)
     _, files = parsed_samples
     config = replace(CorpusConfig(), drop_duplicate_text=dedup)
@@ -218,13 +227,21 @@ def test_an_incremental_snapshot_is_the_full_rebuild_byte_for_byte(parsed_sample
         # The revised record (from a file not in this delta) is deleted.
         (1402, [retitled(by_pmid[kept[7]], "Another revision.")], [pmid_of(revised)]),
     ]
+    layouts = []
     for step, (seq, articles, deleted) in enumerate(updates, 2):
         xml = write_update(tmp_path / f"pubmed21n{seq:04d}.xml", articles, deleted)
         files = files + [parse_into(tmp_path, xml, seq)]
+        before = {p.path.name: p.path.stat().st_ino for p in corpus_parts(previous.folder)}
         snapshot, previous = _build_both_ways(files, tmp_path / str(step), previous, config)
+        parts = corpus_parts(snapshot)
+        layouts.append([(p.path.name, len(p.removed)) for p in parts])
+        if len(parts) > 1:  # the parts it kept are the previous snapshot's files, not copies
+            assert all(p.path.stat().st_ino == before[p.path.name] for p in parts[:-1])
         if step == 2 and dedup:
             rows = snapshot_rows(snapshot)
             assert 1 in rows and pmid_of(original) not in rows  # the lower PMID took the text
+    assert any(len(layout) > 1 and any(removed for _, removed in layout) for layout in layouts), layouts
+    assert any(len(layout) == 1 for layout in layouts[1:]), layouts  # compacted after growing
 
     rows = snapshot_rows(snapshot)
     assert pmid_of(original) in rows and 1 not in rows
@@ -233,6 +250,30 @@ def test_an_incremental_snapshot_is_the_full_rebuild_byte_for_byte(parsed_sample
     assert rows[kept[7]]["title"] == "Another revision."
     stats = json.loads((snapshot / "stats.json").read_text())
     assert {d["filter"]: d["rows"] for d in stats["dropped"]}["PMID on the exclusion list (2 PMIDs)"] == 1
+
+
+def test_an_update_copies_the_parts_where_links_fail_and_compacts_once_most_rows_are_new(parsed_samples, tmp_path, monkeypatch):
+    _, files = parsed_samples
+    articles, deletions = [a for a, _ in files], [d for _, d in files]
+    build_snapshot(articles, deletions, tmp_path / "full")
+    build_snapshot(articles[:1], deletions[:1], tmp_path / "first")
+    previous = Previous(tmp_path / "first", frozenset(articles[:1]))
+
+    def no_links(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(target))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(corpus_module.os, "link", no_links)
+        build_snapshot(articles, deletions, tmp_path / "copied", previous=previous, compact_fraction=1.0)
+    old, kept = tmp_path / "first/part-0000.parquet", tmp_path / "copied/part-0000.parquet"
+    assert kept.read_bytes() == old.read_bytes() and kept.stat().st_ino != old.stat().st_ino
+    assert len(corpus_parts(tmp_path / "copied")) == 2
+    assert read_corpus(tmp_path / "copied").equals(read_corpus(tmp_path / "full"))
+
+    # The update brings 1,281 of the 1,876 documents: past the default fraction, one part again.
+    build_snapshot(articles, deletions, tmp_path / "compacted", previous=previous)
+    assert [p.path.name for p in corpus_parts(tmp_path / "compacted")] == ["part-0000.parquet"]
+    assert (tmp_path / "compacted/part-0000.parquet").read_bytes() == (tmp_path / "full/part-0000.parquet").read_bytes()
 
 
 def test_excluded_pmids_are_dropped_counted_and_keyed_by_content(parsed_samples, tmp_path):

@@ -18,9 +18,9 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="medlm-test-d
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_corpus
 from eval_records import DATA, LM_EVAL_TASKS, lm_eval_docs, load_records
 
 from model.data import write_shards
@@ -342,8 +342,7 @@ def test_contamination_finds_pubmedqa_pmids_and_13_grams_of_questions(tmp_path):
         "Close but no: " + " ".join(words[3:3 + 12]),  # 12 words at most: never a 13-gram
     ]
     pmids = [1, 2, int(pubmedqa["id"].split(":")[1])]
-    pq.write_table(pa.table({"pmid": pmids, "text": texts}), tmp_path / "corpus.parquet")
-    found = contamination(RECORDS, tmp_path / "corpus.parquet")
+    found = contamination(RECORDS, write_corpus(tmp_path / "corpus", pa.table({"pmid": pmids, "text": texts})))
     assert found[pubmedqa["id"]] == "PMID in the corpus"
     assert found[medqa["id"]] == "13-gram of the question in the corpus"
     assert set(found) == {pubmedqa["id"], medqa["id"]} | {r["id"] for r in RECORDS if r["source"] == "medqa" and r["question"] == medqa["question"]}

@@ -19,6 +19,7 @@ from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
 from flows.ingest import IngestIncomplete
 from flows.ingest import ingest as ingest_flow
 from ncbi_server import HOSTILE_HREFS, NcbiServer, make_mirror
+from storage.formats import read_corpus
 from storage.lineage import lineage, tree_lines
 from tasks.corpus import CorpusConfig, build_snapshot
 from tasks.download import SourceConfig
@@ -161,12 +162,17 @@ def test_a_new_update_file_costs_only_itself_and_its_deletions_apply(mirror, tmp
     assert str(doomed) not in _corpus_pmids(snapshot)
     assert snapshot.summary["deleted"] == corpus.summary["deleted"] + 1
     assert len(store.ls("download")) == 3 and len(store.ls("parse")) == 3
-    # Tonight's snapshot is last night's with one file applied, and the same bytes as a full build.
+    # Tonight's snapshot is last night's with one file applied: last night's part, linked (so its
+    # digest is reused, not recomputed), and a new part; the documents a full build has.
     assert snapshot.summary["previous"] == first and snapshot.summary["files_applied"] == 1
     assert snapshot.parents == sorted(a.ref for a in store.ls("parse"))  # the previous one is no parent
+    assert snapshot.file("part-0000.parquet").stat().st_ino == corpus.file("part-0000.parquet").stat().st_ino
+    assert snapshot.manifest["files"]["part-0000.parquet"] == corpus.manifest["files"]["part-0000.parquet"]
+    assert not store.problems(snapshot.ref)
     parsed = store.ls("parse")
     build_snapshot([a.file("articles.parquet") for a in parsed], [a.file("deletions.parquet") for a in parsed], tmp_path / "full", CorpusConfig())
-    for name in ("corpus.parquet", "pmids.parquet", "stats.json"):
+    assert read_corpus(snapshot.path).equals(read_corpus(tmp_path / "full"))
+    for name in ("pmids.parquet", "stats.json"):
         assert snapshot.file(name).read_bytes() == (tmp_path / "full" / name).read_bytes()
 
 
@@ -217,9 +223,7 @@ def test_failed_files_fail_alone_and_the_error_names_each_file_and_cause(mirror,
 
 
 def _corpus_pmids(corpus) -> set[str]:
-    import pyarrow.parquet as pq
-
-    return {str(p) for p in pq.read_table(corpus.file("corpus.parquet"), columns=["pmid"]).column("pmid").to_pylist()}
+    return {str(p) for p in read_corpus(corpus.path, ["pmid"]).column("pmid").to_pylist()}
 
 
 def test_an_ingest_killed_half_way_redoes_only_unfinished_files(mirror, store):

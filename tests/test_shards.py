@@ -7,13 +7,13 @@ import random
 from collections import Counter
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models
 
 from model.data import Shards
 from storage import ArtifactSpec, sha256_file
-from storage.formats import EOS_ID, load_tokenizer, split_of
+from conftest import write_corpus
+from storage.formats import EOS_ID, load_tokenizer, read_corpus, split_of
 from tasks.shards import SHARDS, ShardsConfig, binarize_corpus
 
 # Shards small enough that train rolls over several times (the session tokenizer's split has 5%
@@ -89,11 +89,11 @@ def test_rerun_is_a_store_hit(session_store, corpus, tokenizer, shards):
 
 
 def test_a_build_that_fails_midway_leaves_no_artifact(session_store, corpus, tokenizer):
-    rows = pq.read_table(corpus.file("corpus.parquet"), columns=["pmid", "text"]).to_pylist()
+    rows = read_corpus(corpus.path, ["pmid", "text"]).to_pylist()
     rows[1500]["text"] = None  # in the second batch: the first batch's tokens are already written
 
     def write_bad_corpus(work):
-        pq.write_table(pa.Table.from_pylist(rows), work / "corpus.parquet")
+        write_corpus(work, pa.Table.from_pylist(rows))
 
     bad = session_store.get_or_build(ArtifactSpec("corpus", "test-bad-row", {}), write_bad_corpus)
     with pytest.raises(ValueError, match=f"record pmid={rows[1500]['pmid']} has a null pmid or text"):
@@ -108,16 +108,18 @@ def test_a_vocabulary_too_large_for_uint16_is_refused(corpus, tmp_path):
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + [f"t{i}" for i in range(65_532)])}
     Tokenizer(models.BPE(vocab, [], unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"tokenizer\.json: vocabulary of 65536 tokens does not fit uint16"):
-        binarize_corpus(corpus.file("corpus.parquet"), tmp_path / "tokenizer.json", tmp_path / "out", **SPLIT)
+        binarize_corpus(corpus.path, tmp_path / "tokenizer.json", tmp_path / "out", **SPLIT)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_corpus_without_text_is_refused_naming_the_file(corpus, tokenizer, tmp_path):
-    bad = tmp_path / "corpus.parquet"
-    pq.write_table(pq.read_table(corpus.file("corpus.parquet"), columns=["pmid", "title"]), bad)
-    with pytest.raises(ValueError, match=r"corpus\.parquet: no column\(s\) \['text'\]"):
+    bad = write_corpus(tmp_path / "no-text", read_corpus(corpus.path, ["pmid", "title"]))
+    with pytest.raises(ValueError, match=r"no-text/part-0000\.parquet: no column\(s\) \['text'\]"):
         binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
 
-    pq.write_table(pa.table({"pmid": [1, 2], "text": ["Title\n\nAbstract.", None]}), bad)
-    with pytest.raises(ValueError, match="record pmid=2 has a null pmid or text"):
+    bad = write_corpus(tmp_path / "null-text", pa.table({"pmid": [1, 2], "text": ["Title\n\nAbstract.", None]}))
+    with pytest.raises(ValueError, match="null-text: record pmid=2 has a null pmid or text"):
         binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
+
+    with pytest.raises(ValueError, match=r"part-0000\.parquet: not a corpus snapshot \(Not a directory: .*expected a folder with parts\.json"):
+        binarize_corpus(tmp_path / "no-text" / "part-0000.parquet", tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)

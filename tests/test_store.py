@@ -258,6 +258,32 @@ def test_inputs_are_hashed_at_most_once_per_file_state(store, monkeypatch):
     assert [name for name in hashed if name.endswith(".bin")] == ["train.bin"]
 
 
+def test_a_file_linked_from_an_input_is_not_hashed_again_and_removing_it_leaves_the_input_read_only(store, monkeypatch):
+    import storage.store as store_module
+
+    previous = store.get_or_build(ArtifactSpec("corpus", "1", {"night": 1}), write_files({"part.parquet": b"p" * 100}))
+    hashed: list[str] = []
+    real_sha256 = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+
+    def link_and_add(work: Path) -> None:
+        os.link(previous.file("part.parquet"), work / "part.parquet")
+        (work / "new.parquet").write_bytes(b"n")
+
+    tonight = store.get_or_build(ArtifactSpec("corpus", "1", {"night": 2}), link_and_add, also_reads=[previous.ref])
+    assert hashed == ["new.parquet"]  # the linked file's digest came from the input's verified state
+    assert tonight.manifest["files"]["part.parquet"] == previous.manifest["files"]["part.parquet"]
+    assert store.problems(tonight.ref) == []  # (which re-hashes every file)
+
+    # Not given as an input, the same link is hashed: a digest is only reused from a verified input.
+    hashed.clear()
+    store.get_or_build(ArtifactSpec("corpus", "1", {"night": 3}), link_and_add)
+    assert sorted(hashed) == ["new.parquet", "part.parquet"]
+
+    remove_tree(tonight.path)  # a published, read-only folder holding a link
+    assert previous.file("part.parquet").stat().st_mode & 0o222 == 0 and store.problems(previous.ref) == []
+
+
 def test_a_corrupted_input_is_quarantined_and_no_output_is_published(store):
     parent = store.get_or_build(ArtifactSpec("shards", "1"), write_files({"train.bin": b"0123456789"}))
     shard = parent.file("train.bin")

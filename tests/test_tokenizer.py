@@ -12,7 +12,7 @@ import pytest
 
 from storage import ArtifactError, sha256_file
 from storage.config import ConfigError, make_config
-from storage.formats import CORPUS_FILE, load_tokenizer, split_of
+from storage.formats import load_tokenizer, split_of
 from tasks.shards import SHARDS, ShardsConfig
 from tasks.tokenizer import TOKENIZER, TokenizerConfig, fit_tokenizer
 
@@ -70,8 +70,8 @@ def test_transformers_loads_it_with_the_special_tokens(tokenizer, documents):
 
 def test_max_documents_is_a_deterministic_sample(corpus, tmp_path):
     config = TokenizerConfig(vocab_size=500, max_documents=600)
-    first = fit_tokenizer(corpus.file(CORPUS_FILE), tmp_path / "a", config)
-    second = fit_tokenizer(corpus.file(CORPUS_FILE), tmp_path / "b", config)
+    first = fit_tokenizer(corpus.path, tmp_path / "a", config)
+    second = fit_tokenizer(corpus.path, tmp_path / "b", config)
     assert 450 < first["training_documents"] <= 600
     assert first == second
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
