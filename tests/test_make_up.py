@@ -126,6 +126,8 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        refused: list[str] = []  # what the API answered with an error, for the failure message
+        page.on("response", lambda r: refused.append(f"{r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
         page.goto(stack["ui"] + "/deployments")
         page.get_by_role("link", name="retrain").first.click()
         page.get_by_role("button", name="Run", exact=True).click()
@@ -138,7 +140,10 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
         try:
             run_link.wait_for(timeout=60_000)
         except playwright.TimeoutError:
-            raise AssertionError(f"no flow run link after Submit at {page.url}:\n{page.inner_text('body')[-3000:]}") from None
+            server_log = (stack["home"] / "run" / "server.log").read_text()[-3000:]
+            raise AssertionError(
+                f"no flow run link after Submit at {page.url}:\n{page.inner_text('body')[-1500:]}\nrefused: {refused}\nserver log: {server_log}"
+            ) from None
         run_link.click()
         page.wait_for_url(re.compile(r"/runs/flow-run/"))
         deadline = time.time() + 240
