@@ -108,6 +108,8 @@ def corpus_parts(folder: Path) -> list[CorpusPart]:
 
     try:
         listing = json.loads((Path(folder) / CORPUS_PARTS).read_text())
+        if strays := [n for p in listing["parts"] for n in (p["file"], p["removed"]) if n and Path(n).name != n]:
+            raise ValueError(f"names outside the folder: {strays[:3]}")
         parts = [
             CorpusPart(
                 Path(folder) / part["file"],

@@ -123,3 +123,9 @@ def test_a_corpus_without_text_is_refused_naming_the_file(corpus, tokenizer, tmp
 
     with pytest.raises(ValueError, match=r"part-0000\.parquet: not a corpus snapshot \(Not a directory: .*expected a folder with parts\.json"):
         binarize_corpus(tmp_path / "no-text" / "part-0000.parquet", tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
+
+    listing = json.loads((bad / "parts.json").read_text())
+    listing["parts"][0]["file"] = "../no-text/part-0000.parquet"  # a listing may not reach outside its folder
+    (bad / "parts.json").write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match=r"null-text: not a corpus snapshot \(ValueError: names outside the folder: \['\.\./no-text/part-0000\.parquet'\]\)"):
+        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
