@@ -380,8 +380,6 @@ class Store:
                 self.quarantine(spec.kind, spec.key, problems)
             for ref in (*spec.parents, *also_reads):
                 self.verified(ref)
-            # (size, mtime, inode) -> sha256 of the input files just verified: a build that links one needs no hashing.
-            known = {tuple(state[:3]): state[3] for ref in (*spec.parents, *also_reads) for state in self._verified_cache(*_split(ref)).load().values()}
             work = self.work_dir(spec)
             if work.exists() and not resume:
                 remove_tree(work)
@@ -391,6 +389,10 @@ class Store:
             for stale in [work / MANIFEST, *work.glob(f".{MANIFEST}*.tmp")]:  # from a build killed while writing them
                 stale.unlink(missing_ok=True)
             files = sorted(p for p in work.rglob("*") if p.is_file())
+            # (size, mtime, inode) -> sha256 of the verified inputs' files, for the files the build linked from them.
+            known = {} if all(p.stat().st_nlink == 1 for p in files) else {
+                tuple(state[:3]): state[3] for ref in (*spec.parents, *also_reads) for state in self._verified_cache(*_split(ref)).load().values()
+            }
             manifest = {
                 "kind": spec.kind,
                 "key": spec.key,
