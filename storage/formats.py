@@ -79,9 +79,16 @@ class CorpusPart:
     def documents(self) -> int:
         return self.rows - len(self.removed)
 
+    def live(self) -> np.ndarray:
+        """A mask of its rows: True where the row is a document."""
+        import numpy as np
+
+        live = np.ones(self.rows, dtype=bool)
+        live[self.removed] = False
+        return live
+
     def tables(self, columns: Sequence[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
         """Its documents in file order, as tables of at most ``batch_rows`` rows."""
-        import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -93,8 +100,7 @@ class CorpusPart:
             )
         if parquet.metadata.num_rows != self.rows:
             raise ValueError(f"{self.path}: {parquet.metadata.num_rows} rows, {CORPUS_PARTS} says {self.rows}; rebuild the corpus snapshot")
-        live = np.ones(self.rows, dtype=bool)
-        live[self.removed] = False
+        live = self.live()
         start = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             table, keep = pa.Table.from_batches([batch]), live[start : start + batch.num_rows]

@@ -51,7 +51,7 @@ from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from storage import Artifact, Input, Stage, config_params
-from storage.formats import ARTICLES_FILE, DELETIONS_FILE, CorpusPart, corpus_parts, merge_by_pmid, write_corpus_parts
+from storage.formats import ARTICLES_FILE, DELETIONS_FILE, CorpusPart, corpus_parts, merge_by_pmid, rebatched, write_corpus_parts
 
 log = logging.getLogger("medlm.corpus")
 
@@ -321,7 +321,7 @@ class _Snapshot:
         # remove), and those that are documents.
         self.previous_parts = corpus_parts(previous.folder) if previous else []
         self.previous_pmids = [pq.read_table(part.path, columns=["pmid"]).column("pmid").to_numpy() for part in self.previous_parts]
-        documents = [np.delete(pmids, part.removed) for part, pmids in zip(self.previous_parts, self.previous_pmids)]
+        documents = [pmids[part.live()] for part, pmids in zip(self.previous_parts, self.previous_pmids)]
         con.register("previous_documents", pa.table({"pmid": pa.array(np.concatenate([np.zeros(0, np.int64), *documents]), pa.int64())}))
         old_state = f"read_parquet({_sql_str(str(previous.folder / STATE_FILE))})" if previous else "no_state"
         con.execute(f"CREATE VIEW old_state AS SELECT * FROM {old_state}")
@@ -439,9 +439,7 @@ class _Snapshot:
         """The previous snapshot's parts, with the rows of these PMIDs' documents removed too."""
         parts = []
         for part, part_pmids in zip(self.previous_parts, self.previous_pmids):
-            live = np.ones(part.rows, dtype=bool)
-            live[part.removed] = False
-            rows = np.flatnonzero(np.isin(part_pmids, pmids) & live)
+            rows = np.flatnonzero(np.isin(part_pmids, pmids) & part.live())
             parts.append(replace(part, removed=np.union1d(part.removed, rows)))
         if (removed := sum(p.documents for p in self.previous_parts) - sum(p.documents for p in parts)) != len(pmids):
             raise RuntimeError(f"{self.previous.folder}: {len(pmids)} documents to replace but {removed} found in its parts; build without the previous snapshot")
@@ -563,19 +561,9 @@ def _write_parquet(path: Path, schema: pa.Schema, tables: Iterable[pa.Table], *,
     bytes depend only on the rows; returns the number of rows."""
     written = 0
     with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=dictionary) as writer:
-        pending: list[pa.Table] = []
-        buffered = 0
-        for table in tables:
-            pending.append(table.cast(schema))
-            buffered += table.num_rows
-            while buffered >= ROW_GROUP_ROWS:
-                rows = pa.concat_tables(pending)
-                writer.write_table(rows.slice(0, ROW_GROUP_ROWS).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
-                pending, buffered = [rows.slice(ROW_GROUP_ROWS)], buffered - ROW_GROUP_ROWS
-                written += ROW_GROUP_ROWS
-        if buffered:
-            writer.write_table(pa.concat_tables(pending).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
-            written += buffered
+        for rows in rebatched((table.cast(schema) for table in tables), ROW_GROUP_ROWS):
+            writer.write_table(rows.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+            written += rows.num_rows
     return written
 
 
