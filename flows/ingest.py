@@ -3,7 +3,7 @@
 Downloads are network-bound and run a few at a time in the flow's threads. Parsing is CPU-bound
 and lxml holds the GIL, so each file is parsed, as soon as it is downloaded, in a worker process
 on this machine (one per core) or on a Dask cluster (prefect-dask's DaskTaskRunner);
-``ParseConfig`` says which. Every stage goes through the artifact store, so a
+``MEDLM_DASK_ADDRESS`` (the worker's setting) says which. Every stage goes through the artifact store, so a
 nightly run downloads and parses only the new update files, and the snapshot starts from the
 previous one and applies only them; a run killed half-way redoes only unfinished files.
 """
@@ -22,8 +22,9 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.stage import builds_in_processes, publish_lineage, retry_when, run_stage, submit
+from flows.stage import builds_in_processes, failure, publish_lineage, retry_when, run_stage, submit
 from storage import Artifact, Store
+from storage.access import DASK_SETTING, dask_address
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
 from tasks.parse import PARSE, ParseConfig
@@ -44,6 +45,8 @@ list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seco
 def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig(), parse: ParseConfig = ParseConfig()) -> str:
     """Bring the corpus snapshot up to date with the source (NCBI or a mirror); returns its ref."""
     log = get_run_logger()
+    if excluded := corpus.excluded():  # the exclusion list is read now: a bad one fails before any download
+        log.info("%d PMIDs excluded by name", len(excluded))
     carried: list[Artifact] = []
     if source.new_files_only and (base := _snapshot_with_baseline(Store())) is not None:
         carried = [Store().require(ref) for ref in base.parents]
@@ -104,29 +107,30 @@ def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: Pars
             if downloaded.state.is_completed():
                 parsing.append((name, submit(PARSE, {"download": downloaded.result()}, config, label=name, runner=runner, after=downloaded)))
             else:
-                failures[name] = _failure(downloaded)
+                failures[name] = failure(downloaded)
         parsed = {}
         for name, future in parsing:
             future.wait()
             if future.state.is_completed():
                 parsed[name] = future.result()
             else:
-                failures[name] = _failure(future)
+                failures[name] = failure(future)
     return [parsed[name] for name, _ in downloads if name in parsed], failures
 
 
 @contextmanager
 def parse_runner(config: ParseConfig) -> Iterator[TaskRunner]:
-    """The task runner for the parse tasks, started. On a Dask cluster when ``dask_address`` is
-    given (the whole task runs on a Dask worker); else ``workers`` processes on this machine (one
-    per core by default), each task waiting in a thread here for its file's build in a process;
-    one worker is the flow's own process."""
+    """The task runner for the parse tasks, started. On a Dask cluster when this worker has one
+    (``MEDLM_DASK_ADDRESS``: a setting of the process, never a run parameter, since Dask exchanges
+    pickles); the whole task then runs on a Dask worker. Else ``workers`` processes on this machine
+    (one per core by default), each task waiting in a thread here for its file's build in a
+    process; one worker is the flow's own process."""
     log = get_run_logger()
-    if config.dask_address:
+    if address := dask_address():
         from prefect_dask import DaskTaskRunner  # imports distributed (~1 s): only when asked for
 
-        log.info("parsing on the Dask cluster at %s", config.dask_address)
-        with _api_for_workers(), DaskTaskRunner(address=config.dask_address) as runner:
+        log.info("parsing on the Dask cluster at %s (%s)", address, DASK_SETTING)
+        with _api_for_workers(), DaskTaskRunner(address=address) as runner:
             yield runner
         return
     workers = config.workers or len(os.sched_getaffinity(0))
@@ -147,9 +151,3 @@ def _api_for_workers() -> Iterator[None]:
         return
     with temporary_settings({PREFECT_API_URL: str(context.client.api_url).rstrip("/")}):
         yield
-
-
-def _failure(future: PrefectFuture) -> str:
-    """What went wrong in a task, as its exception says it."""
-    error = future.state.result(raise_on_failure=False)
-    return str(error) if isinstance(error, BaseException) else (future.state.message or future.state.name)

@@ -38,7 +38,6 @@ from typing import Callable, ClassVar, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from pydantic.dataclasses import dataclass as config_dataclass
 
 from model.checkpoint import (
     CHECKPOINT_FILES,
@@ -63,14 +62,16 @@ from model.sft import (
     write_chat_template,
 )
 from model.train import TrainConfig, format_record, setup_runtime, train_loop
+from storage.config import ArgumentParser, config_dataclass
 from storage.formats import SPECIAL_IDS, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
+from storage.access import DataPath
 
 ADAPTER_DIR = "adapter"
 RUN_CONFIG_FILE = "finetune.json"  # the run's config of a model published as a Hugging Face folder
 LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-@config_dataclass(frozen=True)
+@config_dataclass
 class FinetuneConfig:
     """How a model is fine-tuned on QA records (optimizer, schedule and steps: a TrainConfig)."""
 
@@ -89,7 +90,7 @@ class FinetuneConfig:
     max_length: int | None = Field(None, ge=8, description="Tokens per row; a longer prompt is cut from its start (unset: the model's context length).")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches of train.batch_size rows per optimizer step.")
     val_examples: int = Field(64, ge=1, description="Examples of the validation split (else of the training set) for the validation loss.")
-    hf_base: str | None = Field(None, description="A local Hugging Face causal-LM folder to fine-tune instead of a checkpoint artifact (first curriculum stage).")
+    hf_base: DataPath | None = Field(None, description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint artifact (first curriculum stage).")
 
     # The folder's bytes decide the key (the stage's content hook), not where it is.
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("hf_base",)
@@ -377,7 +378,7 @@ def read_data(paths: Sequence[str | Path]) -> tuple[list[dict], list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     base = parser.add_mutually_exclusive_group(required=True)
     base.add_argument("--base", help="checkpoint folder (a pretrain or finetune artifact, or a ckpt_NNNNNNN folder with the tokenizer files)")
     base.add_argument("--hf-base", help="a Hugging Face causal-LM folder")

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
-from pydantic.dataclasses import dataclass as config_dataclass
 
 from model.checkpoint import (
     checkpoint_name,
@@ -42,12 +41,12 @@ from model.checkpoint import (
 from model.data import Shards, TrainBatches, eval_batches
 from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from storage import write_text_atomic
-from storage.config import add_config_options, config_values, make_config
+from storage.config import ArgumentParser, add_config_options, config_dataclass, config_values, make_config
 
 METRICS = "metrics.jsonl"
 
 
-@config_dataclass(frozen=True)
+@config_dataclass
 class TrainConfig:
     """How the model is trained: its shape, the batch, the schedule, and where it runs."""
 
@@ -444,7 +443,7 @@ def train_loop(
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[TrainConfig, str, str]:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="shards artifact folder (meta.json + .bin files)")
     parser.add_argument("--out", required=True, help="run folder for checkpoints and logs (resumed if it has some)")
     parser.add_argument("--config", help="JSON file with TrainConfig fields; flags given here override it")

@@ -27,6 +27,16 @@ from typing import Any, Literal
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "flows" / "configs"  # named run configurations
 
 
+def config_dataclass(cls: type) -> type:
+    """A config class: a frozen pydantic dataclass that refuses unknown fields (pydantic ignores
+    them by default, so a misspelt or retired parameter sent through the API would be dropped
+    without a word)."""
+    from pydantic import ConfigDict
+    from pydantic.dataclasses import dataclass
+
+    return dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+
+
 class ConfigError(ValueError):
     """A configuration value or file is not valid; the message says which and what was expected."""
 
@@ -47,7 +57,7 @@ def make_config(cls: type, values: dict, where: str = "") -> Any:
     try:
         return cls(**values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or cls.__name__}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or cls.__name__}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
         raise ConfigError(f"{where or cls.__name__}: {problems}") from None
 
 
@@ -79,6 +89,14 @@ def _resolve_paths(values: Any, base: Path, where: str) -> dict:
 
 
 # -- command-line options ---------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (``error: ...``, status 2) instead of the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (`{self.prog} --help` lists the options)\n")
+
 
 
 def add_config_options(parser: argparse.ArgumentParser, section: str, cls: type, *, qualified: bool = False) -> None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from storage.access import readable, readable_files
+
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path(".medlm") / "store"
 KEY_LENGTH = 20  # hex chars of sha256: 80 bits, no collisions at any corpus size we will see
@@ -59,10 +61,11 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_folder(folder: Path) -> str:
-    """One digest of a folder's content: every file's path in it and its sha256 (so a moved copy
-    of a model folder is the same input, a changed file is not)."""
-    folder = Path(folder)
-    listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in sorted(folder.rglob("*")) if f.is_file())
+    """One digest of an outside folder's content (a Hugging Face model): every file's path in it
+    and its sha256, so a moved copy is the same input and a changed file is not. Every file must
+    be readable data (``storage.access``: a link may not lead out of the data roots)."""
+    folder = readable(folder, "model folder")
+    listing = "".join(f"{f.relative_to(folder)}:{sha256_file(f)}\n" for f in readable_files(folder, "model folder"))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -203,21 +206,29 @@ class Store:
         manifest, problems = self._check(kind, key, hash_files=False)
         return None if problems else Artifact(kind, key, self.path(kind, key), manifest)
 
+    def resolve(self, ref: str) -> str:
+        """The full ref of the stored artifact a user names: KIND/KEY or KIND/ a unique prefix of
+        the key (``store ls`` and the README print them short). ArtifactError when none or
+        several match."""
+        kind, prefix = _split(ref)
+        self.path(kind, prefix)  # a plain kind and key, or an error
+        folder = self.root / kind
+        keys = sorted(p.name for p in folder.glob(f"{prefix}*") if p.name.isalnum() and p.is_dir()) if folder.is_dir() else []
+        if prefix in keys or len(keys) == 1:
+            return f"{kind}/{prefix if prefix in keys else keys[0]}"
+        if not keys:
+            raise ArtifactError(f"artifact {ref} is not in the store at {self.root}; list what is there with `medlm store ls`")
+        raise ArtifactError(f"{ref} is ambiguous in the store at {self.root}: {', '.join(f'{kind}/{k}' for k in keys)}; give more of the key")
+
     def require(self, ref: str) -> Artifact:
-        """The artifact named by a user; one that is there but fails its check is quarantined."""
-        kind, key = _split(ref)
+        """The artifact named by a user (a unique prefix of its key will do); one that is there
+        but fails its check is quarantined."""
+        kind, key = _split(self.resolve(ref))
         manifest, problems = self._check(kind, key, hash_files=False)
         if not problems:
             return Artifact(kind, key, self.path(kind, key), manifest)
-        if self.path(kind, key).exists():
-            moved = self.quarantine(kind, key, problems)
-            raise ArtifactError(
-                f"{ref} failed its check ({problems[0]}) and was moved to {moved}; "
-                f"run the stage that builds it again"
-            )
-        raise ArtifactError(
-            f"artifact {ref} is not in the store at {self.root}; list what is there with `medlm store ls`"
-        )
+        moved = self.quarantine(kind, key, problems)
+        raise ArtifactError(f"{kind}/{key} failed its check ({problems[0]}) and was moved to {moved}; run the stage that builds it again")
 
     def problems(self, ref: str) -> list[str]:
         """What is wrong with ``ref``, every file re-hashed (``medlm store verify``); empty: it is good."""

@@ -48,10 +48,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
-from pydantic.dataclasses import dataclass as config_dataclass
 
 from storage import Artifact, Input, Stage, config_params
+from storage.access import AccessError, DataPath, readable
 from storage.formats import ARTICLES_FILE, DELETIONS_FILE, CorpusPart, corpus_parts, merge_by_pmid, rebatched, write_corpus_parts
+from storage.config import config_dataclass
 
 log = logging.getLogger("medlm.corpus")
 
@@ -97,7 +98,7 @@ STATE_SCHEMA = pa.schema(
 _LOW_CARDINALITY = ["journal", "languages", "mesh_terms", "publication_types", "source_file"]
 
 
-@config_dataclass(frozen=True)
+@config_dataclass
 class CorpusConfig:
     """Which articles make the pretraining corpus."""
 
@@ -109,7 +110,7 @@ class CorpusConfig:
     drop_errata: bool = Field(False, description="Drop articles of type 'Published Erratum'.")
     drop_duplicate_text: bool = Field(True, description="Keep one of each exact duplicate text (the lowest PMID).")
     exclude_pmids: tuple[int, ...] = Field((), description="Drop these PMIDs, e.g. every PubMedQA test PMID, so a model pretrains clean.")
-    exclude_pmids_file: str | None = Field(
+    exclude_pmids_file: DataPath | None = Field(
         None, description="Drop the PMIDs listed in this text file (one per line; blank lines and # comments skipped). Its PMIDs, not its path, decide the snapshot."
     )
     threads: int | None = Field(None, ge=1, description="DuckDB threads (unset: all cores).")
@@ -163,7 +164,9 @@ def read_pmid_list(path: Path) -> tuple[int, ...]:
     """The PMIDs of a text file with one per line, sorted and unique; blank lines and lines
     starting with # are skipped. Errors name the file and the line."""
     try:
-        text = path.read_text()
+        text = readable(path, "exclude_pmids_file").read_bytes().decode("utf-8", errors="replace")  # a bad byte fails its line
+    except AccessError:
+        raise
     except OSError as e:
         raise ValueError(f"exclude_pmids_file {path}: cannot be read ({e.strerror or e}); give a text file with one PMID per line") from None
     pmids = set()
@@ -172,7 +175,8 @@ def read_pmid_list(path: Path) -> tuple[int, ...]:
         if not line or line.startswith("#"):
             continue
         if not (line.isascii() and line.isdigit()):
-            raise ValueError(f"exclude_pmids_file {path}, line {number}: {line[:50]!r} is not a PMID; expected one PMID (digits) per line")
+            # Never the line itself: an error message is readable by whoever reaches the API.
+            raise ValueError(f"exclude_pmids_file {path}, line {number}: not a PMID; expected one PMID (ASCII digits) per line, blank lines and # comments")
         pmids.add(int(line))
     return tuple(sorted(pmids))
 

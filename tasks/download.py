@@ -7,6 +7,9 @@ A file is fetched into ``NAME.part``; a dropped connection or a killed run conti
 ``Range: bytes=N-``; only bytes whose md5 matches NCBI's ``NAME.md5`` are renamed to ``NAME``.
 One artifact per file, keyed by name and md5 (not by URL: the same bytes from a mirror are the
 same artifact). The base may also be a local folder or ``file://`` URL laid out like NCBI's.
+Where a run may download from is the worker's setting (``storage.access``: NCBI by default, a
+local mirror only inside ``MEDLM_DATA_ROOTS``), checked before the first request and on every
+redirect.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from pydantic import Field
-from pydantic.dataclasses import dataclass
 
 from storage import Stage, file_digest
+from storage.access import NCBI_PUBMED, AccessError, SourceLocation, check_source, local_folder, readable
+from storage.config import config_dataclass
 
 log = logging.getLogger("medlm.download")
 
-DEFAULT_BASE_URL = "https://ftp.ncbi.nlm.nih.gov/pubmed"
 FOLDERS = ("baseline", "updatefiles")
 MD5_FETCHERS = 8
 # Matched whole (fullmatch: "$" would accept a trailing newline) and in ASCII (\d would accept "٢٠").
@@ -58,11 +61,14 @@ class _TransferFailed(Exception):
 _RETRYABLE = (_TransferFailed, urllib.error.URLError, HTTPException, ConnectionError, TimeoutError)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class SourceConfig:
     """Which PubMed files to bring in, and from where."""
 
-    source: str = Field(DEFAULT_BASE_URL, description="NCBI's PubMed URL, or a local mirror folder with NCBI's layout (baseline/, updatefiles/).")
+    source: SourceLocation = Field(
+        NCBI_PUBMED,  # checked when listed, not here: a process that may not reach NCBI still imports the flow
+        description="NCBI's PubMed URL, another allowed source (MEDLM_SOURCES), or a local mirror folder with NCBI's layout (baseline/, updatefiles/) inside MEDLM_DATA_ROOTS.",
+    )
     folders: tuple[Literal["baseline", "updatefiles"], ...] = Field(FOLDERS, description="Remote folders to read.")
     baseline_limit: int | None = Field(None, ge=0, description="Only the first N baseline files (unset: all).")
     updates_after: int | None = Field(None, ge=0, description="Only update files numbered above this (unset: all).")
@@ -72,7 +78,7 @@ class SourceConfig:
     backoff_s: float = Field(2.0, ge=0, description="Seconds before the second try, doubled before each further one.")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class RemoteFile:
     """One PubMed XML file at its source (the download stage's config); ``seq`` is NCBI's file
     number (NNNN), the order updates apply in. The artifact is what the bytes are (name, md5),
@@ -131,13 +137,14 @@ def select_files(config: SourceConfig, *, timeout_s: float = 60) -> list[RemoteF
 
 def list_folder(base: str | os.PathLike, folder: str, *, timeout_s: float = 60) -> list[str]:
     """The valid PubMed file names in one folder of ``base``, sorted by seq."""
-    root = _local_root(base)
+    check_source(str(base))
+    root = local_folder(base)
     if root is None:
         where = _folder_url(base, folder)
         entries = _hrefs(_read_text(where, timeout_s))
     else:
         where = str(root / folder)
-        if not (root / folder).is_dir():
+        if not readable(root, "source").joinpath(folder).is_dir():
             raise DownloadError(f"{where} is not a folder: a local mirror needs NCBI's layout (baseline/, updatefiles/)")
         entries = [p.name + ("/" if p.is_dir() else "") for p in (root / folder).iterdir()]
     names = {entry for entry in set(entries) if _is_file_name(entry, where)}
@@ -156,7 +163,7 @@ def parse_md5(text: str, name: str, url: str) -> str:
     """The digest in NCBI's ``MD5(NAME)= HEX`` line, checked to name ``name``."""
     match = _MD5_LINE.match(text.strip())
     if not match or match["name"] != name:
-        raise DownloadError(f"{url}: expected one line 'MD5({name})= <32 hex digits>', got {text.strip()[:120]!r}")
+        raise DownloadError(f"{url}: expected one line 'MD5({name})= <32 hex digits>', got {len(text.encode()):,} bytes of something else")
     return match["digest"].lower()
 
 
@@ -196,27 +203,13 @@ def _hrefs(html: str) -> list[str]:
     return parser.hrefs
 
 
-def _local_root(base: str | os.PathLike) -> Path | None:
-    """The mirror folder when ``base`` is local (a path or file:// URL); None for http(s)."""
-    if isinstance(base, os.PathLike):
-        return Path(base)
-    scheme = urlsplit(base).scheme
-    if scheme in ("http", "https"):
-        return None
-    if scheme == "file":
-        return Path(url2pathname(urlsplit(base).path))
-    if scheme == "":
-        return Path(base)
-    raise ValueError(f"unsupported base {base!r}: expected an http(s) URL like {DEFAULT_BASE_URL}, a file:// URL or a folder")
-
-
 def _folder_url(base: str | os.PathLike, folder: str) -> str:
     return f"{str(base).rstrip('/')}/{folder}/"
 
 
 def _remote_file(base: str | os.PathLike, folder: str, name: str, timeout_s: float, attempts: int, backoff_s: float) -> RemoteFile:
-    root = _local_root(base)
-    url = (root / folder / name).resolve().as_uri() if root is not None else _folder_url(base, folder) + name
+    root = local_folder(base)
+    url = (root / folder / name).absolute().as_uri() if root is not None else _folder_url(base, folder) + name
     md5 = parse_md5(_read_text(f"{url}.md5", timeout_s), name, f"{url}.md5")
     return RemoteFile(name=name, folder=folder, url=url, md5=md5, seq=file_seq(name), attempts=attempts, backoff_s=backoff_s)
 
@@ -224,8 +217,10 @@ def _remote_file(base: str | os.PathLike, folder: str, name: str, timeout_s: flo
 def _read_text(url: str, timeout_s: float) -> str:
     """A small document (listing, .md5). Not retried here: the list-remote task has Prefect retries."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with _urlopen(url, timeout_s) as response:
             return response.read().decode("utf-8", errors="replace")
+    except AccessError:
+        raise  # not a network problem: waiting will not heal it
     except urllib.error.HTTPError as e:
         raise DownloadError(f"GET {url} failed: HTTP {e.code} {e.reason}") from e
     except (HTTPException, OSError) as e:
@@ -293,6 +288,7 @@ def _open(remote: RemoteFile, offset: int, timeout_s: float) -> Iterator[tuple[B
         source = Path(url2pathname(urlsplit(remote.url).path))
         if not source.is_file():
             raise DownloadError(f"{remote.name}: {source} does not exist; check the mirror folder")
+        readable(source, remote.name)  # a link in the mirror may point anywhere
         with open(source, "rb") as body:
             size = source.stat().st_size
             body.seek(min(offset, size))  # past the end: an empty body, and the md5 check decides
@@ -300,7 +296,7 @@ def _open(remote: RemoteFile, offset: int, timeout_s: float) -> Iterator[tuple[B
         return
     request = urllib.request.Request(remote.url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        response = _urlopen(request, timeout_s)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code >= 500 or e.code in _RETRY_HTTP_CODES:
@@ -317,6 +313,23 @@ def _open(remote: RemoteFile, offset: int, timeout_s: float) -> Iterator[tuple[B
             raise _TransferFailed(f"asked for bytes={offset}-, got Content-Range {response.headers['Content-Range']!r}")
         length = response.headers.get("Content-Length")
         yield response, start, int(length) if length is not None else None
+
+
+class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to where a run may download from (``storage.access``)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_source(newurl, f"a redirect from {req.full_url} to")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_AllowedRedirects)
+
+
+def _urlopen(request: str | urllib.request.Request, timeout_s: float):
+    """GET ``request`` once its URL is checked against the allowed sources (and so is any redirect)."""
+    check_source(request if isinstance(request, str) else request.full_url)
+    return _OPENER.open(request, timeout=timeout_s)
 
 
 def _content_range_start(header: str | None) -> int:

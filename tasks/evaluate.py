@@ -45,11 +45,12 @@ from typing import Callable, ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
-from pydantic.dataclasses import dataclass as config_dataclass
 
 from model.prompts import TARGET_DELIMITER, choices, doc_to_text, fewshot_context, gold_index, reference, select_shots
 from model.scoring import CausalLM
 from storage import Input, Stage
+from storage.access import DataPath
+from storage.config import config_dataclass
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2_000
@@ -433,7 +434,7 @@ RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 
 
-@config_dataclass(frozen=True)
+@config_dataclass
 class EvaluationConfig:
     """What to measure, and how much of it."""
 
@@ -446,7 +447,7 @@ class EvaluationConfig:
     held_out_documents: int | None = Field(None, ge=1, description="Held-out PubMed abstracts (the corpus's test split) for bits per byte (unset: all).")
     generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
     max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
-    hf_model: str | None = Field(None, description="A local Hugging Face causal-LM folder to evaluate instead of a checkpoint artifact.")
+    hf_model: DataPath | None = Field(None, description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to evaluate instead of a checkpoint artifact.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: torch's default).")
 
     # The folder's bytes decide the key (content_params), not where it is.

@@ -21,19 +21,19 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic.dataclasses import dataclass
 
 from model.checkpoint import RUN_DIR, finished_summary
 from model.finetune import FinetuneConfig, finetune, publish
 from model.train import TrainConfig, format_record
 from storage import Artifact, Input, Stage, sha256_folder
 from storage.formats import read_records
+from storage.config import config_dataclass
 
 log = logging.getLogger("medlm.finetune")
 SOURCES = ("pubmedqa", "medmcqa", "medqa", "instructions")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class FinetuneRun:
     """One fine-tuning stage: how (FinetuneConfig) and the optimizer, schedule and steps (TrainConfig)."""
 
@@ -50,7 +50,7 @@ class FinetuneRun:
         return {"hf_base_sha256": sha256_folder(folder)}
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Curriculum:
     """Fine-tuning stages in order, each on the train split of one QA source, each evaluated."""
 

@@ -41,10 +41,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from lxml import etree
 from pydantic import Field
-from pydantic.dataclasses import dataclass
 
 from storage import Input, Stage
 from storage.formats import ARTICLES_FILE, DELETIONS_FILE
+from storage.config import config_dataclass
 
 try:  # ISA-L's inflate: 2.7x zlib's speed, 5-13% of a full file's parse CPU time (benchmarks/results/parse.json)
     from isal.igzip import IGzipFile as _GzipFile
@@ -564,21 +564,16 @@ def _check_root(elem, path: Path) -> None:
 # -- the stage -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ParseConfig:
     """Where and how the files are parsed: none of it changes what a file parses into."""
 
     workers: int | None = Field(
         None, ge=1, description="Files parsed at once, each in a worker process (unset: one per core; 1: in the flow's own process)."
     )
-    dask_address: str | None = Field(
-        None,
-        description="Parse on this Dask cluster instead, e.g. tcp://10.0.0.5:8786; its workers need the same "
-        "MEDLM_STORE (a shared folder) and a Prefect API they can reach (PREFECT_API_URL).",
-    )
     batch_rows: int = Field(5000, ge=1, description="Articles per Parquet row group.")
 
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("workers", "dask_address", "batch_rows")
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("workers", "batch_rows")
 
 
 def build_parse(inputs: dict, out_dir: Path, config: ParseConfig) -> dict:

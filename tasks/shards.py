@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from pydantic import Field
-from pydantic.dataclasses import dataclass as config_dataclass
 
 from storage import Input, Stage, sha256_file
+from storage.config import config_dataclass
 from storage.formats import (
     EOS_ID,
     META_FILE,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("medlm.shards")
 
 
-@config_dataclass(frozen=True)
+@config_dataclass
 class ShardsConfig:
     """How the token streams are cut into files (the split comes from the tokenizer)."""
 

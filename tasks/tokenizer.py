@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Iterator
 
 from pydantic import Field, model_validator
-from pydantic.dataclasses import dataclass as config_dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from storage import Input, Stage, sha256_file
+from storage.config import config_dataclass
 from storage.formats import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
@@ -39,7 +39,7 @@ log = logging.getLogger("medlm.tokenizer")
 BYTE_ALPHABET = 256
 
 
-@config_dataclass(frozen=True)
+@config_dataclass
 class TokenizerConfig:
     """The byte-level BPE vocabulary, and the train/val/test split of the corpus (by PMID)."""
 

@@ -6,11 +6,9 @@ server (its own PREFECT_HOME, port, no telemetry) is set here, before any test i
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.serve import wait_healthy
-from flows.settings import prefect_env
+from flows.settings import die_with_parent, prefect_env, stop, wait_healthy
+from ncbi_server import URL as NCBI_TEST_URL
+from ncbi_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -31,22 +30,15 @@ UPDATE_SAMPLE = MIRROR / "updatefiles" / "pubmed21n1298.xml.gz"
 PREFECT_BIN = Path(sys.executable).with_name("prefect")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="medlm-test-prefect-"))
-_PREFECT_PORT = _free_port()
+_PREFECT_PORT = free_port()
 os.environ.update(prefect_env(_PREFECT_HOME))
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PREFECT_PORT}/api"
 os.environ.setdefault("MEDLM_STORE", str(Path(tempfile.mkdtemp(prefix="medlm-test-store-"))))
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, even by SIGKILL (Linux prctl)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# What runs in this session may read and reach (the workers' settings, storage/access.py): the
+# bundled data, the tests' temporary folders, NCBI and the session's NCBI-like server.
+os.environ["MEDLM_DATA_ROOTS"] = os.pathsep.join([str(DATA), tempfile.gettempdir()])
+os.environ["MEDLM_SOURCES"] = f"https://ftp.ncbi.nlm.nih.gov/pubmed {NCBI_TEST_URL}"
 
 
 def _template_database() -> Path:
@@ -70,7 +62,7 @@ def prefect_server():
     log = open(_PREFECT_HOME / "server.log", "w")
     server = subprocess.Popen(
         [str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(_PREFECT_PORT)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
     )
     url = os.environ["PREFECT_API_URL"]
     wait_healthy(url, server, _PREFECT_HOME / "server.log")
@@ -78,11 +70,7 @@ def prefect_server():
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=10)  # send the last run logs while the server is still there to take them
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    stop(server)
     log.close()
 
 

@@ -6,7 +6,9 @@
         ...  # fetch from server.url
         server.requests_for("/baseline/pubmed20n0014.xml.gz")  # [Request(path=..., range="bytes=1000-"), ...]
 
-Folders are answered with an Apache-style index like NCBI's; files honour ``Range: bytes=N-``
+It listens on ``PORT``, chosen once per test session, so the session can allow it as a download
+source (``MEDLM_SOURCES``, set in conftest) before any worker starts; servers of one session
+run one at a time. Folders are answered with an Apache-style index like NCBI's; files honour ``Range: bytes=N-``
 (206 + Content-Range, 416 past the end). Faults are keyed by URL path; list-valued faults are
 consumed one entry per request, so ``status["/x"] = [503, 503]`` fails the first two requests.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import socket
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -37,6 +40,16 @@ HOSTILE_HREFS = (
     "pubmed25n" + "9" * 100_000 + ".xml.gz",  # a name too long to log whole
 )
 WRONG_MD5 = "0" * 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = free_port()
+URL = f"http://127.0.0.1:{PORT}"
 _CHUNK = 64 * 1024
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -56,17 +69,18 @@ class Faults:
     ignore_range: set[str] = field(default_factory=set)  # answer 200 with the whole file to a Range request
     wrong_md5: set[str] = field(default_factory=set)  # data-file paths whose .md5 is wrong, forever
     extra_listing: dict[str, list[str]] = field(default_factory=dict)  # folder path -> hrefs added to its index
+    redirect: dict[str, str] = field(default_factory=dict)  # path -> URL answered with 302 Found
 
 
 class NcbiServer:
     """A threaded HTTP server for ``root``; a context manager that starts and stops it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, port: int = PORT):
         self.root = Path(root).resolve()
         self.faults = Faults()
         self.requests: list[Request] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.ncbi = self  # the handler reaches its server's state through this
         self._thread = threading.Thread(
@@ -117,6 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.ncbi._record(Request(path, self.headers.get("Range")))
         if (code := self.ncbi._take(self.ncbi.faults.status, path)) is not None:
             return self._send_bytes(f"injected {code}\n".encode(), status=code)
+        if (location := self.ncbi.faults.redirect.get(path)) is not None:
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         target = (self.ncbi.root / path.lstrip("/")).resolve()
         if not target.is_relative_to(self.ncbi.root) or not target.exists():
             return self._send_bytes(b"not found\n", status=HTTPStatus.NOT_FOUND)
@@ -181,6 +200,37 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections it is offered and answers none: the
+    place a run must never reach (an HTTP source, a Dask scheduler)."""
+
+    def __init__(self):
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="listener", daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def __enter__(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
 
 
 def md5_line(path: Path) -> str:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
-import time
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -23,11 +26,12 @@ from ncbi_server import NcbiServer, make_mirror
 from storage import Store
 
 
-@pytest.fixture
-def workers(prefect_server, tmp_path):
-    """A process worker for each pool (`cpu`, `gpu`), whose runs write to tmp_path/store (the
-    store is the workers' setting), stopped by PID (SIGINT, then SIGTERM)."""
-    env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store"), "PREFECT_WORKER_QUERY_SECONDS": "2"}  # default: every 10 s
+@contextmanager
+def running_workers(tmp_path: Path, **settings: str) -> Iterator[Store]:
+    """A process worker for each pool (`cpu`, `gpu`), whose runs write to tmp_path/store (the store
+    is the workers' setting, as are ``settings``: what runs may read and reach), stopped by PID
+    (SIGINT, then SIGTERM)."""
+    env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store"), "PREFECT_WORKER_QUERY_SECONDS": "2", **settings}  # default: every 10 s
     logs = {pool: open(tmp_path / f"worker-{pool}.log", "w") for pool in ("cpu", "gpu")}
     procs = [
         subprocess.Popen(
@@ -36,17 +40,25 @@ def workers(prefect_server, tmp_path):
         )
         for pool, log in logs.items()
     ]
-    yield Store(tmp_path / "store")
-    for worker in procs:
-        worker.send_signal(signal.SIGINT)
-    for worker in procs:
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.terminate()
-            worker.wait(timeout=15)
-    for log in logs.values():
-        log.close()
+    try:
+        yield Store(tmp_path / "store")
+    finally:
+        for worker in procs:
+            worker.send_signal(signal.SIGINT)
+        for worker in procs:
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.terminate()
+                worker.wait(timeout=15)
+        for log in logs.values():
+            log.close()
+
+
+@pytest.fixture
+def workers(prefect_server, tmp_path):
+    with running_workers(tmp_path) as store:
+        yield store
 
 
 DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline")
@@ -211,3 +223,55 @@ def test_the_pipeline_deployment_runs_on_a_worker_and_its_lineage_is_read_throug
         assert time.time() < deadline, "no materialization event of the fine-tuned model"
         time.sleep(1)
     assert events[0].payload["parents"] == finetuned.parents
+
+
+def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp_path):
+    """As an attacker who reaches the API would try it: run parameters naming a download source, a
+    mirror, an exclusion list, QA data, a Hugging Face model or a Dask scheduler beyond what the
+    workers allow (MEDLM_SOURCES, MEDLM_DATA_ROOTS; the Dask address is no parameter at all). Each
+    is refused before anything is fetched (a loopback listener sees no connection) or read, and
+    no message of any run quotes what a file holds."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from conftest import DATA
+    from ncbi_server import URL as ALLOWED_SOURCE
+    from ncbi_server import Listener
+
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    make_mirror(secret / "mirror", {"baseline": [BASELINE_SAMPLE]})
+    shutil.copytree(DATA / "pubmedqa", secret / "pubmedqa")
+    (secret / "pmids.txt").write_text("TOPSECRET-4711\n")
+    allowed.mkdir()
+    (allowed / "pmids.txt").write_text("31688362\nTOPSECRET-4711\n")  # readable, but not a PMID list
+    shutil.copytree(DATA / "pubmedqa", allowed / "pubmedqa")
+    register()
+    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE]})
+    settings = {"MEDLM_DATA_ROOTS": str(allowed), "MEDLM_SOURCES": ALLOWED_SOURCE}
+    with Listener() as listener, NcbiServer(mirror) as server, running_workers(tmp_path, **settings) as store:
+        qa = {"pubmedqa": str(allowed / "pubmedqa")}
+        attempts = {  # what is tried -> (deployment, parameters, what the refusal names)
+            "a source URL": ("ingest/nightly-ingest", {"source": {"source": f"{listener.url}/anything"}}, "not among the sources this process may download from (MEDLM_SOURCES="),
+            "a mirror folder": ("ingest/nightly-ingest", {"source": {"source": str(secret / "mirror")}}, "is outside the folders this process may read (MEDLM_DATA_ROOTS="),
+            "an exclusion list": ("ingest/nightly-ingest", {"corpus": {"exclude_pmids_file": str(secret / "pmids.txt")}}, "MEDLM_DATA_ROOTS="),
+            "an exclusion list's content": ("ingest/nightly-ingest", {"source": {"source": server.url}, "corpus": {"exclude_pmids_file": str(allowed / "pmids.txt")}}, "line 2: not a PMID"),
+            "QA data": ("evaluate/evaluate", {"qa": {"pubmedqa": str(secret / "pubmedqa")}}, "MEDLM_DATA_ROOTS="),
+            "a model to evaluate": ("evaluate/evaluate", {"qa": qa, "evaluation": {"hf_model": str(secret)}}, "MEDLM_DATA_ROOTS="),
+            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"stages": ["pubmedqa"]}, "finetune": {"hf_base": str(secret)}}, "MEDLM_DATA_ROOTS="),
+        }
+        runs = {what: run_deployment(name, parameters=parameters, timeout=0) for what, (name, parameters, _) in attempts.items()}
+        with pytest.raises(PrefectHTTPStatusError, match="dask_address"):  # no such parameter: refused before a run exists
+            run_deployment("ingest/nightly-ingest", parameters={"parse": {"dask_address": listener.url.replace("http", "tcp")}}, timeout=0)
+        states = dict(zip(runs, asyncio.run(_wait_for([r.id for r in runs.values()], timeout_s=300))))
+        assert listener.connections == 0 and server.requests == []
+        assert store.ls() == []  # nothing was built from anything
+    APILogWorker.drain_all(timeout=10)
+
+    async def messages(flow_run_id) -> str:
+        async with get_client() as client:
+            return "\n".join(log.message for log in await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+
+    for what, (_, _, refusal) in attempts.items():
+        state = states[what]
+        assert state.is_failed() and refusal in state.message, (what, state, worker_logs(tmp_path))
+        assert "TOPSECRET" not in state.message + asyncio.run(messages(runs[what].id)), what

@@ -303,3 +303,90 @@ def test_listing_is_retried_after_a_5xx_but_not_for_a_name_that_is_not_listed(se
     state = list_updates(names=("pubmed21n9999.xml.gz",), return_state=True)
     assert state.is_failed() and "pubmed21n9999.xml.gz" in state.message
     assert len(server.requests_for("/updatefiles/")) == 3  # one try: a missing name does not heal
+
+
+# -- where a run may download from: the process's setting (storage/access.py) ---------------------
+
+
+@pytest.mark.parametrize(
+    "url, allowed",
+    [
+        ("https://ftp.ncbi.nlm.nih.gov/pubmed", True),
+        ("https://ftp.ncbi.nlm.nih.gov/pubmed/baseline/", True),
+        ("https://FTP.NCBI.NLM.NIH.GOV:443/pubmed/updatefiles/pubmed25n1275.xml.gz", True),
+        ("https://ftp.ncbi.nlm.nih.gov/pubmedx/baseline/", False),
+        ("https://ftp.ncbi.nlm.nih.gov/", False),
+        ("https://ftp.ncbi.nlm.nih.gov.evil.example/pubmed", False),
+        ("https://ftp.ncbi.nlm.nih.gov@evil.example/pubmed", False),
+        ("https://user:pw@ftp.ncbi.nlm.nih.gov/pubmed", False),
+        ("http://ftp.ncbi.nlm.nih.gov/pubmed", False),
+        ("https://ftp.ncbi.nlm.nih.gov:8443/pubmed", False),
+        ("https://ftp.ncbi.nlm.nih.gov:port/pubmed", False),
+        ("https://ftp.ncbi.nlm.nih.gov/pubmed/../private/", False),
+        ("https://ftp.ncbi.nlm.nih.gov/pubmed/%2e%2e/private/", False),
+        ("ftp://ftp.ncbi.nlm.nih.gov/pubmed", False),
+    ],
+)
+def test_only_the_allowed_sources_and_what_lies_below_them(url, allowed, monkeypatch):
+    from storage.access import check_source
+
+    monkeypatch.setenv("MEDLM_SOURCES", "https://ftp.ncbi.nlm.nih.gov/pubmed")
+    if allowed:
+        assert check_source(url) == url
+    else:
+        with pytest.raises((PermissionError, ValueError)):
+            check_source(url)
+
+
+def test_a_source_that_is_not_allowed_is_refused_before_any_request(tmp_path):
+    from ncbi_server import Listener
+
+    from storage.access import AccessError
+
+    with Listener() as elsewhere:
+        with pytest.raises(ValueError, match=rf"{elsewhere.url}/pubmed is not among the sources this process may download from \(MEDLM_SOURCES="):
+            SourceConfig(source=f"{elsewhere.url}/pubmed")
+        with pytest.raises(AccessError, match="MEDLM_SOURCES"):
+            list_folder(f"{elsewhere.url}/pubmed", "baseline")
+        remote = RemoteFile(name="pubmed20n0014.xml.gz", folder="baseline", url=f"{elsewhere.url}/pubmed20n0014.xml.gz", md5="0" * 32, seq=14)
+        with pytest.raises(AccessError, match="MEDLM_SOURCES"):
+            download_file(remote, tmp_path)
+    assert elsewhere.connections == 0
+
+
+def test_a_redirect_out_of_the_allowed_sources_is_not_followed(server, tmp_path):
+    from ncbi_server import Listener
+
+    with Listener() as elsewhere:
+        server.faults.redirect["/baseline/"] = f"{elsewhere.url}/baseline/"
+        server.faults.redirect[BASELINE_PATH] = f"{elsewhere.url}{BASELINE_PATH}"
+        with pytest.raises(PermissionError, match=rf"a redirect from {server.url}/baseline/ to {elsewhere.url}/baseline/ is not among the sources"):
+            list_folder(server.url, "baseline")
+        [remote] = select_files(server.url, folders=("updatefiles",))
+        moved = replace(remote, url=f"{server.url}{BASELINE_PATH}")
+        with pytest.raises(PermissionError, match="MEDLM_SOURCES"):
+            download_file(moved, tmp_path)
+    assert elsewhere.connections == 0 and not list(tmp_path.iterdir())
+
+
+def test_a_local_mirror_is_read_only_inside_the_data_roots(tmp_path, monkeypatch):
+    """The roots are checked with links resolved: a mirror folder outside them is refused where the
+    value enters, and a file inside an allowed mirror that links out of the roots when it is read."""
+    allowed = make_mirror(tmp_path / "roots" / "mirror", {"baseline": [BASELINE]})
+    outside = make_mirror(tmp_path / "outside", {"baseline": [BASELINE]})
+    monkeypatch.setenv("MEDLM_DATA_ROOTS", str(tmp_path / "roots"))
+    with pytest.raises(ValueError, match=rf"Value error, {outside} is outside the folders this process may read \(MEDLM_DATA_ROOTS={tmp_path / 'roots'}\)"):
+        SourceConfig(source=str(outside))
+    with pytest.raises(ValueError, match="is outside the folders"):
+        SourceConfig(source=outside.as_uri())
+    (tmp_path / "roots" / "link").symlink_to(outside)
+    with pytest.raises(ValueError, match=rf"\(a link to {outside}\) is outside the folders"):
+        SourceConfig(source=str(tmp_path / "roots" / "link"))
+
+    [remote] = select_files(allowed, folders=("baseline",))
+    linked = allowed / "baseline" / BASELINE.name
+    linked.unlink()
+    linked.symlink_to(outside / "baseline" / BASELINE.name)
+    with pytest.raises(PermissionError, match=rf"{BASELINE.name} {linked} \(a link to .*outside.*\) is outside the folders"):
+        download_file(remote, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())

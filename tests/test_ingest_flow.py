@@ -275,22 +275,51 @@ def test_a_corrupted_parsed_file_is_caught_before_the_snapshot_reads_it_then_reb
     assert rebuilt.summary["documents"] < first.summary["documents"]
 
 
-def test_ingest_parses_on_a_dask_cluster_of_two_workers(mirror, store):
+def test_ingest_parses_on_a_dask_cluster_of_two_workers(mirror, store, monkeypatch):
     """prefect-dask's DaskTaskRunner on a LocalCluster of two worker processes: the parse tasks run
     there (they import the parse stage; this process's import does not count), into the same
-    store, and the snapshot is the one parsing anywhere else gives."""
+    store, and the snapshot is the one parsing anywhere else gives. The cluster is this process's
+    setting (MEDLM_DASK_ADDRESS), never a run parameter: Dask exchanges pickles."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-        state = ingest(mirror, parse=ParseConfig(dask_address=cluster.scheduler_address), return_state=True)
+        monkeypatch.setenv("MEDLM_DASK_ADDRESS", cluster.scheduler_address)
+        state = ingest(mirror, return_state=True)
+        monkeypatch.delenv("MEDLM_DASK_ADDRESS")
         parsed_on_workers = client.run(lambda: "tasks.parse" in sys.modules)
     assert state.is_completed(), state.message
     assert any(parsed_on_workers.values()), parsed_on_workers
     logs = run_logs(state.state_details.flow_run_id)
-    assert f"parsing on the Dask cluster at {cluster.scheduler_address}" in logs["prefect.flow_runs"]
+    assert f"parsing on the Dask cluster at {cluster.scheduler_address} (MEDLM_DASK_ADDRESS)" in logs["prefect.flow_runs"]
     states = task_run_states(state.state_details.flow_run_id)
     assert states["parse pubmed20n0014.xml.gz"] == states["parse pubmed21n1298.xml.gz"] == "Completed"
     assert sorted(a.label for a in store.ls("parse")) == ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
 
     in_process = ingest(mirror, parse=ParseConfig(workers=1))
     assert in_process == state.result()  # found in the store: the same artifact
+
+
+def test_a_bad_exclusion_list_fails_before_anything_is_downloaded_and_is_never_quoted(mirror, store, tmp_path):
+    listed = tmp_path / "exclude.txt"
+    listed.write_text("31688362\nTOPSECRET-4711 is not a PMID\n")
+    with NcbiServer(mirror) as server:
+        state = ingest(server.url, corpus=CorpusConfig(exclude_pmids_file=str(listed)), return_state=True)
+        assert server.requests == []  # not even the listing
+    expected = f"exclude_pmids_file {listed}, line 2: not a PMID; expected one PMID (ASCII digits) per line, blank lines and # comments"
+    assert state.is_failed() and state.message.endswith(expected), state.message
+    logs = run_logs(state.state_details.flow_run_id)
+    assert "TOPSECRET" not in state.message + "".join(line for lines in logs.values() for line in lines)
+    assert store.ls() == []
+
+
+def test_the_pipeline_reads_its_qa_files_before_anything_is_downloaded(mirror, store, tmp_path):
+    from flows.pipeline import pipeline
+    from tasks.qa import QASources
+
+    bad = tmp_path / "medqa_test.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')  # instruction-shaped: not MedQA
+    with NcbiServer(mirror) as server:
+        state = pipeline(source=SourceConfig(source=server.url), qa=QASources(medqa=str(bad)), return_state=True)
+        assert server.requests == []
+    assert state.is_failed() and f"{bad}, line 1: no field 'options' or 'option_A' (fields: answer, question)" in state.message
+    assert store.ls("download") == []

@@ -16,7 +16,8 @@ import uuid
 
 import pytest
 
-from conftest import _free_port, _template_database, build_corpus
+from conftest import _template_database, build_corpus
+from ncbi_server import free_port
 from deployments.serve import process_start_time
 from storage import Store
 
@@ -28,7 +29,7 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (`playwright ins
 def stack(tmp_path_factory):
     """`python -m deployments.serve up` (what `make up` runs) in a fresh folder of its own."""
     home_dir = tmp_path_factory.mktemp("made-up")
-    port, home = _free_port(), home_dir / ".medlm"
+    port, home = free_port(), home_dir / ".medlm"
     (home / "prefect").mkdir(parents=True)
     shutil.copy(_template_database(), home / "prefect" / "prefect.db")  # migrated once per machine: ~25 s saved
     env = {

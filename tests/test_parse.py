@@ -560,7 +560,7 @@ def test_parse_through_the_store_is_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(parse_mod, "parse_xml_file", must_not_run)
     # Where and how it is parsed is no part of the key either.
-    again = PARSE.run(store, {"download": download}, ParseConfig(batch_rows=64, workers=3, dask_address="tcp://10.0.0.5:8786"))
+    again = PARSE.run(store, {"download": download}, ParseConfig(batch_rows=64, workers=3))
     assert again.ref == artifact.ref and again.manifest["created"] == artifact.manifest["created"]
     assert any("pubmed21n1298.xml.gz md5=" in line for line in tree_lines(lineage(store, artifact.ref)))
 
