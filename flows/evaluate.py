@@ -40,7 +40,7 @@ def evaluate(
 ) -> str:
     """Evaluate a checkpoint or a Hugging Face folder; returns the evaluation's ref."""
     store = Store()
-    data = [future.result() for future in convert(qa).values()]
+    data = list(convert(qa).values())
     if evaluation.hf_model:
         inputs = {"qa": data}
     else:

@@ -77,7 +77,7 @@ def finetune(
     if finetune.hf_base and base_ref:
         raise ValueError("give base_ref or finetune.hf_base, not both")
     store = Store()
-    converted = {name: future.result() for name, future in convert(qa).items()}
+    converted = convert(qa)
     data = {stage: stage_data(stage, converted, qa) for stage in curriculum.stages}
     everything = list(converted.values())
     base = None if finetune.hf_base else store.require(base_ref) if base_ref else newest_checkpoint(store)

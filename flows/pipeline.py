@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.evaluate import evaluate
 from flows.finetune import finetune as finetune_flow
 from flows.ingest import DOWNLOADS_AT_ONCE, ingest
+from flows.qa import convert
 from flows.retrain import retrain
 from flows.tokenizing import tokenize
 from model.finetune import FinetuneConfig
@@ -49,6 +50,7 @@ def pipeline(
 ) -> list[str]:
     """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it has stages) and evaluate;
     returns the refs of the evaluations: the pretrained model's, then each fine-tuning stage's."""
+    convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = ingest.fn(source, corpus, parse)
     shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain.fn(train, shards_ref=shards_ref)

@@ -138,6 +138,12 @@ def submit(
     return runner.submit(task, {"inputs": inputs, "config": config}, dependencies=upstream)
 
 
+def failure(future: PrefectFuture) -> str:
+    """What went wrong in a task, as its exception says it (never "upstream failed")."""
+    error = future.state.result(raise_on_failure=False)
+    return str(error) if isinstance(error, BaseException) else (future.state.message or future.state.name)
+
+
 def run_stage(stage: Stage, inputs: dict, config, *, label: str | None = None) -> Artifact:
     """``submit`` and wait: the stage's artifact (its exception, if the stage failed)."""
     return submit(stage, inputs, config, label=label).result()

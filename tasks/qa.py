@@ -74,11 +74,12 @@ from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
-from pydantic.dataclasses import dataclass
 
 from storage import Artifact, Stage, sha256_file
+from storage.access import DataPath, readable, readable_files
 from storage.formats import QA_SPLITS as SPLITS
 from storage.formats import RECORDS_FILE, RECORDS_JSONL, qa_schema
+from storage.config import config_dataclass
 
 REPORT_FILE = "report.json"
 GROUND_TRUTH_FILE = "test_ground_truth.json"
@@ -98,44 +99,65 @@ DUPLICATE_ID = "duplicate id"
 SKIP_REASONS = (NO_ANSWER, NOT_AMONG_OPTIONS, DISAGREE, MISSING_OPTION, GROUND_TRUTH_DISAGREES, EMPTY_QUESTION, NO_ID, DUPLICATE_ID)
 
 _EXPECTED = "MedQA, MedMCQA, PubMedQA or instruction records (see tasks/qa.py)"
+_EXPECTED_AS = {  # what a file given as one format must hold
+    "pubmedqa": "PubMedQA records: QUESTION, CONTEXTS, final_decision (or the hub's pubid, question, context)",
+    "medmcqa": "MedMCQA records: id, question, opa, opb, opc, opd, cop",
+    "medqa": "MedQA records: question, options (or option_A, option_B, ...), answer_idx and/or answer (or the hub's sent1, ending0.., label)",
+    "instructions": "instruction records: instruction, question, Patient or input, and output, answer or Doctor",
+}
 _SPLIT_WORDS = {"train": "train", "dev": "validation", "validation": "validation", "val": "validation", "valid": "validation", "test": "test"}
 _HF_CONTAINERS = ("parquet", "hf-save-to-disk", "hf-hub")
 _MEDMCQA_OPTIONS = ("opa", "opb", "opc", "opd")
 _INSTRUCTION_QUESTION = ("instruction", "question", "Patient", "input")
 _INSTRUCTION_ANSWER = ("output", "answer", "Doctor")
 _BATCH_ROWS = 1000
+_MCQ_FIELDS = ("options", "opa", "ending0", "option_A", "QUESTION", "CONTEXTS")  # a multiple-choice record, not an instruction
+CLEAN_TEXT = (
+    "Strip outer whitespace from every text and drop MedMCQA options that are empty or 'nan'. Off: texts "
+    "exactly as the source has them, which is what lm-evaluation-harness scores (its prompts keep both)."
+)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class QAConfig:
     """One QA dataset to convert into the canonical record format; the defaults detect everything."""
 
-    source: str | None = Field(None, description="A file or folder: PubMedQA (ori_pqal.json + test_ground_truth.json), MedMCQA, MedQA, instruction JSON/JSONL, or a Hugging Face dataset (save_to_disk folder or Parquet).")
+    source: DataPath | None = Field(None, description="A file or folder: PubMedQA (ori_pqal.json + test_ground_truth.json), MedMCQA, MedQA, instruction JSON/JSONL, or a Hugging Face dataset (save_to_disk folder or Parquet).")
     hub_dataset: str | None = Field(None, description="A Hugging Face hub id read with datasets.load_dataset instead of a source (needs the network).")
     hub_config: str | None = Field(None, description="The hub dataset's configuration, e.g. pqa_labeled.")
-    format: Literal["auto", "pubmedqa", "medmcqa", "medqa", "instructions"] = Field("auto", description="Which reader to use (auto: told from the records' fields).")
+    format: Literal["auto", "pubmedqa", "medmcqa", "medqa", "instructions"] = Field("auto", description="Which reader to use: a file that is not in that format is an error (auto: told from the first record's fields).")
     source_name: str | None = Field(None, description="The records' source name and id prefix (default: the format's name).")
     split: Literal["train", "dev", "validation", "val", "valid", "test"] | None = Field(None, description="Put every record in this split (default: the dataset's or the file name's).")
     medmcqa_cop_base: Literal["auto", 0, 1] = Field("auto", description="MedMCQA `cop` of the first option: 0, 1, or auto (decided per file).")
-    pubmedqa_ground_truth: str | None = Field(None, description="PubMedQA's test_ground_truth.json (default: the one beside the data).")
+    pubmedqa_ground_truth: DataPath | None = Field(None, description="PubMedQA's test_ground_truth.json (default: the one beside the data).")
+    clean_text: bool = Field(False, description=CLEAN_TEXT)
     skip_examples: int = Field(3, ge=0, description="Examples kept in the report per skip reason.")
 
     # Paths say where the bytes are; the key holds their sha256 instead (content_params).
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("source", "pubmedqa_ground_truth", "skip_examples")
 
     def content_params(self) -> dict:
-        """What the paths hold, for the artifact key: each file's name and sha256 (a name can
-        decide the split, e.g. US_test.jsonl), so a moved copy is the same artifact."""
-        paths = [Path(p) for p in (self.source, self.pubmedqa_ground_truth) if p]
-        for path in paths:
-            if not path.exists():
-                raise FileNotFoundError(f"{path} does not exist; give a file or folder of QA data")
-        listing = "".join(
-            f"{f.relative_to(path.parent)}:{sha256_file(f)}\n"
-            for path in paths
-            for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-        )
-        return {"source_sha256": hashlib.sha256(listing.encode()).hexdigest()} if paths else {}
+        """What the paths hold, for the artifact key: the name and sha256 of every file the
+        conversion may read (a name can decide the split, e.g. US_test.jsonl), so a moved copy is
+        the same artifact and a changed file is not."""
+        if not self.source:
+            return {}
+        listing = "".join(f"{name}:{sha256_file(path)}\n" for name, path in self.files_read())
+        return {"source_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+    def files_read(self) -> list[tuple[str, Path]]:
+        """(name, path) of every file the conversion may read, each inside the data roots: the
+        source (every file of a folder, so a saved dataset's data files too: none may lie outside
+        it) and PubMedQA's test_ground_truth.json, given or beside a source file. Names are
+        relative to the folder the given path is in."""
+        given = [Path(p) for p in (self.source, self.pubmedqa_ground_truth) if p]
+        if self.source and not self.pubmedqa_ground_truth and Path(self.source).is_file():
+            given += [beside] if (beside := Path(self.source).with_name(GROUND_TRUTH_FILE)).is_file() else []
+        found = []
+        for path in given:
+            path = readable(path, "QA data")
+            found += [(str(f.relative_to(path.parent)), f) for f in (readable_files(path, "QA data") if path.is_dir() else [path])]
+        return found
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -144,20 +166,21 @@ class QAConfig:
         return self
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class QASources:
     """Where the QA datasets are: a file or folder each, in any layout the qa stage reads (unset: not used)."""
 
-    pubmedqa: str | None = Field(None, description="PubMedQA: a folder with ori_pqal.json and test_ground_truth.json, or a Hugging Face copy.")
-    medmcqa: str | None = Field(None, description="MedMCQA: JSON lines, the CSV-derived array, or a Hugging Face copy (the validation split is scored).")
-    medqa: str | None = Field(None, description="MedQA (USMLE): JSON lines with 4 or 5 options, a folder of them, or a Hugging Face copy.")
-    instructions: tuple[str, ...] = Field((), description="Instruction data (Alpaca instruction/input/output, dialogue exports) for fine-tuning.")
+    pubmedqa: DataPath | None = Field(None, description="PubMedQA: a folder with ori_pqal.json and test_ground_truth.json, or a Hugging Face copy.")
+    medmcqa: DataPath | None = Field(None, description="MedMCQA: JSON lines, the CSV-derived array, or a Hugging Face copy (the validation split is scored).")
+    medqa: DataPath | None = Field(None, description="MedQA (USMLE): JSON lines with 4 or 5 options, a folder of them, MultiMedQA's option_A..E array, or a Hugging Face copy.")
+    instructions: tuple[DataPath, ...] = Field((), description="Instruction data (Alpaca instruction/input/output, dialogue exports) for fine-tuning.")
+    clean_text: bool = Field(False, description=CLEAN_TEXT)
 
     def configs(self) -> dict[str, QAConfig]:
-        """name -> the qa stage's config for each source given."""
-        named = {"pubmedqa": self.pubmedqa, "medmcqa": self.medmcqa, "medqa": self.medqa}
-        named |= {Path(p).stem: p for p in self.instructions}
-        return {name: QAConfig(source=path) for name, path in named.items() if path}
+        """name -> the qa stage's config for each source given, read as the dataset it is given as."""
+        named = {"pubmedqa": ("pubmedqa", self.pubmedqa), "medmcqa": ("medmcqa", self.medmcqa), "medqa": ("medqa", self.medqa)}
+        named |= {Path(p).stem: ("instructions", p) for p in self.instructions}
+        return {name: QAConfig(source=path, format=kind, clean_text=self.clean_text) for name, (kind, path) in named.items() if path}
 
 
 class QAFormatError(ValueError):
@@ -170,6 +193,7 @@ class QAFormatError(ValueError):
     def __init__(self, path: Path | str, row: object, problem: str, expected: str = _EXPECTED):
         self.path = str(path)
         self.row = None if row is None else str(row)
+        self.problem = problem
         self.expected = expected
         where = f"{self.path}, {self.row}" if self.row is not None else self.path
         super().__init__(f"{where}: {problem}; expected {expected}")
@@ -231,21 +255,44 @@ def _units(source: Path | None, config: QAConfig, tmp: Path) -> list[_Unit]:
 
         loaded = datasets.load_dataset(config.hub_dataset, config.hub_config)
         return _dataset_units(loaded, f"hf://{config.hub_dataset}", "hf-hub", None)
+    source = readable(source, "QA data")
     if source.is_dir():
         if (source / "dataset_dict.json").is_file() or (source / "state.json").is_file():
-            import datasets
-
-            return _dataset_units(datasets.load_from_disk(str(source)), str(source), "hf-save-to-disk", source)
+            return _dataset_units(_load_saved_dataset(source), str(source), "hf-save-to-disk", source)
         files = sorted(
-            p for p in source.iterdir()
+            readable(p, "QA data") for p in source.iterdir()
             if p.is_file() and p.suffix in (".json", ".jsonl", ".parquet") and p.name != GROUND_TRUTH_FILE
         )
         if not files:
             raise QAFormatError(source, None, "the folder holds no .json, .jsonl or .parquet file")
         return [_file_unit(p, tmp) for p in files]
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file or folder")
     return [_file_unit(source, tmp)]
+
+
+def _load_saved_dataset(folder: Path):
+    """``datasets.load_from_disk(folder)``, once every file its metadata names is a plain name in
+    its folder: ``datasets`` opens whatever path ``state.json`` or ``dataset_dict.json`` names,
+    ``../outside.arrow`` included, and the artifact's key covers only the folder's own files."""
+    import datasets
+
+    splits = [folder]
+    if (listing := folder / "dataset_dict.json").is_file():
+        names = _json_document(listing)
+        names = names.get("splits") if isinstance(names, dict) else None
+        splits = [_file_in(folder, name, listing, f"splits[{i}]") for i, name in enumerate(names if isinstance(names, list) else [None])]
+    for split in splits:
+        state = _json_document(split / "state.json")
+        entries = state.get("_data_files") if isinstance(state, dict) else None
+        for i, entry in enumerate(entries if isinstance(entries, list) else [None]):
+            _file_in(split, entry.get("filename") if isinstance(entry, dict) else None, split / "state.json", f"_data_files[{i}]")
+    return datasets.load_from_disk(str(folder))
+
+
+def _file_in(folder: Path, name: Any, listed_in: Path, entry: str) -> Path:
+    """``folder / name`` when ``name`` is a plain file or folder name, else QAFormatError."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise QAFormatError(listed_in, entry, "not a plain name of something in this folder", "names of the dataset's own files, e.g. data-00000-of-00001.arrow")
+    return readable(folder / name, "QA data")
 
 
 def _dataset_units(loaded, name: str, container: str, folder: Path | None) -> list[_Unit]:
@@ -282,7 +329,7 @@ def _file_unit(path: Path, tmp: Path) -> _Unit:
     if isinstance(doc, dict) and _is_keyed(doc):
         items = doc.pairs if isinstance(doc, _Duplicates) else doc.items()
         return _Unit(str(path), "json-object", split, path.parent, lambda: ((_Pos("key", k), r) for k, r in items))
-    raise QAFormatError(path, None, f"the file is one JSON {type(doc).__name__} that is not a list of records or an object of records")
+    raise QAFormatError(path, None, f"the file is one JSON {_json_type(doc)} that is not a list of records or an object of records")
 
 
 _BLANK = object()
@@ -294,7 +341,7 @@ def _first_line(path: Path) -> Any:
         with open(path, encoding="utf-8-sig") as f:
             line = next((line for line in f if line.strip()), None)
     except UnicodeDecodeError:
-        raise QAFormatError(path, None, "the file is not UTF-8 text", "UTF-8 JSON, JSON lines or Parquet") from None
+        raise _not_utf8(path) from None
     if line is None:
         return _BLANK
     try:
@@ -313,7 +360,7 @@ def _json_document(path: Path) -> Any:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f, object_pairs_hook=_object_pairs)
     except UnicodeDecodeError:
-        raise QAFormatError(path, None, "the file is not UTF-8 text", "UTF-8 JSON, JSON lines or Parquet") from None
+        raise _not_utf8(path) from None
     except json.JSONDecodeError as e:
         raise QAFormatError(
             path, f"line {e.lineno}", f"not valid JSON ({e.msg}, column {e.colno})",
@@ -335,7 +382,18 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[_Pos, Any]]:
                     raise QAFormatError(path, f"line {n}", f"not valid JSON ({e.msg}, column {e.colno})", "one JSON object per line") from None
                 yield _Pos("line", n), row
         except UnicodeDecodeError:
-            raise QAFormatError(path, f"line {n + 1}", "not UTF-8 text", "UTF-8 JSON lines") from None
+            raise _not_utf8(path) from None  # text files decode in blocks: line n + 1 may not be the one
+
+
+def _not_utf8(path: Path) -> QAFormatError:
+    """The error for a file that is not UTF-8, naming its first line that is not."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return QAFormatError(path, f"line {number}", f"not UTF-8 text (byte {e.start + 1} of the line)", "UTF-8 JSON, JSON lines or Parquet")
+    raise AssertionError(f"{path} decodes as UTF-8 line by line")
 
 
 def _unwrap(row: Any) -> tuple[Any, bool]:
@@ -358,13 +416,17 @@ def _require(row: dict, unit: _Unit, pos: _Pos, *fields: str | tuple[str, ...]) 
 
 
 def _text(value: Any, unit: _Unit, pos: _Pos, field: str, missing: tuple[str, ...] = ("",)) -> str | None:
-    """A text field with its outer whitespace stripped; None when null, NaN or one of ``missing``."""
+    """A text field as the source has it; None when null, NaN or, once stripped, one of ``missing``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if not isinstance(value, str):
-        raise QAFormatError(unit.name, pos, f"field {field!r} is {type(value).__name__} {value!r}", "text")
-    value = value.strip()
-    return None if value in missing else value
+        raise QAFormatError(unit.name, pos, f"field {field!r} is a JSON {_json_type(value)}", "text")
+    return None if value.strip() in missing else value
+
+
+def _json_type(value: Any) -> str:
+    """What a value is, in JSON's words: errors say this, never the value (it is the file's content)."""
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _texts(value: Any, unit: _Unit, pos: _Pos, field: str) -> list[str]:
@@ -376,7 +438,8 @@ def _texts(value: Any, unit: _Unit, pos: _Pos, field: str) -> list[str]:
 
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+    """An id from texts, stripped: the same with or without ``clean_text``."""
+    return hashlib.sha256("\x1f".join(p.strip() for p in parts).encode("utf-8")).hexdigest()[:16]
 
 
 def _record_id(config: QAConfig, kind: str, native_id: str) -> str:
@@ -400,16 +463,18 @@ def _record(unit: _Unit, config: QAConfig, kind: str, encoding: str, *, native_i
             unit.name, None, "cannot tell the split from the name",
             "a word train, dev, validation, val, valid or test in the file name, or QAConfig.split",
         )
+    tidy = str.strip if config.clean_text else lambda text: text
+    options = [tidy(o) for o in options]
     return {
         "id": record_id,
         "source": config.source_name or kind,
         "split": _SPLIT_WORDS[split],
-        "question": question,
-        "context": [c.strip() for c in context],
+        "question": tidy(question),
+        "context": [tidy(c) for c in context],
         "options": options,
         "answer_idx": answer_idx,
-        "answer_text": options[answer_idx] if options else answer_text,
-        "explanation": explanation or None,
+        "answer_text": options[answer_idx] if options else tidy(answer_text),
+        "explanation": tidy(explanation) if explanation else None,
         "meta": json.dumps({"format": f"{unit.container}/{kind}-{encoding}", **meta}, ensure_ascii=False),
     }
 
@@ -479,10 +544,10 @@ def _ground_truth(unit: _Unit, config: QAConfig, info: dict) -> dict[str, str] |
         return None
     truth = _json_document(path)
     if not isinstance(truth, dict):
-        raise QAFormatError(path, None, f"the file is a JSON {type(truth).__name__}", 'an object PMID -> "yes" | "no" | "maybe"')
+        raise QAFormatError(path, None, f"the file is a JSON {_json_type(truth)}", 'an object PMID -> "yes" | "no" | "maybe"')
     for pmid, label in truth.items():
         if label not in PUBMEDQA_OPTIONS:
-            raise QAFormatError(path, f"key {pmid}", f"label {label!r}", '"yes", "no" or "maybe"')
+            raise QAFormatError(path, f"key {pmid}", "a label that is not yes, no or maybe", '"yes", "no" or "maybe"')
     info.update(test_ground_truth=str(path), ground_truth_pmids=len(truth), ground_truth_matched=0)
     return truth
 
@@ -507,10 +572,12 @@ def _medmcqa(unit: _Unit, config: QAConfig, info: dict) -> Normaliser:
             raise _Skip(NOT_AMONG_OPTIONS, record_id)
         options, answer_idx = [], None
         for k, field in enumerate(_MEDMCQA_OPTIONS):
-            option = text(row, pos, field)
+            if k == gold and text(row, pos, field) is None:
+                raise _Skip(MISSING_OPTION, record_id)
+            # The harness lists every option it is given ("D. nan" where the CSV export left one
+            # empty): dropped only with clean_text, or when null.
+            option = text(row, pos, field) if config.clean_text else _text(row.get(field), unit, pos, field, missing=())
             if option is None:
-                if k == gold:
-                    raise _Skip(MISSING_OPTION, record_id)
                 continue
             if k == gold:
                 answer_idx = len(options)
@@ -589,9 +656,9 @@ def _medqa(unit: _Unit, config: QAConfig, info: dict) -> Normaliser:
         swag = "question" not in row
         if swag:  # the hub's GBaker/MedQA-USMLE-4-options-hf, read as the original layout
             row = _swag_as_medqa(row, unit, pos)
-        _require(row, unit, pos, "options")
+        _require(row, unit, pos, ("options", "option_A"))
         question = _text(row["question"], unit, pos, "question")
-        encoding, letters, options = _medqa_options(row["options"], unit, pos)
+        encoding, letters, options = _medqa_options(row, unit, pos)
         native_id = _digest(question or "", *options)
         answer_idx = _medqa_answer(
             _text(row.get("answer_idx"), unit, pos, "answer_idx"), _text(row.get("answer"), unit, pos, "answer"),
@@ -612,14 +679,21 @@ def _swag_as_medqa(row: dict, unit: _Unit, pos: _Pos) -> dict:
     _require(row, unit, pos, "ending0", "label")
     label = row["label"]
     if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
-        raise QAFormatError(unit.name, pos, f"field 'label' is {label!r}", "an integer index into ending0, ending1, ...")
+        raise QAFormatError(unit.name, pos, f"field 'label' is a JSON {_json_type(label)}", "an integer index into ending0, ending1, ...")
     letter = None if label is None or label == -1 else string.ascii_uppercase[label] if 0 <= label < 26 else "?"
     endings = [row[f"ending{k}"] for k in range(len(row)) if f"ending{k}" in row]
     return {"question": row["sent1"], "options": endings, "answer_idx": letter}
 
 
-def _medqa_options(value: Any, unit: _Unit, pos: _Pos) -> tuple[str, list[str], list[str]]:
-    """(encoding, letters, option texts) ordered by letter."""
+def _medqa_options(row: dict, unit: _Unit, pos: _Pos) -> tuple[str, list[str], list[str]]:
+    """(encoding, letters, option texts) ordered by letter, from ``options`` or, in MultiMedQA's
+    CSV-derived array, ``option_A``, ``option_B``, ... (where "nan" is an option the question
+    does not have: every 4-option question there has option_E "nan")."""
+    if "options" not in row:
+        pairs = [(field[-1], value) for field, value in row.items() if re.fullmatch(r"option_[A-Z]", field)]
+        pairs = [(letter, value) for letter, value in pairs if _text(value, unit, pos, f"option_{letter}", missing=("", "nan")) is not None]
+        return "option-fields", [k for k, _ in pairs], [v for _, v in pairs]
+    value = row["options"]
     if isinstance(value, dict):
         encoding, pairs = "options-dict", list(value.items())
     elif isinstance(value, list) and all(isinstance(v, dict) and {"key", "value"} <= set(v) for v in value):
@@ -627,27 +701,35 @@ def _medqa_options(value: Any, unit: _Unit, pos: _Pos) -> tuple[str, list[str], 
     elif isinstance(value, list):
         encoding, pairs = "options-list", list(zip(string.ascii_uppercase, value))
     else:
-        raise QAFormatError(unit.name, pos, f"field 'options' is {type(value).__name__}", "a dict letter -> text, a list of text or of {key, value}")
+        raise QAFormatError(unit.name, pos, f"field 'options' is a JSON {_json_type(value)}", "a dict letter -> text, a list of text or of {key, value}")
     pairs.sort(key=lambda kv: str(kv[0]))
     for key, _ in pairs:
         if not (isinstance(key, str) and len(key) == 1 and key in string.ascii_uppercase):
-            raise QAFormatError(unit.name, pos, f"option key {key!r}", "option letters A, B, C, ...")
+            raise QAFormatError(unit.name, pos, "an option key that is not one capital letter", "option letters A, B, C, ...")
     return encoding, [k for k, _ in pairs], [_text(v, unit, pos, f"options.{k}") or "" for k, v in pairs]
 
 
 def _medqa_answer(letter: str | None, answer: str | None, letters: list[str], options: list[str], record_id: str) -> int | None:
-    """The gold index from the letter and/or the text (None: neither is given)."""
-    if letter is not None and letter not in letters or answer is not None and answer not in options:
+    """The gold index from the letter and/or the text (None: neither is given); texts compare stripped."""
+    letter = None if letter is None else letter.strip()
+    texts = [o.strip() for o in options]
+    answer = None if answer is None else answer.strip()
+    if letter is not None and letter not in letters or answer is not None and answer not in texts:
         raise _Skip(NOT_AMONG_OPTIONS, record_id)
     if letter is None:
-        return None if answer is None else options.index(answer)
-    if answer is not None and options[letters.index(letter)] != answer:
+        return None if answer is None else texts.index(answer)
+    if answer is not None and texts[letters.index(letter)] != answer:
         raise _Skip(DISAGREE, record_id)
     return letters.index(letter)
 
 
 def _instructions(unit: _Unit, config: QAConfig, info: dict) -> Normaliser:
     def normalise(row: dict, pos: _Pos) -> dict:
+        if mcq := [f for f in _MCQ_FIELDS if f in row]:
+            raise QAFormatError(
+                unit.name, pos, f"a multiple-choice record (fields: {', '.join(sorted(map(str, row)))}), not an instruction",
+                f"instruction records; give this file as PubMedQA, MedMCQA or MedQA (it has {mcq[0]!r})",
+            )
         _require(row, unit, pos, _INSTRUCTION_QUESTION, _INSTRUCTION_ANSWER)
         q_field = next(f for f in _INSTRUCTION_QUESTION if f in row)
         a_field = next(f for f in _INSTRUCTION_ANSWER if f in row)
@@ -677,12 +759,12 @@ _NORMALISERS: dict[str, Callable[[_Unit, QAConfig, dict], Normaliser]] = {
 def _detect(row: Any, unit: _Unit, pos: _Pos) -> str:
     """The format of a file from its first record's fields."""
     if not isinstance(row, dict):
-        raise QAFormatError(unit.name, pos, f"the first record is a JSON {type(row).__name__}, not an object")
+        raise QAFormatError(unit.name, pos, f"the first record is a JSON {_json_type(row)}, not an object")
     if "QUESTION" in row or "pubid" in row and "context" in row:
         return "pubmedqa"
     if "opa" in row:
         return "medmcqa"
-    if "options" in row and "question" in row or "sent1" in row and "ending0" in row:
+    if "question" in row and ("options" in row or "option_A" in row) or "sent1" in row and "ending0" in row:
         return "medqa"
     if any(f in row for f in _INSTRUCTION_QUESTION) and any(f in row for f in _INSTRUCTION_ANSWER):
         return "instructions"
@@ -797,11 +879,15 @@ def _convert_unit(unit: _Unit, config: QAConfig, output: _Output, seen: set[str]
         rows += 1
         row, _ = _unwrap(raw)
         if not isinstance(row, dict):
-            raise QAFormatError(unit.name, pos, f"the record is a JSON {type(row).__name__}, not an object")
+            raise QAFormatError(unit.name, pos, f"the record is a JSON {_json_type(row)}, not an object")
         try:
             record = normalise(row, pos)
             if record["id"] in seen:
                 raise _Skip(DUPLICATE_ID, record["id"])
+        except QAFormatError as e:
+            if e.expected != _EXPECTED:
+                raise
+            raise QAFormatError(e.path, e.row, e.problem, _EXPECTED_AS[kind] + f" (the file was read as {kind})") from None
         except _Skip as skip:
             report["skipped"][skip.reason] = report["skipped"].get(skip.reason, 0) + 1
             examples = report["skip_examples"].setdefault(skip.reason, [])
@@ -833,7 +919,7 @@ def qa_report(artifact: Artifact) -> list[dict]:
 
 QA = Stage(
     name="qa",
-    version="1",
+    version="2",
     config=QAConfig,
     inputs={},
     build=lambda inputs, out_dir, config: convert_qa(config, out_dir),

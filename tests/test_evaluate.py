@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import write_corpus
-from eval_records import DATA, LM_EVAL_TASKS, lm_eval_docs, load_records
+from eval_records import DATA, LM_EVAL_TASKS, lm_eval_docs, load_records, source_lm_eval_docs
 
 from model.data import write_shards
 from model.model import ModelConfig, Transformer
@@ -88,7 +88,7 @@ def test_few_shot_prompt_is_the_harness_few_shot_prompt(source, task_module, tmp
 
     from lm_eval.tasks import TaskManager
 
-    pool = [r for r in RECORDS if r["source"] == source and (source == "pubmedqa" or len(r["options"]) == 4)]  # the harness reads opa..opd
+    pool = [r for r in RECORDS if r["source"] == source]
     item = next(r for r in pool if r["split"] in ("test", "validation"))
     shots = [r for r in pool if r["id"] != item["id"]][:2]
     name = "pubmedqa" if source == "pubmedqa" else "medmcqa"
@@ -321,10 +321,17 @@ def test_shards_and_raw_text_give_the_same_bits_per_byte(tokenizer, documents, t
     assert bits_per_token == pytest.approx(math.log2(encoder.get_vocab_size()), rel=0.05)
 
 
-def test_bundled_lm_eval_data_files_are_the_bundled_records():
+def test_the_harness_reads_the_sources_texts_and_our_records_hold_the_same():
+    """The lm-eval data files are the source rows as the harness's hub datasets hold them (not our
+    records: then a text we changed would be changed on both sides), and our records map onto
+    them exactly: whitespace the sources have, MedMCQA's "nan" options."""
+    from_sources = source_lm_eval_docs()
     for name, docs in lm_eval_docs(RECORDS).items():
         written = (LM_EVAL_TASKS / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-        assert [json.loads(line) for line in written] == docs, "rerun: python tests/eval_records.py"
+        assert [json.loads(line) for line in written] == from_sources[name], "rerun: python tests/eval_records.py"
+        assert docs == from_sources[name]
+    assert sum("nan" in (d["opa"], d["opb"], d["opc"], d["opd"]) for d in from_sources["medmcqa"]) == 6
+    assert sum(d["sent1"] != d["sent1"].strip() for d in from_sources["medqa_4options"]) == 3
 
 
 # -- the stage ------------------------------------------------------------------------------------

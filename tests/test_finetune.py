@@ -405,7 +405,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_fix(base, hf_llama, session_s
     from tasks.qa import QA
 
     medqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "medqa")))  # test rows only
-    with pytest.raises(ValueError, match=r"no training examples: the QA data medqa has no train split \(82 test\)") as error:
+    with pytest.raises(ValueError, match=r"no training examples: the QA data medqa has no train split \(90 test\)") as error:
         FINETUNE.run(session_store, {"base": base, "data": [medqa]}, FinetuneRun())
     assert "\n" not in str(error.value)
 

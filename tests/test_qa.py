@@ -131,28 +131,31 @@ def test_pubmedqa_ground_truth_disagreement_and_duplicate_pmid_skipped(tmp_path)
 # -- MedMCQA -------------------------------------------------------------------------------------
 
 
-def test_medmcqa_csv_derived_drops_nan_options(tmp_path):
+def test_medmcqa_csv_derived_keeps_every_option_as_the_harness_does_and_clean_text_drops_nan(tmp_path):
     raw = [e["data"] for e in json.loads(MEDMCQA_VAL.read_text())]
-    summary, records, report = convert(MEDMCQA_VAL, tmp_path)
+    _, records, report = convert(MEDMCQA_VAL, tmp_path / "as-given")
+    summary, cleaned, _ = convert(MEDMCQA_VAL, tmp_path / "clean", clean_text=True)
 
     assert summary["records"] == {"train": 0, "validation": len(raw), "test": 0}
     assert report["files"][0]["encoding"] == "csv-derived" and report["files"][0]["cop_base"] == 0
-    by_id = {r["id"]: r for r in records}
+    as_given, clean = {r["id"]: r for r in records}, {r["id"]: r for r in cleaned}
     three = 0
     for d in raw:
-        r = by_id[f"medmcqa:{d['id']}"]
-        kept = [d[o] for o in ("opa", "opb", "opc", "opd") if d[o] != "nan"]
-        assert r["options"] == kept and "nan" not in r["options"]
-        assert r["answer_text"] == d[("opa", "opb", "opc", "opd")[int(d["cop"])]] == kept[r["answer_idx"]]
-        assert r["explanation"] == (None if d["exp"] == "nan" else d["exp"].strip())
+        options = [d[o] for o in ("opa", "opb", "opc", "opd")]
+        kept = [o.strip() for o in options if o != "nan"]
+        r, c = as_given[f"medmcqa:{d['id']}"], clean[f"medmcqa:{d['id']}"]
+        assert r["options"] == options and r["question"] == d["question"]  # what lm-eval's prompt lists: "D. nan"
+        assert c["options"] == kept and c["question"] == d["question"].strip()
+        assert r["answer_text"] == options[int(d["cop"])] and c["answer_text"] == kept[c["answer_idx"]] == options[int(d["cop"])].strip()
+        assert c["explanation"] == (None if d["exp"] == "nan" else d["exp"].strip())
         meta = json.loads(r["meta"])
         assert meta["topic_name"] == (None if d["topic_name"] == "nan" else d["topic_name"])
         three += len(kept) == 3
     assert three == 6
-    # The one question with opc missing: opd moves up to C.
-    r = by_id["medmcqa:24c02db5-49d5-434a-80ab-fc70512353b5"]
+    # The one question with opc missing: cleaned, opd moves up to C.
+    c = clean["medmcqa:24c02db5-49d5-434a-80ab-fc70512353b5"]
     d = next(d for d in raw if d["id"] == "24c02db5-49d5-434a-80ab-fc70512353b5")
-    assert r["options"] == [d["opa"], d["opb"], d["opd"]]
+    assert c["options"] == [d["opa"], d["opb"], d["opd"]]
 
 
 def test_medmcqa_native_record_and_its_csv_twin_agree(tmp_path):
@@ -188,10 +191,11 @@ def test_medmcqa_answer_on_a_missing_option_is_skipped(tmp_path):
         {"id": "w6", "data": {**opd_nan["data"], "id": "f", "question": "nan"}},
     ]
     (tmp_path / "medmcqa_dev.json").write_text(json.dumps(rows, indent=4))
-    _, records, report = convert(tmp_path / "medmcqa_dev.json", tmp_path / "out")
-    assert [(r["id"], r["answer_idx"], r["answer_text"]) for r in records] == [("medmcqa:a", 2, opc_nan["data"]["opd"])]
-    assert report["skipped"] == {MISSING_OPTION: 2, NO_ANSWER: 1, NOT_AMONG_OPTIONS: 1, EMPTY_QUESTION: 1}
-    assert [e["row"] for e in report["skip_examples"][MISSING_OPTION]] == ["index 1", "index 2"]
+    for clean_text, answer_idx in ((False, 3), (True, 2)):  # "nan" kept as the harness lists it, or dropped
+        _, records, report = convert(tmp_path / "medmcqa_dev.json", tmp_path / f"out-{clean_text}", clean_text=clean_text)
+        assert [(r["id"], r["answer_idx"], r["answer_text"]) for r in records] == [("medmcqa:a", answer_idx, opc_nan["data"]["opd"])]
+        assert report["skipped"] == {MISSING_OPTION: 2, NO_ANSWER: 1, NOT_AMONG_OPTIONS: 1, EMPTY_QUESTION: 1}
+        assert [e["row"] for e in report["skip_examples"][MISSING_OPTION]] == ["index 1", "index 2"]
 
 
 def test_medmcqa_cop_base_override_and_conflicting_evidence(tmp_path):
@@ -216,8 +220,9 @@ def _medmcqa_hub_row(d: dict) -> dict:
 
 
 def test_medmcqa_hugging_face_copies_give_the_original_records(tmp_path):
+    """Compared cleaned: the hub copy has null where the CSV-derived file has "nan"."""
     raw = [e["data"] for e in json.loads(MEDMCQA_VAL.read_text())]
-    _, original, _ = convert(MEDMCQA_VAL, tmp_path / "orig")
+    _, original, _ = convert(MEDMCQA_VAL, tmp_path / "orig", clean_text=True)
     validation = datasets.Dataset.from_list([_medmcqa_hub_row(d) for d in raw])
     test = datasets.Dataset.from_list([{**_medmcqa_hub_row(raw[0]), "id": "unlabelled", "cop": -1}])
     datasets.DatasetDict({"validation": validation, "test": test}).save_to_disk(str(tmp_path / "saved"))
@@ -225,7 +230,7 @@ def test_medmcqa_hugging_face_copies_give_the_original_records(tmp_path):
     validation.to_parquet(str(tmp_path / "pq" / "validation-00000-of-00001.parquet"))
 
     for source in (tmp_path / "saved", tmp_path / "pq"):
-        summary, records, report = convert(source, tmp_path / f"out-{source.name}")
+        summary, records, report = convert(source, tmp_path / f"out-{source.name}", clean_text=True)
         assert without_format(records) == without_format(original)
         assert {f["cop_base"] for f in report["files"]} == {0}
     assert report["files"][0]["container"] == "parquet"
@@ -234,7 +239,7 @@ def test_medmcqa_hugging_face_copies_give_the_original_records(tmp_path):
     # Without a cop 0 in the file, only the container says 0-based (as JSON lines it would be 1-based).
     no_zero = validation.filter(lambda row: row["cop"] != 0)
     no_zero.to_parquet(str(tmp_path / "dev.parquet"))
-    _, records, report = convert(tmp_path / "dev.parquet", tmp_path / "out-no-zero")
+    _, records, report = convert(tmp_path / "dev.parquet", tmp_path / "out-no-zero", clean_text=True)
     assert report["files"][0]["cop_base_from"] == "a Hugging Face dataset: 0-based"
     kept = {r["id"] for r in records}
     assert without_format(records) == [r for r in without_format(original) if r["id"] in kept] and len(kept) == len(no_zero)
@@ -247,16 +252,16 @@ def test_medqa_4_and_5_options_agree_on_the_answer(tmp_path):
     _, four, r4 = convert(MEDQA_4, tmp_path / "4")
     _, five, r5 = convert(MEDQA_5, tmp_path / "5")
     raw4 = lines(MEDQA_4)
-    assert len(four) == len(five) == len(raw4) == 41
+    assert len(four) == len(five) == len(raw4) == 45
     assert {r["split"] for r in four + five} == {"test"}
     for a, b, raw in zip(four, five, raw4):
-        assert a["question"] == b["question"] == raw["question"].strip()
+        assert a["question"] == b["question"] == raw["question"]
         assert a["answer_text"] == b["answer_text"] == raw["answer"]
         assert a["answer_idx"] == ord(raw["answer_idx"]) - ord("A")
         assert len(a["options"]) == 4 and len(b["options"]) == 5 and a["id"] != b["id"]
     assert any("\n" in r["question"] for r in four) and any(r["question"].endswith('"') for r in four)
-    assert json.loads(four[-1]["meta"]) == {"format": "jsonl/medqa-options-dict", "meta_info": "stfep2&3", "n_options": 4}
-    assert json.loads(five[-1]["meta"])["meta_info"] == "step2&3"
+    assert json.loads(four[40]["meta"]) == {"format": "jsonl/medqa-options-dict", "meta_info": "stfep2&3", "n_options": 4}  # line 50
+    assert json.loads(five[40]["meta"])["meta_info"] == "step2&3"
 
 
 def test_medqa_skip_reasons_are_counted_with_examples(tmp_path):
@@ -319,7 +324,7 @@ def test_split_comes_from_the_name_or_the_config(tmp_path):
     with pytest.raises(QAFormatError, match="usmle.jsonl: cannot tell the split from the name"):
         convert_qa(QAConfig(source=str(tmp_path / "usmle.jsonl")), tmp_path / "a")
     summary, _, _ = convert(tmp_path / "usmle.jsonl", tmp_path / "b", split="dev", source_name="medqa5")
-    assert summary["records"] == {"train": 0, "validation": 41, "test": 0}
+    assert summary["records"] == {"train": 0, "validation": 45, "test": 0}
     assert read_records(tmp_path / "b")[0]["id"].startswith("medqa5:")
 
 
@@ -332,7 +337,7 @@ def test_instruction_data_alpaca_and_dialogue_aliases(tmp_path):
     assert summary["records"] == {"train": 8, "validation": 0, "test": 0}
     head = records[:5]
     assert [(r["question"], r["context"], r["answer_text"]) for r in head] == [
-        (a["instruction"], [a["input"].strip()], a["output"]) for a in alpaca
+        (a["instruction"], [a["input"]], a["output"]) for a in alpaca
     ]
     assert all(r["options"] == [] and r["answer_idx"] is None and r["explanation"] is None for r in records)
     dialogue = {r["id"]: r for r in records[5:]}
@@ -366,7 +371,7 @@ def test_malformed_file_raises_naming_file_row_and_field(tmp_path):
     with pytest.raises(QAFormatError) as e:
         convert_qa(QAConfig(source=str(bad)), out)
     assert str(e.value).startswith(f"{bad}, line 3: no field 'question' or 'sent1' (fields: answer, answer_idx, meta_info")
-    assert str(e.value).endswith("expected MedQA, MedMCQA, PubMedQA or instruction records (see tasks/qa.py)")
+    assert str(e.value).endswith("expected MedQA records: question, options (or option_A, option_B, ...), answer_idx and/or answer (or the hub's sent1, ending0.., label) (the file was read as medqa)")
     assert (e.value.path, e.value.row) == (str(bad), "line 3")
     assert sorted(p.name for p in out.iterdir()) == []  # nothing that looks complete is left
 
@@ -375,14 +380,15 @@ def test_malformed_file_raises_naming_file_row_and_field(tmp_path):
     "name, content, message",
     [
         ("a_test.jsonl", b'{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}\n{"question": \n', "line 2: not valid JSON"),
-        ("b_test.json", b'[{"question": "q", "options": ["x"], "answer_idx": "A"}, 3]', "index 1: the record is a JSON int, not an object"),
+        ("b_test.json", b'[{"question": "q", "options": ["x"], "answer_idx": "A"}, 3]', "index 1: the record is a JSON number, not an object"),
         ("c_test.jsonl", b'{"title": "q", "body": "x"}\n', "line 1: no field 'question' or 'sent1' or 'QUESTION' or 'opa' or 'instruction' (fields: body, title)"),
         ("d.json", b'{"123": {"QUESTION": "q", "CONTEXTS": "not a list", "final_decision": "yes"}}', "key 123: field 'CONTEXTS' is not a list of text"),
-        ("e_test.jsonl", b'{"question": "q", "options": {"A": "x"}, "answer_idx": 0}\n', "line 1: field 'answer_idx' is int 0; expected text"),
+        ("e_test.jsonl", b'{"question": "q", "options": {"A": "x"}, "answer_idx": 0}\n', "line 1: field 'answer_idx' is a JSON number; expected text"),
         ("f_test.jsonl", b"", "no records"),
-        ("g_test.jsonl", b"\x1f\x8b\x08\x00\xff\xfe", "the file is not UTF-8 text"),
-        ("h_test.json", b'"just a string"', "the file is one JSON str that is not a list of records"),
-        ("j_test.jsonl", b'{"question": "q", "options": {"1": "x", "2": "y"}, "answer_idx": "1"}\n', "line 1: option key '1'; expected option letters A, B, C"),
+        ("g_test.jsonl", b"\x1f\x8b\x08\x00\xff\xfe", "line 1: not UTF-8 text (byte 2 of the line)"),
+        ("k_test.jsonl", b'{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}\n' * 3000 + b'{"question": "\xe9"}\n', "line 3001: not UTF-8 text"),
+        ("h_test.json", b'"just a string"', "the file is one JSON string that is not a list of records"),
+        ("j_test.jsonl", b'{"question": "q", "options": {"1": "x", "2": "y"}, "answer_idx": "1"}\n', "line 1: an option key that is not one capital letter; expected option letters A, B, C"),
         ("i_dev.jsonl", b'{"question": "q", "opa": "x", "opb": "y", "opc": "z", "opd": "w", "cop": 1}\n', "line 1: no field 'id'"),
     ],
 )
@@ -437,11 +443,11 @@ def test_hub_dataset_is_loaded_with_datasets_load_dataset(tmp_path, monkeypatch)
 
 def test_config_rejects_unknown_choices():
     with pytest.raises(ValueError, match="format"):
-        QAConfig(source="x", format="csv")
+        QAConfig(source=str(MEDQA_4), format="csv")
     with pytest.raises(ValueError, match="medmcqa_cop_base"):
-        QAConfig(source="x", medmcqa_cop_base=2)
+        QAConfig(source=str(MEDQA_4), medmcqa_cop_base=2)
     with pytest.raises(ValueError, match="split"):
-        QAConfig(source="x", split="holdout")
+        QAConfig(source=str(MEDQA_4), split="holdout")
 
 
 def test_the_qa_stage_is_keyed_by_the_bytes_not_the_path(tmp_path):
@@ -460,3 +466,133 @@ def test_the_qa_stage_is_keyed_by_the_bytes_not_the_path(tmp_path):
     assert QA.run(store, {}, QAConfig(source=str(edited))).ref != first.ref
     assert first.summary["records"]["test"] == len(read_records(first.path)) and first.label == MEDQA_4.name
     assert {"what": "records in test", "count": first.summary["records"]["test"]} in qa_report(first)
+
+
+# -- a dataset is read as what it is given as, from inside its folder ------------------------------
+
+MULTIMEDQA = DATA / "multimedqa" / "medqa_test.json"
+
+
+def test_multimedqa_option_fields_are_medqa_and_refused_as_instructions(tmp_path):
+    raw = [e["data"] for e in json.loads(MULTIMEDQA.read_text())]
+    summary, records, report = convert(MULTIMEDQA, tmp_path / "medqa", format="medqa")
+    assert summary["records"] == {"train": 0, "validation": 0, "test": len(raw)} and summary["skipped"] == 0
+    for d, r in zip(raw, records, strict=True):
+        assert r["options"] == [d[f"option_{letter}"] for letter in "ABCD"]  # option_E "nan": a 4-option question
+        assert r["answer_text"] == d["answer"] and "ABCD"[r["answer_idx"]] == d["answer_idx"] and r["question"] == d["question"]
+    assert summary["encodings"] == ["json-array/medqa-option-fields"]
+    _, detected, _ = convert(MULTIMEDQA, tmp_path / "auto")  # told from its fields (it used to become instructions)
+    assert detected == records
+    # The questions the original MedQA file also has are the same records, ids included.
+    original = {r["id"]: r for r in convert(MEDQA_4, tmp_path / "original")[1]}
+    shared = [r for r in records if r["id"] in original]
+    assert len(shared) == 5
+    for r in shared:
+        assert {k: v for k, v in r.items() if k != "meta"} == {k: v for k, v in original[r["id"]].items() if k != "meta"}
+    with pytest.raises(QAFormatError) as e:
+        convert_qa(QAConfig(source=str(MULTIMEDQA), format="instructions"), tmp_path / "as-instructions")
+    assert str(e.value).startswith(f"{MULTIMEDQA}, index 0: a multiple-choice record (fields: answer, answer_idx, meta_info, option_A")
+    assert "give this file as PubMedQA, MedMCQA or MedQA" in str(e.value)
+
+
+def test_a_file_given_as_one_dataset_is_read_as_that_dataset_or_refused(tmp_path):
+    from tasks.qa import QASources
+
+    sources = QASources(pubmedqa=str(PUBMEDQA), medmcqa=str(MEDMCQA_VAL), medqa=str(MEDQA_4), instructions=(str(INSTRUCTIONS / "dialogues.jsonl"),))
+    assert {name: c.format for name, c in sources.configs().items()} == {
+        "pubmedqa": "pubmedqa", "medmcqa": "medmcqa", "medqa": "medqa", "dialogues": "instructions"}
+    # MedQA rows without options: as auto-detected data they would be instructions (question + answer).
+    no_options = write_jsonl(tmp_path / "medqa_test.jsonl", [{k: v for k, v in r.items() if k != "options"} for r in lines(MEDQA_4)[:3]])
+    assert convert(no_options, tmp_path / "auto")[0]["format"] == "instructions"
+    with pytest.raises(QAFormatError) as e:
+        convert_qa(QASources(medqa=str(no_options)).configs()["medqa"], tmp_path / "as-medqa")
+    assert str(e.value) == (
+        f"{no_options}, line 1: no field 'options' or 'option_A' (fields: answer, answer_idx, meta_info, metamap_phrases, question); "
+        "expected MedQA records: question, options (or option_A, option_B, ...), answer_idx and/or answer "
+        "(or the hub's sent1, ending0.., label) (the file was read as medqa)"
+    )
+    assert (e.value.path, e.value.row) == (str(no_options), "line 1")
+    with pytest.raises(QAFormatError, match=r"index 0: no field 'options' or 'option_A' .*\(the file was read as medqa\)"):
+        convert_qa(QAConfig(source=str(MEDMCQA_VAL), format="medqa"), tmp_path / "medmcqa-as-medqa")
+    with pytest.raises(QAFormatError, match=r"line 1: no field 'id' .*expected MedMCQA records"):
+        convert_qa(QAConfig(source=str(MEDQA_4), format="medmcqa"), tmp_path / "medqa-as-medmcqa")
+
+
+def test_outer_whitespace_is_kept_as_the_harness_keeps_it_unless_clean_text(tmp_path):
+    raw = lines(MEDQA_4)
+    _, as_given, _ = convert(MEDQA_4, tmp_path / "as-given")
+    _, clean, _ = convert(MEDQA_4, tmp_path / "clean", clean_text=True)
+    padded = [i for i, r in enumerate(raw) if r["question"] != r["question"].strip() or any(o != o.strip() for o in r["options"].values())]
+    assert len(padded) == 4
+    for i in padded:
+        assert as_given[i]["question"] == raw[i]["question"] and as_given[i]["options"] == list(raw[i]["options"].values())
+        assert clean[i]["question"] == raw[i]["question"].strip() and clean[i]["options"] == [o.strip() for o in raw[i]["options"].values()]
+        assert as_given[i]["id"] == clean[i]["id"] and as_given[i]["answer_idx"] == clean[i]["answer_idx"]
+
+
+def _saved_medmcqa(folder: Path) -> Path:
+    raw = [e["data"] for e in json.loads(MEDMCQA_VAL.read_text())][:5]
+    datasets.Dataset.from_list([_medmcqa_hub_row(d) for d in raw]).save_to_disk(str(folder))
+    return folder
+
+
+def test_a_saved_dataset_reads_nothing_outside_its_folder_and_its_key_covers_what_it_reads(tmp_path, monkeypatch):
+    from tasks.qa import QA
+
+    saved = _saved_medmcqa(tmp_path / "medmcqa_dev")
+    [data_file] = json.loads((saved / "state.json").read_text())["_data_files"]
+    # state.json naming a file outside the folder (datasets would open it): refused, naming the entry.
+    state = json.loads((saved / "state.json").read_text())
+    (saved / data_file["filename"]).rename(tmp_path / "outside.arrow")
+    state["_data_files"][0]["filename"] = "../outside.arrow"
+    (saved / "state.json").write_text(json.dumps(state))
+    with pytest.raises(QAFormatError) as e:
+        convert_qa(QAConfig(source=str(saved)), tmp_path / "out")
+    assert str(e.value).startswith(f"{saved / 'state.json'}, _data_files[0]: not a plain name of something in this folder")
+    assert "outside.arrow" not in str(e.value)  # what the file says is never quoted
+
+    # A data file that is a link: keyed by what it points at, and refused outside the data roots.
+    linked = _saved_medmcqa(tmp_path / "linked" / "medmcqa_dev")
+    target = tmp_path / "elsewhere" / "data.arrow"
+    target.parent.mkdir()
+    (linked / data_file["filename"]).rename(target)
+    (linked / data_file["filename"]).symlink_to(target)
+    config = QAConfig(source=str(linked))
+    key = QA.spec({}, config).key
+    assert convert(linked, tmp_path / "out-linked")[0]["records"]["validation"] == 5
+    other = _saved_medmcqa(tmp_path / "other")  # the same layout, other rows
+    target.write_bytes(next(other.glob("*.arrow")).read_bytes().replace(b"Physiology", b"Physiologx"))
+    assert QA.spec({}, config).key != key
+    monkeypatch.setenv("MEDLM_DATA_ROOTS", str(tmp_path / "linked"))
+    with pytest.raises(PermissionError, match=r"\(a link to .*elsewhere/data.arrow\) is outside the folders this process may read \(MEDLM_DATA_ROOTS="):
+        QA.spec({}, config)
+    with pytest.raises(PermissionError, match="MEDLM_DATA_ROOTS"):
+        convert_qa(config, tmp_path / "out-refused")
+
+
+def test_pubmedqa_ground_truth_beside_a_file_is_in_the_key(tmp_path):
+    from tasks.qa import QA
+
+    folder = tmp_path / "pubmedqa"
+    shutil.copytree(PUBMEDQA, folder)
+    config = QAConfig(source=str(folder / "ori_pqal.json"))
+    key = QA.spec({}, config).key
+    truth = json.loads((folder / "test_ground_truth.json").read_text())
+    truth.popitem()
+    (folder / "test_ground_truth.json").write_text(json.dumps(truth))
+    assert QA.spec({}, config).key != key  # the split it decides is read, so it is keyed
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_qa_flow_lets_every_conversion_finish_and_names_each_that_failed(tmp_path, store):
+    from flows.qa import qa
+    from tasks.qa import QASources
+
+    bad = write_jsonl(tmp_path / "x_test.jsonl", [{"question": "q", "answer": "a"}])  # no options: not MedQA
+    state = qa(QASources(medqa=str(bad), pubmedqa=str(PUBMEDQA)), return_state=True)
+    assert state.is_failed() and state.message.endswith(f"{bad}, line 1: no field 'options' or 'option_A' (fields: answer, question); "
+                                                         "expected MedQA records: question, options (or option_A, option_B, ...), answer_idx "
+                                                         "and/or answer (or the hub's sent1, ending0.., label) (the file was read as medqa)")
+    assert [a.label for a in store.ls("qa")] == ["pubmedqa"]  # the other conversion finished, and is kept
+    state = qa(QASources(medqa=str(bad), medmcqa=str(bad)), return_state=True)
+    assert state.is_failed() and "2 QA sources failed: medmcqa: " in state.message and "; medqa: " in state.message
