@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.settings import apply_prefect_defaults
+from storage.config import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = {"cpu": "PubMed ingestion, tokenizing, evaluation", "gpu": "Pretraining and fine-tuning"}
@@ -156,7 +157,7 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="Run configuration whose tables become the deployments' default parameters.")
     parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"Schedule of nightly-ingest (default {NIGHTLY_CRON!r}, {NIGHTLY_TIMEZONE}).")
     parser.add_argument("--gpu-slots", type=int, default=1, help="Runs the gpu pool takes at once (one per GPU).")

@@ -24,11 +24,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from flows.settings import apply_prefect_defaults, project_home
+from flows.settings import apply_prefect_defaults, project_home, wait_healthy
 from storage import default_root
+from storage.config import ArgumentParser
 
 PREFECT = Path(sys.executable).with_name("prefect")
 POOLS = ("cpu", "gpu")
@@ -106,19 +106,6 @@ def stop_all(grace_s: float = 15) -> list[str]:
 # -- up and down ----------------------------------------------------------------------------------------
 
 
-def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    """Poll the API until it answers (`prefect server start` returns seconds before it does)."""
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=2)
-            return
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the Prefect server did not start; {log}:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.5)
-
-
 def up(port: int, deploy_args: list[str]) -> None:
     apply_prefect_defaults()
     if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
@@ -143,7 +130,7 @@ def down(grace_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     start_parser = sub.add_parser("up", help="Start the server, register the deployments, start the workers.")
     start_parser.add_argument("--port", type=int, default=4200)

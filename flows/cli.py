@@ -18,12 +18,11 @@ import json
 import logging
 import os
 import sys
-import threading
 import typing
 from pathlib import Path
 
-from flows.settings import apply_prefect_defaults
-from storage.config import ConfigError, add_config_options, config_values, make_config, read_run_config
+from flows.settings import apply_prefect_defaults, send_prefect_backlog, temporary_server
+from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config
 
 FLOWS = {  # command -> (flow, what it does)
     "ingest": ("flows.ingest:ingest", "Download, parse and snapshot PubMed into the store."),
@@ -75,8 +74,7 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         apply_prefect_defaults()
         if not debug:
             _console_without_tracebacks()
-        server = None if {"-h", "--help"} & set(argv) else _temporary_server_in_background()
-        return _run_flow(command, argv[1:], server) if command in FLOWS else _demo(argv[1:], server)
+        return _run_flow(command, argv[1:]) if command in FLOWS else _demo(argv[1:])
     if command == "train":
         from model.train import main as train_main
 
@@ -89,7 +87,7 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         return _store(argv[1:])
     if command == "lineage":
         return _lineage(argv[1:])
-    parser = argparse.ArgumentParser(prog="medlm", description="medlm: train a medical language model from PubMed, as a Prefect pipeline.")
+    parser = ArgumentParser(prog="medlm", description="medlm: train a medical language model from PubMed, as a Prefect pipeline.")
     parser.add_argument("command", choices=[*FLOWS, *OTHER_COMMANDS], metavar="COMMAND")
     parser.epilog = "commands:\n" + "\n".join(
         f"  {name:<10} {text}" for name, text in [*((n, d) for n, (_, d) in FLOWS.items()), *OTHER_COMMANDS.items()]
@@ -136,7 +134,7 @@ def _description(hint) -> str:
 
 
 def _flow_parser(command: str, flow) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"medlm {command}", description=flow.fn.__doc__ or FLOWS[command][1])
+    parser = ArgumentParser(prog=f"medlm {command}", description=flow.fn.__doc__ or FLOWS[command][1])
     parser.add_argument("--config", metavar="FILE|NAME", help="Run configuration: a TOML file or a name in flows/configs (demo, full).")
     configs, plain = flow_parameters(flow)
     for name, description in plain.items():
@@ -163,35 +161,24 @@ def flow_arguments(flow, args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _temporary_server_in_background() -> threading.Thread | None:
-    """Without PREFECT_API_URL, Prefect starts a temporary server at a flow's first API call and
-    waits ~4 s for it; start that same server now, while the flows (and torch) are imported."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    thread = threading.Thread(target=SubprocessASGIServer().start, daemon=True)
-    thread.start()
-    return thread
-
-
-def _run_flow(command: str, argv: list[str], server: threading.Thread | None = None):
+def _run_flow(command: str, argv: list[str]):
+    """Every option and configuration value is checked (types, bounds, the data paths a run may
+    read) before a Prefect server starts: a wrong value costs the imports, not a server start."""
     flow = _load_flow(command)
-    args = _flow_parser(command, flow).parse_args(argv)
-    kwargs = flow_arguments(flow, args)
-    if server is not None:
-        server.join()  # the flow's client finds it running
-    result = flow(**kwargs)
+    kwargs = flow_arguments(flow, _flow_parser(command, flow).parse_args(argv))
+    with temporary_server():
+        try:
+            result = flow(**kwargs)
+        finally:
+            send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)
     return result
 
 
-def _demo(argv: list[str], server: threading.Thread | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
+def _demo(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
     parser.parse_args(argv)
-    refs = _run_flow("pipeline", ["--config", "demo"], server)
+    refs = _run_flow("pipeline", ["--config", "demo"])
     from flows.finetune import comparison
     from storage import Store
     from storage.lineage import lineage, table, tree_lines
@@ -222,7 +209,7 @@ def _open_store(args):
 
 
 def _store(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="medlm store", description=OTHER_COMMANDS["store"])
+    parser = ArgumentParser(prog="medlm store", description=OTHER_COMMANDS["store"])
     sub = parser.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("ls", help="List the complete artifacts, and what is in quarantine.")
     ls.add_argument("kind", nargs="?", help="Only this kind (download, parse, corpus, ...).")
@@ -247,19 +234,18 @@ def _store(argv: list[str]) -> None:
             for item in quarantined:
                 print(f"{item['ref']:<40} {item['path']}  {item['reasons'][0]}")
     elif args.action == "verify":
-        problems = store.problems(args.ref)
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        if problems:
+        ref = store.resolve(args.ref)
+        if problems := store.problems(ref):
+            print(f"error: {ref} does not verify: " + "; ".join(problems), file=sys.stderr)
             sys.exit(1)
-        print(f"{args.ref}: ok")
+        print(f"{ref}: ok")
     else:
         removed = store.purge_quarantine()
         print(f"deleted {len(removed)} quarantined artifact(s)" + "".join(f"\n  {item['path']}" for item in removed))
 
 
 def _lineage(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="medlm lineage", description=OTHER_COMMANDS["lineage"])
+    parser = ArgumentParser(prog="medlm lineage", description=OTHER_COMMANDS["lineage"])
     parser.add_argument("ref", help="An artifact ref, e.g. pretrain/3f9a...")
     show = parser.add_mutually_exclusive_group()
     show.add_argument("--json", action="store_true", help="Nested JSON instead of a tree.")
@@ -304,7 +290,7 @@ def _refuse_output_in_store(path: str | os.PathLike | None) -> None:
 
 
 def _export_hf(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="medlm export-hf", description=OTHER_COMMANDS["export-hf"])
+    parser = ArgumentParser(prog="medlm export-hf", description=OTHER_COMMANDS["export-hf"])
     parser.add_argument("checkpoint", type=Path, help="A checkpoint artifact folder or a ckpt_NNNNNNN folder.")
     parser.add_argument("out", type=Path, help="Folder to write the Hugging Face model into (outside the store).")
     parser.add_argument("--tokenizer", type=Path, help="Tokenizer folder to copy in (a checkpoint artifact already has one).")

@@ -10,8 +10,18 @@ loggers, which Prefect then shows per run.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def project_home() -> Path:
@@ -36,3 +46,84 @@ def apply_prefect_defaults() -> None:
     for name, value in prefect_env().items():
         os.environ.setdefault(name, value)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+
+def die_with_parent() -> None:
+    """In a child process (``preexec_fn``): get SIGTERM when the thread that started it ends, even
+    by SIGKILL (Linux's parent-death signal), so no server outlives the command that needed it."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Poll the API until it answers (a server answers seconds after it starts)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Prefect server did not start; {log}:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.2)
+
+
+def send_prefect_backlog(timeout_s: float = 30) -> None:
+    """Wait for Prefect's background workers to send the events and run logs they still hold:
+    then a server about to stop has everything, and a command's last line is its own (they
+    otherwise log "Still processing items" on the way out, after it)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
+@contextmanager
+def temporary_server() -> Iterator[str | None]:
+    """A Prefect server for this command's flow runs, on PREFECT_HOME's database, when
+    PREFECT_API_URL names none (yields its API URL, or None when one is named).
+
+    Prefect would start one itself (in a thread, logging on its way out); this one is started
+    from the calling thread with the parent-death signal, so it dies with the command, SIGKILL
+    included, and one command at a time starts a server on one home (a file lock): two first
+    starts would race on the SQLite migration. Its log: PREFECT_HOME/temporary-server.log.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield None
+        return
+    home = Path(os.environ["PREFECT_HOME"])
+    log_path = home / "temporary-server.log"
+    with open(home / "server-start.lock", "w") as lock, open(log_path, "ab") as log:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        ephemeral = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, **ephemeral}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        )
+        api = f"http://127.0.0.1:{port}/api"
+        try:
+            wait_healthy(api, server, log_path, timeout_s=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        except BaseException:
+            server.kill()
+            raise
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield api
+    finally:
+        stop(server)
+
+
+def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM, and SIGKILL after ``grace_s`` seconds if it is still running."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

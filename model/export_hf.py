@@ -18,6 +18,7 @@ import torch
 
 from model.checkpoint import is_hf_folder, load_checkpoint_config, load_model
 from model.model import ModelConfig, Transformer
+from storage.config import ArgumentParser
 from storage.formats import TOKENIZER_FILES
 
 
@@ -143,7 +144,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer_dir: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a ckpt_NNNNNNN folder, or a pretrain artifact folder")
     parser.add_argument("out", help="folder to write the Hugging Face model into")
     parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.json, tokenizer_config.json, ...)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_corpus
+from conftest import DATA, build_corpus
 from flows.cli import main
 from storage import Store
 
@@ -73,9 +73,18 @@ USER_ERRORS = [
         (["ingest", "--baseline-limit", "-1"], "source: baseline_limit: Input should be greater than or equal to 0"),
         (["tokenize", "--vocab-size", "3"], "tokenizer: vocab_size: Input should be greater than or equal to 260"),
         (["tokenize", "--vocab-size", "70000"], "tokenizer: vocab_size: Input should be less than or equal to 65536"),
-        (["ingest", "--source", "ftp://example.org/pubmed"], "unsupported base 'ftp://example.org/pubmed'"),
-        (["ingest", "--source", "/no/such/mirror"], "/no/such/mirror/baseline is not a folder"),
+        (["ingest", "--source", "ftp://example.org/pubmed"], "source: source: 'ftp://example.org/pubmed': expected an http(s) URL"),
+        (["ingest", "--source", "/no/such/mirror"], "source: source: /no/such/mirror is outside the folders this process may read (MEDLM_DATA_ROOTS="),
+        (["ingest", "--source", str(DATA / "no-such-mirror")], f"source: source: {DATA / 'no-such-mirror'} does not exist"),
+        (["ingest", "--source", str(DATA / "pubmed")], f"{DATA / 'pubmed' / 'baseline'} is not a folder"),
+        (["ingest", "--source", "http://127.0.0.1:9/pubmed"], "http://127.0.0.1:9/pubmed is not among the sources this process may download from (MEDLM_SOURCES="),
+        (["ingest", "--exclude-pmids-file", "/etc/passwd"], "corpus: exclude_pmids_file: /etc/passwd is outside the folders this process may read"),
+        (["qa", "--medqa", str(DATA / "medmcqa" / "medmcqa_val.json")], "index 0: no field 'options' or 'option_A' (fields: choice_type, cop, exp, id, opa,"),
+        (["evaluate", "--hf-model", "/root"], "evaluation: hf_model: /root is outside the folders this process may read"),
         (["pipeline", "--config", "no-such-config"], "no run configuration 'no-such-config'"),
+        (["retrain", "--preset", "huge"], "medlm retrain: argument --preset: invalid choice: 'huge'"),
+        (["store", "verify", "corpus/0123456789abcdef0123"], "artifact corpus/0123456789abcdef0123 is not in the store"),
+        (["store", "verify"], "medlm store verify: the following arguments are required: ref"),
 ]
 
 
@@ -91,12 +100,22 @@ def test_a_user_error_is_one_line_and_status_2(prefect_server, tmp_path):
         _, err = run.communicate(timeout=120)
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert run.returncode == 2 and len(lines) == 1 and message in lines[0], (args, err[-2000:])
-        assert "Traceback" not in err, (args, err[-2000:])
+        assert err.splitlines()[-1] == lines[0] and "usage:" not in err, (args, err[-2000:])  # nothing after it, no usage text
+        assert "Traceback" not in err and "CancelledError" not in err, (args, err[-2000:])
+
+
+def test_a_wrong_value_is_refused_before_a_prefect_server_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    for args in (["tokenize", "--vocab-size", "70000"], ["ingest", "--exclude-pmids-file", "/etc/passwd"], ["retrain", "--lr", "x"]):
+        run = subprocess.run([str(MEDLM), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1, run.stderr
+    assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # no server was started for them
 
 
 def test_preset_is_a_choice(capsys):
     status, _, err = medlm(capsys, "retrain", "--preset", "huge")
     assert status == 2 and "invalid choice: 'huge' (choose from 'tiny', 'small', 'base', 'gpt2')" in err
+    assert err.startswith("error: medlm retrain: ") and len(err.splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -129,5 +148,7 @@ def test_the_installed_command_works_in_an_empty_folder(tmp_path):
     [corpus] = Store(tmp_path / ".medlm" / "store").ls("corpus")
     assert run.stdout.strip().splitlines()[-1] == corpus.ref and corpus.summary["documents"] > 0
     assert (tmp_path / ".medlm" / "prefect" / "prefect.db").is_file()
-    # One server: its parse worker processes never start Prefect (they only parse).
-    assert run.stderr.count("Stopping temporary server") == 1, run.stderr[-3000:]
+    # One server, ours: nothing else starts one (Prefect's own says "Starting temporary server"),
+    # and its parse worker processes never start Prefect (they only parse).
+    assert "temporary server" not in run.stderr, run.stderr[-3000:]
+    assert (tmp_path / ".medlm" / "prefect" / "temporary-server.log").is_file()
