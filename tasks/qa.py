@@ -488,6 +488,7 @@ def _pubmedqa(unit: _Unit, config: QAConfig, info: dict) -> Normaliser:
     truth = _ground_truth(unit, config, info)
 
     def normalise(row: dict, pos: _Pos) -> dict:
+        _require(row, unit, pos, ("QUESTION", "pubid"))
         if "QUESTION" in row:  # the original ori_pqal.json / ori_pqaa.json layout
             _require(row, unit, pos, "QUESTION", "CONTEXTS")
             if pos.kind != "key":

@@ -79,7 +79,7 @@ USER_ERRORS = [
         (["ingest", "--source", str(DATA / "pubmed")], f"{DATA / 'pubmed' / 'baseline'} is not a folder"),
         (["ingest", "--source", "http://127.0.0.1:9/pubmed"], "http://127.0.0.1:9/pubmed is not among the sources this process may download from (MEDLM_SOURCES="),
         (["ingest", "--exclude-pmids-file", "/etc/passwd"], "corpus: exclude_pmids_file: /etc/passwd is outside the folders this process may read"),
-        (["qa", "--medqa", str(DATA / "medmcqa" / "medmcqa_val.json")], "index 0: no field 'options' or 'option_A' (fields: choice_type, cop, exp, id, opa,"),
+        (["qa", "--pubmedqa", str(DATA / "medmcqa" / "medmcqa_val.json"), "--medqa", str(DATA / "medqa")], "index 0: no field 'QUESTION' or 'pubid' (fields: choice_type, cop, exp, id, opa,"),
         (["evaluate", "--hf-model", "/root"], "evaluation: hf_model: /root is outside the folders this process may read"),
         (["pipeline", "--config", "no-such-config"], "no run configuration 'no-such-config'"),
         (["retrain", "--preset", "huge"], "medlm retrain: argument --preset: invalid choice: 'huge'"),
