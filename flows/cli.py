@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -37,7 +38,7 @@ OTHER_COMMANDS = {
     "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
     "train": "Pretrain without Prefect (the flags of `python -m model.train`; try `medlm train --help`).",
     "export-hf": "Export a checkpoint so transformers' AutoModelForCausalLM / AutoTokenizer load it.",
-    "store": "Inspect the artifact store: ls, verify, purge.",
+    "store": "Inspect and tidy the artifact store: ls, verify, gc, pin, unpin, purge.",
     "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
 }
 
@@ -46,14 +47,28 @@ class UsageError(Exception):
     """What the user asked for cannot be done as asked; the message says what to do instead."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: the command stops as on Ctrl-C (a flow run is marked Crashed, not left
+    Running; the temporary server stops), then exits at once with 143, whatever threads still run."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MEDLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _dispatch(argv, debug)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Terminated:
+        print("error: stopped by SIGTERM", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(143)  # a task's thread may still wait on a child (which the parent-death signal ends)
     except Exception as error:
         if debug:
             raise
@@ -216,7 +231,17 @@ def _store(argv: list[str]) -> None:
     verify = sub.add_parser("verify", help="Re-hash every file of an artifact against its manifest.")
     verify.add_argument("ref")
     purge = sub.add_parser("purge", help="Delete the artifacts in quarantine (moved aside after failing a check).")
-    for p in (ls, verify, purge):
+    gc = sub.add_parser("gc", help="Remove old artifacts that nothing kept needs (a dry run unless --yes).")
+    gc.add_argument("--keep-last", type=int, required=True, metavar="N", help="Keep the newest N artifacts of each kind, and everything they came from.")
+    gc.add_argument("--kind", action="append", dest="kinds", metavar="KIND", help="Only remove artifacts of this kind (repeatable) [default: every kind].")
+    gc.add_argument("--min-age-hours", type=float, default=24, help="Never remove an artifact younger than this [default: 24].")
+    pin = sub.add_parser("pin", help="Keep an artifact (and everything it came from) whatever gc decides.")
+    unpin = sub.add_parser("unpin", help="Let gc decide about an artifact again.")
+    for p in (pin, unpin):
+        p.add_argument("ref")
+    purge.add_argument("--yes", action="store_true", help="Delete without asking.")
+    gc.add_argument("--yes", action="store_true", help="Remove them (without it: a dry run, which only lists them).")
+    for p in (ls, verify, purge, gc, pin, unpin):
         _store_argument(p)
     args = parser.parse_args(argv)
     store = _open_store(args)
@@ -239,9 +264,33 @@ def _store(argv: list[str]) -> None:
             print(f"error: {ref} does not verify: " + "; ".join(problems), file=sys.stderr)
             sys.exit(1)
         print(f"{ref}: ok")
+    elif args.action == "purge":
+        quarantined = store.quarantined()
+        if quarantined and _confirmed(f"delete the {len(quarantined)} quarantined artifact(s) in {store.root / '.quarantine'}?", args.yes):
+            removed = store.purge_quarantine()
+            print(f"deleted {len(removed)} quarantined artifact(s)" + "".join(f"\n  {item['path']}" for item in removed))
+        elif not quarantined:
+            print("nothing in quarantine")
+    elif args.action == "gc":
+        from storage.retention import plan_removal, remove
+
+        plan = plan_removal(store, args.keep_last, kinds=args.kinds, min_age_s=args.min_age_hours * 3600)
+        print("\n".join(plan.lines()))
+        if args.yes:
+            print(f"removed {len(remove(store, plan))} artifact(s)")
+        elif plan.remove:
+            print("a dry run: nothing was removed (--yes removes them)")
     else:
-        removed = store.purge_quarantine()
-        print(f"deleted {len(removed)} quarantined artifact(s)" + "".join(f"\n  {item['path']}" for item in removed))
+        print(f"pinned {store.pin(args.ref)}" if args.action == "pin" else f"unpinned {store.unpin(args.ref)}")
+
+
+def _confirmed(question: str, yes: bool) -> bool:
+    """--yes, or the user's answer at a terminal; without either, one line saying how."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} Nothing was deleted: give --yes to do it without asking")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 def _lineage(argv: list[str]) -> None:

@@ -10,11 +10,8 @@ loggers, which Prefect then shows per run.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +19,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from storage.processes import die_with_parent, free_port, stop
 
 
 def project_home() -> Path:
@@ -46,12 +45,6 @@ def apply_prefect_defaults() -> None:
     for name, value in prefect_env().items():
         os.environ.setdefault(name, value)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-
-
-def die_with_parent() -> None:
-    """In a child process (``preexec_fn``): get SIGTERM when the thread that started it ends, even
-    by SIGKILL (Linux's parent-death signal), so no server outlives the command that needed it."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
@@ -97,9 +90,7 @@ def temporary_server() -> Iterator[str | None]:
     log_path = home / "temporary-server.log"
     with open(home / "server-start.lock", "w") as lock, open(log_path, "ab") as log:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         ephemeral = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own
         server = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
@@ -117,13 +108,3 @@ def temporary_server() -> Iterator[str | None]:
             yield api
     finally:
         stop(server)
-
-
-def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """SIGTERM, and SIGKILL after ``grace_s`` seconds if it is still running."""
-    process.terminate()
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

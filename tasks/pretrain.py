@@ -21,6 +21,7 @@ from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, RUN_FILES, finished_summ
 from model.train import TrainConfig, format_record, train
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
 from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
+from storage.processes import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("medlm.pretrain")
@@ -46,7 +47,7 @@ def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path) -> 
     log.info("launching %s", " ".join(command))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent) as proc:
         for line in proc.stdout:
             tail.append(line.rstrip())
             log.info("%s", tail[-1])

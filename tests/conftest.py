@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import die_with_parent, prefect_env, stop, wait_healthy
+from flows.settings import prefect_env, wait_healthy
+from storage.processes import die_with_parent, free_port, stop
 from ncbi_server import URL as NCBI_TEST_URL
-from ncbi_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"

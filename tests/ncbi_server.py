@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from storage.processes import free_port
+
 # Listing entries a hostile or broken index could contain; a client must never follow them.
 HOSTILE_HREFS = (
     "../etc/passwd",
@@ -40,12 +42,6 @@ HOSTILE_HREFS = (
     "pubmed25n" + "9" * 100_000 + ".xml.gz",  # a name too long to log whole
 )
 WRONG_MD5 = "0" * 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PORT = free_port()

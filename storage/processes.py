@@ -1,0 +1,32 @@
+"""Child processes that end with their parent, and ports to give them: helpers for every layer
+(the CLI's temporary Prefect server, torchrun launchers, test servers)."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """In a child process (``preexec_fn``): get SIGTERM when the thread that started it ends, even
+    by SIGKILL (Linux's parent-death signal), so no server outlives the command that needed it."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM, and SIGKILL after ``grace_s`` seconds if it is still running."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
