@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PORT ?= 4200
 CONFIG ?=
+DB ?= postgres
 DEPLOY_ARGS ?=
 
 .PHONY: venv demo test up down clean
@@ -27,13 +28,14 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-# A Prefect server on 127.0.0.1:$(PORT) (UI origin only, CSRF on), the deployments (default
+# A Prefect server on 127.0.0.1:$(PORT) (UI origin only, CSRF on) on PostgreSQL (a cluster of
+# our own in .medlm/postgres; DB=sqlite for the embedded SQLite), the deployments (default
 # parameters from CONFIG, a run configuration, if given; DEPLOY_ARGS for the rest of
 # `python -m deployments.deploy --help`), and a worker per work pool.
 up: venv
-	$(PY) -m deployments.serve up --port $(PORT) $(if $(CONFIG),--config $(CONFIG)) $(DEPLOY_ARGS)
+	$(PY) -m deployments.serve up --port $(PORT) --database $(DB) $(if $(CONFIG),--config $(CONFIG)) $(DEPLOY_ARGS)
 
-# Stops exactly the processes `make up` started (recorded in .medlm/run/).
+# Stops exactly the processes `make up` started (recorded in .medlm/run/), and the PostgreSQL cluster.
 down:
 	$(PY) -m deployments.serve down
 

@@ -1,7 +1,11 @@
-"""`make up` / `make down`: a Prefect server on loopback, medlm's deployments, a worker per pool.
+"""`make up` / `make down`: a Prefect server on loopback, on PostgreSQL, medlm's deployments, a worker per pool.
 
-    python -m deployments.serve up [--port 4200] [options of deployments.deploy: --config RUN_CONFIG, --gpu-slots N, ...]
+    python -m deployments.serve up [--port 4200] [--database postgres|sqlite] [options of deployments.deploy: --config RUN_CONFIG, ...]
     python -m deployments.serve down
+
+The server's database is a PostgreSQL cluster of our own (deployments/postgres.py: SQLite locks
+under concurrent runs), or the database PREFECT_SERVER_DATABASE_CONNECTION_URL names, or with
+`--database sqlite` the embedded SQLite file in PREFECT_HOME.
 
 The server is locked down for a browser on the same machine: the API answers only the UI's own
 origin (CORS) and every write needs a CSRF token, so a web page open in the user's browser cannot
@@ -26,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from deployments import postgres
 from flows.settings import apply_prefect_defaults, project_home, wait_healthy
 from storage import default_root
 from storage.config import ArgumentParser
@@ -106,12 +111,19 @@ def stop_all(grace_s: float = 15) -> list[str]:
 # -- up and down ----------------------------------------------------------------------------------------
 
 
-def up(port: int, deploy_args: list[str]) -> None:
+def up(port: int, database: str, deploy_args: list[str]) -> None:
     apply_prefect_defaults()
     if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
         raise SystemExit("already up: run `make down` first")
     run_dir().mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **server_env(port)}
+    if os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+        print("database: PREFECT_SERVER_DATABASE_CONNECTION_URL's", flush=True)
+    elif database == "postgres":
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = postgres.start()
+        print(f"database: PostgreSQL in {postgres.cluster_dir()}", flush=True)
+    else:
+        print(f"database: SQLite in {os.environ['PREFECT_HOME']}", flush=True)
     server = start("server", [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
     api = f"http://127.0.0.1:{port}/api"
     print(f"waiting for the Prefect server on 127.0.0.1:{port} ...", flush=True)
@@ -127,6 +139,8 @@ def up(port: int, deploy_args: list[str]) -> None:
 def down(grace_s: float) -> None:
     for line in stop_all(grace_s):
         print(line)
+    if postgres.stop():
+        print(f"stopped PostgreSQL ({postgres.cluster_dir()})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,10 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     start_parser = sub.add_parser("up", help="Start the server, register the deployments, start the workers.")
     start_parser.add_argument("--port", type=int, default=4200)
+    start_parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
+                              help="The server's database (PREFECT_SERVER_DATABASE_CONNECTION_URL, if set, wins) [default: postgres].")
     stop_parser = sub.add_parser("down", help="Stop exactly the processes `up` started.")
     stop_parser.add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
     args, deploy_args = parser.parse_known_args(argv)  # the rest goes to deployments.deploy (--config, --gpu-slots, ...)
-    up(args.port, deploy_args) if args.action == "up" else down(args.grace)
+    up(args.port, args.database, deploy_args) if args.action == "up" else down(args.grace)
 
 
 if __name__ == "__main__":

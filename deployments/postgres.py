@@ -1,0 +1,137 @@
+"""The served stack's database: a PostgreSQL cluster of our own, started and stopped by `make up` and
+`make down` like the server (SQLite stays for `make demo` and one-shot commands).
+
+Prefect on SQLite locks under concurrent runs: 20 flows of 20 tasks at once took 81-139 s on
+SQLite, with "database is locked" in the server's log, and 21 s on PostgreSQL 15 with no lock
+(benchmarks/prefect_database.py, 2 cores; an earlier session saw SQLite refuse 2 of 20 runs with
+503). Prefect needs PostgreSQL >= 14.9 and the pg_trgm extension, which its migration creates
+(we are the cluster's superuser).
+
+The cluster lives in MEDLM_POSTGRES_DIR (default: .medlm/postgres): `data/` (initdb's), `port`
+(chosen once, so psql finds it again), `password` (0600, random: the cluster listens on loopback
+only, and asks every connection for it). PostgreSQL refuses to run as root, so when we are root
+initdb and pg_ctl run as the `postgres` user, which must be able to reach the folder. With
+PREFECT_SERVER_DATABASE_CONNECTION_URL set, `make up` uses that database instead and starts none.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+from flows.settings import project_home
+from storage.processes import free_port
+
+MIN_VERSION = (14, 9)
+DATABASE = "prefect"
+SUPERUSER = "postgres"
+
+
+class PostgresError(RuntimeError):
+    """The cluster could not be made or started; the message says what to do."""
+
+
+def cluster_dir() -> Path:
+    return Path(os.environ.get("MEDLM_POSTGRES_DIR") or project_home() / "postgres").resolve()
+
+
+def bin_dir() -> Path:
+    """The newest PostgreSQL's programs: Debian's /usr/lib/postgresql/N/bin, else pg_ctl's folder on PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    pg_ctl = found[-1] if found else shutil.which("pg_ctl")
+    if not pg_ctl:
+        raise PostgresError(
+            "PostgreSQL is not installed: `apt-get install -y postgresql` (Debian), or set PREFECT_SERVER_DATABASE_CONNECTION_URL "
+            "to an existing database (postgresql+asyncpg://...), or `make up DB=sqlite` for the embedded SQLite"
+        )
+    folder = Path(pg_ctl).parent
+    version = subprocess.run([str(folder / "pg_ctl"), "--version"], capture_output=True, text=True, check=True).stdout
+    numbers = tuple(int(n) for n in re.search(r"(\d+)\.(\d+)", version).groups())
+    if numbers < MIN_VERSION:
+        raise PostgresError(f"{version.strip()} is older than Prefect needs ({'.'.join(map(str, MIN_VERSION))}); install a newer PostgreSQL")
+    return folder
+
+
+def _as_owner() -> dict:
+    """Popen arguments that run a PostgreSQL program as the cluster's owner: ourselves, or the
+    `postgres` user when we are root (PostgreSQL will not run as root)."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        user = pwd.getpwnam(SUPERUSER)
+    except KeyError:
+        raise PostgresError("running as root, and there is no `postgres` user to run PostgreSQL as (Debian's package creates it)") from None
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, **_as_owner(), **kwargs)
+
+
+def _init(folder: Path, bins: Path) -> None:
+    """initdb a new cluster in folder/data, owned by whoever runs PostgreSQL, with a random password."""
+    folder.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(24)
+    secret = folder / "password"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    owner = _as_owner()
+    pwfile = folder / "initdb-password"  # readable by the owner only, removed once initdb has read it
+    pwfile.write_text(password + "\n")
+    if owner:
+        os.chown(folder, owner["user"], owner["group"])
+        os.chown(pwfile, owner["user"], owner["group"])
+    pwfile.chmod(0o600)
+    try:
+        done = _run([str(bins / "initdb"), "-D", str(folder / "data"), "-U", SUPERUSER, "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"])
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        unreachable = "Permission denied" in done.stderr and owner
+        raise PostgresError(
+            f"initdb in {folder / 'data'} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+            + ("; the postgres user cannot reach that folder: set MEDLM_POSTGRES_DIR to one it can (e.g. under /var/tmp)" if unreachable else "")
+        )
+    (folder / "port").write_text(f"{free_port()}\n")
+
+
+def running(folder: Path | None = None) -> bool:
+    folder = folder or cluster_dir()
+    if not (folder / "data" / "PG_VERSION").is_file():
+        return False
+    return _run([str(bin_dir() / "pg_ctl"), "-D", str(folder / "data"), "status"]).returncode == 0
+
+
+def start(folder: Path | None = None) -> str:
+    """Make (once) and start the cluster, create the database; its SQLAlchemy URL for Prefect."""
+    folder, bins = folder or cluster_dir(), bin_dir()
+    if not (folder / "data" / "PG_VERSION").is_file():
+        _init(folder, bins)
+    port = int((folder / "port").read_text())
+    if not running(folder):
+        options = f"-p {port} -k {folder / 'data'} -c listen_addresses=127.0.0.1"
+        done = _run([str(bins / "pg_ctl"), "-D", str(folder / "data"), "-o", options, "-l", str(folder / "data" / "server.log"), "-w", "start"])
+        if done.returncode != 0:
+            log = (folder / "data" / "server.log").read_text()[-2000:] if (folder / "data" / "server.log").exists() else ""
+            raise PostgresError(f"PostgreSQL did not start on 127.0.0.1:{port}: {done.stderr.strip() or done.stdout.strip()}\n{log}")
+    password = (folder / "password").read_text().strip()
+    env = {**os.environ, "PGPASSWORD": password}
+    psql = [str(bins / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", SUPERUSER, "-d", "postgres", "-tAc"]
+    exists = subprocess.run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"], env=env, capture_output=True, text=True, check=True)
+    if exists.stdout.strip() != "1":
+        subprocess.run([*psql, f"CREATE DATABASE {DATABASE}"], env=env, capture_output=True, text=True, check=True)
+    return f"postgresql+asyncpg://{SUPERUSER}:{password}@127.0.0.1:{port}/{DATABASE}"
+
+
+def stop(folder: Path | None = None) -> bool:
+    """Stop the cluster if it runs; whether it did."""
+    folder = folder or cluster_dir()
+    if not running(folder):
+        return False
+    _run([str(bin_dir() / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w", "stop"], check=True)
+    return True
