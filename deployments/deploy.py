@@ -5,8 +5,9 @@ PREFECT_API_URL points at.
                                  [--retrain-after-ingest] [--reset]
 
 Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
-(cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, `evaluate/evaluate` and
-`pipeline/pipeline`, to run from the UI or `prefect deployment run`.
+(cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, `evaluate/evaluate`,
+`pipeline/pipeline` and `store-gc/nightly-gc` (its schedule registered off), to run from the UI
+or `prefect deployment run`.
 A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
 mirror as the nightly source: that file is the place for changes you want to keep.
 
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 POOLS = {"cpu": "PubMed ingestion, tokenizing, evaluation", "gpu": "Pretraining and fine-tuning"}
 NIGHTLY_CRON = "0 6 * * *"  # NCBI posts the day's update files overnight (US Eastern); 06:00 UTC follows them
 NIGHTLY_TIMEZONE = "UTC"
+GC_CRON = "0 8 * * *"  # after the nightly ingest
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,19 @@ class Deployment:
     pool: str
     description: str
     tags: tuple[str, ...]
-    scheduled: bool = False  # the nightly cron
+    cron: str | None = None  # a schedule (nightly-ingest's is --cron)
+    schedule_on: bool = True  # registered switched on (off: a user switches it on in the UI)
 
 
 DEPLOYMENTS = (
-    Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot, every night.", ("ingest",), scheduled=True),
+    Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot, every night.", ("ingest",), cron=NIGHTLY_CRON),
     Deployment("flows/tokenizing.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
     Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", ("pretrain",)),
     Deployment("flows/finetune.py:finetune", "finetune", "gpu", "Fine-tune a checkpoint (full or LoRA) through a curriculum of QA sources, evaluating every stage.", ("finetune", "evaluate")),
     Deployment("flows/evaluate.py:evaluate", "evaluate", "gpu", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks.", ("evaluate",)),
     Deployment("flows/pipeline.py:pipeline", "pipeline", "gpu", "The whole DAG: ingest, tokenize, pretrain, fine-tune, evaluate (a run configuration's tables as its parameters).", ("pipeline",)),
+    Deployment("flows/store_gc.py:store_gc", "nightly-gc", "cpu", "Remove old artifacts nothing kept needs (switch the schedule on, and dry_run off, to run it each night).",
+               ("store",), cron=GC_CRON, schedule_on=False),
 )
 # retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.
 FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "retrain/retrain"))
@@ -143,11 +148,12 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
             continue
         configs, _ = flow_parameters(flow)
         parameters = {name: tables[name] for name in configs if name in tables}
-        if d.scheduled:  # once the baseline is in, a night lists and fetches only the new update files
+        if d.cron == NIGHTLY_CRON:  # once the baseline is in, a night lists and fetches only the new update files
             parameters["source"] = {"new_files_only": True, **parameters.get("source", {})}
+        schedule = cron if d.cron == NIGHTLY_CRON else d.cron
         deployment_id = flow.deploy(
             name=d.name, work_pool_name=d.pool, parameters=parameters,
-            schedules=[Cron(cron, timezone=NIGHTLY_TIMEZONE)] if d.scheduled else None, tags=list(d.tags),
+            schedules=[Cron(schedule, timezone=NIGHTLY_TIMEZONE, active=d.schedule_on)] if schedule else None, tags=list(d.tags),
             description=d.description, print_next_steps=False,
         )
         asyncio.run(_stamp(deployment_id))

@@ -37,6 +37,8 @@ DEFAULT_ROOT = Path(".medlm") / "store"
 KEY_LENGTH = 20  # hex chars of sha256: 80 bits, no collisions at any corpus size we will see
 QUARANTINE = ".quarantine"
 VERIFIED = ".verified"
+PINS = ".pins"
+LOCKS = ".locks"
 _WRITE_BITS = stat_module.S_IWUSR | stat_module.S_IWGRP | stat_module.S_IWOTH
 
 log = logging.getLogger("medlm.store")
@@ -348,8 +350,10 @@ class Store:
         return self.root / spec.kind / f"{spec.key}.partial"
 
     @contextmanager
-    def _lock(self, kind: str, key: str) -> Iterator[None]:
-        lock_dir = self.root / kind / ".locks"
+    def _lock(self, kind: str, key: str, reads: Sequence[str] = ()) -> Iterator[None]:
+        """The key's build lock; while it is held, the lock file lists the artifacts the build
+        reads (``reading_now``: what retention must not remove)."""
+        lock_dir = self.root / kind / LOCKS
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f"{key}.lock", "a+") as f:
             try:
@@ -357,7 +361,57 @@ class Store:
             except BlockingIOError:
                 # Another process (or thread) is building the same artifact; wait for it.
                 fcntl.flock(f, fcntl.LOCK_EX)
+            f.truncate(0)
+            f.write(json.dumps(list(reads)))
+            f.flush()
             yield
+
+    def reading_now(self) -> set[str]:
+        """The artifacts that builds running now (in any process) read: their locks are held."""
+        reads: set[str] = set()
+        for lock in self.root.glob(f"*/{LOCKS}/*.lock"):
+            with open(lock, "a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    try:
+                        reads.update(json.loads(f.read() or "[]"))
+                    except json.JSONDecodeError:  # caught between its truncate and its write: look again
+                        return self.reading_now()
+        return reads
+
+    # -- pins and removal ----------------------------------------------------------------------
+
+    def pin(self, ref: str) -> str:
+        """Keep ``ref`` (and so its ancestors) whatever retention decides; its full ref."""
+        ref = self.require(ref).ref
+        path = self.root / PINS / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        return ref
+
+    def unpin(self, ref: str) -> str:
+        ref = self.resolve(ref)
+        (self.root / PINS / ref).unlink(missing_ok=True)
+        return ref
+
+    def pinned(self) -> set[str]:
+        return {f"{p.parent.name}/{p.name}" for p in self.root.glob(f"{PINS}/*/*")}
+
+    def remove(self, ref: str) -> None:
+        """Delete a complete artifact (retention's, on the user's request): it disappears in one
+        rename, then its files are deleted; a file hard-linked from another artifact stays there."""
+        kind, key = _split(ref)
+        trash = self.root / ".trash" / f"{kind}-{key}.{os.getpid()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock(kind, key):
+            source = self.path(kind, key)
+            source.chmod(source.stat().st_mode | stat_module.S_IWUSR)  # moving a folder rewrites its ".." entry
+            os.rename(source, trash)
+        remove_tree(trash)
+        self._verified_cache(kind, key).path.unlink(missing_ok=True)
+        (self.root / PINS / kind / key).unlink(missing_ok=True)
 
     def get_or_build(
         self,
@@ -382,7 +436,7 @@ class Store:
         """
         if artifact := self.get(spec.kind, spec.key):
             return replace(artifact, reused=True)
-        with self._lock(spec.kind, spec.key):
+        with self._lock(spec.kind, spec.key, reads=[*spec.parents, *also_reads]):
             manifest, problems = self._check(spec.kind, spec.key, hash_files=False)
             if not problems:  # built while we waited
                 return replace(Artifact(spec.kind, spec.key, self.path(spec.kind, spec.key), manifest), reused=True)

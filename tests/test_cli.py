@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,33 @@ def test_store_ls_lineage_verify_and_purge(tmp_path, capsys):
         store.verified(corpus.ref)
     status, listing, _ = medlm(capsys, "store", "ls", *args)
     assert "quarantined" in listing and corpus.ref in listing.split("quarantined")[1]
-    status, out, _ = medlm(capsys, "store", "purge", *args)
+    status, _, err = medlm(capsys, "store", "purge", *args)  # not at a terminal: nothing to ask, nothing deleted
+    assert status == 2 and "Nothing was deleted: give --yes" in err and len(store.quarantined()) == 1
+    status, out, _ = medlm(capsys, "store", "purge", "--yes", *args)
     assert status == 0 and "deleted 1 quarantined artifact" in out and store.quarantined() == []
+
+
+def test_store_gc_is_a_dry_run_unless_told_and_keeps_what_is_pinned(tmp_path, capsys):
+    store = Store(tmp_path / "store")
+    corpus = build_corpus(store)
+    args = ["--store", str(store.root), "--keep-last", "1", "--min-age-hours", "0"]
+    downloads = store.ls("download")
+    status, out, _ = medlm(capsys, "store", "gc", *args)  # the corpus keeps every file it came from
+    assert status == 0 and out.strip().endswith("0 artifact(s), 0 B freed; 5 kept")
+    status, out, _ = medlm(capsys, "store", "pin", f"{downloads[0].ref[:20]}", "--store", str(store.root))
+    assert out.strip() == f"pinned {downloads[0].ref}"
+    # A second snapshot, of one file: the first corpus and the other file's parse and download may go.
+    from tasks.corpus import CORPUS, CorpusConfig
+
+    parsed = [p for p in store.ls("parse") if p.parents == [downloads[0].ref]]
+    newer = CORPUS.run(store, {"parsed": parsed}, CorpusConfig(min_abstract_chars=0))
+    status, out, _ = medlm(capsys, "store", "gc", *args)
+    gone = [line.split()[0] for line in out.splitlines()[:-2]]
+    assert status == 0 and gone == [corpus.ref] and "a dry run: nothing was removed (--yes removes them)" in out
+    assert store.get(corpus.ref) is not None
+    status, out, _ = medlm(capsys, "store", "gc", *args, "--yes")
+    assert status == 0 and out.strip().endswith("removed 1 artifact(s)") and store.get(corpus.ref) is None
+    assert [a.ref for a in store.ls("corpus")] == [newer.ref] and len(store.ls("download")) == 2  # the other is the newest download
 
 
 MEDLM = Path(sys.executable).with_name("medlm")
@@ -152,3 +179,69 @@ def test_the_installed_command_works_in_an_empty_folder(tmp_path):
     # and its parse worker processes never start Prefect (they only parse).
     assert "temporary server" not in run.stderr, run.stderr[-3000:]
     assert (tmp_path / ".medlm" / "prefect" / "temporary-server.log").is_file()
+
+
+def _servers_of(pid: int) -> list[int]:
+    """The temporary Prefect servers (uvicorn) that process ``pid`` started and that still run."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and b"uvicorn" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue  # a process that ended while we looked
+    return found
+
+
+def _gone(pids: list[int], timeout_s: float = 15) -> bool:
+    deadline = time.time() + timeout_s
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:1] for pid in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_and_no_running_run(tmp_path):
+    """Two first starts on one home at once (they would race on the SQLite migration); then a
+    command killed with SIGKILL, and one stopped with SIGTERM, while they ingest."""
+    from conftest import MIRROR, PUBMED
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}
+    both = [subprocess.Popen([str(MEDLM), "qa", "--pubmedqa", str(PUBMED.parent / "pubmedqa")], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in both:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+
+    for signal_sent, status in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143)):
+        run = subprocess.Popen([str(MEDLM), "ingest", "--source", str(MIRROR), "--workers", "1"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in run.stderr:  # the flow run has begun: its server is up
+            if "Beginning flow run" in line:
+                break
+        servers = _servers_of(run.pid)
+        assert len(servers) == 1
+        run.send_signal(signal_sent)
+        assert run.wait(timeout=60) == status
+        rest = run.stderr.read()
+        assert _gone(servers), f"the temporary server outlived its command ({signal_sent.name})"
+        if signal_sent == signal.SIGTERM:
+            assert rest.strip().splitlines()[-1] == "error: stopped by SIGTERM", rest[-2000:]
+
+    script = (
+        "import asyncio\n"
+        "from flows.settings import apply_prefect_defaults, temporary_server\n"
+        "apply_prefect_defaults()\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        "        runs = await client.read_flow_runs()\n"
+        "        print(sorted((r.expected_start_time.isoformat(), r.flow_id.hex, r.state.type.value) for r in runs)[-1][2])\n"
+        "with temporary_server():\n"
+        "    asyncio.run(main())\n"
+    )
+    state = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
+                           capture_output=True, text=True, timeout=120)
+    assert state.stdout.strip() == "CRASHED", state.stderr[-2000:]  # the stopped run, not left Running

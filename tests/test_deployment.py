@@ -61,7 +61,7 @@ def workers(prefect_server, tmp_path):
         yield store
 
 
-DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline")
+DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline", "store-gc/nightly-gc")
 
 
 def worker_logs(tmp_path) -> str:

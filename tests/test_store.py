@@ -390,3 +390,64 @@ def test_a_build_whose_worker_process_dies_fails_by_name_and_publishes_nothing(s
         with pytest.raises(ArtifactError, match="doomed pubmed25n0001.xml.gz: the worker process building it ended abruptly .* Run again"):
             doomed.run(store, {}, _NoConfig(), build_in=pool)
     assert store.ls("doomed") == []
+
+
+def test_a_unique_prefix_names_an_artifact_and_an_ambiguous_one_lists_the_matches(store):
+    built = [store.get_or_build(ArtifactSpec("corpus", "1", {"n": n}), write_files({"a.txt": b"x"})) for n in range(40)]
+    one = built[0]
+    assert store.resolve(one.ref) == one.ref and store.require(f"corpus/{one.key[:8]}").ref == one.ref
+    shared = next(k for k in "0123456789abcdef" if sum(a.key.startswith(k) for a in built) > 1)
+    with pytest.raises(ArtifactError, match=rf"corpus/{shared} is ambiguous in the store at .*: corpus/{shared}"):
+        store.resolve(f"corpus/{shared}")
+    with pytest.raises(ArtifactError, match="corpus/zz is not in the store"):
+        store.resolve("corpus/zz")
+
+
+def test_retention_keeps_the_newest_their_ancestors_pins_and_what_a_running_build_reads(store):
+    import threading
+
+    from storage.retention import plan_removal, remove
+
+    def build(kind: str, name: str, parents: tuple[str, ...] = ()):
+        return store.get_or_build(ArtifactSpec(kind, "1", {"name": name}, parents), write_files({f"{name}.txt": name.encode() * 1000}))
+
+    r1, r2, r3 = (build("raw", f"r{i}") for i in (1, 2, 3))
+    d1, d2 = build("derived", "d1", (r1.ref,)), build("derived", "d2", (r2.ref,))
+    d3 = build("derived", "d3", (r3.ref, r1.ref))
+
+    plan = plan_removal(store, keep_last=1, min_age_s=0)
+    assert [a.ref for a in plan.remove] == [d1.ref, d2.ref, r2.ref]  # children before parents
+    assert plan.kept == {r3.ref: "one of the 1 newest raw", d3.ref: "one of the 1 newest derived", r1.ref: f"an ancestor of {d3.ref}"}
+    assert plan_removal(store, keep_last=1).remove == []  # all younger than the default minimum age (24 h)
+    assert [a.ref for a in plan_removal(store, keep_last=1, kinds=["derived"], min_age_s=0).remove] == [d1.ref, d2.ref]
+    assert plan_removal(store, keep_last=1, kinds=["raw"], min_age_s=0).remove == []  # r2 is d2's parent, and d2 stays
+
+    store.pin(f"derived/{d1.key[:10]}")
+    assert [a.ref for a in plan_removal(store, keep_last=1, min_age_s=0).remove] == [d2.ref, r2.ref]
+
+    # A build running now that reads r2 keeps it (its lock names what it reads), whatever else holds.
+    started, release = threading.Event(), threading.Event()
+
+    def slow(work: Path) -> dict:
+        started.set()
+        release.wait(30)
+        (work / "x.txt").write_text("x")
+        return {}
+
+    reader = threading.Thread(target=store.get_or_build, args=(ArtifactSpec("derived", "1", {"name": "d4"}, (r2.ref,)), slow))
+    reader.start()
+    started.wait(30)
+    try:
+        plan = plan_removal(store, keep_last=1, min_age_s=0)
+        assert [a.ref for a in plan.remove] == [d2.ref] and plan.kept[r2.ref] == "read by a build running now"
+    finally:
+        release.set()
+        reader.join()
+
+    plan = plan_removal(store, keep_last=2, min_age_s=0)  # d4 is now the newest derived: d3 and d4 stay
+    assert [a.ref for a in plan.remove] == [d2.ref] and plan.bytes_freed == 2000
+    assert remove(store, plan) == [d2.ref]
+    assert store.get(d2.ref) is None and r2.path.is_dir()
+    for artifact in store.ls():
+        assert store.problems(artifact.ref) == [], artifact.ref
+    assert not (store.root / ".trash").exists() or not list((store.root / ".trash").iterdir())
