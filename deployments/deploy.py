@@ -6,8 +6,8 @@ PREFECT_API_URL points at.
 
 Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
 (cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, `evaluate/evaluate`,
-`pipeline/pipeline` and `store-gc/nightly-gc` (its schedule registered off), to run from the UI
-or `prefect deployment run`.
+`pipeline/pipeline`, `join/join` (a multi-node run's other machines) and `store-gc/nightly-gc`
+(its schedule registered off), to run from the UI or `prefect deployment run`.
 A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
 mirror as the nightly source: that file is the place for changes you want to keep.
 
@@ -55,6 +55,7 @@ DEPLOYMENTS = (
     Deployment("flows/finetune.py:finetune", "finetune", "gpu", "Fine-tune a checkpoint (full or LoRA) through a curriculum of QA sources, evaluating every stage.", ("finetune", "evaluate")),
     Deployment("flows/evaluate.py:evaluate", "evaluate", "gpu", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks.", ("evaluate",)),
     Deployment("flows/pipeline.py:pipeline", "pipeline", "gpu", "The whole DAG: ingest, tokenize, pretrain, fine-tune, evaluate (a run configuration's tables as its parameters).", ("pipeline",)),
+    Deployment("flows/join.py:join", "join", "gpu", "This machine's part of a multi-node training run (train.nodes > 1) another machine's stage started: give its rdzv_id.", ("pretrain",)),
     Deployment("flows/store_gc.py:store_gc", "nightly-gc", "cpu", "Remove old artifacts nothing kept needs (switch the schedule on, and dry_run off, to run it each night).",
                ("store",), cron=GC_CRON, schedule_on=False),
 )

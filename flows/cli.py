@@ -37,6 +37,7 @@ FLOWS = {  # command -> (flow, what it does)
 OTHER_COMMANDS = {
     "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
     "train": "Pretrain without Prefect (the flags of `python -m model.train`; try `medlm train --help`).",
+    "join": "Join, from this machine, a multi-node training run another node's stage started (--nodes N).",
     "export-hf": "Export a checkpoint so transformers' AutoModelForCausalLM / AutoTokenizer load it.",
     "store": "Inspect and tidy the artifact store: ls, verify, gc, pin, unpin, purge.",
     "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
@@ -98,6 +99,8 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         return
     if command == "export-hf":
         return _export_hf(argv[1:])
+    if command == "join":
+        return _join(argv[1:])
     if command == "store":
         return _store(argv[1:])
     if command == "lineage":
@@ -312,6 +315,16 @@ def _lineage(argv: list[str]) -> None:
         print(dot(root))
     else:
         print(json.dumps(root.as_dict(), indent=2) if args.json else "\n".join(tree_lines(root)))
+
+
+def _join(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="medlm join", description=OTHER_COMMANDS["join"])
+    parser.add_argument("rdzv_id", help="The run's rdzv_id, as given to the stage (e.g. $SLURM_JOB_ID).")
+    parser.add_argument("--timeout", type=float, default=600, help="Seconds to wait for the stage to announce the run [default: 600].")
+    args = parser.parse_args(argv)
+    from model.distributed import join
+
+    join(args.rdzv_id, args.timeout)
 
 
 # -- writing outside the store --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Literal, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
@@ -254,9 +255,7 @@ def save_adapter(peft_model, cfg: FinetuneConfig, hf: bool, out_dir: Path) -> st
 
 def check_train_config(train: TrainConfig) -> None:
     """The TrainConfig fields that shape a pretraining run (preset, model, context_length,
-    tokens_per_step, devices) are the base's or FinetuneConfig's here; eval_windows is unused."""
-    if train.devices != 1:
-        raise ValueError("fine-tuning runs in one process: set devices to 1 (multi-GPU fine-tuning is not supported yet)")
+    tokens_per_step) are the base's or FinetuneConfig's here; eval_windows is unused."""
     if train.model or train.preset != TrainConfig().preset:
         raise ValueError("the base decides the model's shape; leave the train config's preset and model overrides at their defaults")
     if train.context_length is not None:
@@ -302,21 +301,27 @@ def finetune(
         val_on = f"training examples ({len(held_out)}; the data has no validation split)"
 
     rt = setup_runtime(train)
-    model, description, init_from = trainable(base, cfg, train.seed)
-    model.to(rt.device)
-    batches = SFTBatches(examples, train.batch_size, cfg.grad_accum, train.seed, cfg.packing, max_length, base.encoder.pad_id, rt.device)
-    val_batches = eval_batches(held_out, train.batch_size, base.encoder.pad_id, rt.device)
-    summary = train_loop(
-        train, rt, model, description, batches,
-        validate=lambda m: completion_loss(m, val_batches, rt.autocast),
-        out=Path(out),
-        tokens_per_step=train.batch_size * cfg.grad_accum * max_length,  # at most: rows are padded, or packed nearly full
-        run_info={"tokens": base.tokens, "finetune": asdict(cfg) | {"hf_base": None}},
-        progress=progress,
-        init_from=init_from,
-    )
+    try:
+        model, description, init_from = trainable(base, cfg, train.seed)
+        model.to(rt.device)
+        batches = SFTBatches(examples, train.batch_size, cfg.grad_accum, train.seed, cfg.packing, max_length, base.encoder.pad_id, rt.device,
+                             rank=rt.rank, world_size=rt.world_size)
+        val_batches = eval_batches(held_out, train.batch_size, base.encoder.pad_id, rt.device)
+        summary = train_loop(
+            train, rt, model, description, batches,
+            validate=lambda m: completion_loss(m, val_batches, rt.autocast),
+            out=Path(out),
+            tokens_per_step=train.batch_size * cfg.grad_accum * max_length * rt.world_size,  # at most: rows are padded, or packed nearly full
+            run_info={"tokens": base.tokens, "finetune": asdict(cfg) | {"hf_base": None}},
+            progress=progress,
+            init_from=init_from,
+        )
+    finally:
+        if rt.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     summary |= report | {"method": cfg.method, "max_length": max_length, "val_on": val_on, "format": "hf" if base.hf else "medlm"}
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if rt.is_main:
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

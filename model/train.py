@@ -41,6 +41,7 @@ from model.checkpoint import (
 from model.data import Shards, TrainBatches, eval_batches
 from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from storage import write_text_atomic
+from storage.access import RendezvousEndpoint
 from storage.config import ArgumentParser, add_config_options, config_dataclass, config_values, make_config
 
 METRICS = "metrics.jsonl"
@@ -73,14 +74,19 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible.")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     devices: int = Field(1, ge=1, description="Processes to launch on this machine; more than one runs torchrun (DDP).")
+    nodes: int = Field(1, ge=1, le=4096, description="Machines training together (each runs `devices` processes); the others join with `medlm join RDZV_ID`.")
+    rdzv_endpoint: RendezvousEndpoint | None = Field(None, description="With nodes > 1: the torchrun rendezvous, HOST:PORT, reachable from every node (its host in MEDLM_RENDEZVOUS_HOSTS).")
+    rdzv_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="With nodes > 1: this job's name, the same on every node (e.g. $SLURM_JOB_ID).")
 
-    # How often to log and checkpoint changes how the work is done, not what it makes.
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "keep_last")
+    # How often to log and checkpoint, and where the nodes meet, change how the work is done, not what it makes.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "keep_last", "rdzv_endpoint", "rdzv_id")
 
     @model_validator(mode="after")
     def _schedule(self):
         if self.min_lr > self.lr:
             raise ValueError(f"need min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.nodes > 1 and not (self.rdzv_endpoint and self.rdzv_id):
+            raise ValueError(f"nodes {self.nodes} needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id (the same on every node)")
         return self
 
     def to_dict(self) -> dict:

@@ -14,6 +14,9 @@ place is the worker's setting (``MEDLM_STORE``):
 ``MEDLM_DASK_ADDRESS``
     The Dask scheduler that ingest parses on (unset: worker processes on this machine). Dask
     exchanges pickles, so which scheduler a worker talks to is never a run parameter.
+``MEDLM_RENDEZVOUS_HOSTS``
+    Hosts whose torchrun rendezvous a multi-node training run may join (``train.rdzv_endpoint``),
+    separated by spaces or commas. Default: this machine (127.0.0.1, localhost, its hostname).
 
 A path is allowed when, with its symbolic links resolved, it lies in a data root: a link inside a
 root that points out of it is refused. A URL is allowed when its scheme, host and port equal an
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
@@ -41,6 +45,7 @@ BUNDLED_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DATA_ROOTS_SETTING = "MEDLM_DATA_ROOTS"
 SOURCES_SETTING = "MEDLM_SOURCES"
 DASK_SETTING = "MEDLM_DASK_ADDRESS"
+RENDEZVOUS_SETTING = "MEDLM_RENDEZVOUS_HOSTS"
 
 
 class AccessError(PermissionError):
@@ -62,6 +67,21 @@ def allowed_sources() -> tuple[str, ...]:
 def dask_address() -> str | None:
     """The Dask scheduler this worker parses on, if any."""
     return os.environ.get(DASK_SETTING) or None
+
+
+def check_rendezvous(endpoint: str) -> str:
+    """``endpoint`` (HOST:PORT) if a training run may join a rendezvous there."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{endpoint!r} is not HOST:PORT, e.g. node01:29500")
+    value = os.environ.get(RENDEZVOUS_SETTING)
+    allowed = re.split(r"[\s,]+", value.strip()) if value is not None else ["127.0.0.1", "localhost", socket.gethostname()]
+    if host not in allowed:
+        raise AccessError(
+            f"{endpoint} is not a rendezvous this process may join ({RENDEZVOUS_SETTING}={' '.join(allowed)}); to allow it, "
+            f"add {host} to {RENDEZVOUS_SETTING} where the flow runs (a deployment's: the worker's environment)"
+        )
+    return endpoint
 
 
 def readable(path: str | os.PathLike, what: str = "") -> Path:
@@ -153,3 +173,4 @@ def _as_value_error(check):
 # Config field types: checked wherever a value enters (CLI, run configuration, flow parameters).
 DataPath = Annotated[str, _as_value_error(readable)]
 SourceLocation = Annotated[str, _as_value_error(check_source)]
+RendezvousEndpoint = Annotated[str, _as_value_error(check_rendezvous)]

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from model.checkpoint import RUN_DIR, finished_summary
+from model.distributed import train_distributed
 from model.finetune import FinetuneConfig, finetune, publish
 from model.train import TrainConfig, format_record
 from storage import Artifact, Input, Stage, sha256_folder
@@ -84,7 +86,12 @@ def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR
-    summary = finetune(cfg, config.train, base_path, train, run, validation, progress=lambda record: log.info(format_record(record)))
+    if config.train.devices == 1 and config.train.nodes == 1:
+        summary = finetune(cfg, config.train, base_path, train, run, validation, progress=lambda record: log.info(format_record(record)))
+    else:  # torchrun, on this machine or as one of train.nodes
+        tables = {"finetune": asdict(cfg) | {"hf_base": None}, "train": config.train.to_dict()}
+        args = ("--base", str(base_path), "--data", *(str(a.path) for a in inputs["data"]))
+        summary = train_distributed("model.finetune", tables, args, config.train, run, log.info)
     return publish(run, summary, out_dir, base_path, cfg, config.train.seed)
 
 

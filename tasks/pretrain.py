@@ -8,22 +8,17 @@ last checkpoint. The finished artifact holds the final weights and config, the t
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, RUN_FILES, finished_summary, remove_run
+from model.distributed import train_distributed
 from model.train import TrainConfig, format_record, train
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
 from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
-from storage.processes import die_with_parent
 
-REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("medlm.pretrain")
 
 
@@ -33,27 +28,6 @@ def shards_tokenizer(shards: Artifact) -> str:
     if ref is None:
         raise ArtifactError(f"{shards.ref}: meta.json names no tokenizer; rebuild the shards with `medlm tokenize`")
     return ref
-
-
-def _train_distributed(config: TrainConfig, shards_dir: Path, run_dir: Path) -> dict:
-    """torchrun -m model.train on this machine, its output lines streamed into our logger."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "train_config.json"
-    config_file.write_text(json.dumps(config.to_dict(), indent=2))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.devices}",
-        "-m", "model.train", "--config", str(config_file), "--shards", str(shards_dir), "--out", str(run_dir),
-    ]
-    log.info("launching %s", " ".join(command))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent) as proc:
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            log.info("%s", tail[-1])
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with status {proc.returncode}; last lines:\n" + "\n".join(tail))
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def publish_run(run: Path, summary: dict, out_dir: Path, tokenizer: Artifact) -> None:
@@ -77,10 +51,10 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR
-    if config.devices == 1:
+    if config.devices == 1 and config.nodes == 1:
         summary = train(config, shards.path, run, progress=lambda record: log.info(format_record(record)))
-    else:
-        summary = _train_distributed(config, shards.path, run)
+    else:  # torchrun, on this machine or as one of config.nodes
+        summary = train_distributed("model.train", config.to_dict(), ("--shards", str(shards.path)), config, run, log.info)
     publish_run(run, summary, out_dir, tokenizer)
     return summary
 

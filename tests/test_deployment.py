@@ -27,18 +27,20 @@ from storage import Store
 
 
 @contextmanager
-def running_workers(tmp_path: Path, **settings: str) -> Iterator[Store]:
-    """A process worker for each pool (`cpu`, `gpu`), whose runs write to tmp_path/store (the store
-    is the workers' setting, as are ``settings``: what runs may read and reach), stopped by PID
-    (SIGINT, then SIGTERM)."""
+def running_workers(tmp_path: Path, gpu_workers: int = 1, **settings: str) -> Iterator[Store]:
+    """A process worker for the `cpu` pool and ``gpu_workers`` for `gpu` (each taking one run at a
+    time, as one per GPU machine would), whose runs write to tmp_path/store (the store is the
+    workers' setting, as are ``settings``: what runs may read and reach), stopped by PID (SIGINT,
+    then SIGTERM)."""
     env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store"), "PREFECT_WORKER_QUERY_SECONDS": "2", **settings}  # default: every 10 s
-    logs = {pool: open(tmp_path / f"worker-{pool}.log", "w") for pool in ("cpu", "gpu")}
+    pools = ["cpu", *["gpu"] * gpu_workers]
+    logs = [open(tmp_path / f"worker-{pool}-{i}.log", "w") for i, pool in enumerate(pools)]
     procs = [
         subprocess.Popen(
-            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process"],
+            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process", *(["--limit", "1"] if pool == "gpu" else [])],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
-        for pool, log in logs.items()
+        for pool, log in zip(pools, logs)
     ]
     try:
         yield Store(tmp_path / "store")
@@ -51,7 +53,7 @@ def running_workers(tmp_path: Path, **settings: str) -> Iterator[Store]:
             except subprocess.TimeoutExpired:
                 worker.terminate()
                 worker.wait(timeout=15)
-        for log in logs.values():
+        for log in logs:
             log.close()
 
 
@@ -61,7 +63,7 @@ def workers(prefect_server, tmp_path):
         yield store
 
 
-DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline", "store-gc/nightly-gc")
+DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline", "join/join", "store-gc/nightly-gc")
 
 
 def worker_logs(tmp_path) -> str:
@@ -275,3 +277,27 @@ def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp
         state = states[what]
         assert state.is_failed() and refusal in state.message, (what, state, worker_logs(tmp_path))
         assert "TOPSECRET" not in state.message + asyncio.run(messages(runs[what].id)), what
+
+
+def test_a_two_node_retrain_started_through_the_api_runs_on_two_gpu_workers(prefect_server, tmp_path):
+    """The Prefect way to train on N machines: a retrain run with train.nodes = 2 and a join run,
+    created at once, taken by two gpu workers (one run each, as one per GPU machine); they meet at
+    the rendezvous and publish one checkpoint of world size 2."""
+    from conftest import build_corpus
+    from storage.processes import free_port
+    from tasks.shards import SHARDS, ShardsConfig
+    from tasks.tokenizer import TOKENIZER, TokenizerConfig
+
+    with running_workers(tmp_path, gpu_workers=2) as store:
+        corpus = build_corpus(store)
+        tokenizer = TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=600, val_fraction=0.05, test_fraction=0.05))
+        SHARDS.run(store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
+        register(gpu_slots=2)
+        train = {"max_steps": 2, "batch_size": 2, "eval_windows": 2, "nodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "rdzv_id": "api-job"}
+        runs = [run_deployment("retrain/retrain", parameters={"train": train}, timeout=0),
+                run_deployment("join/join", parameters={"rdzv_id": "api-job"}, timeout=0)]
+        states = asyncio.run(_wait_for([r.id for r in runs], timeout_s=300))
+        assert all(s.is_completed() for s in states), f"{states}; worker logs:\n{worker_logs(tmp_path)}"
+        [checkpoint] = store.ls("pretrain")
+        assert checkpoint.summary["world_size"] == 2 and checkpoint.summary["steps"] == 2
+    register()  # the gpu pool back to one run at a time

@@ -483,3 +483,26 @@ def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
     with pytest.raises(ValueError, match=r"curriculum stage 'medmcqa' has no data: set qa.medmcqa"):
         finetune_flow(FinetuneConfig(), small(), Curriculum(stages=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fine_tuning_under_torchrun_equals_one_process_with_the_same_global_batch(method, base, session_store):
+    """The stage with devices=2 (torchrun, gloo, DDP) against one process accumulating the same
+    rows: each rank takes its share of a step's rows, and the loss stays the mean over every
+    completion token of the step."""
+    from tasks.finetune import FINETUNE, FinetuneRun
+    from tasks.qa import QA
+
+    pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
+    one = FinetuneRun(FinetuneConfig(method=method, max_length=256, grad_accum=2), small(max_steps=4, batch_size=2, eval_every=4))
+    two = FinetuneRun(replace(one.finetune, grad_accum=1), replace(one.train, devices=2))
+    single = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, one)
+    double = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, two)
+    assert double.summary["world_size"] == 2 and single.summary["world_size"] == 1
+    assert double.summary["tokens_per_step"] == single.summary["tokens_per_step"]
+    first, second = losses(single.path), losses(double.path)
+    assert sorted(first) == sorted(second) == [1, 2, 3, 4]
+    for step in first:
+        assert second[step] == pytest.approx(first[step], rel=1e-4)
+    assert double.summary["val_loss"] == pytest.approx(single.summary["val_loss"], rel=1e-4)
+

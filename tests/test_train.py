@@ -298,3 +298,74 @@ def test_a_shard_with_two_flipped_bytes_publishes_no_checkpoint(shards, tokenize
     with pytest.raises(Exception, match=f"{shard}: sha256 differs from the manifest"):
         PRETRAIN.run(store, inputs, config(max_steps=2))
     assert store.ls("pretrain") == [] and [q["ref"] for q in store.quarantined()] == [shards_artifact.ref]
+
+
+def test_two_nodes_train_as_one_launcher_of_their_world_size_and_resume_after_a_node_dies(shards, tokenizer_dir, tmp_path, monkeypatch):
+    """Two torchrun launchers meeting at a c10d rendezvous on 127.0.0.1, gloo: the stage's and a
+    `medlm join` (the other node), against one launcher of two processes: the same losses and the
+    same weights. Then the joined node is killed mid-run: the stage fails and publishes nothing;
+    run again with a new join, it resumes from the newest complete checkpoint and ends with the
+    same weights as a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from storage.processes import free_port
+
+    store = Store(tmp_path / "store")
+    monkeypatch.setenv("MEDLM_STORE", str(store.root))  # where the stage announces the launch to `medlm join`
+    shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
+    inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
+    cfg = config(batch_size=2, max_steps=8, eval_every=8, checkpoint_every=2, keep_last=4)
+    reference = PRETRAIN.run(store, inputs, replace(cfg, devices=2))
+
+    def on_two_nodes(job: str, kill_once: Path | None = None):
+        multi = replace(cfg, nodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id=job)
+        joined = subprocess.Popen([str(Path(sys.executable).with_name("medlm")), "join", job, "--timeout", "120"],
+                                  env={**os.environ, "MEDLM_STORE": str(store.root)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(joined.stdout))
+        reader.start()
+
+        def kill_when_written():
+            while not kill_once.is_dir() and joined.poll() is None:
+                threading.Event().wait(0.05)
+            joined.send_signal(signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_written) if kill_once else None
+        if killer:
+            killer.start()
+        try:
+            return PRETRAIN.run(store, inputs, multi), multi
+        finally:
+            joined.wait(timeout=120)
+            reader.join()
+            if killer:
+                killer.join()
+            assert joined.returncode == (-signal.SIGKILL if kill_once else 0), "".join(output)[-3000:]
+
+    two, multi = on_two_nodes("two-nodes")
+    assert two.summary["world_size"] == reference.summary["world_size"] == 2
+    one, other = losses(reference.path), losses(two.path)
+    assert sorted(one) == sorted(other) == list(range(1, 9))
+    for step in one:
+        assert other[step] == pytest.approx(one[step], rel=1e-4)
+    expected = load_model(reference.path).state_dict()
+    for name, weight in load_model(two.path).state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=1e-4, atol=1e-6)
+    assert not list((store.root / ".rendezvous").iterdir())  # the announcement goes when the run ends
+
+    # Another key (other steps), a node killed once its fourth-step checkpoint is written.
+    longer = replace(cfg, max_steps=10, eval_every=10)
+    reference = PRETRAIN.run(store, inputs, replace(longer, devices=2))
+    cfg = longer
+    spec = PRETRAIN.spec(inputs, replace(longer, nodes=2, rdzv_endpoint="127.0.0.1:1", rdzv_id="x"))  # where and what job: not in the key
+    with pytest.raises(RuntimeError, match="torchrun exited with status"):
+        on_two_nodes("killed", kill_once=store.work_dir(spec) / "run" / "ckpt_0000004")
+    assert store.get(spec.ref) is None and latest_checkpoint(store.work_dir(spec) / "run") is not None  # nothing published, checkpoints kept
+    resumed, _ = on_two_nodes("resumed")
+    assert resumed.summary["resumed_from_step"] >= 4
+    expected = load_model(reference.path).state_dict()
+    for name, weight in load_model(resumed.path).state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,116 @@
+"""Training under torchrun: several processes on this machine, or one node of several.
+
+    train_distributed("model.train", config_dict, args, train_config, run_dir, log)  # a stage's launcher
+    join("job-42")  # each other node: `medlm join job-42`
+
+One machine (``devices`` > 1, ``nodes`` 1): ``torchrun --standalone``. Several (``nodes`` > 1):
+every node runs the same torchrun command, meeting at the c10d rendezvous ``rdzv_endpoint`` under
+the name ``rdzv_id``. The stage's launcher writes its command to STORE/.rendezvous/RDZV_ID.json
+before it starts; ``join`` on another node waits for that file and runs the same command. Which
+node holds which ranks is torchrun's choice (by arrival; GROUP_RANK), never assumed, so every
+node must see the store at the same path (a shared folder): any of them may hold rank 0, which
+writes the run's checkpoints and metrics, and every rank reads the newest checkpoint on resume.
+A node that dies takes the job down (the others' collectives fail; torchrun stops them); run the
+stage and the joins again and training resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from storage import default_root, write_text_atomic
+from storage.access import check_rendezvous
+from storage.processes import die_with_parent
+
+if TYPE_CHECKING:
+    from model.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ("model.train", "model.finetune")  # what a launch may run: a join runs nothing else
+RENDEZVOUS = ".rendezvous"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One torchrun launch: ``python -m MODULE ARGS`` in ``devices`` processes on each of ``nodes`` machines."""
+
+    module: str
+    args: tuple[str, ...]
+    devices: int
+    nodes: int = 1
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+
+    def command(self) -> list[str]:
+        if self.module not in MODULES:
+            raise ValueError(f"a launch runs one of {MODULES}, not {self.module!r}")
+        where = (["--standalone"] if self.nodes == 1 else
+                 [f"--nnodes={self.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"])
+        return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={self.devices}", "-m", self.module, *self.args]
+
+
+def train_distributed(module: str, config: dict, args: tuple[str, ...], train: "TrainConfig", run: Path, log: Callable[[str], None]) -> dict:
+    """A stage's training under torchrun: ``config`` (what the module's --config reads) written to
+    the run folder, ``python -m MODULE --config FILE ARGS --out RUN`` launched with ``train``'s
+    devices and nodes; the run's summary.json."""
+    run.mkdir(parents=True, exist_ok=True)
+    config_file = run / "launch_config.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    launch(Launch(module, ("--config", str(config_file), *args, "--out", str(run)), train.devices, train.nodes, train.rdzv_endpoint, train.rdzv_id), log)
+    return json.loads((run / "summary.json").read_text())
+
+
+def rendezvous_file(rdzv_id: str, root: Path | None = None) -> Path:
+    return (root or default_root()) / RENDEZVOUS / f"{rdzv_id}.json"
+
+
+def launch(job: Launch, log: Callable[[str], None]) -> None:
+    """Run ``job`` here, its output lines to ``log``; RuntimeError naming the last lines if it fails.
+    With several nodes, the others find the command under the store's .rendezvous/ while it runs."""
+    shared = rendezvous_file(job.rdzv_id) if job.nodes > 1 else None
+    if shared is not None:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(shared, json.dumps(asdict(job) | {"created": time.time()}, indent=1))
+        log(f"waiting for {job.nodes - 1} more node(s) at {job.rdzv_endpoint}: on each, run `medlm join {job.rdzv_id}` (same MEDLM_STORE)")
+    try:
+        _run(job, log)
+    finally:
+        if shared is not None:
+            shared.unlink(missing_ok=True)
+
+
+def join(rdzv_id: str, timeout_s: float = 600, log: Callable[[str], None] = print) -> None:
+    """Run, on this node, the launch that another node's stage announced as ``rdzv_id``."""
+    shared = rendezvous_file(rdzv_id)
+    deadline = time.time() + timeout_s
+    while not shared.is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"no launch named {rdzv_id} appeared in {shared.parent} within {timeout_s:.0f} s; start the stage "
+                               f"with the same rdzv_id (and this node's MEDLM_STORE must be the store it uses)")
+        time.sleep(1)
+    fields = json.loads(shared.read_text())
+    job = Launch(fields["module"], tuple(fields["args"]), fields["devices"], fields["nodes"], check_rendezvous(fields["rdzv_endpoint"]), rdzv_id)
+    log(f"joining {rdzv_id}: {job.nodes} nodes at {job.rdzv_endpoint}, {job.devices} process(es) here")
+    _run(job, log)
+
+
+def _run(job: Launch, log: Callable[[str], None]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    logging.getLogger("medlm.distributed").info("launching %s", " ".join(job.command()))
+    with subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=die_with_parent) as proc:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            log(tail[-1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with status {proc.returncode}; last lines:\n" + "\n".join(tail))
