@@ -45,13 +45,12 @@ def lineage(store: Store, ref: str) -> Node:
 
     def node(ref: str) -> Node:
         if ref not in nodes:
-            artifact = store.get(ref)
-            if artifact is None:
+            m = store.manifest(ref)  # here, or on the remote: lineage fetches no file
+            if m is None:
                 nodes[ref] = Node(ref, missing=True)
             else:
-                m = artifact.manifest
-                parents = [node(p) for p in artifact.parents]
-                nodes[ref] = Node(ref, artifact.label, artifact.params, artifact.summary, m.get("created"), parents)
+                parents = [node(p) for p in m.get("parents", [])]
+                nodes[ref] = Node(ref, m.get("label"), dict(m.get("params", {})), dict(m.get("summary", {})), m.get("created"), parents)
         return nodes[ref]
 
     return node(ref)

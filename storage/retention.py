@@ -1,8 +1,13 @@
-"""Retention: which artifacts a store can do without, and removing them on request.
+"""Retention: which artifacts a store (or its remote) can do without, and removing them on request.
 
     plan = plan_removal(store, keep_last=3)   # what would go, and why the rest stays
     print("\\n".join(plan.lines()))
     removed = remove(store, plan)            # only ever on the user's request (`medlm store gc --yes`)
+
+On this machine's store a removal deletes local copies (the remote keeps its own); with
+``on_remote`` the plan is over the remote's artifacts and a removal unpublishes their manifests,
+then deletes the blobs no manifest names. Pins count on both; builds running now are this
+machine's only, so on the remote the minimum age is what protects another machine's fresh work.
 
 Of each kind, the newest ``keep_last`` artifacts are kept, and so is every artifact that is
 pinned (``medlm store pin``), an ancestor of a kept one (a kept checkpoint keeps its shards, its
@@ -27,19 +32,25 @@ class RemovalPlan:
     kept: dict[str, str] = field(default_factory=dict)  # ref -> why it stays
     bytes_freed: int = 0  # files that no kept artifact links to
     bytes_shared: int = 0  # files hard-linked from elsewhere: they stay on disk
+    on_remote: bool = False
 
     def lines(self) -> list[str]:
-        lines = [f"{a.ref:<32} {_size(_bytes(a)[0] + _bytes(a)[1]):>9}  {a.label or ''}" for a in self.remove]
+        lines = [f"{a.ref:<32} {_size(sum(_bytes(a, self.on_remote))):>9}  {a.label or ''}" for a in self.remove]
         shared = f" ({_size(self.bytes_shared)} more stays, hard-linked from kept artifacts)" if self.bytes_shared else ""
         lines.append(f"{len(self.remove)} artifact(s), {_size(self.bytes_freed)} freed{shared}; {len(self.kept)} kept")
         return lines
 
 
-def plan_removal(store: Store, keep_last: int, *, kinds: list[str] | None = None, min_age_s: float = 24 * 3600) -> RemovalPlan:
-    """What ``remove`` would delete from ``store`` (nothing is touched)."""
+def plan_removal(store: Store, keep_last: int, *, kinds: list[str] | None = None, min_age_s: float = 24 * 3600,
+                 on_remote: bool = False) -> RemovalPlan:
+    """What ``remove`` would delete from ``store`` (or its remote) (nothing is touched)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
-    everything = store.ls()
+    if on_remote and store.remote is None:
+        raise ValueError("this store has no remote: set MEDLM_REMOTE")
+    everything = (sorted((Artifact(*ref.split("/"), store.root / ref, store.remote.manifest(ref)) for ref in store.remote.refs()),
+                         key=lambda a: (a.kind, a.manifest.get("created", 0)))
+                  if on_remote else store.ls(local=True))
     by_ref = {a.ref: a for a in everything}
     kept: dict[str, str] = {}
     for kind in sorted({a.kind for a in everything}):
@@ -48,7 +59,8 @@ def plan_removal(store: Store, keep_last: int, *, kinds: list[str] | None = None
     if kinds:
         kept.update({a.ref: "a kind not asked for" for a in everything if a.kind not in kinds})
     kept.update({ref: "pinned" for ref in store.pinned() if ref in by_ref})
-    kept.update({ref: "read by a build running now" for ref in store.reading_now() if ref in by_ref})
+    if not on_remote:
+        kept.update({ref: "read by a build running now" for ref in store.reading_now() if ref in by_ref})
     now = time.time()
     kept.update({a.ref: "younger than the minimum age" for a in everything if now - a.manifest.get("created", now) < min_age_s})
     for ref in list(kept):  # the ancestors of what stays, stay
@@ -67,19 +79,24 @@ def plan_removal(store: Store, keep_last: int, *, kinds: list[str] | None = None
 
     # Children before parents: a removal cut short never leaves an artifact whose parent is gone.
     remove = sorted((a for a in everything if a.ref not in kept), key=lambda a: -generation(a.ref))
-    sizes = [_bytes(a) for a in remove]
-    return RemovalPlan(remove, kept, sum(alone for alone, _ in sizes), sum(shared for _, shared in sizes))
+    sizes = [_bytes(a, on_remote) for a in remove]
+    return RemovalPlan(remove, kept, sum(alone for alone, _ in sizes), sum(shared for _, shared in sizes), on_remote)
 
 
 def remove(store: Store, plan: RemovalPlan) -> list[str]:
     """Delete the plan's artifacts, children before parents; their refs."""
     for artifact in plan.remove:
-        store.remove(artifact.ref)
+        store.remote.remove(artifact.ref) if plan.on_remote else store.remove(artifact.ref)
+    if plan.on_remote:
+        store.remote.collect_blobs()
     return [a.ref for a in plan.remove]
 
 
-def _bytes(artifact: Artifact) -> tuple[int, int]:
-    """(bytes only this artifact holds, bytes of its files that are hard-linked elsewhere too)."""
+def _bytes(artifact: Artifact, on_remote: bool) -> tuple[int, int]:
+    """(bytes only this artifact holds, bytes of its files that are hard-linked elsewhere too); on
+    the remote, its manifest's sizes (a blob another artifact names too stays: gc counts them as it deletes)."""
+    if on_remote:
+        return sum(entry["size"] for entry in artifact.manifest.get("files", {}).values()), 0
     alone = shared = 0
     for name in artifact.manifest.get("files", {}):
         stat = Path(artifact.path, name).stat()

@@ -12,6 +12,12 @@ sha256 that differs from its manifest) is moved to ``ROOT/.quarantine/KIND/KEY.<
 note of why, and rebuilt; only ``medlm store purge`` deletes quarantined folders. Before a
 stage reads its inputs, their files are checked against the manifest hashes, each file at most
 once per state (size, mtime, inode; remembered under ``ROOT/.verified``).
+
+With a remote (``MEDLM_REMOTE``, storage/remote.py) the local store is a cache of it: what is
+built is uploaded (its manifest last), what a stage reads and the local store lacks is
+downloaded and every file's sha256 checked before it is published locally, a build whose key is
+on the remote is not built again, and lineage reads manifests from either. A machine holds only
+what its stages read or built.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import shutil
 import stat as stat_module
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from storage.access import readable, readable_files
+from storage.remote import Remote, RemoteCorrupt
 
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path(".medlm") / "store"
@@ -39,6 +46,8 @@ QUARANTINE = ".quarantine"
 VERIFIED = ".verified"
 PINS = ".pins"
 LOCKS = ".locks"
+PUSHED = ".pushed"  # PUSHED/<remote's digest>/KIND/KEY: on that remote already (no request to ask)
+_REMOTES: dict[str, Remote] = {}
 _WRITE_BITS = stat_module.S_IWUSR | stat_module.S_IWGRP | stat_module.S_IWOTH
 
 log = logging.getLogger("medlm.store")
@@ -141,6 +150,11 @@ class Artifact:
         return f"{self.kind}/{self.key}"
 
     @property
+    def present(self) -> bool:
+        """Whether its files are in this machine's store (``Store.ls`` also lists the remote's)."""
+        return (self.path / MANIFEST).is_file()
+
+    @property
     def parents(self) -> list[str]:
         return list(self.manifest.get("parents", []))
 
@@ -185,8 +199,11 @@ class ArtifactSpec:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, remote: str | None = None):
+        """``remote``: a URL (default: MEDLM_REMOTE, the process's setting; unset: no remote)."""
         self.root = Path(root) if root is not None else default_root()
+        url = remote if remote is not None else os.environ.get("MEDLM_REMOTE")
+        self.remote = (_REMOTES.get(url) or _REMOTES.setdefault(url, Remote(url))) if url else None
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -208,14 +225,22 @@ class Store:
         manifest, problems = self._check(kind, key, hash_files=False)
         return None if problems else Artifact(kind, key, self.path(kind, key), manifest)
 
+    def manifest(self, ref: str) -> dict | None:
+        """The manifest of ``ref``, local or on the remote (no file is fetched): for lineage."""
+        if artifact := self.get(ref):
+            return artifact.manifest
+        return self.remote.manifest(_join(*_split(ref))) if self.remote else None
+
     def resolve(self, ref: str) -> str:
         """The full ref of the stored artifact a user names: KIND/KEY or KIND/ a unique prefix of
-        the key (``store ls`` and the README print them short). ArtifactError when none or
-        several match."""
+        the key (``store ls`` and the README print them short), here or on the remote.
+        ArtifactError when none or several match."""
         kind, prefix = _split(ref)
         self.path(kind, prefix)  # a plain kind and key, or an error
         folder = self.root / kind
         keys = sorted(p.name for p in folder.glob(f"{prefix}*") if p.name.isalnum() and p.is_dir()) if folder.is_dir() else []
+        if self.remote and prefix not in keys:
+            keys = sorted({*keys, *(r.split("/")[1] for r in self.remote.refs(kind) if r.split("/")[1].startswith(prefix))})
         if prefix in keys or len(keys) == 1:
             return f"{kind}/{prefix if prefix in keys else keys[0]}"
         if not keys:
@@ -223,14 +248,19 @@ class Store:
         raise ArtifactError(f"{ref} is ambiguous in the store at {self.root}: {', '.join(f'{kind}/{k}' for k in keys)}; give more of the key")
 
     def require(self, ref: str) -> Artifact:
-        """The artifact named by a user (a unique prefix of its key will do); one that is there
-        but fails its check is quarantined."""
+        """The artifact named by a user (a unique prefix of its key will do), fetched from the
+        remote if only it has it; one that is here but fails its check is quarantined."""
         kind, key = _split(self.resolve(ref))
         manifest, problems = self._check(kind, key, hash_files=False)
         if not problems:
             return Artifact(kind, key, self.path(kind, key), manifest)
-        moved = self.quarantine(kind, key, problems)
-        raise ArtifactError(f"{kind}/{key} failed its check ({problems[0]}) and was moved to {moved}; run the stage that builds it again")
+        if self.path(kind, key).exists():
+            moved = self.quarantine(kind, key, problems)
+            if not (self.remote and self.remote.manifest(_join(kind, key))):
+                raise ArtifactError(f"{kind}/{key} failed its check ({problems[0]}) and was moved to {moved}; run the stage that builds it again")
+        if pulled := self._pull(kind, key):
+            return pulled
+        raise ArtifactError(f"{kind}/{key} failed its check on the remote {self.remote.url if self.remote else ''} and was quarantined there; run the stage that builds it again")
 
     def problems(self, ref: str) -> list[str]:
         """What is wrong with ``ref``, every file re-hashed (``medlm store verify``); empty: it is good."""
@@ -245,6 +275,8 @@ class Store:
         One that fails is quarantined, and ArtifactError names the file.
         """
         kind, key = _split(ref)
+        if not self.path(kind, key).exists() and self.remote and self.remote.manifest(_join(kind, key)):
+            self._pull(kind, key)  # what this machine has not got yet: fetched, every sha256 checked
         manifest, problems = self._check(kind, key, hash_files=True)
         if problems:
             if self.path(kind, key).exists():
@@ -293,21 +325,29 @@ class Store:
     def _verified_cache(self, kind: str, key: str) -> "_VerifiedFiles":
         return _VerifiedFiles(self.root / VERIFIED / kind / f"{key}.json")
 
-    def ls(self, kind: str | None = None) -> list[Artifact]:
+    def ls(self, kind: str | None = None, *, local: bool = False) -> list[Artifact]:
+        """Complete artifacts (of ``kind``), oldest first: here, and unless ``local`` on the
+        remote too (those are not fetched: ``present`` is False until a stage reads them)."""
         kinds = [kind] if kind else sorted(p.name for p in self.root.glob("*") if p.is_dir() and not p.name.startswith("."))
         found = []
         for k in kinds:
             for path in sorted((self.root / k).glob("*")):
                 if path.is_dir() and "." not in path.name and (artifact := self.get(k, path.name)):
                     found.append(artifact)
+        if self.remote and not local:
+            here = {a.ref for a in found}
+            for ref in self.remote.refs(kind):
+                if ref not in here and (manifest := self.remote.manifest(ref)) is not None:
+                    found.append(Artifact(*_split(ref), self.path(*_split(ref)), manifest))
         return sorted(found, key=lambda a: (a.kind, a.manifest.get("created", 0)))
 
     def newest(self, kind: str) -> Artifact:
-        """The most recently built complete artifact of ``kind``."""
+        """The most recently built complete artifact of ``kind`` (fetched, if only the remote has it)."""
         artifacts = self.ls(kind)
         if not artifacts:
-            raise ArtifactError(f"no {kind} artifact in the store at {self.root}; build one first (see `medlm --help`)")
-        return artifacts[-1]
+            where = f" or on {self.remote.url}" if self.remote else ""
+            raise ArtifactError(f"no {kind} artifact in the store at {self.root}{where}; build one first (see `medlm --help`)")
+        return self.require(artifacts[-1].ref)
 
     # -- quarantine ------------------------------------------------------------------------
 
@@ -384,20 +424,26 @@ class Store:
     # -- pins and removal ----------------------------------------------------------------------
 
     def pin(self, ref: str) -> str:
-        """Keep ``ref`` (and so its ancestors) whatever retention decides; its full ref."""
-        ref = self.require(ref).ref
+        """Keep ``ref`` (and so its ancestors) whatever retention decides, here and on the
+        remote; its full ref."""
+        ref = self.resolve(ref)
         path = self.root / PINS / ref
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
+        if self.remote:
+            self.remote.pin(ref)
         return ref
 
     def unpin(self, ref: str) -> str:
         ref = self.resolve(ref)
         (self.root / PINS / ref).unlink(missing_ok=True)
+        if self.remote:
+            self.remote.unpin(ref)
         return ref
 
     def pinned(self) -> set[str]:
-        return {f"{p.parent.name}/{p.name}" for p in self.root.glob(f"{PINS}/*/*")}
+        here = {f"{p.parent.name}/{p.name}" for p in self.root.glob(f"{PINS}/*/*")}
+        return here | (self.remote.pins() if self.remote else set())
 
     def remove(self, ref: str) -> None:
         """Delete a complete artifact (retention's, on the user's request): it disappears in one
@@ -435,14 +481,16 @@ class Store:
         hashed again.
         """
         if artifact := self.get(spec.kind, spec.key):
-            return replace(artifact, reused=True)
+            return replace(self._push(artifact), reused=True)
         with self._lock(spec.kind, spec.key, reads=[*spec.parents, *also_reads]):
             manifest, problems = self._check(spec.kind, spec.key, hash_files=False)
             if not problems:  # built while we waited
-                return replace(Artifact(spec.kind, spec.key, self.path(spec.kind, spec.key), manifest), reused=True)
+                return replace(self._push(Artifact(spec.kind, spec.key, self.path(spec.kind, spec.key), manifest)), reused=True)
             final = self.path(spec.kind, spec.key)
             if final.exists():  # present but failed its check: moved aside, then rebuilt
                 self.quarantine(spec.kind, spec.key, problems)
+            if self.remote and self.remote.manifest(spec.ref) and (pulled := self._pull(spec.kind, spec.key, locked=True)):
+                return replace(pulled, reused=True)  # built on another machine
             for ref in (*spec.parents, *also_reads):
                 self.verified(ref)
             work = self.work_dir(spec)
@@ -477,12 +525,66 @@ class Store:
             self._verified_cache(spec.kind, spec.key).save(
                 {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
             )
-            return Artifact(spec.kind, spec.key, final, manifest)
+            return self._push(Artifact(spec.kind, spec.key, final, manifest))
+
+    # -- the remote ------------------------------------------------------------------------------
+
+    def _pushed_marker(self, kind: str, key: str) -> Path:
+        return self.root / PUSHED / hashlib.sha256(self.remote.url.encode()).hexdigest()[:16] / kind / key
+
+    def _push(self, artifact: Artifact) -> Artifact:
+        """Upload a local artifact the remote lacks (its manifest last); the artifact as the store
+        now holds it. When another machine published the key first with other bytes, theirs wins:
+        ours is quarantined and theirs fetched, so every machine reads the same bytes for a key."""
+        if self.remote is None or self._pushed_marker(artifact.kind, artifact.key).exists():
+            return artifact
+        text = (artifact.path / MANIFEST).read_text()
+        if not self.remote.upload(artifact.ref, artifact.path, text):
+            theirs = self.remote.manifest(artifact.ref)
+            if {n: e["sha256"] for n, e in theirs["files"].items()} != {n: e["sha256"] for n, e in artifact.manifest["files"].items()}:
+                self.quarantine(artifact.kind, artifact.key, [f"{self.remote.url} has {artifact.ref} with other bytes, published first"])
+                return self._pull(artifact.kind, artifact.key) or artifact
+        self._mark_pushed(artifact.kind, artifact.key)
+        return artifact
+
+    def _mark_pushed(self, kind: str, key: str) -> None:
+        marker = self._pushed_marker(kind, key)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+    def _pull(self, kind: str, key: str, *, locked: bool = False) -> Artifact | None:
+        """Fetch ``kind/key`` from the remote and publish it here, every file's sha256 checked as it
+        arrives; None (and the remote's copy quarantined) when one does not match."""
+        with nullcontext() if locked else self._lock(kind, key):
+            if artifact := self.get(kind, key):  # fetched while we waited
+                return artifact
+            ref, work = _join(kind, key), self.root / kind / f"{key}.pull"
+            if work.exists():
+                remove_tree(work)
+            work.mkdir(parents=True)
+            try:
+                manifest = self.remote.download(ref, work)
+            except RemoteCorrupt as e:
+                remove_tree(work)
+                moved = self.remote.quarantine(ref, [str(e)], bad_blobs=(e.sha256,))
+                log.warning("%s failed its check on the remote and was quarantined at %s; it will be built again", ref, moved)
+                return None
+            write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            _make_read_only(work)
+            final = self.path(kind, key)
+            os.rename(work, final)
+            self._verified_cache(kind, key).save({name: _file_state(final / name, e["sha256"]) for name, e in manifest["files"].items()})
+            self._mark_pushed(kind, key)
+            return Artifact(kind, key, final, manifest)
 
 
 def _digest(path: Path, known: dict[tuple, str]) -> str:
     stat = path.stat()
     return known.get((stat.st_size, stat.st_mtime_ns, stat.st_ino)) or sha256_file(path)
+
+
+def _join(kind: str, key: str) -> str:
+    return f"{kind}/{key}"
 
 
 def _split(ref_or_kind: str, key: str | None = None) -> tuple[str, str]:

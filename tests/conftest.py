@@ -75,6 +75,17 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the session; its credentials and endpoint are
+    in this process's environment (the AWS_* settings obstore reads), so a remote is one URL."""
+    from s3_server import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("s3")) as server:
+        os.environ.update(server.env)
+        yield server
+
+
+@pytest.fixture(scope="session")
 def session_store(tmp_path_factory):
     from storage import Store
 

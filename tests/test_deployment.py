@@ -24,17 +24,18 @@ from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
 from deployments.deploy import NIGHTLY_CRON, register
 from ncbi_server import NcbiServer, make_mirror
 from storage import Store
+from storage.lineage import lineage, tree_lines
 
 
 @contextmanager
-def running_workers(tmp_path: Path, gpu_workers: int = 1, **settings: str) -> Iterator[Store]:
-    """A process worker for the `cpu` pool and ``gpu_workers`` for `gpu` (each taking one run at a
-    time, as one per GPU machine would), whose runs write to tmp_path/store (the store is the
-    workers' setting, as are ``settings``: what runs may read and reach), stopped by PID (SIGINT,
-    then SIGTERM)."""
-    env = {**os.environ, "MEDLM_STORE": str(tmp_path / "store"), "PREFECT_WORKER_QUERY_SECONDS": "2", **settings}  # default: every 10 s
-    pools = ["cpu", *["gpu"] * gpu_workers]
-    logs = [open(tmp_path / f"worker-{pool}-{i}.log", "w") for i, pool in enumerate(pools)]
+def running_workers(machine: Path, pools: tuple[str, ...] = ("cpu", "gpu"), **settings: str) -> Iterator[Store]:
+    """A process worker per entry of ``pools`` (a `gpu` worker takes one run at a time, as one per
+    GPU machine would), whose runs write to machine/store (the store is the workers' setting, as
+    are ``settings``: what runs may read and reach, the remote), stopped by PID (SIGINT, then SIGTERM)."""
+    env = {**os.environ, "MEDLM_STORE": str(machine / "store"), "MEDLM_HOME": str(machine / ".medlm"),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", **settings}  # default: every 10 s
+    machine.mkdir(parents=True, exist_ok=True)
+    logs = [open(machine / f"worker-{pool}-{i}.log", "w") for i, pool in enumerate(pools)]
     procs = [
         subprocess.Popen(
             [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process", *(["--limit", "1"] if pool == "gpu" else [])],
@@ -43,7 +44,7 @@ def running_workers(tmp_path: Path, gpu_workers: int = 1, **settings: str) -> It
         for pool, log in zip(pools, logs)
     ]
     try:
-        yield Store(tmp_path / "store")
+        yield Store(machine / "store", remote=settings.get("MEDLM_REMOTE", ""))
     finally:
         for worker in procs:
             worker.send_signal(signal.SIGINT)
@@ -67,7 +68,7 @@ DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "fi
 
 
 def worker_logs(tmp_path) -> str:
-    return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("worker-*.log")))
+    return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.rglob("worker-*.log")))
 
 
 async def _read_deployment(name):
@@ -93,14 +94,13 @@ async def _read_automations():
         return [a for a in await client.read_automations() if a.name.startswith("medlm://")]
 
 
-def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, workers):
-    store = workers
-    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
+def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui_is_kept(prefect_server):
     assert register() == [f"deployed {name}" for name in DEPLOYED]
-
     deployment = asyncio.run(_read_deployment("ingest/nightly-ingest"))
     assert deployment.work_pool_name == "cpu"
     assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [(NIGHTLY_CRON, "UTC")]
+    gc = asyncio.run(_read_deployment("store-gc/nightly-gc"))
+    assert [(s.schedule.cron, s.active) for s in gc.schedules] == [("0 8 * * *", False)]  # off until a user switches it on
     retrain = asyncio.run(_read_deployment("retrain/retrain"))
     assert retrain.work_pool_name == "gpu" and not retrain.schedules
     train_form = retrain.parameter_openapi_schema["definitions"]["TrainConfig"]["properties"]
@@ -113,22 +113,6 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     assert "pubmedqa" in json.dumps(form["Curriculum"]["properties"]["stages"])
     for name in DEPLOYED:
         assert "store_root" not in asyncio.run(_read_deployment(name)).parameter_openapi_schema["properties"]
-
-    with NcbiServer(mirror) as server:
-        run = run_deployment("ingest/nightly-ingest", parameters={"source": {"source": server.url}}, timeout=240)
-        assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
-        assert len(server.requests_for("/updatefiles/pubmed21n1298.xml.gz")) == 1
-    [corpus] = store.ls("corpus")
-    assert corpus.summary["documents"] > 0 and len(corpus.parents) == 2
-
-    # Retraining, as a user triggers it from the UI: tokenize on the cpu pool, train on the gpu pool.
-    run = run_deployment("tokenize/tokenize", parameters={"tokenizer": {"vocab_size": 600, "val_fraction": 0.05}}, timeout=240)
-    assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
-    run = run_deployment("retrain/retrain", parameters={"train": {"max_steps": 2, "batch_size": 2}}, timeout=240)
-    assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
-    [checkpoint] = store.ls("pretrain")
-    assert checkpoint.summary["steps"] == 2
-    assert checkpoint.parents == [store.newest("shards").ref, store.newest("tokenizer").ref]
 
     # A change made in the UI survives the next `make up` (which says so), unless reset.
     asyncio.run(_edit_parameters(retrain.id, {"train": {"max_steps": 3}}))
@@ -143,7 +127,6 @@ def test_deployments_run_through_workers_from_ingest_to_checkpoint(tmp_path, wor
     # The form's bounds are the server's too: a run with steps = -5 is refused before it exists.
     with pytest.raises(PrefectHTTPStatusError, match="train.max_steps'. Failure reason: -5 is less than the minimum of 1"):
         run_deployment("retrain/retrain", parameters={"train": {"max_steps": -5}}, timeout=120)
-    assert len(store.ls("pretrain")) == 1
 
 
 def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, workers):
@@ -187,44 +170,6 @@ async def _wait_for(flow_run_ids, timeout_s: float):
             if all(s.is_final() for s in states) or time.time() > deadline:
                 return states
             await asyncio.sleep(1)
-
-
-def test_the_pipeline_deployment_runs_on_a_worker_and_its_lineage_is_read_through_the_api(tmp_path, workers):
-    """Triggered as from the UI with a run configuration's tables as parameters (the demo's data and
-    stages, fewer steps); the run's lineage artifacts and asset events are read back through the API."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from conftest import DATA, MIRROR
-    from storage.config import read_run_config
-
-    store = workers
-    register()
-    run = run_deployment("pipeline/pipeline", parameters=read_run_config(DATA / "quick-pipeline.toml"), timeout=600)
-    assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
-    [finetuned] = store.ls("finetune")
-
-    async def lineage_artifacts():
-        async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage-finetune"])))
-
-    [lineage_md] = [a.data for a in asyncio.run(lineage_artifacts()) if finetuned.ref in a.data]
-    for md5_file in MIRROR.glob("*/*.md5"):  # down to the XML files and their md5s
-        name, md5 = md5_file.read_text().removeprefix("MD5(").strip().split(")= ")
-        assert f"{name} md5={md5}" in lineage_md
-
-    async def finetune_events():
-        async with get_client() as client:
-            from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-            page = await client.read_events(EventFilter(event=EventNameFilter(prefix=["prefect.asset.materialization"]),
-                                                        resource=EventResourceFilter(id=["medlm://finetune"])), limit=50)
-            return page.events
-
-    deadline = time.time() + 60
-    while not (events := [e for e in asyncio.run(finetune_events()) if e.payload.get("ref") == finetuned.ref]):
-        assert time.time() < deadline, "no materialization event of the fine-tuned model"
-        time.sleep(1)
-    assert events[0].payload["parents"] == finetuned.parents
 
 
 def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp_path):
@@ -288,7 +233,7 @@ def test_a_two_node_retrain_started_through_the_api_runs_on_two_gpu_workers(pref
     from tasks.shards import SHARDS, ShardsConfig
     from tasks.tokenizer import TOKENIZER, TokenizerConfig
 
-    with running_workers(tmp_path, gpu_workers=2) as store:
+    with running_workers(tmp_path, pools=("cpu", "gpu", "gpu")) as store:
         corpus = build_corpus(store)
         tokenizer = TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=600, val_fraction=0.05, test_fraction=0.05))
         SHARDS.run(store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
@@ -301,3 +246,66 @@ def test_a_two_node_retrain_started_through_the_api_runs_on_two_gpu_workers(pref
         [checkpoint] = store.ls("pretrain")
         assert checkpoint.summary["world_size"] == 2 and checkpoint.summary["steps"] == 2
     register()  # the gpu pool back to one run at a time
+
+
+def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_on_the_other(prefect_server, s3, tmp_path):
+    """Machine A runs the cpu pool, machine B the gpu pool; each has its own local store and home,
+    and they share only the Prefect API and an S3 remote. A ingests (from an NCBI-like server) and
+    tokenizes; B retrains, fetching the shards and the tokenizer it trains on and nothing else;
+    then the pipeline deployment, triggered as from the UI with a run configuration's tables as
+    parameters, runs on B on A's work. The final lineage reaches the XML files' md5s from either
+    machine, and through the API (the run's lineage artifact, the asset events)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from conftest import DATA, MIRROR
+    from storage.config import read_run_config
+
+    remote = {"MEDLM_REMOTE": s3.url(), **s3.env}
+    register()
+    quick = read_run_config(DATA / "quick-pipeline.toml")
+    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
+    with running_workers(tmp_path / "a", pools=("cpu",), **remote) as a, running_workers(tmp_path / "b", pools=("gpu",), **remote) as b:
+        with NcbiServer(mirror) as server:
+            run = run_deployment("ingest/nightly-ingest", parameters={"source": {"source": server.url}}, timeout=300)
+            assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
+            assert len(server.requests_for("/updatefiles/pubmed21n1298.xml.gz")) == 1
+        [corpus] = a.ls("corpus")
+        assert corpus.present and corpus.summary["documents"] > 0 and len(corpus.parents) == 2
+        for name, parameters in (("tokenize/tokenize", {"tokenizer": quick["tokenizer"]}), ("retrain/retrain", {"train": quick["train"]})):
+            run = run_deployment(name, parameters=parameters, timeout=300)
+            assert run.state.is_completed(), f"{name}: {run.state}; worker logs:\n{worker_logs(tmp_path)}"
+        on_b = {x.kind for x in b.ls(local=True)}
+        assert on_b == {"shards", "tokenizer", "pretrain"}, on_b  # what its stage read, and what it built
+        assert {x.kind for x in a.ls(local=True)} == {"download", "parse", "corpus", "tokenizer", "shards"}
+        [checkpoint] = a.ls("pretrain")  # A sees B's checkpoint on the remote, without its files
+        assert not checkpoint.present and checkpoint.parents == [b.newest("shards").ref, b.newest("tokenizer").ref]
+
+        run = run_deployment("pipeline/pipeline", parameters=quick, timeout=600)  # its pretraining is B's, found
+        assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
+        [finetuned] = b.ls("finetune")
+        assert finetuned.parents[0] == checkpoint.ref and len(b.ls("pretrain")) == 1
+        md5s = [md5_file.read_text().removeprefix("MD5(").strip().split(")= ") for md5_file in MIRROR.glob("*/*.md5")]
+        for machine in (a, b):
+            tree = "\n".join(tree_lines(lineage(machine, finetuned.ref)))
+            assert all(f"{name} md5={md5}" in tree for name, md5 in md5s)
+        for artifact in b.ls():
+            assert b.remote.manifest(artifact.ref) is not None  # everything either built is on the remote
+
+    async def read_back():
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage-finetune"])))
+            page = await client.read_events(EventFilter(event=EventNameFilter(prefix=["prefect.asset.materialization"]),
+                                                        resource=EventResourceFilter(id=["medlm://finetune"])), limit=50)
+            return [x.data for x in artifacts], page.events
+
+    deadline = time.time() + 60
+    while True:
+        markdowns, events = asyncio.run(read_back())
+        events = [e for e in events if e.payload.get("ref") == finetuned.ref]
+        if events or time.time() > deadline:
+            break
+        time.sleep(1)
+    [lineage_md] = [md for md in markdowns if finetuned.ref in md]
+    assert all(f"{name} md5={md5}" in lineage_md for name, md5 in md5s)  # down to the XML files, in the UI
+    assert events and events[0].payload["parents"] == finetuned.parents

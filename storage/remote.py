@@ -1,0 +1,238 @@
+"""The store's remote: object storage that several machines share, so a GPU machine trains on
+shards an ingestion machine built without a shared file system.
+
+    MEDLM_REMOTE=s3://bucket/prefix    any S3-compatible server (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+                                       AWS_SECRET_ACCESS_KEY, AWS_REGION; AWS_ALLOW_HTTP=true for http)
+    MEDLM_REMOTE=file:///shared/path   a folder every machine mounts
+
+Through obstore (the Rust object_store crate): its conditional put (``mode="create"``, HTTP
+If-None-Match: *) raises the same AlreadyExistsError on every server measured here (SeaweedFS,
+moto, a local folder), where s3fs raised a different error per server; pyarrow and DuckDB, which
+read fsspec URLs, never read the remote: a stage reads its inputs from the local store.
+
+Layout:
+
+    blobs/sha256/HEX                      every published file, by its content: uploading one twice
+                                          writes the same bytes, and an artifact that links its
+                                          parent's file (the corpus's parts) costs nothing more
+    artifacts/KIND/KEY/manifest.json      written last, and only if absent: the remote's rename
+                                          into place. No manifest, no artifact: nothing half
+                                          uploaded is ever visible, and of two machines that built
+                                          the same key, one manifest wins
+    quarantine/KIND/KEY.TIME.json         a manifest whose files failed their sha256, with why
+
+It is the worker's setting, like MEDLM_STORE, never a run parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+REMOTE_SETTING = "MEDLM_REMOTE"
+_CHUNK = 8 << 20
+
+
+class RemoteCorrupt(Exception):
+    """A remote artifact's bytes do not match its manifest; the message says which file."""
+
+    def __init__(self, message: str, sha256: str):
+        super().__init__(message)
+        self.sha256 = sha256  # the blob that holds other bytes than its name says
+
+
+class Remote:
+    """One remote (``url``); manifests and blobs, read and written with obstore."""
+
+    def __init__(self, url: str):
+        from obstore.store import from_url
+
+        if not url.startswith(("s3://", "file://")):
+            raise ValueError(f"{REMOTE_SETTING}={url}: expected s3://bucket/prefix or file:///path")
+        if url.startswith("file://"):
+            Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self._store = from_url(url)
+        self._manifests: dict[str, dict] = {}  # a manifest never changes once written: read each once
+
+    @classmethod
+    def from_env(cls) -> "Remote | None":
+        url = os.environ.get(REMOTE_SETTING)
+        return cls(url) if url else None
+
+    def __repr__(self) -> str:
+        return f"Remote({self.url!r})"
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def manifest(self, ref: str) -> dict | None:
+        """The manifest of ``ref`` (KIND/KEY) on the remote, or None."""
+        import obstore
+
+        if ref not in self._manifests:
+            try:
+                self._manifests[ref] = json.loads(bytes(obstore.get(self._store, _manifest_path(ref)).bytes()))
+            except FileNotFoundError:
+                return None
+        return self._manifests[ref]
+
+    def refs(self, kind: str | None = None) -> dict[str, float]:
+        """ref -> when its manifest was written, of every artifact on the remote (of ``kind``)."""
+        import obstore
+
+        found = {}
+        for batch in obstore.list(self._store, f"artifacts/{kind}/" if kind else "artifacts/"):
+            for meta in batch:
+                parts = meta["path"].split("/")
+                if len(parts) == 4 and parts[3] == "manifest.json":
+                    found[f"{parts[1]}/{parts[2]}"] = meta["last_modified"].timestamp()
+        return found
+
+    def download(self, ref: str, folder: Path) -> dict:
+        """Every file of ``ref`` into ``folder``, each hashed as it arrives; its manifest. A file
+        whose sha256 differs from the manifest raises RemoteCorrupt (nothing is kept of it)."""
+        import obstore
+
+        manifest = self.manifest(ref)
+        for name, entry in manifest["files"].items():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with open(target, "wb") as out:
+                for chunk in obstore.get(self._store, _blob_path(entry["sha256"])):
+                    out.write(chunk)
+                    digest.update(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                target.unlink()
+                raise RemoteCorrupt(f"{self.url}/{_blob_path(entry['sha256'])} ({ref}: {name}): sha256 differs from the manifest", entry["sha256"])
+        return manifest
+
+    def problems(self, ref: str) -> list[str]:
+        """What is wrong with ``ref`` on the remote, every blob re-hashed; empty: it verifies."""
+        import obstore
+
+        manifest = self.manifest(ref)
+        if manifest is None:
+            return [f"{self.url}/{_manifest_path(ref)}: missing"]
+        problems = []
+        for name, entry in manifest["files"].items():
+            digest = hashlib.sha256()
+            try:
+                for chunk in obstore.get(self._store, _blob_path(entry["sha256"])):
+                    digest.update(chunk)
+            except FileNotFoundError:
+                problems.append(f"{name}: its blob is missing")
+                continue
+            if digest.hexdigest() != entry["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest")
+        return problems
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def upload(self, ref: str, folder: Path, manifest_text: str) -> bool:
+        """Publish the local artifact in ``folder``: its files' blobs first, then its manifest, only
+        if none is there. True when this manifest is the one published; False when another machine's
+        was there first."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+
+        manifest = json.loads(manifest_text)
+        for name, entry in manifest["files"].items():
+            blob = _blob_path(entry["sha256"])
+            if not self._has(blob, entry["size"]):
+                with open(folder / name, "rb") as f:
+                    obstore.put(self._store, blob, f, chunk_size=_CHUNK)
+        try:
+            obstore.put(self._store, _manifest_path(ref), manifest_text.encode(), mode="create")
+        except AlreadyExistsError:
+            return False
+        self._manifests[ref] = manifest
+        return True
+
+    def quarantine(self, ref: str, reasons: list[str], bad_blobs: tuple[str, ...] = ()) -> str:
+        """Move ``ref``'s manifest aside with why, and each blob in ``bad_blobs`` (bytes that are
+        not what its name says: an upload would take it for the right file) to quarantine/blobs/;
+        where the manifest went. Nothing is deleted."""
+        import obstore
+
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for sha256 in bad_blobs:
+            obstore.copy(self._store, _blob_path(sha256), f"quarantine/blobs/{sha256}.{stamp}")
+            obstore.delete(self._store, _blob_path(sha256))
+        text = json.dumps({"ref": ref, "reasons": reasons, "quarantined": time.time(), "manifest": self.manifest(ref)}, indent=1)
+        target = f"quarantine/{ref}.{stamp}.json"
+        obstore.put(self._store, target, text.encode())
+        obstore.delete(self._store, _manifest_path(ref))
+        self._manifests.pop(ref, None)
+        return f"{self.url}/{target}"
+
+    def quarantined(self) -> list[dict]:
+        import obstore
+
+        notes = [json.loads(bytes(obstore.get(self._store, m["path"]).bytes()))
+                 for batch in obstore.list(self._store, "quarantine/") for m in batch if not m["path"].startswith("quarantine/blobs/")]
+        return sorted(notes, key=lambda note: note["quarantined"])
+
+    def pin(self, ref: str) -> None:
+        import obstore
+
+        obstore.put(self._store, f"pins/{ref}", b"")
+
+    def unpin(self, ref: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, f"pins/{ref}")
+        except FileNotFoundError:
+            pass
+
+    def pins(self) -> set[str]:
+        import obstore
+
+        return {m["path"].removeprefix("pins/") for batch in obstore.list(self._store, "pins/") for m in batch}
+
+    def remove(self, ref: str) -> None:
+        """Unpublish ``ref`` (its manifest); ``collect_blobs`` deletes what no manifest names."""
+        import obstore
+
+        obstore.delete(self._store, _manifest_path(ref))
+        self._manifests.pop(ref, None)
+
+    def collect_blobs(self) -> int:
+        """Delete the blobs that no published or quarantined manifest names; how many bytes."""
+        import obstore
+
+        named = {entry["sha256"] for ref in self.refs() for entry in self.manifest(ref)["files"].values()}
+        named |= {entry["sha256"] for note in self.quarantined() for entry in (note.get("manifest") or {}).get("files", {}).values()}
+        freed = 0
+        for meta in self._blobs():
+            if meta["path"].rsplit("/", 1)[1] not in named:
+                obstore.delete(self._store, meta["path"])
+                freed += meta["size"]
+        return freed
+
+    def _blobs(self) -> Iterator[dict]:
+        import obstore
+
+        for batch in obstore.list(self._store, "blobs/sha256/"):
+            yield from batch
+
+    def _has(self, path: str, size: int) -> bool:
+        import obstore
+
+        try:
+            return obstore.head(self._store, path)["size"] == size
+        except FileNotFoundError:
+            return False
+
+
+def _manifest_path(ref: str) -> str:
+    return f"artifacts/{ref}/manifest.json"
+
+
+def _blob_path(sha256: str) -> str:
+    return f"blobs/sha256/{sha256}"
