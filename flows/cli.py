@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -238,6 +239,8 @@ def _store(argv: list[str]) -> None:
     gc.add_argument("--keep-last", type=int, required=True, metavar="N", help="Keep the newest N artifacts of each kind, and everything they came from.")
     gc.add_argument("--kind", action="append", dest="kinds", metavar="KIND", help="Only remove artifacts of this kind (repeatable) [default: every kind].")
     gc.add_argument("--min-age-hours", type=float, default=24, help="Never remove an artifact younger than this [default: 24].")
+    gc.add_argument("--remote", action="store_true", help="Plan (and remove) on the remote (MEDLM_REMOTE), not this machine's copies.")
+    verify.add_argument("--remote", action="store_true", help="Re-hash the remote's copy (every blob downloaded) instead of this machine's.")
     pin = sub.add_parser("pin", help="Keep an artifact (and everything it came from) whatever gc decides.")
     unpin = sub.add_parser("unpin", help="Let gc decide about an artifact again.")
     for p in (pin, unpin):
@@ -252,8 +255,14 @@ def _store(argv: list[str]) -> None:
         from storage.lineage import summary_line
 
         artifacts = store.ls(args.kind)
+        newest = {a.kind: a.ref for a in artifacts}  # ls sorts by creation: the last of a kind is what a default picks
         for a in artifacts:
-            print(f"{a.ref:<40} {a.label or summary_line(a.summary)}")
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(a.manifest.get("created", 0)))
+            mark = "newest" if newest[a.kind] == a.ref else ""
+            where = "" if a.present else "  (on the remote only)"
+            print(f"{a.ref:<32} {created}  {mark:<6}  {a.label or summary_line(a.summary)}{where}")
+        if artifacts:
+            print("\n(times UTC; `newest` is what a command picks when no ref is given)")
         if not artifacts:
             print(f"no artifacts in {store.root}")
         quarantined = store.quarantined()
@@ -263,7 +272,9 @@ def _store(argv: list[str]) -> None:
                 print(f"{item['ref']:<40} {item['path']}  {item['reasons'][0]}")
     elif args.action == "verify":
         ref = store.resolve(args.ref)
-        if problems := store.problems(ref):
+        if args.remote and store.remote is None:
+            raise UsageError("this store has no remote: set MEDLM_REMOTE")
+        if problems := (store.remote.problems(ref) if args.remote else store.problems(ref)):
             print(f"error: {ref} does not verify: " + "; ".join(problems), file=sys.stderr)
             sys.exit(1)
         print(f"{ref}: ok")
@@ -277,7 +288,7 @@ def _store(argv: list[str]) -> None:
     elif args.action == "gc":
         from storage.retention import plan_removal, remove
 
-        plan = plan_removal(store, args.keep_last, kinds=args.kinds, min_age_s=args.min_age_hours * 3600)
+        plan = plan_removal(store, args.keep_last, kinds=args.kinds, min_age_s=args.min_age_hours * 3600, on_remote=args.remote)
         print("\n".join(plan.lines()))
         if args.yes:
             print(f"removed {len(remove(store, plan))} artifact(s)")
@@ -353,18 +364,22 @@ def _refuse_output_in_store(path: str | os.PathLike | None) -> None:
 
 def _export_hf(argv: list[str]) -> None:
     parser = ArgumentParser(prog="medlm export-hf", description=OTHER_COMMANDS["export-hf"])
-    parser.add_argument("checkpoint", type=Path, help="A checkpoint artifact folder or a ckpt_NNNNNNN folder.")
+    parser.add_argument("checkpoint", help="A checkpoint: a ref (pretrain/3f9a, finetune/...: a unique prefix will do), a checkpoint artifact folder or a ckpt_NNNNNNN folder.")
     parser.add_argument("out", type=Path, help="Folder to write the Hugging Face model into (outside the store).")
     parser.add_argument("--tokenizer", type=Path, help="Tokenizer folder to copy in (a checkpoint artifact already has one).")
+    _store_argument(parser)
     args = parser.parse_args(argv)
     _refuse_output_in_store(args.out)
     from model.export_hf import export_hf
     from storage.formats import TOKENIZER_FILES
 
+    folder = Path(args.checkpoint)
+    if not folder.is_dir() and "/" in args.checkpoint and not args.checkpoint.startswith((".", "/")):
+        folder = _open_store(args).require(args.checkpoint).path  # a ref, fetched from the remote if need be
     tokenizer = args.tokenizer
-    if tokenizer is None and all((args.checkpoint / name).is_file() for name in TOKENIZER_FILES):
-        tokenizer = args.checkpoint
-    print(export_hf(args.checkpoint, args.out, tokenizer))
+    if tokenizer is None and all((folder / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = folder
+    print(export_hf(folder, args.out, tokenizer))
 
 
 if __name__ == "__main__":

@@ -77,15 +77,25 @@ def read_run_config(name_or_path: str | Path) -> dict[str, dict]:
 
 
 def _resolve_paths(values: Any, base: Path, where: str) -> dict:
+    """Strings starting with ./ or ../ are paths relative to the file. A copy of a bundled
+    configuration (flows/configs/demo.toml) moved elsewhere still finds the repository's data: a
+    path that is not there relative to the copy, but is relative to flows/configs/, means that."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
 
-    def resolve(v):
+    def resolve(key: str, v):
         if isinstance(v, list):  # a list of paths (e.g. qa.instructions)
-            return [resolve(item) for item in v]
-        return str((base / v).resolve()) if isinstance(v, str) and v.startswith(("./", "../")) else v
+            return [resolve(key, item) for item in v]
+        if not (isinstance(v, str) and v.startswith(("./", "../"))):
+            return v
+        here, bundled = (base / v).resolve(), (CONFIG_DIR / v).resolve()
+        if here.exists() or not bundled.exists():
+            if not here.exists():
+                raise ConfigError(f"{where} {key}: {v} is not there: {here} does not exist (paths starting with ./ or ../ are relative to the file)")
+            return str(here)
+        return str(bundled)
 
-    return {k: resolve(v) for k, v in values.items()}
+    return {k: resolve(k, v) for k, v in values.items()}
 
 
 # -- command-line options ---------------------------------------------------------------------------

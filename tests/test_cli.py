@@ -37,7 +37,9 @@ def test_store_ls_lineage_verify_and_purge(tmp_path, capsys):
     assert status == 0 and corpus.ref in listing and listing.count("download/") == 2
     downloads = store.ls("download")
     for download in downloads:
-        assert f"{download.ref:<40} {download.label}" in listing
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(download.manifest["created"]))
+        assert f"{download.ref:<32} {created}  {'newest' if download == downloads[-1] else '':<6}  {download.label}" in listing
+    assert f"{corpus.ref:<32} " in listing and listing.count("newest") == 3 + 1  # one per kind, and the note
 
     status, tree, _ = medlm(capsys, "lineage", corpus.ref, *args)
     assert status == 0
@@ -89,30 +91,43 @@ def test_store_gc_is_a_dry_run_unless_told_and_keeps_what_is_pinned(tmp_path, ca
 
 
 MEDLM = Path(sys.executable).with_name("medlm")
-USER_ERRORS = [
-        (["lineage", "corpus/0123456789abcdef0123"], "corpus/0123456789abcdef0123 is not in the store"),
+# Errors found before any flow runs (options, configurations, the paths and URLs a run may use).
+REFUSED_AT_ONCE = [
         (["lineage", "corpus"], "invalid artifact ref 'corpus': expected KIND/KEY"),
         (["retrain", "--max-steps", "0"], "train: max_steps: Input should be greater than or equal to 1"),
         (["retrain", "--batch-size", "-3"], "train: batch_size: Input should be greater than or equal to 1"),
         (["retrain", "--devices", "0"], "train: devices: Input should be greater than or equal to 1"),
-        (["retrain", "--shards-ref", "shards/0123456789abcdef0123"], "shards/0123456789abcdef0123 is not in the store"),
-        (["retrain", "--shards-ref", "../../etc/passwd"], "invalid artifact ref"),
+        (["retrain", "--nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
+        (["retrain", "--nodes", "2", "--rdzv-endpoint", "10.9.8.7:29500", "--rdzv-id", "j"], "10.9.8.7:29500 is not a rendezvous this process may join (MEDLM_RENDEZVOUS_HOSTS="),
         (["ingest", "--baseline-limit", "-1"], "source: baseline_limit: Input should be greater than or equal to 0"),
         (["tokenize", "--vocab-size", "3"], "tokenizer: vocab_size: Input should be greater than or equal to 260"),
         (["tokenize", "--vocab-size", "70000"], "tokenizer: vocab_size: Input should be less than or equal to 65536"),
         (["ingest", "--source", "ftp://example.org/pubmed"], "source: source: 'ftp://example.org/pubmed': expected an http(s) URL"),
         (["ingest", "--source", "/no/such/mirror"], "source: source: /no/such/mirror is outside the folders this process may read (MEDLM_DATA_ROOTS="),
         (["ingest", "--source", str(DATA / "no-such-mirror")], f"source: source: {DATA / 'no-such-mirror'} does not exist"),
-        (["ingest", "--source", str(DATA / "pubmed")], f"{DATA / 'pubmed' / 'baseline'} is not a folder"),
         (["ingest", "--source", "http://127.0.0.1:9/pubmed"], "http://127.0.0.1:9/pubmed is not among the sources this process may download from (MEDLM_SOURCES="),
         (["ingest", "--exclude-pmids-file", "/etc/passwd"], "corpus: exclude_pmids_file: /etc/passwd is outside the folders this process may read"),
-        (["qa", "--pubmedqa", str(DATA / "medmcqa" / "medmcqa_val.json"), "--medqa", str(DATA / "medqa")], "index 0: no field 'QUESTION' or 'pubid' (fields: choice_type, cop, exp, id, opa,"),
         (["evaluate", "--hf-model", "/root"], "evaluation: hf_model: /root is outside the folders this process may read"),
         (["pipeline", "--config", "no-such-config"], "no run configuration 'no-such-config'"),
         (["retrain", "--preset", "huge"], "medlm retrain: argument --preset: invalid choice: 'huge'"),
-        (["store", "verify", "corpus/0123456789abcdef0123"], "artifact corpus/0123456789abcdef0123 is not in the store"),
         (["store", "verify"], "medlm store verify: the following arguments are required: ref"),
 ]
+# Errors a flow run or the store finds: the installed command, as a user runs it.
+USER_ERRORS = [
+        (["lineage", "corpus/0123456789abcdef0123"], "corpus/0123456789abcdef0123 is not in the store"),
+        (["retrain", "--shards-ref", "shards/0123456789abcdef0123"], "shards/0123456789abcdef0123 is not in the store"),
+        (["retrain", "--shards-ref", "../../etc/passwd"], "invalid artifact ref"),
+        (["ingest", "--source", str(DATA / "pubmed")], f"{DATA / 'pubmed' / 'baseline'} is not a folder"),
+        (["qa", "--pubmedqa", str(DATA / "medmcqa" / "medmcqa_val.json"), "--medqa", str(DATA / "medqa")], "index 0: no field 'QUESTION' or 'pubid' (fields: choice_type, cop, exp, id, opa,"),
+        (["store", "verify", "corpus/0123456789abcdef0123"], "artifact corpus/0123456789abcdef0123 is not in the store"),
+]
+
+
+@pytest.mark.parametrize("args, message", REFUSED_AT_ONCE, ids=[" ".join(a)[:60] for a, _ in REFUSED_AT_ONCE])
+def test_a_wrong_option_or_value_is_one_line_and_status_2(args, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDLM_STORE", str(tmp_path / "store"))
+    status, _, err = medlm(capsys, *args)
+    assert status == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
 
 
 def test_a_user_error_is_one_line_and_status_2(prefect_server, tmp_path):
@@ -137,12 +152,6 @@ def test_a_wrong_value_is_refused_before_a_prefect_server_starts(tmp_path):
         run = subprocess.run([str(MEDLM), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1, run.stderr
     assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # no server was started for them
-
-
-def test_preset_is_a_choice(capsys):
-    status, _, err = medlm(capsys, "retrain", "--preset", "huge")
-    assert status == 2 and "invalid choice: 'huge' (choose from 'tiny', 'small', 'base', 'gpt2')" in err
-    assert err.startswith("error: medlm retrain: ") and len(err.splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -245,3 +254,29 @@ def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_
     state = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
                            capture_output=True, text=True, timeout=120)
     assert state.stdout.strip() == "CRASHED", state.stderr[-2000:]  # the stopped run, not left Running
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_store_gc_flow_is_a_dry_run_by_default_and_removes_when_told(store):
+    from flows.store_gc import store_gc
+    from tasks.corpus import CORPUS, CorpusConfig
+
+    first = build_corpus(store)
+    CORPUS.run(store, {"parsed": store.ls("parse")}, CorpusConfig(min_abstract_chars=0))  # a newer snapshot
+    assert store_gc(keep_last=1, min_age_hours=0) == [first.ref] and store.get(first.ref) is not None
+    assert store_gc(keep_last=1, min_age_hours=0, dry_run=False) == [first.ref] and store.get(first.ref) is None
+
+
+def test_a_copied_run_configuration_keeps_its_paths_or_says_which_is_missing(tmp_path):
+    from storage.config import CONFIG_DIR, ConfigError, read_run_config
+
+    copy = tmp_path / "elsewhere" / "my-run.toml"
+    copy.parent.mkdir()
+    copy.write_text((CONFIG_DIR / "demo.toml").read_text())
+    assert read_run_config(copy) == read_run_config("demo")  # the bundled data, found from the copy
+    (tmp_path / "elsewhere" / "mine.jsonl").write_text("{}\n")
+    copy.write_text('[qa]\ninstructions = ["./mine.jsonl"]\nmedqa = "../no-such-folder"\n')
+    with pytest.raises(ConfigError, match=rf"my-run.toml \[qa\] medqa: ../no-such-folder is not there: {tmp_path / 'no-such-folder'} does not exist"):
+        read_run_config(copy)
+    copy.write_text('[qa]\ninstructions = ["./mine.jsonl"]\n')
+    assert read_run_config(copy)["qa"]["instructions"] == [str(tmp_path / "elsewhere" / "mine.jsonl")]

@@ -258,6 +258,12 @@ def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, 
     assert checkpoint.params["max_steps"] == 3 and checkpoint.summary["steps"] == 3
     assert json.loads(checkpoint.file("config.json").read_text())["model"]["n_layer"] == 4  # the tiny preset
 
+    from flows.cli import main  # export-hf takes a ref like every other command, a unique prefix of its key too
+
+    main(["export-hf", f"pretrain/{checkpoint.key[:6]}", str(store.root.parent / "hf")])
+    assert json.loads((store.root.parent / "hf" / "config.json").read_text())["model_type"] == "llama"
+    assert (store.root.parent / "hf" / "tokenizer.json").is_file()
+
 
 def test_pretrain_killed_while_clearing_its_run_folder_finishes_without_retraining(shards, tokenizer_dir, tmp_path, monkeypatch):
     import tasks.pretrain as pretrain_module
