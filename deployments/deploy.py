@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +154,12 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
         if d.cron == NIGHTLY_CRON:  # once the baseline is in, a night lists and fetches only the new update files
             parameters["source"] = {"new_files_only": True, **parameters.get("source", {})}
         schedule = cron if d.cron == NIGHTLY_CRON else d.cron
-        deployment_id = flow.deploy(
-            name=d.name, work_pool_name=d.pool, parameters=parameters,
-            schedules=[Cron(schedule, timezone=NIGHTLY_TIMEZONE, active=d.schedule_on)] if schedule else None, tags=list(d.tags),
-            description=d.description, print_next_steps=False,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # Prefect's own table of it: ours (main) says it in one line
+            deployment_id = flow.deploy(
+                name=d.name, work_pool_name=d.pool, parameters=parameters,
+                schedules=[Cron(schedule, timezone=NIGHTLY_TIMEZONE, active=d.schedule_on)] if schedule else None, tags=list(d.tags),
+                description=d.description, print_next_steps=False,
+            )
         asyncio.run(_stamp(deployment_id))
         report.append(f"deployed {full_name}")
     asyncio.run(_follow_ups(retrain_after_ingest))
@@ -172,8 +175,24 @@ def main() -> None:
     parser.add_argument("--reset", action="store_true", help="Register every deployment again, even one changed in the UI.")
     args = parser.parse_args()
     apply_prefect_defaults()
-    for line in register(args.config, args.cron, args.gpu_slots, args.retrain_after_ingest, args.reset):
-        print(line)
+    report = register(args.config, args.cron, args.gpu_slots, args.retrain_after_ingest, args.reset)
+    print("\n".join(summary(report, args.config, args.cron)))
+
+
+def summary(report: list[str], run_config: str | None, cron: str) -> list[str]:
+    """What `make up` registered, one line per deployment: where it runs, when, where its defaults
+    come from, and whether it was registered now or kept as changed in the UI."""
+    defaults = Path(run_config).name if run_config else "the code"
+    lines = [f"{'deployment':<24} {'pool':<4}  {'schedule':<22} {'defaults from':<16} status"]
+    for d, line in zip(DEPLOYMENTS, report):
+        name, kept = line.split()[1], line.startswith("kept")
+        when = "-" if not d.cron else f"{cron if d.cron == NIGHTLY_CRON else d.cron} UTC ({'on' if d.schedule_on else 'off'})"
+        status = "kept as changed in the UI (--reset registers it again)" if kept else "registered"
+        lines.append(f"{name:<24} {d.pool:<4}  {when:<22} {'the UI' if kept else defaults:<16} {status}")
+    if not run_config:
+        lines.append("No CONFIG: the forms' defaults are the code's (NCBI's PubMed, which needs the internet; a 32k vocabulary). "
+                     "`make up CONFIG=demo` gives the bundled sample's.")
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ previous one and applies only them; a run killed half-way redoes only unfinished
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -22,9 +23,10 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.stage import builds_in_processes, failure, publish_lineage, retry_when, run_stage, submit
+from flows.stage import builds_in_processes, failure, progress_on_the_run_page, publish_lineage, retry_when, run_stage, submit
 from storage import Artifact, Store
 from storage.access import DASK_SETTING, dask_address
+from storage.progress import Progress
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
 from tasks.parse import PARSE, ParseConfig
@@ -59,7 +61,8 @@ def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusC
         raise ValueError(f"no PubMed files selected at {source.source} with {source}; a snapshot needs at least one")
 
     downloads = [(remote.name, submit(DOWNLOAD, {}, remote, label=remote.name)) for remote in remotes]
-    parsed, failures = parse_as_downloaded(downloads, parse)
+    with progress_on_the_run_page():
+        parsed, failures = parse_as_downloaded(downloads, parse)
     if failures:
         rows = "\n".join(f"| `{name}` | {reason} |" for name, reason in sorted(failures.items()))
         create_markdown_artifact(
@@ -100,6 +103,7 @@ def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: Pars
     """
     name_of = {id(future): name for name, future in downloads}
     parsing, failures = [], {}
+    progress = Progress("ingest", len(downloads), "files downloaded and parsed", logging.getLogger("medlm.ingest"))
     with parse_runner(config) as runner:
         for downloaded in as_completed([future for _, future in downloads]):
             name = name_of[id(downloaded)]
@@ -109,12 +113,13 @@ def parse_as_downloaded(downloads: list[tuple[str, PrefectFuture]], config: Pars
             else:
                 failures[name] = failure(downloaded)
         parsed = {}
-        for name, future in parsing:
+        for done, (name, future) in enumerate(parsing, 1):
             future.wait()
             if future.state.is_completed():
                 parsed[name] = future.result()
             else:
                 failures[name] = failure(future)
+            progress.update(done + len(downloads) - len(parsing), f"{name} {'failed' if name in failures else 'done'}")
     return [parsed[name] for name, _ in downloads if name in parsed], failures
 
 

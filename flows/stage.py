@@ -21,8 +21,10 @@ the build uses (no Prefect, no other stage).
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import logging
 import multiprocessing
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -30,7 +32,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.assets import Asset, add_asset_metadata
 from prefect.client.schemas.objects import TaskRunResult
 from prefect.futures import PrefectFuture
@@ -40,6 +48,7 @@ from prefect.tasks import MaterializingTask
 
 from storage import Artifact, Stage, Store, write_text_atomic
 from storage.lineage import lineage, markdown
+from storage.progress import REPORTER
 
 ASSET_SCHEME = "medlm://"
 _BUILD_PROCESSES: ContextVar[Executor | None] = ContextVar("medlm_build_processes", default=None)
@@ -55,11 +64,15 @@ def stage_task(stage: Stage) -> MaterializingTask:
     """The Prefect task that runs ``stage`` through the store."""
 
     def run(inputs: dict, config) -> Artifact:
-        artifact = stage.run(Store(), inputs, config, build_in=_build_processes())
+        with progress_on_the_run_page():  # the build's progress, on this task run's page
+            artifact = stage.run(Store(), inputs, config, build_in=_build_processes())
         if stage.report is not None:
             create_table_artifact(
                 key=stage.name, table=stage.report(artifact), description=" ".join(filter(None, [artifact.ref, artifact.label]))
             )
+        if "loss.png" in artifact.manifest.get("files", {}):  # a training stage's loss curve, in the page itself
+            png = base64.b64encode(artifact.file("loss.png").read_bytes()).decode()
+            create_image_artifact(f"data:image/png;base64,{png}", key=f"loss-{stage.name}", description=f"loss curve of {artifact.ref}")
         if artifact.reused:
             return Completed(name="Cached", message=f"{artifact.ref} was already in the store", data=artifact)
         metadata = {"ref": artifact.ref, "label": artifact.label, "parents": artifact.parents, "params": artifact.params}
@@ -69,6 +82,34 @@ def stage_task(stage: Stage) -> MaterializingTask:
     run.__name__ = run.__qualname__ = stage.name
     retries = {"retries": 2, "retry_delay_seconds": [60, 600], "retry_condition_fn": retry_when(stage.retry_if)} if stage.retry_if else {}
     return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, **retries)
+
+
+@contextmanager
+def progress_on_the_run_page() -> Iterator[None]:
+    """Progress reported in this block (storage/progress.py) becomes Prefect progress artifacts of
+    the current run, one per kind of work, the latest progress line as the description. Progress
+    is never worth failing the work for: an API error is logged and the work goes on."""
+    ids: dict[str, object] = {}
+
+    def report(what: str, fraction: float, line: str) -> None:
+        try:
+            if what in ids:
+                update_progress_artifact(ids[what], 100 * fraction, description=line)
+            else:
+                ids[what] = create_progress_artifact(100 * fraction, key=_artifact_key(what), description=line)
+        except Exception as error:  # noqa: BLE001 - the server's trouble, not the work's
+            logging.getLogger("medlm.progress").debug("progress not reported (%s): %s", error, line)
+
+    token = REPORTER.set(report)
+    try:
+        yield
+    finally:
+        REPORTER.reset(token)
+
+
+def _artifact_key(what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a kind of work: "fine-tuning"."""
+    return "progress-" + "".join(c if c.isalnum() else "-" for c in what.lower())
 
 
 def retry_when(worth_retrying: Callable[[BaseException], bool]):
@@ -159,5 +200,5 @@ def publish_lineage(ref: str) -> None:
     full.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(full, json.dumps(root.as_dict(), indent=1) + "\n")
     create_markdown_artifact(
-        key=f"lineage-{root.kind}", markdown=markdown(root, full.resolve().as_uri()), description=f"Lineage of {ref}"
+        key=f"lineage-{root.kind}", markdown=markdown(root, str(full.resolve())), description=f"Lineage of {ref}"
     )

@@ -20,6 +20,7 @@ import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 from storage import default_root, write_text_atomic
 from storage.access import check_rendezvous
 from storage.processes import die_with_parent
+from storage.progress import REPORTER
 
 if TYPE_CHECKING:
     from model.train import TrainConfig
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("model.train", "model.finetune")  # what a launch may run: a join runs nothing else
 RENDEZVOUS = ".rendezvous"
+_PROGRESS_LINE = re.compile(r"^(?P<what>[a-z][a-z -]*): (?P<done>[\d,]+)/(?P<total>[\d,]+) ")
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,18 @@ def join(rdzv_id: str, timeout_s: float = 600, log: Callable[[str], None] = prin
 
 
 def _run(job: Launch, log: Callable[[str], None]) -> None:
+    """Run ``job``, its lines to ``log``; rank 0's progress lines (storage/progress.py) also to the
+    progress reporter, as if the training ran in this process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     tail: collections.deque[str] = collections.deque(maxlen=20)
+    reporter = REPORTER.get()
     logging.getLogger("medlm.distributed").info("launching %s", " ".join(job.command()))
     with subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           preexec_fn=die_with_parent) as proc:
         for line in proc.stdout:
             tail.append(line.rstrip())
             log(tail[-1])
+            if reporter is not None and (step := _PROGRESS_LINE.match(tail[-1])):
+                reporter(step["what"], int(step["done"].replace(",", "")) / max(1, int(step["total"].replace(",", ""))), tail[-1])
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with status {proc.returncode}; last lines:\n" + "\n".join(tail))

@@ -7,6 +7,8 @@ manifest's ``label`` (set by the stage, e.g. a source file's name and md5) and i
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -139,16 +141,19 @@ def _display_order(nodes: list[Node]) -> list[Node]:
 MANY = 12  # a kind with more artifacts than this is summarised in markdown, listed whole in the JSON
 
 
-def markdown(root: Node, full_list: str | None = None) -> str:
-    """The lineage as markdown, a table per kind from the artifact down to the source files.
+def markdown(root: Node, full_list: str) -> str:
+    """The lineage as markdown: the graph (Mermaid, which the UI draws), then a table per kind from
+    the artifact down to the source files, then the whole lineage as JSON.
 
-    A kind with more than ``MANY`` artifacts (1,300 downloads of a full baseline) is summarised:
-    how many, per folder where the artifacts say, the first and the last; ``full_list`` (a URL or
-    path of the whole lineage as JSON) is linked for the rest."""
+    A kind with more than ``MANY`` artifacts (1,300 downloads of a full baseline) is one node of
+    the graph and summarised in its table: how many, per folder where the artifacts say, the first
+    and the last. ``full_list`` (where the whole lineage is written as JSON) is named always; the
+    JSON itself is in the page when the lineage has at most ``MANY`` * 4 artifacts."""
     levels = _by_kind(root)
     lines = [f"# Lineage of `{root.ref}`", ""]
     if root.label:
         lines += [root.label, ""]
+    lines += ["```mermaid", *mermaid(root), "```", ""]
     for kind, nodes in levels.items():
         lines += [f"## {kind} ({len(nodes):,})", ""]
         if len(nodes) > MANY:
@@ -157,16 +162,41 @@ def markdown(root: Node, full_list: str | None = None) -> str:
                 lines.append("per folder: " + ", ".join(f"{folder} {n:,}" for folder, n in folders.items()))
             first, last = nodes[0], nodes[-1]
             lines += [f"first: `{first.ref}` {first.describe()}", f"last: `{last.ref}` {last.describe()}"]
-            if full_list:
-                lines.append(f"every one of them: [{full_list}]({full_list})")
-            lines.append("")
+            lines += ["every one of them: in the JSON below", ""]
             continue
         lines += ["| artifact | what | parameters | created |", "| --- | --- | --- | --- |"]
         for n in nodes:
-            params = ", ".join(f"{k}={_short(v)}" for k, v in n.params.items())
-            lines.append(f"| `{n.ref}` | {n.describe()} | {params} | {_when(n.created)} |")
+            params = ", ".join(f"{k}={_short(v, 40)}" for k, v in n.params.items())
+            lines.append(f"| `{n.ref}` | {_short(n.describe(), 80)} | {params} | {_when(n.created)} |")
         lines.append("")
+    lines += ["## The whole lineage, as JSON", "", f"Written to `{full_list}`; from a shell, `medlm lineage {root.ref} --json`.", ""]
+    if sum(len(nodes) for nodes in levels.values()) <= 4 * MANY:
+        lines += ["```json", json.dumps(root.as_dict(), indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def mermaid(root: Node) -> list[str]:
+    """The lineage as a Mermaid graph, parents above children; a kind with more than ``MANY``
+    artifacts is one node saying how many."""
+    levels = _by_kind(root)
+    crowded = {kind for kind, nodes in levels.items() if len(nodes) > MANY}
+    ids: dict[str, str] = {}
+
+    def node_id(n: Node) -> str:
+        key = n.kind if n.kind in crowded else n.ref
+        if key not in ids:
+            ids[key] = f"n{len(ids)}"
+        return ids[key]
+
+    lines, edges = ["graph BT"], set()
+    for n in ancestors_first(root):
+        if n.kind in crowded:
+            text = f"{n.kind} x{len(levels[n.kind]):,}"
+        else:
+            text = f"{n.ref}<br/>{_short(n.describe(), 48)}"
+        lines.append(f'  {node_id(n)}["{text.replace(chr(34), chr(39))}"]')
+        edges |= {(node_id(p), node_id(n)) for p in n.parents}
+    return list(dict.fromkeys(lines)) + [f"  {a} --> {b}" for a, b in sorted(edges) if a != b]
 
 
 def dot(root: Node) -> str:

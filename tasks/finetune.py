@@ -26,7 +26,7 @@ from pydantic import Field
 from model.checkpoint import RUN_DIR, finished_summary
 from model.distributed import train_distributed
 from model.finetune import FinetuneConfig, finetune, publish
-from model.train import TrainConfig, format_record
+from model.train import TrainConfig
 from storage import Artifact, Input, Stage, sha256_folder
 from storage.formats import read_records
 from storage.config import config_dataclass
@@ -87,7 +87,7 @@ def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
         return summary
     run = out_dir / RUN_DIR
     if config.train.devices == 1 and config.train.nodes == 1:
-        summary = finetune(cfg, config.train, base_path, train, run, validation, progress=lambda record: log.info(format_record(record)))
+        summary = finetune(cfg, config.train, base_path, train, run, validation)
     else:  # torchrun, on this machine or as one of train.nodes
         tables = {"finetune": asdict(cfg) | {"hf_base": None}, "train": config.train.to_dict()}
         args = ("--base", str(base_path), "--data", *(str(a.path) for a in inputs["data"]))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, RUN_FILES, finished_summary, remove_run
 from model.distributed import train_distributed
-from model.train import TrainConfig, format_record, train
+from model.train import TrainConfig, train
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
 from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
@@ -52,7 +52,7 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
         return summary
     run = out_dir / RUN_DIR
     if config.devices == 1 and config.nodes == 1:
-        summary = train(config, shards.path, run, progress=lambda record: log.info(format_record(record)))
+        summary = train(config, shards.path, run)
     else:  # torchrun, on this machine or as one of config.nodes
         summary = train_distributed("model.train", config.to_dict(), ("--shards", str(shards.path)), config, run, log.info)
     publish_run(run, summary, out_dir, tokenizer)

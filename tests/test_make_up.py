@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import MIRROR, build_corpus
-from deployments.serve import process_start_time
 from storage import Store
-from storage.processes import free_port
+from storage.processes import free_port, process_start_time
 
 SERVE = [sys.executable, "-m", "deployments.serve"]
 POSTGRES = bool(list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")) or shutil.which("pg_ctl"))  # .ci/run installs it
@@ -73,7 +72,11 @@ def _ui_headers(api: str, ui: str) -> dict:
 def test_the_nightly_schedule_fires(stack):
     up = stack["up"]
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-    assert "deployed ingest/nightly-ingest" in up.stdout and ("database: PostgreSQL in" in up.stdout or not POSTGRES)
+    assert "database: PostgreSQL in" in up.stdout or not POSTGRES
+    # One short table of what was registered, and why its defaults will not run offline; no Prefect banner.
+    assert re.search(r"\ningest/nightly-ingest +cpu +0 6 \* \* \* UTC \(on\) +the code +registered\n", up.stdout), up.stdout
+    assert re.search(r"\nstore-gc/nightly-gc +cpu +0 8 \* \* \* UTC \(off\) +the code +registered\n", up.stdout), up.stdout
+    assert "No CONFIG: the forms' defaults are the code's" in up.stdout and "Successfully created" not in up.stdout
     script = (
         "import asyncio, json\n"
         "from prefect.client.orchestration import get_client\n"

@@ -311,12 +311,17 @@ def test_lineage_markdown_summarises_many_files_and_diff_names_what_changed(stor
     old = store.get_or_build(ArtifactSpec("corpus", "1", {"min_abstract_chars": 200}, tuple(p.ref for p in parsed[:14])), write_files({"c": b"1"}))
     new = store.get_or_build(ArtifactSpec("corpus", "1", {"min_abstract_chars": 100}, tuple(p.ref for p in parsed)), write_files({"c": b"2"}))
 
-    text = markdown(lineage(store, new.ref), "file:///store/.lineage/corpus.json")
-    assert f"# Lineage of `{new.ref}`" in text and "## download (15)" in text
-    assert "per folder: baseline 10, updatefiles 5" in text
-    assert "first: `" in text and "pubmed25n0001.xml.gz md5=" in text and "pubmed25n0015.xml.gz md5=" in text
-    assert "[file:///store/.lineage/corpus.json]" in text
-    assert "pubmed25n0007.xml.gz" not in text  # summarised, not listed
+    text = markdown(lineage(store, new.ref), "/store/.lineage/corpus.json")
+    tables, whole = text.split("## The whole lineage, as JSON")
+    assert f"# Lineage of `{new.ref}`" in tables and "## download (15)" in tables
+    assert "per folder: baseline 10, updatefiles 5" in tables
+    assert "first: `" in tables and "pubmed25n0001.xml.gz md5=" in tables and "pubmed25n0015.xml.gz md5=" in tables
+    assert "pubmed25n0007.xml.gz" not in tables  # summarised in the tables, listed in the JSON
+    graph = tables.split("```mermaid\n")[1].split("```")[0].splitlines()
+    assert graph[0] == "graph BT" and sum('["download x15"]' in line for line in graph) == 1  # one node for 15
+    assert f"{new.ref}<br/>" in "".join(graph) and [line for line in graph if "-->" in line] == ["  n0 --> n1", "  n1 --> n2"]  # download -> parse -> corpus
+    assert "`/store/.lineage/corpus.json`" in whole and f"medlm lineage {new.ref} --json" in whole
+    assert json.loads(whole.split("```json\n")[1].split("```")[0])["ref"] == new.ref and "pubmed25n0007.xml.gz" in whole
 
     changes = diff(lineage(store, old.ref), lineage(store, new.ref))
     assert f"corpus: {old.ref} -> {new.ref} (min_abstract_chars: 200 -> 100)" in changes
