@@ -34,6 +34,7 @@ from deployments import postgres
 from flows.settings import apply_prefect_defaults, project_home, wait_healthy
 from storage import default_root
 from storage.config import ArgumentParser
+from storage.processes import process_start_time
 
 PREFECT = Path(sys.executable).with_name("prefect")
 POOLS = ("cpu", "gpu")
@@ -55,15 +56,6 @@ def server_env(port: int) -> dict[str, str]:
 
 
 # -- processes we started -------------------------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)"; the 22nd overall
 
 
 def record(name: str, process: subprocess.Popen) -> None:

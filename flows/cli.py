@@ -23,7 +23,7 @@ import time
 import typing
 from pathlib import Path
 
-from flows.settings import apply_prefect_defaults, send_prefect_backlog, temporary_server
+from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, release_leases, send_prefect_backlog, temporary_server
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config
 
 FLOWS = {  # command -> (flow, what it does)
@@ -186,9 +186,11 @@ def _run_flow(command: str, argv: list[str]):
     flow = _load_flow(command)
     kwargs = flow_arguments(flow, _flow_parser(command, flow).parse_args(argv))
     with temporary_server():
+        crash_orphaned_runs()
         try:
-            result = flow(**kwargs)
+            result = leased(flow)(**kwargs)
         finally:
+            release_leases()
             send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)
     return result

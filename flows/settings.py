@@ -11,6 +11,7 @@ loggers, which Prefect then shows per run.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from storage.processes import die_with_parent, free_port, stop
+from storage.processes import die_with_parent, free_port, process_start_time, stop
 
 
 def project_home() -> Path:
@@ -103,8 +104,75 @@ def temporary_server() -> Iterator[str | None]:
         except BaseException:
             server.kill()
             raise
+    global _temporary_api
+    _temporary_api = api
     try:
         with temporary_settings({PREFECT_API_URL: api}):
             yield api
     finally:
+        _temporary_api = None
         stop(server)
+
+
+_temporary_api: str | None = None  # the API of this process's temporary server, while it runs
+
+
+def _leases() -> Path:
+    return Path(os.environ["PREFECT_HOME"]) / "command-runs"
+
+
+def _server() -> str:
+    """Which server a run is on: a temporary server's database is PREFECT_HOME's, whatever port it
+    listened on; another server is its URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return "PREFECT_HOME" if url == _temporary_api else url
+
+
+def leased(flow):
+    """``flow``, whose runs note while they run which process runs them (PREFECT_HOME/command-runs/
+    RUN_ID.json): a command killed by SIGKILL or the out-of-memory killer cannot say its run
+    crashed, so the next command does (``crash_orphaned_runs``)."""
+    def note(flow, flow_run, state) -> None:
+        _leases().mkdir(parents=True, exist_ok=True)
+        lease = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "server": _server()}
+        (_leases() / f"{flow_run.id}.json").write_text(json.dumps(lease))
+
+    return flow.with_options(on_running=[note])
+
+
+def release_leases() -> None:
+    """This process's notes, once its flow runs have ended (as they have when the flow call returns)."""
+    for lease in _leases().glob("*.json"):
+        if json.loads(lease.read_text())["pid"] == os.getpid():
+            lease.unlink(missing_ok=True)
+
+
+def crash_orphaned_runs() -> list[str]:
+    """Mark Crashed the runs of this server that a command on this machine left Running when it was
+    killed (its process is gone); their ids."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    orphans = []
+    for lease in _leases().glob("*.json"):
+        note = json.loads(lease.read_text())
+        if note["server"] == _server() and process_start_time(note["pid"]) != note["start_time"]:
+            orphans.append(lease)
+
+    async def crash() -> None:
+        async with get_client() as client:
+            for lease in orphans:
+                run = await client.read_flow_run(lease.stem)
+                if run.state is not None and not run.state.is_final():
+                    message = "the medlm command running it ended without a word (killed by SIGKILL or the out-of-memory killer?)"
+                    await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+
+    if orphans:
+        asyncio.run(crash())
+        for lease in orphans:
+            lease.unlink(missing_ok=True)
+    return [lease.stem for lease in orphans]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ from model.sft import (
     eval_batches,
     write_chat_template,
 )
-from model.train import TrainConfig, format_record, setup_runtime, train_loop
+from model.train import TrainConfig, require_memory, setup_runtime, train_loop
 from storage.config import ArgumentParser, config_dataclass
 from storage.formats import SPECIAL_IDS, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
 from storage.access import DataPath
@@ -303,6 +304,8 @@ def finetune(
     rt = setup_runtime(train)
     try:
         model, description, init_from = trainable(base, cfg, train.seed)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        require_memory(_shape(base), sum(p.numel() for p in model.parameters()), trained, train.batch_size, max_length, rt)
         model.to(rt.device)
         batches = SFTBatches(examples, train.batch_size, cfg.grad_accum, train.seed, cfg.packing, max_length, base.encoder.pad_id, rt.device,
                              rank=rt.rank, world_size=rt.world_size)
@@ -315,6 +318,7 @@ def finetune(
             run_info={"tokens": base.tokens, "finetune": asdict(cfg) | {"hf_base": None}},
             progress=progress,
             init_from=init_from,
+            what="fine-tuning",
         )
     finally:
         if rt.world_size > 1 and dist.is_initialized():
@@ -323,6 +327,17 @@ def finetune(
     if rt.is_main:
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _shape(base: Base) -> ModelConfig:
+    """The base's shape as a ModelConfig (a Hugging Face model's from its config), for the memory estimate."""
+    if not base.hf:
+        return ModelConfig.from_dict(base.description)
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(base.path, local_files_only=True)
+    return ModelConfig(vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, d_model=c.hidden_size,
+                       mlp_hidden=c.intermediate_size, context_length=base.context_length, n_kv_head=None)
 
 
 # -- publishing ---------------------------------------------------------------------------------------
@@ -396,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
     records, validation = read_data(args.data)
     if not records:
         raise SystemExit(f"error: no training examples: {', '.join(args.data)} hold no 'train' records")
-    summary = finetune(cfg, train, args.base or args.hf_base, records, args.out, validation, progress=lambda r: print(format_record(r), flush=True))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines, to the console (or the launching stage)
+    summary = finetune(cfg, train, args.base or args.hf_base, records, args.out, validation)
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -42,9 +43,11 @@ from model.data import Shards, TrainBatches, eval_batches
 from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from storage import write_text_atomic
 from storage.access import RendezvousEndpoint
+from storage.progress import Progress
 from storage.config import ArgumentParser, add_config_options, config_dataclass, config_values, make_config
 
 METRICS = "metrics.jsonl"
+_log = logging.getLogger("medlm.train")
 
 
 @config_dataclass
@@ -264,6 +267,60 @@ def target_shares(micro_batches: list[tuple], rt: Runtime) -> list[torch.Tensor]
     return list((counts * rt.world_size / total).float())
 
 
+# Activations backward keeps, per layer and token: ACTIVATION_D values per d_model and ACTIVATION_H
+# per mlp_hidden unit; logits, their softmax and its gradient: LOGIT_COPIES fp32 copies. Measured
+# against peak RSS on CPU (benchmarks/train_memory.py), rounded up.
+ACTIVATION_D, ACTIVATION_H, LOGIT_COPIES = 16, 6, 4
+
+
+class NotEnoughMemory(RuntimeError):
+    """Training as configured would not fit in this machine's (or GPU's) memory."""
+
+
+def training_memory(model: ModelConfig, params: int, trainable: int, batch_size: int, context: int, half: bool) -> dict[str, int]:
+    """What one training process holds at its peak, roughly, in bytes: the fp32 weights, the
+    gradients and AdamW's two moments of the trainable ones, the activations backward keeps (bf16
+    under autocast), and the logits with their softmax and gradient."""
+    tokens = batch_size * context
+    return {
+        "weights and optimizer": 4 * params + 12 * trainable,
+        "activations": (2 if half else 4) * model.n_layer * tokens * (ACTIVATION_D * model.d_model + ACTIVATION_H * model.mlp_hidden),
+        "logits": 4 * LOGIT_COPIES * tokens * model.vocab_size,
+    }
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes one process of this machine's training may use, and where the figure comes from: the
+    GPU's free memory, or MemAvailable shared by this machine's processes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return int(info["MemAvailable"].split()[0]) * 1024 // processes, "MemAvailable" + (f" / {processes} processes" if processes > 1 else "")
+
+
+def require_memory(model: ModelConfig, params: int, trainable: int, batch_size: int, context: int, rt: "Runtime") -> None:
+    """A one-line error, before anything is allocated, when training as configured cannot fit."""
+    needed = training_memory(model, params, trainable, batch_size, context, rt.autocast_dtype is not None)
+    have, where = available_memory(rt.device)
+    if sum(needed.values()) > have:
+        parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in needed.items())
+        raise NotEnoughMemory(
+            f"training {params / 1e6:,.0f}M parameters at batch_size {batch_size} x {context} tokens needs about "
+            f"{sum(needed.values()) / 1e9:.1f} GB ({parts}) and {rt.device.type} has {have / 1e9:.1f} GB ({where}); "
+            f"lower --batch-size (tokens_per_step keeps the global batch by accumulating) or --context-length, use a smaller preset, or train on a GPU"
+        )
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 FLOP/s of the GPU, from its name (for MFU); None when not known (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    known = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+    return next((value for key, value in known.items() if key in name), None)
+
+
 def train(
     config: TrainConfig,
     shards_dir: str | Path,
@@ -283,6 +340,9 @@ def train(
                 f"lower --context-length or raise the model's context_length"
             )
         grad_accum = resolve_grad_accum(config, context, rt.world_size)
+        with torch.device("meta"):  # the parameter count, nothing allocated
+            params = sum(p.numel() for p in Transformer(model_cfg).parameters())
+        require_memory(model_cfg, params, params, config.batch_size, context, rt)
         batches = TrainBatches(shards, context, config.batch_size, grad_accum, config.seed, rt.rank, rt.world_size, rt.device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = Transformer(model_cfg).to(rt.device)
@@ -311,6 +371,7 @@ def train_loop(
     run_info: dict,
     progress: Callable[[dict], None] | None = None,
     init_from: Path | None = None,
+    what: str = "training",
 ) -> dict:
     """Train (or resume) ``cfg.max_steps`` optimizer steps of ``model`` into ``out``; return the run summary.
 
@@ -319,7 +380,9 @@ def train_loop(
     targets (``target_shares``). A fresh run starts from its weights as given, or
     from the checkpoint ``init_from`` (fine-tuning); a run folder with checkpoints resumes from its
     latest one, data position included. ``model_config`` describes the network (a resumed run must
-    match it); it and ``run_info`` go into every checkpoint's config.json.
+    match it); it and ``run_info`` go into every checkpoint's config.json. Rank 0 reports progress
+    as ``what`` (storage/progress.py: step N of max_steps, tokens/s, time left, MFU on a GPU whose
+    peak it knows); ``progress`` also gets every metrics record.
     """
     started = time.time()
     run_config = {"model": model_config, "train": cfg.to_dict(), **run_info}
@@ -360,12 +423,21 @@ def train_loop(
     if rt.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
+    steps = Progress(what, cfg.max_steps, "steps", _log)
+    peak = peak_flops(rt.device)
+    flops = raw_model.flops_per_token() if peak and hasattr(raw_model, "flops_per_token") else None
+
     def log(record: dict) -> None:
         if rt.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if progress is not None:
                 progress(record)
+            if "loss" in record:
+                mfu = f", MFU {100 * record['tokens_per_s'] * flops / peak / rt.world_size:.1f}%" if flops and peak else ""
+                steps.update(record["step"], f"loss {record['loss']:.4g}, {record['tokens_per_s']:,.0f} tokens/s{mfu}")
+            else:
+                _log.info("%s: step %d, validation loss %.4g (perplexity %.4g)", what, record["step"], record["val_loss"], record["val_ppl"])
 
     def checkpoint(step: int) -> None:
         if rt.is_main:
@@ -459,14 +531,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     return make_config(TrainConfig, values | config_values(args, "train")), args.shards, args.out
 
 
-def format_record(record: dict) -> str:
-    """A metrics record as one log line: step=10 loss=3.412 lr=0.0003 ..."""
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     config, shards_dir, out_dir = parse_args(argv, prog)
-    summary = train(config, shards_dir, out_dir, progress=lambda record: print(format_record(record), flush=True))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines, to the console (or the launching stage)
+    summary = train(config, shards_dir, out_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
     return summary
