@@ -27,9 +27,15 @@ def newest_checkpoint(store: Store) -> Artifact:
 
 
 def lineage_inputs(store: Store, model: Artifact) -> dict:
-    """The shards and corpus a checkpoint came from (its perplexity data, held-out text and contamination check)."""
+    """The shards and corpus a checkpoint came from (its perplexity data and contamination check),
+    and the newest snapshot built after that corpus, if any (the articles it never saw)."""
     root = lineage(store, model.ref)
-    return {kind: store.require(node.ref) if (node := ancestor(root, kind)) else None for kind in ("shards", "corpus")}
+    found = {kind: store.require(node.ref) if (node := ancestor(root, kind)) else None for kind in ("shards", "corpus")}
+    if found["corpus"] is not None:
+        since = found["corpus"].manifest.get("created", 0)
+        later = [c for c in store.ls("corpus") if c.manifest.get("created", 0) > since]
+        found["newer"] = store.require(later[-1].ref) if later else None
+    return found
 
 
 @flow(name="evaluate")

@@ -34,12 +34,14 @@ Per-item results are kept, so ``score_subset(result, ids)`` recomputes every num
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import string
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Literal, Sequence
 
@@ -51,9 +53,11 @@ from model.scoring import CausalLM
 from storage import Input, Stage
 from storage.access import DataPath
 from storage.config import config_dataclass
+from storage.progress import Progress
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2_000
+log = logging.getLogger("medlm.evaluate")
 
 
 # -- confidence intervals ----------------------------------------------------------------------
@@ -444,7 +448,7 @@ class EvaluationConfig:
     shots: tuple[int, ...] = Field((0, 5), description="Worked examples in the prompt; one run per number (0: zero-shot).")
     max_items: int | None = Field(None, ge=1, description="Score at most this many items per benchmark, the first by id (unset: all).")
     perplexity_documents: int | None = Field(None, ge=1, description="Documents of the checkpoint's test.bin for perplexity (unset: all).")
-    held_out_documents: int | None = Field(None, ge=1, description="Held-out PubMed abstracts (the corpus's test split) for bits per byte (unset: all).")
+    held_out_documents: int | None = Field(None, ge=1, description="Abstracts new since the model's corpus (from a newer snapshot in the store) for bits per byte (unset: all).")
     generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
     max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
     hf_model: DataPath | None = Field(None, description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to evaluate instead of a checkpoint artifact.")
@@ -497,60 +501,69 @@ def _first(records: list[dict], benchmark: str, n: int | None) -> list[dict]:
     return [r for r in records if r["id"] not in dropped]
 
 
-def held_out_texts(corpus_dir: Path, val_fraction: float, test_fraction: float, limit: int | None) -> list[str]:
-    """The corpus's test-split documents (split by PMID as the shards cut it): text no model saw."""
-    from storage.formats import iter_corpus, split_of
+def newer_abstracts(newer_dir: Path, corpus_dir: Path, limit: int | None) -> list[str]:
+    """Documents of a snapshot newer than the model's corpus whose PMIDs that corpus never had: the
+    articles published since it was trained (a temporal hold-out, what a nightly-retrained model
+    meets next), first by PMID."""
+    from storage.formats import corpus_tables, iter_corpus
 
+    seen = {pmid for table in corpus_tables(corpus_dir, ["pmid"]) for pmid in table.column("pmid").to_pylist()}
     texts: list[str] = []
-    for pmids, batch in iter_corpus(corpus_dir):
-        texts += [t for p, t in zip(pmids, batch) if split_of(p, val_fraction, test_fraction) == "test"]
+    for pmids, batch in iter_corpus(newer_dir):
+        texts += [t for p, t in zip(pmids, batch) if p not in seen]
         if limit is not None and len(texts) >= limit:
             return texts[:limit]
     return texts
 
 
 def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dict:
-    """Every measurement the inputs allow, written as results.json and report.md; returns the headline numbers."""
+    """Every measurement the inputs allow, written as results.json and report.md; returns the
+    headline numbers. Progress: one step per measurement (storage/progress.py)."""
     import torch
 
-    from storage.formats import META_FILE, read_records
+    from storage.formats import read_records
 
     if config.threads:
         torch.set_num_threads(config.threads)
     lm = load_lm(inputs, config)
     records = [r for qa in inputs["qa"] for r in read_records(qa.path)]
-    corpus, shards = inputs.get("corpus"), inputs.get("shards")
+    corpus, shards, newer = inputs.get("corpus"), inputs.get("shards"), inputs.get("newer")
     overlaps = contamination(records, corpus.path) if corpus is not None else None
 
-    results = []
+    def scored(name: str, chosen: list[dict], style: str, k: int) -> dict:
+        result = multiple_choice(lm, chosen, name, style, k)
+        if overlaps is not None:
+            result["contamination"] = _clean_score(result, overlaps)
+        return result
+
+    plan: list[tuple[str, Callable[[], dict | None]]] = []  # (what is measured, how), in report order
     for name in config.benchmarks:
-        if not benchmark_records(records, name)[0]:
-            continue
-        chosen = _first(records, name, config.max_items)
-        for style in BENCHMARKS[name].styles:
-            for k in config.shots:
-                result = multiple_choice(lm, chosen, name, style, k)
-                if overlaps is not None:
-                    result["contamination"] = _clean_score(result, overlaps)
-                results.append(result)
+        if benchmark_records(records, name)[0]:
+            chosen = _first(records, name, config.max_items)
+            plan += [(f"{name} {style} {k}-shot", partial(scored, name, chosen, style, k)) for style in BENCHMARKS[name].styles for k in config.shots]
     if shards is not None:
-        results.append(shards_perplexity(lm, shards.path, "test", config.perplexity_documents, name=f"test split of {shards.ref}"))
-    if corpus is not None:
-        split = json.loads(shards.file(META_FILE).read_text())["split"] if shards is not None else {"val_fraction": 0.005, "test_fraction": 0.005}
-        texts = held_out_texts(corpus.path, split["val_fraction"], split["test_fraction"], config.held_out_documents)
-        if texts:
-            results.append(text_bits_per_byte(lm, texts, "held-out PubMed abstracts"))
+        plan.append(("test split", lambda: shards_perplexity(lm, shards.path, "test", config.perplexity_documents, name=f"test split of {shards.ref}")))
+    if newer is not None and corpus is not None:
+        def held_out() -> dict | None:
+            texts = newer_abstracts(newer.path, corpus.path, config.held_out_documents)
+            return text_bits_per_byte(lm, texts, f"abstracts new since its corpus (in {newer.ref})") if texts else None
+
+        plan.append(("new abstracts", held_out))
     if config.generation_items:
         free_text = {
             "PubMedQA long answers": [r for r in records if r["source"] == "pubmedqa" and r["split"] == "test" and r["explanation"]],
             "instruction answers": [r for r in records if not r["options"] and r["split"] != "train"],
         }
-        for name, chosen in free_text.items():
-            if chosen:
-                results.append(generation(lm, sorted(chosen, key=lambda r: r["id"])[: config.generation_items], name, config.max_new_tokens))
-
-    if not results:
+        plan += [(name, partial(generation, lm, sorted(chosen, key=lambda r: r["id"])[: config.generation_items], name, config.max_new_tokens))
+                 for name, chosen in free_text.items() if chosen]
+    if not plan:
         raise ValueError("nothing to evaluate: no benchmark records in the QA inputs, no shards and no corpus; give QA data")
+
+    progress, results = Progress("evaluation", len(plan), "measurements", log, every_s=0), []
+    for done, (what, measure) in enumerate(plan, 1):
+        if (result := measure()) is not None:
+            results.append(result)
+        progress.update(done, f"{what}: {_format(_main_metric(result), result['metrics'][_main_metric(result)]['value'])}" if result else what)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / REPORT_FILE).write_text(render_markdown(results))
     return {_headline(r): r["metrics"][_main_metric(r)]["value"] for r in results}
@@ -627,13 +640,14 @@ def rows_markdown(rows: Sequence[dict]) -> str:
 
 EVALUATE = Stage(
     name="evaluate",
-    version="2",
+    version="3",
     config=EvaluationConfig,
     inputs={
         "model": Input(("pretrain", "finetune"), optional=True),  # or config.hf_model
         "qa": Input("qa", many=True),
         "shards": Input("shards", optional=True),  # test.bin: perplexity
-        "corpus": Input("corpus", optional=True),  # held-out text and contamination
+        "corpus": Input("corpus", optional=True),  # contamination, and what "newer" holds that it did not
+        "newer": Input("corpus", optional=True),  # a snapshot built after the model's: articles it never saw
     },
     build=evaluate_model,
     label=lambda inputs, config: f"of {inputs['model'].ref}" if inputs.get("model") else f"of {config.hf_model}",

@@ -357,7 +357,9 @@ def test_contamination_finds_pubmedqa_pmids_and_13_grams_of_questions(tmp_path):
 
 def test_the_evaluate_stage_scores_a_checkpoint_with_its_baselines_and_clean_subsets(session_store, corpus, tokenizer):
     from model.train import TrainConfig
-    from tasks.evaluate import EVALUATE, RESULTS_FILE, EvaluationConfig, evaluation_rows
+    from storage.formats import iter_corpus
+    from tasks.corpus import CORPUS, CorpusConfig
+    from tasks.evaluate import EVALUATE, RESULTS_FILE, EvaluationConfig, evaluation_rows, newer_abstracts
     from tasks.pretrain import PRETRAIN
     from tasks.qa import QA, QAConfig
     from tasks.shards import SHARDS, ShardsConfig
@@ -367,13 +369,21 @@ def test_the_evaluate_stage_scores_a_checkpoint_with_its_baselines_and_clean_sub
     checkpoint = PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, tiny)
     data = [QA.run(session_store, {}, QAConfig(source=str(DATA / name))) for name in ("pubmedqa", "medqa")]
     config = EvaluationConfig(shots=(0, 1), max_items=5, perplexity_documents=3, held_out_documents=3, generation_items=2, max_new_tokens=8)
-    inputs = {"model": checkpoint, "qa": data, "shards": shards, "corpus": corpus}
+    # The model's corpus is last year's (the baseline file's); the newer snapshot adds the update file.
+    baseline_only = CORPUS.run(session_store, {"parsed": [p for p in session_store.ls("parse") if p.label == "pubmed20n0014.xml.gz"]},
+                               CorpusConfig(min_abstract_chars=0, languages=()))
+    inputs = {"model": checkpoint, "qa": data, "shards": shards, "corpus": baseline_only, "newer": corpus}
     evaluation = EVALUATE.run(session_store, inputs, config)
 
     results = json.loads(evaluation.file(RESULTS_FILE).read_text())
     kinds = [(r["kind"], r["name"]) for r in results]
     assert ("multiple_choice", "pubmedqa") in kinds and ("multiple_choice", "medqa_5options") in kinds
-    assert ("language_modelling", "held-out PubMed abstracts") in kinds and ("generation", "PubMedQA long answers") in kinds
+    assert ("language_modelling", f"abstracts new since its corpus (in {corpus.ref})") in kinds and ("generation", "PubMedQA long answers") in kinds
+    new = newer_abstracts(corpus.path, baseline_only.path, None)
+    old = {t for _, batch in iter_corpus(baseline_only.path) for t in batch}
+    assert new and not set(new) & old  # articles the model's corpus never held
+    [held_out] = [r for r in results if r["name"].startswith("abstracts new since")]
+    assert held_out["metrics"]["bits_per_byte"]["n"] == 3
     for r in results:
         assert all(m["n"] > 0 and len(m["ci95"]) == 2 for m in r["metrics"].values())
         if r["kind"] == "multiple_choice":
@@ -381,5 +391,5 @@ def test_the_evaluate_stage_scores_a_checkpoint_with_its_baselines_and_clean_sub
     rows = evaluation_rows(evaluation)
     assert {"benchmark", "metric", "value", "ci95", "n", "baseline"} <= set(rows[0]) and "clean value" in rows[0]
     assert any("25.0%" in row["baseline"] for row in rows) and any("20.0%" in row["baseline"] for row in rows)
-    assert evaluation.parents == sorted([checkpoint.ref]) + sorted(a.ref for a in data) + [shards.ref, corpus.ref]
+    assert evaluation.parents == sorted([checkpoint.ref]) + sorted(a.ref for a in data) + [shards.ref, baseline_only.ref, corpus.ref]
     assert EVALUATE.run(session_store, inputs, EvaluationConfig(**{**config.__dict__, "threads": 1})).reused  # threads: how, not what
