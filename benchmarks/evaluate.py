@@ -48,7 +48,7 @@ from model.scoring import HFCausalLM, TransformerLM
 from model.checkpoint import latest_checkpoint, load_checkpoint_config
 from model.train import TrainConfig, train
 from storage import Store
-from storage.formats import CORPUS_FILE, load_tokenizer
+from storage.formats import load_tokenizer
 from tasks.shards import binarize_corpus
 from tasks.evaluate import multiple_choice, shard_documents, shards_perplexity
 from tests.eval_records import LOCAL_TASKS, load_records
@@ -60,7 +60,7 @@ def build_model(work: Path, vocab: int, steps: int) -> tuple[Path, Path, Path, d
     corpus, tokenizer = prepare(SAMPLES, store, vocab)
     shards = work / "shards"
     if not (shards / "meta.json").is_file():
-        binarize_corpus(corpus.file(CORPUS_FILE), tokenizer.file("tokenizer.json"), shards)
+        binarize_corpus(corpus.path, tokenizer.file("tokenizer.json"), shards, val_fraction=0.05, test_fraction=0.05)
     config = TrainConfig(preset="tiny", max_steps=steps, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                          eval_every=steps, checkpoint_every=steps, eval_windows=16, device="cpu")
     summary = train(config, shards, work / "run")

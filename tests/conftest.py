@@ -6,6 +6,7 @@ server (its own PREFECT_HOME, port, no telemetry) is set here, before any test i
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -47,10 +48,14 @@ def _template_database() -> Path:
 
     template_home = REPO / ".medlm" / "test-cache" / f"prefect-{prefect.__version__}"
     database = template_home / "prefect.db"
-    if not database.exists():
-        template_home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **prefect_env(template_home)}
-        subprocess.run([str(PREFECT_BIN), "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
+    template_home.mkdir(parents=True, exist_ok=True)
+    with open(template_home / "making.lock", "w") as lock:  # pytest-xdist's workers make it once, one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not database.exists():
+            (template_home / "making").mkdir(exist_ok=True)
+            env = {**os.environ, **prefect_env(template_home / "making")}
+            subprocess.run([str(PREFECT_BIN), "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True)
+            os.replace(template_home / "making" / "prefect.db", database)  # whole, or not there
     return database
 
 

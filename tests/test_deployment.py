@@ -224,30 +224,6 @@ def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp
         assert "TOPSECRET" not in state.message + asyncio.run(messages(runs[what].id)), what
 
 
-def test_a_two_node_retrain_started_through_the_api_runs_on_two_gpu_workers(prefect_server, tmp_path):
-    """The Prefect way to train on N machines: a retrain run with train.nodes = 2 and a join run,
-    created at once, taken by two gpu workers (one run each, as one per GPU machine); they meet at
-    the rendezvous and publish one checkpoint of world size 2."""
-    from conftest import build_corpus
-    from storage.processes import free_port
-    from tasks.shards import SHARDS, ShardsConfig
-    from tasks.tokenizer import TOKENIZER, TokenizerConfig
-
-    with running_workers(tmp_path, pools=("cpu", "gpu", "gpu")) as store:
-        corpus = build_corpus(store)
-        tokenizer = TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=600, val_fraction=0.05, test_fraction=0.05))
-        SHARDS.run(store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
-        register(gpu_slots=2)
-        train = {"max_steps": 2, "batch_size": 2, "eval_windows": 2, "nodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "rdzv_id": "api-job"}
-        runs = [run_deployment("retrain/retrain", parameters={"train": train}, timeout=0),
-                run_deployment("join/join", parameters={"rdzv_id": "api-job"}, timeout=0)]
-        states = asyncio.run(_wait_for([r.id for r in runs], timeout_s=300))
-        assert all(s.is_completed() for s in states), f"{states}; worker logs:\n{worker_logs(tmp_path)}"
-        [checkpoint] = store.ls("pretrain")
-        assert checkpoint.summary["world_size"] == 2 and checkpoint.summary["steps"] == 2
-    register()  # the gpu pool back to one run at a time
-
-
 def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_on_the_other(prefect_server, s3, tmp_path):
     """Machine A runs the cpu pool, machine B the gpu pool; each has its own local store and home,
     and they share only the Prefect API and an S3 remote. A ingests (from an NCBI-like server) and

@@ -414,7 +414,7 @@ def test_unexpected_root_is_rejected(tmp_path):
     "content, problem",
     [
         (b"", "malformed XML"),
-        (gzip.compress(b""), "malformed XML"),
+        (gzip.compress(b"", mtime=0), "malformed XML"),
         (b"<html><body>503 Service Unavailable</body></html>\n", "unexpected root element <html>"),
         (b"\x1f\x8b\x08garbage", "the gzip stream is truncated or corrupt"),
         (b"PMID\ttitle\n1\tnot xml\n", "malformed XML"),

@@ -1,0 +1,47 @@
+"""Every benchmark, small: `make bench` (python -m benchmarks).
+
+Each runs at a fraction of its recorded size, in a process of its own, and writes its JSON under
+benchmarks/results/quick/ (not over the recorded figures, which the README quotes and which come
+from the full runs: `python -m benchmarks.NAME` with its defaults). A check that every benchmark
+still runs and prints its figures at this commit, in minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from benchmarks.common import REPO
+
+QUICK = {  # module -> arguments for a small run
+    "parse": [],
+    "parse_scaling": ["--copies", "1"],
+    "corpus": ["--records", "30000", "--result", "corpus"],
+    "tokenize": ["--vocab", "4096", "--repeats", "2"],
+    "train_throughput": ["--steps", "3"],
+    "train_memory": [],
+    "verify": ["--copies", "2", "--repeats", "3"],
+    "finetune": ["--steps", "6", "--max-lengths", "256"],
+    "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "2", "--harness-batch-sizes", "8"],
+    "prefect_database": ["--flows", "5", "--tasks", "5", "--repeats", "1"],
+}
+
+
+def main() -> None:
+    env = {**os.environ, "MEDLM_BENCH_RESULTS": str(REPO / "benchmarks" / "results" / "quick")}
+    failed = []
+    for module, args in QUICK.items():
+        started = time.time()
+        print(f"== benchmarks.{module} {' '.join(args)}", flush=True)
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, env=env)
+        print(f"== benchmarks.{module}: {'ok' if done.returncode == 0 else f'FAILED ({done.returncode})'} in {time.time() - started:.0f} s", flush=True)
+        if done.returncode:
+            failed.append(module)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
