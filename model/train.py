@@ -268,9 +268,10 @@ def target_shares(micro_batches: list[tuple], rt: Runtime) -> list[torch.Tensor]
 
 
 # Activations backward keeps, per layer and token: ACTIVATION_D values per d_model and ACTIVATION_H
-# per mlp_hidden unit; logits, their softmax and its gradient: LOGIT_COPIES fp32 copies. Measured
-# against peak RSS on CPU (benchmarks/train_memory.py), rounded up.
-ACTIVATION_D, ACTIVATION_H, LOGIT_COPIES = 16, 6, 4
+# per mlp_hidden unit; logits, their softmax and its gradient: LOGIT_COPIES fp32 copies; and what
+# any step holds besides (allocator, temporaries). Fitted to peak RSS on CPU within a few percent
+# from 0.4 to 7 GB (benchmarks/train_memory.py).
+ACTIVATION_D, ACTIVATION_H, LOGIT_COPIES, OVERHEAD = 16, 6, 4, 150_000_000
 
 
 class NotEnoughMemory(RuntimeError):
@@ -286,6 +287,7 @@ def training_memory(model: ModelConfig, params: int, trainable: int, batch_size:
         "weights and optimizer": 4 * params + 12 * trainable,
         "activations": (2 if half else 4) * model.n_layer * tokens * (ACTIVATION_D * model.d_model + ACTIVATION_H * model.mlp_hidden),
         "logits": 4 * LOGIT_COPIES * tokens * model.vocab_size,
+        "the rest": OVERHEAD,
     }
 
 

@@ -375,3 +375,21 @@ def test_two_nodes_train_as_one_launcher_of_their_world_size_and_resume_after_a_
     expected = load_model(reference.path).state_dict()
     for name, weight in load_model(resumed.path).state_dict().items():
         torch.testing.assert_close(weight, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line_before_anything_is_allocated(shards, tmp_path):
+    """The `base` preset at batch 64 x 2048 tokens needs about 220 GB on a CPU: refused at once,
+    naming what it needs, what there is and what to lower, instead of being killed by the kernel."""
+    import resource
+
+    from model.train import NotEnoughMemory
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    huge = TrainConfig(preset="base", model={"vocab_size": VOCAB}, context_length=2048, batch_size=64, max_steps=1, device="cpu")
+    with pytest.raises(NotEnoughMemory) as refused:
+        train(huge, shards, tmp_path / "run")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("training 85M parameters at batch_size 64 x 2048 tokens needs about ")
+    assert "GB (MemAvailable)" in message and "lower --batch-size" in message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing of it was allocated
+    assert not (tmp_path / "run").exists()
