@@ -87,15 +87,17 @@ def ancestors_first(*roots: Node) -> Iterator[Node]:
         yield from visit(root)
 
 
-def tree_lines(root: Node) -> list[str]:
-    """An indented tree (``medlm lineage``); a subtree already shown is named, not repeated."""
+def tree_lines(root: Node, most: int | None = None, width: int | None = None) -> list[str]:
+    """An indented tree (``medlm lineage``); a subtree already shown is named, not repeated. With
+    ``most``, a node with more parents shows the first and last of them and how many it leaves
+    out; with ``width``, each artifact's detail is cut to that many characters."""
     lines: list[str] = []
     seen: set[str] = set()
 
     def walk(node: Node, prefix: str, last: bool, top: bool) -> None:
         branch = "" if top else ("└── " if last else "├── ")
         name = node.ref + (" (missing from the store)" if node.missing else "")
-        detail = node.describe()
+        detail = _short(node.describe(), width) if width else node.describe()
         repeated = node.ref in seen and node.parents
         lines.append(prefix + branch + name + (f"  {detail}" if detail else "") + ("  (see above)" if repeated else ""))
         if repeated:
@@ -103,6 +105,9 @@ def tree_lines(root: Node) -> list[str]:
         seen.add(node.ref)
         child_prefix = prefix + ("" if top else ("    " if last else "│   "))
         parents = _display_order(node.parents)
+        if most is not None and len(parents) > most:
+            left_out = len(parents) - most
+            parents = parents[: most - 1] + [Node(f"... {left_out:,} more", label="in the JSON below")] + parents[-1:]
         for i, parent in enumerate(parents):
             walk(parent, child_prefix, i == len(parents) - 1, False)
 
@@ -142,18 +147,18 @@ MANY = 12  # a kind with more artifacts than this is summarised in markdown, lis
 
 
 def markdown(root: Node, full_list: str) -> str:
-    """The lineage as markdown: the graph (Mermaid, which the UI draws), then a table per kind from
-    the artifact down to the source files, then the whole lineage as JSON.
+    """The lineage as markdown: the tree (as ``medlm lineage`` prints it), then every artifact by
+    kind from the artifact down to the source files, then the whole lineage as JSON.
 
-    A kind with more than ``MANY`` artifacts (1,300 downloads of a full baseline) is one node of
-    the graph and summarised in its table: how many, per folder where the artifacts say, the first
-    and the last. ``full_list`` (where the whole lineage is written as JSON) is named always; the
+    A node with more than ``MANY`` parents shows a few of them in the tree; a kind with more than
+    ``MANY`` artifacts (1,300 downloads of a full baseline) is summarised: how many, per folder
+    where the artifacts say, the first and the last. ``full_list`` (where the whole lineage is written as JSON) is named always; the
     JSON itself is in the page when the lineage has at most ``MANY`` * 4 artifacts."""
     levels = _by_kind(root)
     lines = [f"# Lineage of `{root.ref}`", ""]
     if root.label:
         lines += [root.label, ""]
-    lines += ["```mermaid", *mermaid(root), "```", ""]
+    lines += ["```", *tree_lines(root, most=MANY, width=70), "```", ""]
     for kind, nodes in levels.items():
         lines += [f"## {kind} ({len(nodes):,})", ""]
         if len(nodes) > MANY:
@@ -164,39 +169,14 @@ def markdown(root: Node, full_list: str) -> str:
             lines += [f"first: `{first.ref}` {first.describe()}", f"last: `{last.ref}` {last.describe()}"]
             lines += ["every one of them: in the JSON below", ""]
             continue
-        lines += ["| artifact | what | parameters | created |", "| --- | --- | --- | --- |"]
-        for n in nodes:
+        for n in nodes:  # a list, not a table: a long line wraps instead of running off the page
             params = ", ".join(f"{k}={_short(v, 40)}" for k, v in n.params.items())
-            lines.append(f"| `{n.ref}` | {_short(n.describe(), 80)} | {params} | {_when(n.created)} |")
+            lines.append(f"- `{n.ref}` {n.describe()}, created {_when(n.created)}" + (f"<br>parameters: {params}" if params else ""))
         lines.append("")
     lines += ["## The whole lineage, as JSON", "", f"Written to `{full_list}`; from a shell, `medlm lineage {root.ref} --json`.", ""]
     if sum(len(nodes) for nodes in levels.values()) <= 4 * MANY:
         lines += ["```json", json.dumps(root.as_dict(), indent=1), "```", ""]
     return "\n".join(lines)
-
-
-def mermaid(root: Node) -> list[str]:
-    """The lineage as a Mermaid graph, parents above children; a kind with more than ``MANY``
-    artifacts is one node saying how many."""
-    levels = _by_kind(root)
-    crowded = {kind for kind, nodes in levels.items() if len(nodes) > MANY}
-    ids: dict[str, str] = {}
-
-    def node_id(n: Node) -> str:
-        key = n.kind if n.kind in crowded else n.ref
-        if key not in ids:
-            ids[key] = f"n{len(ids)}"
-        return ids[key]
-
-    lines, edges = ["graph BT"], set()
-    for n in ancestors_first(root):
-        if n.kind in crowded:
-            text = f"{n.kind} x{len(levels[n.kind]):,}"
-        else:
-            text = f"{n.ref}<br/>{_short(n.describe(), 48)}"
-        lines.append(f'  {node_id(n)}["{text.replace(chr(34), chr(39))}"]')
-        edges |= {(node_id(p), node_id(n)) for p in n.parents}
-    return list(dict.fromkeys(lines)) + [f"  {a} --> {b}" for a, b in sorted(edges) if a != b]
 
 
 def dot(root: Node) -> str:

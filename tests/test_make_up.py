@@ -171,10 +171,21 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
             assert time.time() < deadline, page.inner_text("body")[-2000:]
             page.wait_for_timeout(2000)
             page.reload()
+        run_page = page.url
+        page.get_by_text("Artifacts", exact=True).first.click()
+        for key in ("progress-training", "loss-pretrain"):  # what the run showed while and after it trained
+            playwright.expect(page.get_by_text(key).first).to_be_visible()
+        page.get_by_text("loss-pretrain").first.click()
+        page.wait_for_url(re.compile(r"/artifacts/"))
+        curve = page.locator("img[src^='data:image/png']").first
+        curve.wait_for(timeout=30_000)
+        assert curve.evaluate("img => img.complete && img.naturalWidth") > 0  # the loss curve, drawn
+        page.goto(run_page)
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("lineage-pretrain").first.click()
         page.wait_for_url(re.compile(r"/artifacts/"))
         playwright.expect(page.get_by_text("download (2)").first).to_be_visible()
+        page.screenshot(path=str(stack["home"] / "lineage.png"), full_page=True)
         text = page.inner_text("body")
         browser.close()
     [checkpoint] = store.ls("pretrain")
