@@ -20,10 +20,10 @@ QUICK = {  # module -> arguments for a small run
     "parse_scaling": ["--copies", "1"],
     "corpus": ["--records", "30000", "--result", "corpus"],
     "tokenize": ["--vocab", "4096", "--repeats", "2"],
-    "train_throughput": ["--steps", "3"],
+    "train_throughput": ["--steps", "3", "--repeats", "1"],
     "train_memory": [],
     "verify": ["--copies", "2", "--repeats", "3"],
-    "finetune": ["--steps", "6", "--max-lengths", "256"],
+    "finetune": ["--steps", "6", "--max-lengths", "256", "--repeats", "1"],
     "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "2", "--harness-batch-sizes", "8"],
     "prefect_database": ["--flows", "5", "--tasks", "5", "--repeats", "1"],
 }

@@ -18,8 +18,14 @@ Runs, all the same number of optimizer steps from the same weights:
 - ours on the same network as a Hugging Face LlamaForCausalLM (``hf_base``), padding;
 - TRL's SFTTrainer on that LlamaForCausalLM: the same data order (our epochs' permutations
   in sequence, its sampler sequential), batch, optimizer, schedule and clipping; padding (its
-  default), fp32, truncation keeping the end as ours does.
+  default), fp32, truncation keeping the end as ours does;
+- the same SFTTrainer with its loss computed as transformers' Trainer does (the model's own
+  cross-entropy on the collator's labels): TRL 1.16 computes every step's loss through a head
+  that also yields per-token entropy and top-1 accuracy for its logs, and has no switch to turn
+  that off, so this run is TRL's loop and data without that work, like for like with ours.
 
+Each round runs every one of them once, round after round (``--repeats``), so the machine's load
+falls on all; each figure is the median round with the slowest and fastest beside it.
 tokens/s counts prompt + completion tokens (padding excluded) over the timed steps (all but the
 first), timed per step (ours: the loop's step_s; TRL: a callback around each optimizer step).
 Writes benchmarks/results/finetune_<device>.json.
@@ -118,11 +124,16 @@ def run_ours(name: str, base: Path, train, held_out, cfg, train_cfg, tmp: Path) 
     return result | {"rows_per_step": train_cfg.batch_size, "examples_per_step": round(examples_per_step, 2)}
 
 
-def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path) -> dict:
+def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path, metrics: bool = True) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):  # the loss as Trainer computes it: no entropy or accuracy
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     from model.finetune import load_base
     from model.sft import SFTBatches, encode_examples, render
@@ -156,7 +167,7 @@ def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path) -> dict:
         train_sampling_strategy="sequential", max_length=max_length + 1, truncation_mode="keep_end", gradient_checkpointing=False,
         bf16=False, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(hf_dir),
+    trainer = (SFTTrainer if metrics else PlainLossSFTTrainer)(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(hf_dir),
                          optimizers=(optimizer, schedule), callbacks=[times])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -168,6 +179,13 @@ def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path) -> dict:
             "first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4)}
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The median round by tokens/s, with every round's tokens/s: the spread."""
+    median = sorted(rounds, key=lambda r: r["tokens_per_s"])[len(rounds) // 2]
+    every = [r["tokens_per_s"] for r in rounds]
+    return median | {"tokens_per_s_every_round": every, "tokens_per_s_min": min(every), "tokens_per_s_max": max(every)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -175,6 +193,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
     parser.add_argument("--max-lengths", type=int, nargs="+", default=[256, 512], help="tokens per row, each measured")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, every run once a round")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -200,13 +219,20 @@ def main() -> None:
             rows = pack(examples, range(len(examples)), max_length)
             rows_per_step = max(1, round(args.batch * len(rows) / len(examples)))  # about args.batch examples a step
             common = dict(max_steps=args.steps, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_every=args.steps, checkpoint_every=args.steps, device=args.device)
-            run = tmp / f"runs-{max_length}"
-            results[f"max_length={max_length}"] = {
-                "ours_padding": run_ours("padding", base, train, held_out, padding, TrainConfig(batch_size=args.batch, **common), run),
-                "ours_packing": run_ours("packing", base, train, held_out, packing, TrainConfig(batch_size=rows_per_step, **common), run),
-                "ours_on_hf_llama_padding": run_ours("hf", hf_dir, train, held_out, padding, TrainConfig(batch_size=args.batch, **common), run),
-                "trl_sft_trainer_on_hf_llama_padding": run_trl(base, hf_dir, train, padding, TrainConfig(batch_size=args.batch, **common), run),
+            padded, packed = TrainConfig(batch_size=args.batch, **common), TrainConfig(batch_size=rows_per_step, **common)
+            runs = {
+                "ours_padding": lambda run: run_ours("padding", base, train, held_out, padding, padded, run),
+                "ours_packing": lambda run: run_ours("packing", base, train, held_out, packing, packed, run),
+                "ours_on_hf_llama_padding": lambda run: run_ours("hf", hf_dir, train, held_out, padding, padded, run),
+                "trl_sft_trainer_on_hf_llama_padding": lambda run: run_trl(base, hf_dir, train, padding, padded, run),
+                "trl_without_its_step_metrics": lambda run: run_trl(base, hf_dir, train, padding, padded, run, metrics=False),
             }
+            rounds: dict[str, list[dict]] = {name: [] for name in runs}
+            for round_ in range(args.repeats):
+                for name, run in runs.items():
+                    rounds[name].append(run(tmp / f"runs-{max_length}-{round_}"))
+                    print(f"max_length {max_length}, round {round_ + 1}: {name} {rounds[name][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+            results[f"max_length={max_length}"] = {name: median_round(done) for name, done in rounds.items()}
             data[f"max_length={max_length}"] = report | {"examples_per_packed_row": round(len(examples) / len(rows), 2), "rows_per_step_packing": rows_per_step}
         import transformers
         import trl

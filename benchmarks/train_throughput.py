@@ -6,8 +6,9 @@
 For each model: tokens/s, step time, MFU (6·N + attention FLOPs per token, against --peak-flops;
 989e12 by default on CUDA: H100 SXM dense bf16; "n/a" on CPU unless given), and peak memory
 (CUDA max_memory_allocated, or the process's peak RSS on CPU). Each model runs in its own
-process, so the peaks do not mix. Same batch, precision (bf16 autocast on CUDA, fp32 on CPU),
-optimizer (AdamW) and random tokens for both. Writes benchmarks/results/train_throughput_<device>.json.
+process, so the peaks do not mix; the two alternate, ``--repeats`` rounds, and each figure is the
+median round with every round beside it. Same batch, precision (bf16 autocast on CUDA, fp32 on
+CPU), optimizer (AdamW) and random tokens for both. Writes benchmarks/results/train_throughput_<device>.json.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=None, help="default: the preset's context_length")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, the two models alternating")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--peak-flops", type=float, default=None, help="for MFU; default 989e12 on CUDA, none on CPU")
@@ -126,11 +128,16 @@ def main() -> None:
         args.peak_flops = H100_BF16_PEAK
 
     spawn = multiprocessing.get_context("spawn")
+    rounds: dict[str, list[dict]] = {"medlm": [], "hf_llama": []}
+    for round_ in range(args.repeats):  # alternating, so the machine's load falls on both
+        for which, done in rounds.items():
+            with spawn.Pool(1) as pool:
+                done.append(pool.apply(measure, (which, args)))
+            print(f"round {round_ + 1} {which:9s} " + " ".join(f"{k}={v}" for k, v in done[-1].items()), flush=True)
     results = {}
-    for which in ("medlm", "hf_llama"):
-        with spawn.Pool(1) as pool:
-            results[which] = pool.apply(measure, (which, args))
-        print(f"{which:9s} " + " ".join(f"{k}={v}" for k, v in results[which].items()), flush=True)
+    for which, done in rounds.items():
+        every = [r["tokens_per_s"] for r in done]
+        results[which] = sorted(done, key=lambda r: r["tokens_per_s"])[len(done) // 2] | {"tokens_per_s_every_round": every}
     ours, theirs = results["medlm"], results["hf_llama"]
     ratio = {
         "tokens_per_s": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
