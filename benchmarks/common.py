@@ -49,6 +49,15 @@ def full_pubmed_files(fetch: bool = True) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
+def allow_reading(*folders: Path) -> None:
+    """Let this process's stages read data from ``folders`` too (MEDLM_DATA_ROOTS, storage/access.py):
+    the benchmarks' inputs live in caches and temporary folders, not in the repository's tests/data."""
+    from storage.access import DATA_ROOTS_SETTING, data_roots
+
+    roots = [*map(str, data_roots()), *(str(Path(f).resolve()) for f in folders)]
+    os.environ[DATA_ROOTS_SETTING] = os.pathsep.join(dict.fromkeys(roots))
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:

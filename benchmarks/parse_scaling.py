@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import full_pubmed_files, write_result
+from benchmarks.common import allow_reading, full_pubmed_files, write_result
 
 HEAVY = ("prefect", "duckdb", "distributed", "dask", "torch", "tokenizers", "transformers", "flows")
 
@@ -146,6 +146,7 @@ def main() -> None:
         counts.append(args.max_workers)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
+        allow_reading(tmp)
         mirror_of_copies(tmp / "mirror", args.copies)
         store = Store(tmp / "store")
         downloads = [DOWNLOAD.run(store, {}, remote) for remote in select_files(SourceConfig(source=str(tmp / "mirror"), folders=("baseline",)))]
