@@ -16,7 +16,7 @@ import time
 from benchmarks.common import REPO
 
 QUICK = {  # module -> arguments for a small run
-    "parse": [],
+    "parse": ["--repeat", "1"],
     "parse_scaling": ["--copies", "1"],
     "corpus": ["--records", "30000", "--result", "corpus"],
     "tokenize": ["--vocab", "4096", "--repeats", "2"],
