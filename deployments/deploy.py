@@ -26,41 +26,17 @@ import contextlib
 import hashlib
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from flows.registry import DEPLOYMENTS, NIGHTLY_CRON
 from flows.settings import apply_prefect_defaults
 from storage.config import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = {"cpu": "PubMed ingestion, tokenizing, evaluation", "gpu": "Pretraining and fine-tuning"}
-NIGHTLY_CRON = "0 6 * * *"  # NCBI posts the day's update files overnight (US Eastern); 06:00 UTC follows them
 NIGHTLY_TIMEZONE = "UTC"
-GC_CRON = "0 8 * * *"  # after the nightly ingest
 
 
-@dataclass(frozen=True)
-class Deployment:
-    entrypoint: str  # flows/<module>.py:<flow>
-    name: str
-    pool: str
-    description: str
-    tags: tuple[str, ...]
-    cron: str | None = None  # a schedule (nightly-ingest's is --cron)
-    schedule_on: bool = True  # registered switched on (off: a user switches it on in the UI)
-
-
-DEPLOYMENTS = (
-    Deployment("flows/ingest.py:ingest", "nightly-ingest", "cpu", "New PubMed files -> parsed -> corpus snapshot, every night.", ("ingest",), cron=NIGHTLY_CRON),
-    Deployment("flows/tokenizing.py:tokenize", "tokenize", "cpu", "Corpus snapshot -> tokenizer -> token shards.", ("tokenize",)),
-    Deployment("flows/retrain.py:retrain", "retrain", "gpu", "Pretrain on token shards.", ("pretrain",)),
-    Deployment("flows/finetune.py:finetune", "finetune", "gpu", "Fine-tune a checkpoint (full or LoRA) through a curriculum of QA sources, evaluating every stage.", ("finetune", "evaluate")),
-    Deployment("flows/evaluate.py:evaluate", "evaluate", "gpu", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks.", ("evaluate",)),
-    Deployment("flows/pipeline.py:pipeline", "pipeline", "gpu", "The whole DAG: ingest, tokenize, pretrain, fine-tune, evaluate (a run configuration's tables as its parameters).", ("pipeline",)),
-    Deployment("flows/join.py:join", "join", "gpu", "This machine's part of a multi-node training run (train.nodes > 1) another machine's stage started: give its rdzv_id.", ("pretrain",)),
-    Deployment("flows/store_gc.py:store_gc", "nightly-gc", "cpu", "Remove old artifacts nothing kept needs (switch the schedule on, and dry_run off, to run it each night).",
-               ("store",), cron=GC_CRON, schedule_on=False),
-)
 # retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.
 FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "retrain/retrain"))
 
@@ -144,7 +120,7 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
     report = []
     for d in DEPLOYMENTS:
         flow = Flow.from_source(source=str(REPO), entrypoint=d.entrypoint)
-        full_name = f"{flow.name}/{d.name}"
+        full_name = f"{flow.name}/{d.deployment}"
         existing = asyncio.run(_read(full_name))
         if existing is not None and not reset and existing.version != fingerprint(existing):
             report.append(f"kept {full_name} as changed in the UI (--reset to register it again from the code and the run configuration)")
@@ -156,7 +132,7 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
         schedule = cron if d.cron == NIGHTLY_CRON else d.cron
         with contextlib.redirect_stdout(io.StringIO()):  # Prefect's own table of it: ours (main) says it in one line
             deployment_id = flow.deploy(
-                name=d.name, work_pool_name=d.pool, parameters=parameters,
+                name=d.deployment, work_pool_name=d.pool, parameters=parameters,
                 schedules=[Cron(schedule, timezone=NIGHTLY_TIMEZONE, active=d.schedule_on)] if schedule else None, tags=list(d.tags),
                 description=d.description, print_next_steps=False,
             )

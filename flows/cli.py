@@ -13,7 +13,6 @@ MEDLM_DEBUG=1) shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -24,17 +23,9 @@ import typing
 from pathlib import Path
 
 from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, release_leases, send_prefect_backlog, temporary_server
+from flows.registry import COMMANDS
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config
 
-FLOWS = {  # command -> (flow, what it does)
-    "ingest": ("flows.ingest:ingest", "Download, parse and snapshot PubMed into the store."),
-    "tokenize": ("flows.tokenizing:tokenize", "Fit the tokenizer on a corpus snapshot and write uint16 token shards."),
-    "retrain": ("flows.retrain:retrain", "Pretrain on token shards and register the checkpoint in the store."),
-    "qa": ("flows.qa:qa", "Convert QA datasets (PubMedQA, MedMCQA, MedQA, instruction data) into canonical records."),
-    "evaluate": ("flows.evaluate:evaluate", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks."),
-    "finetune": ("flows.finetune:finetune", "Fine-tune a checkpoint or a local Hugging Face model (full or LoRA) through a curriculum, evaluating every stage."),
-    "pipeline": ("flows.pipeline:pipeline", "The whole pipeline: ingest, tokenize, pretrain, fine-tune, evaluate."),
-}
 OTHER_COMMANDS = {
     "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
     "train": "Pretrain without Prefect (the flags of `python -m model.train`; try `medlm train --help`).",
@@ -87,11 +78,11 @@ def _one_line(error: BaseException) -> str:
 
 def _dispatch(argv: list[str], debug: bool) -> None:
     command = argv[0] if argv and not argv[0].startswith("-") else None
-    if command in FLOWS or command == "demo":
+    if command in COMMANDS or command == "demo":
         apply_prefect_defaults()
         if not debug:
             _console_without_tracebacks()
-        return _run_flow(command, argv[1:]) if command in FLOWS else _demo(argv[1:])
+        return _run_flow(command, argv[1:]) if command in COMMANDS else _demo(argv[1:])
     if command == "train":
         from model.train import main as train_main
 
@@ -107,9 +98,9 @@ def _dispatch(argv: list[str], debug: bool) -> None:
     if command == "lineage":
         return _lineage(argv[1:])
     parser = ArgumentParser(prog="medlm", description="medlm: train a medical language model from PubMed, as a Prefect pipeline.")
-    parser.add_argument("command", choices=[*FLOWS, *OTHER_COMMANDS], metavar="COMMAND")
+    parser.add_argument("command", choices=[*COMMANDS, *OTHER_COMMANDS], metavar="COMMAND")
     parser.epilog = "commands:\n" + "\n".join(
-        f"  {name:<10} {text}" for name, text in [*((n, d) for n, (_, d) in FLOWS.items()), *OTHER_COMMANDS.items()]
+        f"  {name:<10} {text}" for name, text in [*((n, e.description) for n, e in COMMANDS.items()), *OTHER_COMMANDS.items()]
     ) + "\n\n`medlm COMMAND --help` lists a command's options. --debug shows tracebacks."
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.parse_args(argv or ["--help"])
@@ -135,16 +126,15 @@ def _console_without_tracebacks() -> None:
 
 def _load_flow(command: str):
     apply_prefect_defaults()
-    module, name = FLOWS[command][0].split(":")
-    return getattr(importlib.import_module(module), name)
+    return COMMANDS[command].load()
 
 
-def flow_parameters(flow) -> tuple[dict[str, type], dict[str, str]]:
-    """The flow's config parameters (name -> dataclass) and its plain parameters (name -> description)."""
+def flow_parameters(flow) -> tuple[dict[str, type], dict[str, typing.Any]]:
+    """The flow's config parameters (name -> dataclass) and its plain parameters (name -> type hint)."""
     hints = typing.get_type_hints(flow.fn, include_extras=True)
     hints.pop("return", None)
     configs = {name: cls for name, cls in hints.items() if hasattr(cls, "__pydantic_fields__")}
-    plain = {name: _description(hint) for name, hint in hints.items() if name not in configs}
+    plain = {name: hint for name, hint in hints.items() if name not in configs}
     return configs, plain
 
 
@@ -153,11 +143,12 @@ def _description(hint) -> str:
 
 
 def _flow_parser(command: str, flow) -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog=f"medlm {command}", description=flow.fn.__doc__ or FLOWS[command][1])
+    parser = ArgumentParser(prog=f"medlm {command}", description=flow.fn.__doc__ or COMMANDS[command].description)
     parser.add_argument("--config", metavar="FILE|NAME", help="Run configuration: a TOML file or a name in flows/configs (demo, full).")
     configs, plain = flow_parameters(flow)
-    for name, description in plain.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="REF", help=description)
+    for name, hint in plain.items():
+        metavar = "REF" if name.endswith("_ref") else "FOLDER"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=_description(hint))
     field_counts: dict[str, int] = {}
     for cls in configs.values():
         for field_name in cls.__pydantic_fields__:
@@ -176,8 +167,18 @@ def flow_arguments(flow, args: argparse.Namespace) -> dict:
     if unknown := sorted(set(tables) - known):
         raise ConfigError(f"{args.config}: unknown table(s) {unknown}; run configurations have tables {sorted(known)}")
     kwargs = {name: make_config(cls, tables.get(name, {}) | config_values(args, name), where=name) for name, cls in configs.items()}
-    kwargs |= {name: getattr(args, name) for name in plain if getattr(args, name) is not None}
+    kwargs |= {name: _checked(name, hint, getattr(args, name)) for name, hint in plain.items() if getattr(args, name) is not None}
     return kwargs
+
+
+def _checked(name: str, hint, value):
+    """A plain parameter's value as the flow will validate it, checked here: before a server starts."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(hint).validate_python(value)
+    except ValidationError as e:
+        raise ConfigError(f"{name}: " + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
 
 
 def _run_flow(command: str, argv: list[str]):

@@ -44,9 +44,9 @@ class Shards:
         try:
             meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
-            raise ShardError(f"{meta_path} is missing; point --shards at a binarize artifact folder") from None
+            raise ShardError(f"{meta_path} is missing; point --shards at a shards artifact folder") from None
         except json.JSONDecodeError as e:
-            raise ShardError(f"{meta_path} is not valid JSON ({e}); rebuild the binarize artifact") from None
+            raise ShardError(f"{meta_path} is not valid JSON ({e}); rebuild the shards artifact (medlm tokenize)") from None
         if meta.get("dtype") != "uint16":
             raise ShardError(f"{meta_path}: dtype is {meta.get('dtype')!r}, expected 'uint16'")
         vocab = meta.get("vocab_size")
@@ -58,7 +58,7 @@ class Shards:
         for name, entry in files.items():
             path = root / name
             if not path.is_file():
-                raise ShardError(f"{path}: listed in meta.json but missing; rebuild the binarize artifact")
+                raise ShardError(f"{path}: listed in meta.json but missing; rebuild the shards artifact (medlm tokenize)")
             expected = entry["tokens"] * DTYPE.itemsize
             if path.stat().st_size != expected:
                 raise ShardError(

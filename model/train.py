@@ -215,7 +215,7 @@ def plot_losses(records: list[dict], png: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, shards: Shards, split: str, context_length: int, cfg: TrainConfig, rt: Runtime) -> float:
+def validation_loss(model: Transformer, shards: Shards, split: str, context_length: int, cfg: TrainConfig, rt: Runtime) -> float:
     """Mean loss over the fixed evaluation windows of ``split``, summed across ranks."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
@@ -350,7 +350,7 @@ def train(
         model = Transformer(model_cfg).to(rt.device)
         return train_loop(
             config, rt, model, model_cfg.to_dict(), batches,
-            validate=lambda model: evaluate(model, shards, "val", context, config, rt),
+            validate=lambda model: validation_loss(model, shards, "val", context, config, rt),
             out=Path(out_dir),
             tokens_per_step=config.batch_size * context * rt.world_size * grad_accum,
             run_info={"tokens": shards.special_tokens},

@@ -1,0 +1,54 @@
+"""Every flow medlm runs, listed once: the `medlm` commands (flows/cli.py) and the Prefect
+deployments (deployments/deploy.py) are both made from this list. A new flow is one line here.
+
+Nothing is imported from the flows themselves until one is loaded, so `medlm --help` needs
+neither Prefect nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+NIGHTLY_CRON = "0 6 * * *"  # NCBI posts the day's update files overnight (US Eastern); 06:00 UTC follows them
+GC_CRON = "0 8 * * *"  # after the nightly ingest
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    entrypoint: str  # flows/<module>.py:<function>
+    description: str
+    command: str | None = None  # `medlm COMMAND` runs it; None: only as a deployment
+    deployment: str | None = None  # registered as <flow name>/<deployment>; None: only as a command
+    pool: str = "cpu"  # the work pool its deployment runs in
+    tags: tuple[str, ...] = ()
+    cron: str | None = None  # its deployment's schedule (nightly-ingest's is `deploy --cron`)
+    schedule_on: bool = True  # the schedule registered switched on (off: a user switches it on in the UI)
+
+    def load(self):
+        """The Prefect flow object (imports its module)."""
+        path, function = self.entrypoint.split(":")
+        return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+
+
+FLOWS = (
+    FlowEntry("flows/ingest.py:ingest", "Download, parse and snapshot PubMed into the store (the deployment: each night, the new update files).",
+              command="ingest", deployment="nightly-ingest", tags=("ingest",), cron=NIGHTLY_CRON),
+    FlowEntry("flows/tokenizing.py:tokenize", "Fit the tokenizer on a corpus snapshot and write uint16 token shards.",
+              command="tokenize", deployment="tokenize", tags=("tokenize",)),
+    FlowEntry("flows/retrain.py:retrain", "Pretrain on token shards and register the checkpoint in the store.",
+              command="retrain", deployment="retrain", pool="gpu", tags=("pretrain",)),
+    FlowEntry("flows/qa.py:qa", "Convert QA datasets (PubMedQA, MedMCQA, MedQA, instruction data) into canonical records.", command="qa"),
+    FlowEntry("flows/evaluate.py:evaluate", "Evaluate a checkpoint or a local Hugging Face model on the medical QA benchmarks.",
+              command="evaluate", deployment="evaluate", pool="gpu", tags=("evaluate",)),
+    FlowEntry("flows/finetune.py:finetune", "Fine-tune a checkpoint or a local Hugging Face model (full or LoRA) through a curriculum of QA sources, evaluating every stage.",
+              command="finetune", deployment="finetune", pool="gpu", tags=("finetune", "evaluate")),
+    FlowEntry("flows/pipeline.py:pipeline", "The whole pipeline: ingest, tokenize, pretrain, fine-tune, evaluate (a run configuration's tables as its parameters).",
+              command="pipeline", deployment="pipeline", pool="gpu", tags=("pipeline",)),
+    FlowEntry("flows/join.py:join", "This machine's part of a multi-node training run (train.nodes > 1) another machine's stage started: give its rdzv_id.",
+              deployment="join", pool="gpu", tags=("pretrain",)),
+    FlowEntry("flows/store_gc.py:store_gc", "Remove old artifacts nothing kept needs (switch the schedule on, and dry_run off, to run it each night).",
+              deployment="nightly-gc", tags=("store",), cron=GC_CRON, schedule_on=False),
+)
+COMMANDS = {entry.command: entry for entry in FLOWS if entry.command}
+DEPLOYMENTS = tuple(entry for entry in FLOWS if entry.deployment)
