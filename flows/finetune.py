@@ -11,7 +11,6 @@ base model, each stage and the baseline of every benchmark side by side.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -19,14 +18,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from flows.evaluate import lineage_inputs, newest_checkpoint
+from flows.evaluate import lineage_inputs, model_artifact
 from flows.qa import convert
 from flows.stage import publish_lineage, run_stage
 from model.finetune import FinetuneConfig
 from model.train import TrainConfig
 from storage import Artifact, Store
+from storage.access import DataPath
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
 from tasks.finetune import FINETUNE, Curriculum, FinetuneRun
+from tasks.hf_model import MODEL_KINDS
 from tasks.qa import QASources
 
 
@@ -44,7 +45,7 @@ def columns(store: Store, evaluation_refs: list[str]) -> list[tuple[str, Artifac
     out = []
     for ref in evaluation_refs:
         evaluation = store.require(ref)
-        model = next((store.require(p) for p in evaluation.parents if p.split("/")[0] in ("pretrain", "finetune")), None)
+        model = next((store.require(p) for p in evaluation.parents if p.split("/")[0] in MODEL_KINDS), None)
         if model is None or model.kind != "finetune":
             label = "base"
         else:
@@ -66,34 +67,26 @@ def finetune(
     curriculum: Curriculum = Curriculum(),
     qa: QASources = QASources(),
     evaluation: EvaluationConfig = EvaluationConfig(),
-    base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain or finetune checkpoint; not used with finetune.hf_base).")] = None,
+    base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain or finetune checkpoint; not used with hf_base).")] = None,
+    hf_base: Annotated[DataPath | None, Field(description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint: taken into the store as an hf_model artifact.")] = None,
 ) -> list[str]:
     """Fine-tune through the curriculum's stages, evaluating the base and every stage; returns the
     evaluations' refs, base first (each names the model it evaluated)."""
     if not curriculum.stages:
         raise ValueError("curriculum.stages is empty: name the QA sources to fine-tune on, in order, e.g. --stages pubmedqa medmcqa medqa")
-    if evaluation.hf_model:
-        raise ValueError("evaluation.hf_model is not used by finetune: to fine-tune a Hugging Face model, set finetune.hf_base")
-    if finetune.hf_base and base_ref:
-        raise ValueError("give base_ref or finetune.hf_base, not both")
     store = Store()
     converted = convert(qa)
     data = {stage: stage_data(stage, converted, qa) for stage in curriculum.stages}
     everything = list(converted.values())
-    base = None if finetune.hf_base else store.require(base_ref) if base_ref else newest_checkpoint(store)
+    model = model_artifact(store, base_ref, hf_base, "--hf-base")
     log = get_run_logger()
 
     evaluations = []
     if curriculum.evaluate_base:
-        if base is not None:
-            evaluations.append(run_stage(EVALUATE, {"model": base, "qa": everything, **lineage_inputs(store, base)}, evaluation, label="base"))
-        else:
-            evaluations.append(run_stage(EVALUATE, {"qa": everything}, replace(evaluation, hf_model=finetune.hf_base), label="base"))
-    model = base
+        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label="base"))
+    config = FinetuneRun(finetune, finetune_train)
     for i, stage in enumerate(curriculum.stages, 1):
-        config = FinetuneRun(finetune if model is None else replace(finetune, hf_base=None), finetune_train)
-        inputs = {"data": data[stage]} | ({"base": model} if model is not None else {})
-        model = run_stage(FINETUNE, inputs, config, label=f"{i}/{len(curriculum.stages)} {stage}")
+        model = run_stage(FINETUNE, {"base": model, "data": data[stage]}, config, label=f"{i}/{len(curriculum.stages)} {stage}")
         log.info("stage %d (%s): %s %s", i, stage, model.ref, model.summary.get("final_loss"))
         evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after {stage}"))
 

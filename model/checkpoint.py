@@ -111,6 +111,21 @@ def is_hf_folder(folder: str | Path) -> bool:
     return path.is_file() and "model_type" in json.loads(path.read_text())
 
 
+def check_causal_lm(folder: Path) -> None:
+    """A one-line error unless ``folder`` holds a Hugging Face causal language model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
+    config = json.loads(config_file.read_text())
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config.get("architectures") or []
+    if not (any(a in causal for a in architectures) or (not architectures and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
+        named = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+        raise ValueError(f"{folder} is not a causal LM ({named}); give a folder saved from a ...ForCausalLM model, such as LlamaForCausalLM")
+
+
 def remove_run(run: Path) -> None:
     """Delete a published run folder. It is renamed first, so a crash while deleting never leaves a
     run that looks resumable (``finished_summary`` then finishes the clean-up)."""

@@ -34,7 +34,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ from model.checkpoint import (
     RUN_FILES,
     STATE_FILE,
     WEIGHTS_FILE,
+    check_causal_lm,
     is_hf_folder,
     load_checkpoint_config,
     load_weights,
@@ -66,7 +67,6 @@ from model.sft import (
 from model.train import TrainConfig, require_memory, setup_runtime, train_loop
 from storage.config import ArgumentParser, config_dataclass
 from storage.formats import SPECIAL_IDS, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
-from storage.access import DataPath
 
 ADAPTER_DIR = "adapter"
 RUN_CONFIG_FILE = "finetune.json"  # the run's config of a model published as a Hugging Face folder
@@ -92,10 +92,6 @@ class FinetuneConfig:
     max_length: int | None = Field(None, ge=8, description="Tokens per row; a longer prompt is cut from its start (unset: the model's context length).")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches of train.batch_size rows per optimizer step.")
     val_examples: int = Field(64, ge=1, description="Examples of the validation split (else of the training set) for the validation loss.")
-    hf_base: DataPath | None = Field(None, description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint artifact (first curriculum stage).")
-
-    # The folder's bytes decide the key (the stage's content hook), not where it is.
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("hf_base",)
 
     @model_validator(mode="after")
     def _targets(self):
@@ -105,21 +101,6 @@ class FinetuneConfig:
 
 
 # -- the base ------------------------------------------------------------------------------------
-
-
-def check_causal_lm(folder: Path) -> None:
-    """A one-line error unless ``folder`` holds a Hugging Face causal language model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    config_file = folder / CONFIG_FILE
-    if not config_file.is_file():
-        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
-    config = json.loads(config_file.read_text())
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    architectures = config.get("architectures") or []
-    if not (any(a in causal for a in architectures) or (not architectures and config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
-        named = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
-        raise ValueError(f"{folder} is not a causal LM ({named}); give a folder saved from a ...ForCausalLM model, such as LlamaForCausalLM")
 
 
 @dataclass
@@ -315,7 +296,7 @@ def finetune(
             validate=lambda m: completion_loss(m, val_batches, rt.autocast),
             out=Path(out),
             tokens_per_step=train.batch_size * cfg.grad_accum * max_length * rt.world_size,  # at most: rows are padded, or packed nearly full
-            run_info={"tokens": base.tokens, "finetune": asdict(cfg) | {"hf_base": None}},
+            run_info={"tokens": base.tokens, "finetune": asdict(cfg)},
             progress=progress,
             init_from=init_from,
             what="fine-tuning",

@@ -105,9 +105,14 @@ def readable(path: str | os.PathLike, what: str = "") -> Path:
 
 def readable_files(folder: str | os.PathLike, what: str = "") -> list[Path]:
     """Every file under ``folder`` (sorted), each checked by ``readable``: a folder inside a root
-    may hold links to files outside it."""
-    folder = readable(folder, what)
-    return [readable(f, what) for f in sorted(folder.rglob("*")) if f.is_file()]
+    may hold links to files outside it. The paths are under the resolved folder, links kept as
+    links (a Hugging Face cache snapshot is links into its blobs), so each one's path relative to
+    the folder is its name in it."""
+    root = readable(folder, what)
+    files = sorted(f for f in root.rglob("*") if f.is_file())
+    for f in files:
+        readable(f, what)
+    return files
 
 
 def local_folder(location: str | os.PathLike) -> Path | None:

@@ -50,9 +50,9 @@ from pydantic import Field, model_validator
 
 from model.prompts import TARGET_DELIMITER, choices, doc_to_text, fewshot_context, gold_index, reference, select_shots
 from model.scoring import CausalLM
-from storage import Input, Stage
-from storage.access import DataPath
+from storage import Artifact, Input, Stage
 from storage.config import config_dataclass
+from tasks.hf_model import MODEL_KINDS
 from storage.progress import Progress
 
 Z95 = 1.959963984540054
@@ -451,22 +451,9 @@ class EvaluationConfig:
     held_out_documents: int | None = Field(None, ge=1, description="Abstracts new since the model's corpus (from a newer snapshot in the store) for bits per byte (unset: all).")
     generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
     max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
-    hf_model: DataPath | None = Field(None, description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to evaluate instead of a checkpoint artifact.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: torch's default).")
 
-    # The folder's bytes decide the key (content_params), not where it is.
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("hf_model", "threads")
-
-    def content_params(self) -> dict:
-        """The Hugging Face folder's bytes (every file's name and sha256), for the key."""
-        from storage import sha256_folder
-
-        if not self.hf_model:
-            return {}
-        folder = Path(self.hf_model)
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json); give the folder save_pretrained wrote")
-        return {"hf_model_sha256": sha256_folder(folder)}
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("threads",)
 
     @model_validator(mode="after")
     def _shots(self):
@@ -475,18 +462,13 @@ class EvaluationConfig:
         return self
 
 
-def load_lm(inputs: dict, config: EvaluationConfig) -> CausalLM:
-    """Our checkpoint artifact (weights, config and tokenizer files), or a Hugging Face folder:
-    ``hf_model``, or a checkpoint artifact fine-tuned from one (published as a Hugging Face folder)."""
+def load_lm(checkpoint: Artifact) -> CausalLM:
+    """Our checkpoint artifact (weights, config and tokenizer files), or a Hugging Face folder: an
+    hf_model artifact, or a checkpoint fine-tuned from one (published as a Hugging Face folder)."""
     from model.checkpoint import is_hf_folder
     from model.scoring import HFCausalLM, TransformerLM
     from storage.formats import TOKENIZER_FILE, load_tokenizer
 
-    if config.hf_model:
-        return HFCausalLM.from_folder(config.hf_model)
-    checkpoint = inputs.get("model")
-    if checkpoint is None:
-        raise ValueError("nothing to evaluate: give a checkpoint artifact (model_ref) or a Hugging Face folder (hf_model)")
     if is_hf_folder(checkpoint.path):
         return HFCausalLM.from_folder(checkpoint.path)
     return TransformerLM.from_checkpoint(checkpoint.path, load_tokenizer(checkpoint.file(TOKENIZER_FILE)))
@@ -525,7 +507,7 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    lm = load_lm(inputs, config)
+    lm = load_lm(inputs["model"])
     records = [r for qa in inputs["qa"] for r in read_records(qa.path)]
     corpus, shards, newer = inputs.get("corpus"), inputs.get("shards"), inputs.get("newer")
     overlaps = contamination(records, corpus.path) if corpus is not None else None
@@ -643,13 +625,13 @@ EVALUATE = Stage(
     version="3",
     config=EvaluationConfig,
     inputs={
-        "model": Input(("pretrain", "finetune"), optional=True),  # or config.hf_model
+        "model": Input(MODEL_KINDS),
         "qa": Input("qa", many=True),
         "shards": Input("shards", optional=True),  # test.bin: perplexity
         "corpus": Input("corpus", optional=True),  # contamination, and what "newer" holds that it did not
         "newer": Input("corpus", optional=True),  # a snapshot built after the model's: articles it never saw
     },
     build=evaluate_model,
-    label=lambda inputs, config: f"of {inputs['model'].ref}" if inputs.get("model") else f"of {config.hf_model}",
+    label=lambda inputs, config: f"of {inputs['model'].ref}",
     report=evaluation_rows,
 )

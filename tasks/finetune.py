@@ -1,4 +1,4 @@
-"""Finetune: a checkpoint (or a local Hugging Face model) + QA records -> a fine-tuned checkpoint artifact.
+"""Finetune: a checkpoint (pretrain, finetune or hf_model artifact) + QA records -> a fine-tuned checkpoint artifact.
 
 The work is model/finetune.py's; this module declares it as a stage. The run folder lives in the
 artifact's work folder, which the store keeps across a crash (``resume=True``): a killed
@@ -27,9 +27,10 @@ from model.checkpoint import RUN_DIR, finished_summary
 from model.distributed import train_distributed
 from model.finetune import FinetuneConfig, finetune, publish
 from model.train import TrainConfig
-from storage import Artifact, Input, Stage, sha256_folder
+from storage import Artifact, Input, Stage
 from storage.formats import read_records
 from storage.config import config_dataclass
+from tasks.hf_model import MODEL_KINDS
 
 log = logging.getLogger("medlm.finetune")
 SOURCES = ("pubmedqa", "medmcqa", "medqa", "instructions")
@@ -41,15 +42,6 @@ class FinetuneRun:
 
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
-
-    def content_params(self) -> dict:
-        """The Hugging Face base folder's bytes, for the key (its path is a runtime field)."""
-        if not self.finetune.hf_base:
-            return {}
-        folder = Path(self.finetune.hf_base)
-        if not folder.is_dir():
-            raise ValueError(f"{folder} does not exist; give a local Hugging Face causal-LM folder as finetune.hf_base")
-        return {"hf_base_sha256": sha256_folder(folder)}
 
 
 @config_dataclass
@@ -78,10 +70,7 @@ def split_records(data: list[Artifact]) -> tuple[list[dict], list[dict]]:
 
 
 def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
-    base, cfg = inputs.get("base"), config.finetune
-    if (base is None) == (cfg.hf_base is None):
-        raise ValueError("give the model to fine-tune: a checkpoint artifact (base) or a Hugging Face folder (finetune.hf_base), not both")
-    base_path = base.path if base is not None else Path(cfg.hf_base)
+    base_path, cfg = inputs["base"].path, config.finetune
     train, validation = split_records(inputs["data"])
     if (summary := finished_summary(out_dir)) is not None:
         return summary
@@ -89,23 +78,22 @@ def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
     if config.train.devices == 1 and config.train.nodes == 1:
         summary = finetune(cfg, config.train, base_path, train, run, validation)
     else:  # torchrun, on this machine or as one of train.nodes
-        tables = {"finetune": asdict(cfg) | {"hf_base": None}, "train": config.train.to_dict()}
+        tables = {"finetune": asdict(cfg), "train": config.train.to_dict()}
         args = ("--base", str(base_path), "--data", *(str(a.path) for a in inputs["data"]))
         summary = train_distributed("model.finetune", tables, args, config.train, run, log.info)
     return publish(run, summary, out_dir, base_path, cfg, config.train.seed)
 
 
 def finetune_label(inputs: dict, config: FinetuneRun) -> str:
-    base, hf_base = inputs.get("base"), config.finetune.hf_base
     data = ", ".join(a.label or a.ref for a in inputs["data"])
-    return f"{config.finetune.method} of {base.ref if base is not None else Path(hf_base).name if hf_base else '?'} on {data}"
+    return f"{config.finetune.method} of {inputs['base'].ref} on {data}"
 
 
 FINETUNE = Stage(
     name="finetune",
     version="1",
     config=FinetuneRun,
-    inputs={"base": Input(("pretrain", "finetune"), optional=True), "data": Input("qa", many=True)},
+    inputs={"base": Input(MODEL_KINDS), "data": Input("qa", many=True)},
     build=build_finetune,
     resume=True,  # the run folder's checkpoints survive a crash and fine-tuning continues from them
     label=finetune_label,

@@ -107,7 +107,7 @@ REFUSED_AT_ONCE = [
         (["ingest", "--source", str(DATA / "no-such-mirror")], f"source: source: {DATA / 'no-such-mirror'} does not exist"),
         (["ingest", "--source", "http://127.0.0.1:9/pubmed"], "http://127.0.0.1:9/pubmed is not among the sources this process may download from (MEDLM_SOURCES="),
         (["ingest", "--exclude-pmids-file", "/etc/passwd"], "corpus: exclude_pmids_file: /etc/passwd is outside the folders this process may read"),
-        (["evaluate", "--hf-model", "/root"], "evaluation: hf_model: /root is outside the folders this process may read"),
+        (["evaluate", "--hf-model", "/root"], "hf_model: /root is outside the folders this process may read"),
         (["pipeline", "--config", "no-such-config"], "no run configuration 'no-such-config'"),
         (["retrain", "--preset", "huge"], "medlm retrain: argument --preset: invalid choice: 'huge'"),
         (["store", "verify"], "medlm store verify: the following arguments are required: ref"),

@@ -34,7 +34,7 @@ from model.sft import (
     render,
 )
 from model.train import TrainConfig, adamw, lr_at
-from storage import ArtifactSpec
+from storage import ArtifactError, ArtifactSpec
 from storage.formats import EOS_ID, PAD_ID, read_records
 from tasks.qa import QAConfig, convert_qa
 
@@ -430,16 +430,17 @@ def test_bad_inputs_are_one_line_errors_naming_the_fix(base, hf_llama, session_s
     (ours / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="the tokenizer has 1000 tokens but the model's vocabulary is 1200"):
         load_base(ours)
-    with pytest.raises(ValueError, match="give the model to fine-tune: a checkpoint artifact"):
+    with pytest.raises(ArtifactError, match=r"stage finetune reads \['base', 'data'\]"):
         FINETUNE.run(session_store, {"data": [medqa]}, FinetuneRun())
 
 
 # -- the stage and the flow ------------------------------------------------------------------------
 
 
-def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_keys_an_hf_base_by_its_bytes(base, hf_llama, session_store, tmp_path):
+def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_model_is_keyed_by_its_bytes(base, hf_llama, session_store, tmp_path):
     from tasks.evaluate import EVALUATE, EvaluationConfig
     from tasks.finetune import FINETUNE, FinetuneRun
+    from tasks.hf_model import HF_MODEL, HFModelConfig
     from tasks.qa import QA
 
     pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
@@ -454,8 +455,14 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_keys_an_h
 
     copy = tmp_path / "llama-copy"
     shutil.copytree(hf_llama, copy)
-    from_hf = FINETUNE.run(session_store, {"data": [pubmedqa]}, replace(run, finetune=replace(run.finetune, hf_base=str(hf_llama))))
-    assert FINETUNE.run(session_store, {"data": [pubmedqa]}, replace(run, finetune=replace(run.finetune, hf_base=str(copy)))).reused  # bytes, not path
+    taken = HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(hf_llama)))
+    assert taken.label == hf_llama.name and taken.summary["architectures"] == ["LlamaForCausalLM"]
+    assert sorted(p.name for p in taken.path.iterdir() if p.name != "manifest.json") == sorted(p.name for p in hf_llama.iterdir())
+    assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(copy))).ref == taken.ref  # bytes, not path
+    (copy / "README.md").write_text("changed")
+    assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(copy))).ref != taken.ref  # a file more: another model
+    from_hf = FINETUNE.run(session_store, {"base": taken, "data": [pubmedqa]}, run)
+    assert from_hf.parents == [taken.ref, pubmedqa.ref]
     assert from_hf.summary["format"] == "hf" and "finetune.json" in {p.name for p in from_hf.path.iterdir()}
     assert EVALUATE.run(session_store, {"model": from_hf, "qa": [pubmedqa]}, few).summary["pubmedqa_cloze_0shot_acc"] >= 0
 
