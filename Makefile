@@ -10,7 +10,7 @@ CONFIG ?=
 DB ?= postgres
 DEPLOY_ARGS ?=
 
-.PHONY: venv demo test bench up down clean
+.PHONY: venv demo test test-fast bench up down clean
 
 venv: $(INSTALLED)
 
@@ -27,6 +27,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The inner loop: every test but those marked slow (servers, stacks, clusters, long training).
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 # Every benchmark, small (results under benchmarks/results/quick/; the recorded figures come from full runs).
 bench: venv

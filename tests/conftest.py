@@ -191,3 +191,14 @@ def store(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEDLM_STORE", str(tmp_path / "store"))
     return Store(tmp_path / "store")
+
+
+# Tests that need a server for the session (tens of seconds before the first of them runs) are
+# slow by what they use; the rest that take long say so with @pytest.mark.slow.
+SLOW_FIXTURES = {"prefect_server", "stack", "s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
