@@ -459,6 +459,12 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
     assert taken.label == hf_llama.name and taken.summary["architectures"] == ["LlamaForCausalLM"]
     assert sorted(p.name for p in taken.path.iterdir() if p.name != "manifest.json") == sorted(p.name for p in hf_llama.iterdir())
     assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(copy))).ref == taken.ref  # bytes, not path
+    snapshot, blobs = tmp_path / "snapshot", tmp_path / "blobs"  # as a Hugging Face cache holds a model: links into its blobs
+    snapshot.mkdir(), blobs.mkdir()
+    for f in hf_llama.iterdir():
+        shutil.copyfile(f, blobs / f.name)
+        (snapshot / f.name).symlink_to(blobs / f.name)
+    assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(snapshot))).ref == taken.ref
     (copy / "README.md").write_text("changed")
     assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(copy))).ref != taken.ref  # a file more: another model
     from_hf = FINETUNE.run(session_store, {"base": taken, "data": [pubmedqa]}, run)
