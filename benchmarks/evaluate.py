@@ -63,8 +63,8 @@ def build_model(work: Path, vocab: int, steps: int) -> tuple[Path, Path, Path, d
     shards = work / "shards"
     if not (shards / "meta.json").is_file():
         binarize_corpus(corpus.path, tokenizer.file("tokenizer.json"), shards, val_fraction=0.05, test_fraction=0.05)
-    config = TrainConfig(preset="tiny", max_steps=steps, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
-                         eval_every=steps, checkpoint_every=steps, eval_windows=16, device="cpu")
+    config = TrainConfig.of(preset="tiny", max_steps=steps, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+                            eval_every=steps, checkpoint_every=steps, eval_windows=16, device="cpu")
     summary = train(config, shards, work / "run")
     return latest_checkpoint(work / "run"), tokenizer.path, shards, summary
 

@@ -112,19 +112,20 @@ def micro_rows(batches, step: int) -> list[list[list[int]]]:
     return [rows[i : i + batches.batch_size] for i in range(0, len(rows), batches.batch_size)]
 
 
-def run_ours(name: str, base: Path, train, held_out, cfg, train_cfg, tmp: Path) -> dict:
+def run_ours(name: str, base: Path, train, held_out, cfg, training, tmp: Path) -> dict:
     from model.finetune import finetune, load_base
     from model.sft import SFTBatches, encode_examples
 
-    summary = finetune(cfg, train_cfg, base, train, tmp / name, held_out)
+    optim = training.optim
+    summary = finetune(cfg, optim, training.run, base, train, tmp / name, held_out)
     examples, _ = encode_examples(train, load_base(base).encoder, cfg.template, cfg.completion, summary["max_length"])
-    batches = SFTBatches(examples, train_cfg.batch_size, cfg.grad_accum, train_cfg.seed, cfg.packing, summary["max_length"])
-    result = timed(tmp / name, examples, lambda step: micro_rows(batches, step), train_cfg.max_steps)
-    examples_per_step = sum(len(row) for step in range(train_cfg.max_steps) for row in batches.step_rows(step)) / train_cfg.max_steps
-    return result | {"rows_per_step": train_cfg.batch_size, "examples_per_step": round(examples_per_step, 2)}
+    batches = SFTBatches(examples, optim.batch_size, cfg.grad_accum, optim.seed, cfg.packing, summary["max_length"])
+    result = timed(tmp / name, examples, lambda step: micro_rows(batches, step), optim.max_steps)
+    examples_per_step = sum(len(row) for step in range(optim.max_steps) for row in batches.step_rows(step)) / optim.max_steps
+    return result | {"rows_per_step": optim.batch_size, "examples_per_step": round(examples_per_step, 2)}
 
 
-def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path, metrics: bool = True) -> dict:
+def run_trl(base: Path, hf_dir: Path, train, cfg, training, tmp: Path, metrics: bool = True) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
@@ -139,16 +140,16 @@ def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path, metrics:
     from model.sft import SFTBatches, encode_examples, render
     from model.train import adamw, lr_at
 
-    max_length = cfg.max_length
+    max_length, optim = cfg.max_length, training.optim
     examples, _ = encode_examples(train, load_base(base).encoder, cfg.template, cfg.completion, max_length)
     by_id = {r["id"]: r for r in train}
-    batches = SFTBatches(examples, train_cfg.batch_size, 1, train_cfg.seed)
-    epochs = -(-train_cfg.max_steps * train_cfg.batch_size // len(examples))
+    batches = SFTBatches(examples, optim.batch_size, 1, optim.seed)
+    epochs = -(-optim.max_steps * optim.batch_size // len(examples))
     order = [i for epoch in range(epochs) for row in batches.epoch_rows(epoch) for i in row]  # ours, epoch after epoch
     rows = [dict(zip(("prompt", "completion"), render(by_id[examples[i].id], cfg.template, cfg.completion))) for i in order]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
-    optimizer = adamw(model, train_cfg, "cpu")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train_cfg) / train_cfg.lr)
+    optimizer = adamw(model, optim, "cpu")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim) / optim.lr)
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -162,8 +163,8 @@ def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path, metrics:
 
     times = StepTimes()
     args = SFTConfig(
-        output_dir=str(tmp / "trl"), per_device_train_batch_size=train_cfg.batch_size, gradient_accumulation_steps=1,
-        max_steps=train_cfg.max_steps, learning_rate=train_cfg.lr, max_grad_norm=train_cfg.grad_clip, seed=train_cfg.seed,
+        output_dir=str(tmp / "trl"), per_device_train_batch_size=optim.batch_size, gradient_accumulation_steps=1,
+        max_steps=optim.max_steps, learning_rate=optim.lr, max_grad_norm=optim.grad_clip, seed=optim.seed,
         train_sampling_strategy="sequential", max_length=max_length + 1, truncation_mode="keep_end", gradient_checkpointing=False,
         bf16=False, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
     )
@@ -171,9 +172,9 @@ def run_trl(base: Path, hf_dir: Path, train, cfg, train_cfg, tmp: Path, metrics:
                          optimizers=(optimizer, schedule), callbacks=[times])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = train_cfg.max_steps
+    steps = optim.max_steps
     tokens = sum(len(examples[order[i % len(order)]].prompt) + len(examples[order[i % len(order)]].completion)
-                 for i in range(train_cfg.batch_size, steps * train_cfg.batch_size))
+                 for i in range(optim.batch_size, steps * optim.batch_size))
     seconds = sum(times.seconds[1:])
     return {"tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds / (steps - 1), 4),
             "first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4)}
@@ -219,7 +220,7 @@ def main() -> None:
             rows = pack(examples, range(len(examples)), max_length)
             rows_per_step = max(1, round(args.batch * len(rows) / len(examples)))  # about args.batch examples a step
             common = dict(max_steps=args.steps, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_every=args.steps, checkpoint_every=args.steps, device=args.device)
-            padded, packed = TrainConfig(batch_size=args.batch, **common), TrainConfig(batch_size=rows_per_step, **common)
+            padded, packed = TrainConfig.of(batch_size=args.batch, **common), TrainConfig.of(batch_size=rows_per_step, **common)
             runs = {
                 "ours_padding": lambda run: run_ours("padding", base, train, held_out, padding, padded, run),
                 "ours_packing": lambda run: run_ours("packing", base, train, held_out, packing, packed, run),

@@ -36,8 +36,8 @@ from model.train import TrainConfig, train, training_memory
 preset, context, batch, vocab, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 tokens = np.random.default_rng(0).integers(4, vocab, 300_000).astype(np.uint16)
 write_shards(root, {"train": [tokens], "val": [tokens[:20_000]], "test": [tokens[:20_000]]}, vocab)
-cfg = TrainConfig(preset=preset, model={"vocab_size": vocab}, context_length=context, batch_size=batch, max_steps=2, warmup_steps=1,
-                  eval_every=100, eval_windows=1, checkpoint_every=100, device="cpu")
+cfg = TrainConfig.of(preset=preset, model={"vocab_size": vocab}, context_length=context, batch_size=batch, max_steps=2, warmup_steps=1,
+                     eval_every=100, eval_windows=1, checkpoint_every=100, device="cpu")
 shape = ModelConfig.preset(preset, vocab_size=vocab)
 params = sum(p.numel() for p in Transformer(shape).parameters())
 before = int(open("/proc/self/statm").read().split()[1]) * 4096

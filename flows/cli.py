@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, release_leases, send_prefect_backlog, temporary_server
 from flows.registry import COMMANDS
-from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config
+from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
 
 OTHER_COMMANDS = {
     "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
@@ -149,12 +149,10 @@ def _flow_parser(command: str, flow) -> argparse.ArgumentParser:
     for name, hint in plain.items():
         metavar = "REF" if name.endswith("_ref") else "FOLDER"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=_description(hint))
-    field_counts: dict[str, int] = {}
-    for cls in configs.values():
-        for field_name in cls.__pydantic_fields__:
-            field_counts[field_name] = field_counts.get(field_name, 0) + 1
+    # An option has one name in every command: qualified when two tables of a run configuration
+    # (the pipeline's, which has them all) share the field name.
+    shared = shared_names(flow_parameters(_load_flow("pipeline"))[0] | configs)
     for name, cls in configs.items():
-        shared = any(field_counts[f] > 1 for f in cls.__pydantic_fields__)
         add_config_options(parser, name, cls, qualified=shared)
     return parser
 

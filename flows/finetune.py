@@ -22,7 +22,7 @@ from flows.evaluate import lineage_inputs, model_artifact
 from flows.qa import convert
 from flows.stage import publish_lineage, run_stage
 from model.finetune import FinetuneConfig
-from model.train import TrainConfig
+from model.train import OptimConfig, RunConfig
 from storage import Artifact, Store
 from storage.access import DataPath
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
@@ -63,7 +63,8 @@ def comparison(store: Store, evaluation_refs: list[str]) -> list[dict]:
 @flow(name="finetune")
 def finetune(
     finetune: FinetuneConfig = FinetuneConfig(),
-    finetune_train: TrainConfig = TrainConfig(),
+    finetune_optim: OptimConfig = OptimConfig(),
+    finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
     qa: QASources = QASources(),
     evaluation: EvaluationConfig = EvaluationConfig(),
@@ -84,7 +85,7 @@ def finetune(
     evaluations = []
     if curriculum.evaluate_base:
         evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label="base"))
-    config = FinetuneRun(finetune, finetune_train)
+    config = FinetuneRun(finetune, finetune_optim, finetune_run)
     for i, stage in enumerate(curriculum.stages, 1):
         model = run_stage(FINETUNE, {"base": model, "data": data[stage]}, config, label=f"{i}/{len(curriculum.stages)} {stage}")
         log.info("stage %d (%s): %s %s", i, stage, model.ref, model.summary.get("final_loss"))

@@ -23,7 +23,7 @@ from flows.qa import convert
 from flows.retrain import retrain
 from flows.tokenizing import tokenize
 from model.finetune import FinetuneConfig
-from model.train import TrainConfig
+from model.train import ModelShape, OptimConfig, RunConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
 from tasks.evaluate import EvaluationConfig
@@ -40,12 +40,15 @@ def pipeline(
     corpus: CorpusConfig = CorpusConfig(),
     tokenizer: TokenizerConfig = TokenizerConfig(),
     shards: ShardsConfig = ShardsConfig(),
-    train: TrainConfig = TrainConfig(),
+    shape: ModelShape = ModelShape(),
+    optim: OptimConfig = OptimConfig(),
+    run: RunConfig = RunConfig(),
     parse: ParseConfig = ParseConfig(),
     qa: QASources = QASources(),
     evaluation: EvaluationConfig = EvaluationConfig(),
     finetune: FinetuneConfig = FinetuneConfig(),
-    finetune_train: TrainConfig = TrainConfig(),
+    finetune_optim: OptimConfig = OptimConfig(),
+    finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
 ) -> list[str]:
     """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it has stages) and evaluate;
@@ -53,7 +56,7 @@ def pipeline(
     convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = ingest.fn(source, corpus, parse)
     shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
-    checkpoint_ref = retrain.fn(train, shards_ref=shards_ref)
+    checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
     if curriculum.stages:
-        return finetune_flow.fn(finetune, finetune_train, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
+        return finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
     return [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]

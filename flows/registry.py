@@ -45,7 +45,7 @@ FLOWS = (
               command="evaluate", deployment="evaluate", pool="gpu", tags=("evaluate",)),
     FlowEntry("flows/pipeline.py:pipeline", "The whole pipeline: ingest, tokenize, pretrain, fine-tune, evaluate (a run configuration's tables as its parameters).",
               command="pipeline", deployment="pipeline", pool="gpu", tags=("pipeline",)),
-    FlowEntry("flows/join.py:join", "This machine's part of a multi-node training run (train.nodes > 1) another machine's stage started: give its rdzv_id.",
+    FlowEntry("flows/join.py:join", "This machine's part of a multi-node training run (run.nodes > 1) another machine's stage started: give its rdzv_id.",
               deployment="join", pool="gpu", tags=("pretrain",)),
     FlowEntry("flows/store_gc.py:store_gc", "Remove old artifacts nothing kept needs (switch the schedule on, and dry_run off, to run it each night).",
               deployment="nightly-gc", tags=("store",), cron=GC_CRON, schedule_on=False),

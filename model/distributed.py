@@ -34,7 +34,7 @@ from storage.processes import die_with_parent
 from storage.progress import REPORTER
 
 if TYPE_CHECKING:
-    from model.train import TrainConfig
+    from model.train import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("model.train", "model.finetune")  # what a launch may run: a join runs nothing else
@@ -61,14 +61,14 @@ class Launch:
         return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={self.devices}", "-m", self.module, *self.args]
 
 
-def train_distributed(module: str, config: dict, args: tuple[str, ...], train: "TrainConfig", run: Path, log: Callable[[str], None]) -> dict:
+def train_distributed(module: str, config: dict, args: tuple[str, ...], where: "RunConfig", run: Path, log: Callable[[str], None]) -> dict:
     """A stage's training under torchrun: ``config`` (what the module's --config reads) written to
-    the run folder, ``python -m MODULE --config FILE ARGS --out RUN`` launched with ``train``'s
+    the run folder, ``python -m MODULE --config FILE ARGS --out RUN`` launched on ``where``'s
     devices and nodes; the run's summary.json."""
     run.mkdir(parents=True, exist_ok=True)
     config_file = run / "launch_config.json"
     config_file.write_text(json.dumps(config, indent=2))
-    launch(Launch(module, ("--config", str(config_file), *args, "--out", str(run)), train.devices, train.nodes, train.rdzv_endpoint, train.rdzv_id), log)
+    launch(Launch(module, ("--config", str(config_file), *args, "--out", str(run)), where.devices, where.nodes, where.rdzv_endpoint, where.rdzv_id), log)
     return json.loads((run / "summary.json").read_text())
 
 

@@ -4,7 +4,7 @@ on QA records (model/sft.py), with the pretraining loop (model/train.py ``train_
     python -m model.finetune --base CHECKPOINT_DIR --data QA_DIR [QA_DIR ...] --out RUN_DIR [--config run.json]
     python -m model.finetune --hf-base LLAMA_DIR --data QA_DIR --out RUN_DIR
 
-(run.json: {"finetune": {FinetuneConfig fields}, "train": {TrainConfig fields}}). RUN_DIR gets
+(run.json: {"finetune": {FinetuneConfig fields}, "optim": {OptimConfig fields}, "run": {RunConfig fields}}). RUN_DIR gets
 checkpoints, metrics.jsonl, loss.png and summary.json, as pretraining's does; started again it
 resumes with the same data and the same losses. ``publish`` then writes the fine-tuned model:
 
@@ -64,7 +64,7 @@ from model.sft import (
     eval_batches,
     write_chat_template,
 )
-from model.train import TrainConfig, require_memory, setup_runtime, train_loop
+from model.train import OptimConfig, RunConfig, require_memory, setup_runtime, train_loop
 from storage.config import ArgumentParser, config_dataclass
 from storage.formats import SPECIAL_IDS, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
 
@@ -75,7 +75,7 @@ LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gat
 
 @config_dataclass
 class FinetuneConfig:
-    """How a model is fine-tuned on QA records (optimizer, schedule and steps: a TrainConfig)."""
+    """How a model is fine-tuned on QA records (the optimizer, its schedule and steps: an OptimConfig)."""
 
     method: Literal["full", "lora"] = Field("lora", description="full: every weight trains; lora: low-rank adapters (PEFT) on lora_targets, merged into the published weights.")
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
@@ -90,7 +90,7 @@ class FinetuneConfig:
     )
     packing: bool = Field(True, description="Several examples per row of max_length tokens, kept apart by the attention mask (measured faster; benchmarks/finetune.py); else one example per row, padded.")
     max_length: int | None = Field(None, ge=8, description="Tokens per row; a longer prompt is cut from its start (unset: the model's context length).")
-    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches of train.batch_size rows per optimizer step.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches of batch_size rows per optimizer step.")
     val_examples: int = Field(64, ge=1, description="Examples of the validation split (else of the training set) for the validation loss.")
 
     @model_validator(mode="after")
@@ -235,17 +235,6 @@ def save_adapter(peft_model, cfg: FinetuneConfig, hf: bool, out_dir: Path) -> st
 # -- training ----------------------------------------------------------------------------------------
 
 
-def check_train_config(train: TrainConfig) -> None:
-    """The TrainConfig fields that shape a pretraining run (preset, model, context_length,
-    tokens_per_step) are the base's or FinetuneConfig's here; eval_windows is unused."""
-    if train.model or train.preset != TrainConfig().preset:
-        raise ValueError("the base decides the model's shape; leave the train config's preset and model overrides at their defaults")
-    if train.context_length is not None:
-        raise ValueError("fine-tuning sequences are finetune.max_length tokens; leave the train config's context_length unset")
-    if train.tokens_per_step is not None:
-        raise ValueError("fine-tuning accumulates finetune.grad_accum micro-batches per step; leave the train config's tokens_per_step unset")
-
-
 def trainable(base: Base, cfg: FinetuneConfig, seed: int) -> tuple[torch.nn.Module, dict, Path | None]:
     """(the module train_loop trains, its description for checkpoints, the init_from checkpoint).
     Full fine-tuning of ours starts from the base checkpoint through train_loop's init_from."""
@@ -260,7 +249,8 @@ def trainable(base: Base, cfg: FinetuneConfig, seed: int) -> tuple[torch.nn.Modu
 
 def finetune(
     cfg: FinetuneConfig,
-    train: TrainConfig,
+    optim: OptimConfig,
+    run: RunConfig,
     base_path: str | Path,
     records: Sequence[dict],
     out: str | Path,
@@ -269,7 +259,6 @@ def finetune(
 ) -> dict:
     """Fine-tune the base (our checkpoint folder or a Hugging Face folder) on ``records`` into the
     run folder ``out`` (resumed if it has checkpoints); return the run summary."""
-    check_train_config(train)
     base = load_base(base_path)
     max_length = cfg.max_length or base.context_length
     if max_length > base.context_length:
@@ -282,20 +271,20 @@ def finetune(
         held_out = sorted(examples, key=lambda e: e.id)[: cfg.val_examples]
         val_on = f"training examples ({len(held_out)}; the data has no validation split)"
 
-    rt = setup_runtime(train)
+    rt = setup_runtime(run)
     try:
-        model, description, init_from = trainable(base, cfg, train.seed)
+        model, description, init_from = trainable(base, cfg, optim.seed)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        require_memory(_shape(base), sum(p.numel() for p in model.parameters()), trained, train.batch_size, max_length, rt)
+        require_memory(_shape(base), sum(p.numel() for p in model.parameters()), trained, optim.batch_size, max_length, rt)
         model.to(rt.device)
-        batches = SFTBatches(examples, train.batch_size, cfg.grad_accum, train.seed, cfg.packing, max_length, base.encoder.pad_id, rt.device,
+        batches = SFTBatches(examples, optim.batch_size, cfg.grad_accum, optim.seed, cfg.packing, max_length, base.encoder.pad_id, rt.device,
                              rank=rt.rank, world_size=rt.world_size)
-        val_batches = eval_batches(held_out, train.batch_size, base.encoder.pad_id, rt.device)
+        val_batches = eval_batches(held_out, optim.batch_size, base.encoder.pad_id, rt.device)
         summary = train_loop(
-            train, rt, model, description, batches,
+            optim, run, rt, model, description, batches,
             validate=lambda m: completion_loss(m, val_batches, rt.autocast),
             out=Path(out),
-            tokens_per_step=train.batch_size * cfg.grad_accum * max_length * rt.world_size,  # at most: rows are padded, or packed nearly full
+            tokens_per_step=optim.batch_size * cfg.grad_accum * max_length * rt.world_size,  # at most: rows are padded, or packed nearly full
             run_info={"tokens": base.tokens, "finetune": asdict(cfg)},
             progress=progress,
             init_from=init_from,
@@ -385,15 +374,15 @@ def main(argv: list[str] | None = None) -> dict:
     base.add_argument("--hf-base", help="a Hugging Face causal-LM folder")
     parser.add_argument("--data", nargs="+", required=True, help="qa artifact folders or records.parquet files (their train split is trained on)")
     parser.add_argument("--out", required=True, help="run folder (resumed if it has checkpoints)")
-    parser.add_argument("--config", help='JSON file: {"finetune": {...}, "train": {...}}')
+    parser.add_argument("--config", help='JSON file: {"finetune": {...}, "optim": {...}, "run": {...}}')
     args = parser.parse_args(argv)
     tables = json.loads(Path(args.config).read_text()) if args.config else {}
-    cfg, train = FinetuneConfig(**tables.get("finetune", {})), TrainConfig(**tables.get("train", {}))
+    cfg, optim, run = FinetuneConfig(**tables.get("finetune", {})), OptimConfig(**tables.get("optim", {})), RunConfig(**tables.get("run", {}))
     records, validation = read_data(args.data)
     if not records:
         raise SystemExit(f"error: no training examples: {', '.join(args.data)} hold no 'train' records")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines, to the console (or the launching stage)
-    summary = finetune(cfg, train, args.base or args.hf_base, records, args.out, validation)
+    summary = finetune(cfg, optim, run, args.base or args.hf_base, records, args.out, validation)
     print(json.dumps(summary), flush=True)
     return summary
 

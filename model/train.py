@@ -1,6 +1,6 @@
 """Pretraining loop: plain PyTorch, one process or many under torchrun (DDP).
 
-    python -m model.train --shards SHARDS_DIR --out RUN_DIR --preset tiny --max-steps 200
+    python -m model.train --shards SHARDS_DIR --out RUN_DIR --preset tiny --optim.max-steps 200
     torchrun --nproc_per_node=8 -m model.train --shards SHARDS_DIR --out RUN_DIR --preset base
 
 RUN_DIR receives ckpt_NNNNNNN/ folders (see model/checkpoint.py), metrics.jsonl, loss.png and
@@ -13,6 +13,7 @@ fine-tuning is the same loop with masked batches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -44,21 +45,28 @@ from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from storage import write_text_atomic
 from storage.access import RendezvousEndpoint
 from storage.progress import Progress
-from storage.config import ArgumentParser, add_config_options, config_dataclass, config_values, make_config
+from storage.config import ArgumentParser, add_config_options, config_dataclass, config_fields, config_values, make_config
 
 METRICS = "metrics.jsonl"
 _log = logging.getLogger("medlm.train")
 
 
 @config_dataclass
-class TrainConfig:
-    """How the model is trained: its shape, the batch, the schedule, and where it runs."""
+class ModelShape:
+    """What is pretrained, on which windows (pretraining only: a fine-tuning's shape is its base's)."""
 
     preset: Literal[tuple(PRESETS)] = Field("tiny", description="Model shape: tiny (CPU tests, demo), small, base (~110M, Llama style), gpt2 (GPT-2 small's shape).")
     model: dict = Field(default_factory=dict, description='ModelConfig overrides on top of the preset, e.g. {"n_layer": 8}.')
     context_length: int | None = Field(None, ge=2, description="Training window in tokens (unset: the model's context length).")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch, per process.")
     tokens_per_step: int | None = Field(None, ge=1, description="Global batch in tokens, reached by gradient accumulation (unset: one micro-batch per process).")
+    eval_windows: int = Field(32, ge=1, description="Validation windows per evaluation.")
+
+
+@config_dataclass
+class OptimConfig:
+    """The optimizer, its schedule and the batches it steps on."""
+
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch, per process.")
     max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr: float = Field(3e-5, ge=0, description="Learning rate at the end of the cosine decay.")
@@ -67,12 +75,23 @@ class TrainConfig:
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: no clipping).")
+    seed: int = Field(1337, description="Initial weights, data order and dropout.")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"need min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        return self
+
+
+@config_dataclass
+class RunConfig:
+    """Where and how a training runs: cadence, device, precision, processes and machines."""
+
     eval_every: int = Field(100, ge=1, description="Validation loss every N steps.")
-    eval_windows: int = Field(32, ge=1, description="Validation windows per evaluation.")
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept in the run folder.")
     log_every: int = Field(1, ge=1, description="Log the training loss every N steps.")
-    seed: int = Field(1337, description="Initial weights, data order and dropout.")
     compile: bool = Field(False, description="torch.compile the model.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible.")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
@@ -85,18 +104,38 @@ class TrainConfig:
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "keep_last", "rdzv_endpoint", "rdzv_id")
 
     @model_validator(mode="after")
-    def _schedule(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"need min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+    def _nodes(self):
         if self.nodes > 1 and not (self.rdzv_endpoint and self.rdzv_id):
             raise ValueError(f"nodes {self.nodes} needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id (the same on every node)")
         return self
+
+
+@config_dataclass
+class TrainConfig:
+    """A pretraining: the model's shape, the optimization, the run (one table each in a run configuration)."""
+
+    shape: ModelShape = ModelShape()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+
+    @classmethod
+    def of(cls, **settings) -> "TrainConfig":
+        """A TrainConfig from settings by name: ``TrainConfig.of(preset="tiny", max_steps=3, device="cpu")``."""
+        return cls().replace(**settings)
+
+    def replace(self, **settings) -> "TrainConfig":
+        """This config with settings changed by name, each in the section that has it."""
+        sections = {name: getattr(self, name) for name in config_fields(type(self))}
+        if unknown := set(settings) - {f for section in sections.values() for f in config_fields(type(section))}:
+            raise TypeError(f"no training setting(s) {sorted(unknown)}")
+        return type(self)(**{name: dataclasses.replace(section, **{k: v for k, v in settings.items() if k in config_fields(type(section))})
+                             for name, section in sections.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; decay matrices (embeddings, projections) but not biases
     or norm gains. Any model: ours, a Hugging Face one, or one with LoRA adapters (only they train)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +147,7 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.o
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **({"fused": True} if fused else {}))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -136,16 +175,16 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
+def setup_runtime(cfg: RunConfig) -> Runtime:
     """Pick the device and precision, and join the process group when started by torchrun."""
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; set device to cpu or auto")
     if cfg.dtype == "bf16" and not (cuda and cfg.device != "cpu"):
-        raise RuntimeError("dtype bf16 needs a CUDA GPU, and none is in use here; use --dtype fp32 or auto")
+        raise RuntimeError("dtype bf16 needs a CUDA GPU, and none is in use here; set dtype to fp32 or auto")
     use_cuda = cuda and cfg.device != "cpu"
     if use_cuda and cfg.dtype != "fp32" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError("this GPU has no bf16 support; use --dtype fp32")
+        raise RuntimeError("this GPU has no bf16 support; set dtype to fp32")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -159,7 +198,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, local_rank, world_size, device, torch.bfloat16 if use_cuda and cfg.dtype != "fp32" else None)
 
 
-def resolve_model_config(cfg: TrainConfig, shards: Shards) -> ModelConfig:
+def resolve_model_config(cfg: ModelShape, shards: Shards) -> ModelConfig:
     overrides = dict(cfg.model)
     if overrides.setdefault("vocab_size", shards.vocab_size) != shards.vocab_size:
         raise ValueError(
@@ -169,16 +208,16 @@ def resolve_model_config(cfg: TrainConfig, shards: Shards) -> ModelConfig:
     return ModelConfig.preset(cfg.preset, **overrides)
 
 
-def resolve_grad_accum(cfg: TrainConfig, context_length: int, world_size: int) -> int:
-    per_pass = cfg.batch_size * context_length * world_size
-    if cfg.tokens_per_step is None:
+def resolve_grad_accum(tokens_per_step: int | None, batch_size: int, context_length: int, world_size: int) -> int:
+    per_pass = batch_size * context_length * world_size
+    if tokens_per_step is None:
         return 1
-    if cfg.tokens_per_step % per_pass:
+    if tokens_per_step % per_pass:
         raise ValueError(
-            f"tokens_per_step {cfg.tokens_per_step} is not a multiple of batch_size·context·world_size "
-            f"= {cfg.batch_size}·{context_length}·{world_size} = {per_pass}; pick a multiple of {per_pass}"
+            f"tokens_per_step {tokens_per_step} is not a multiple of batch_size·context·world_size "
+            f"= {batch_size}·{context_length}·{world_size} = {per_pass}; pick a multiple of {per_pass}"
         )
-    return cfg.tokens_per_step // per_pass
+    return tokens_per_step // per_pass
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -215,11 +254,11 @@ def plot_losses(records: list[dict], png: Path) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, shards: Shards, split: str, context_length: int, cfg: TrainConfig, rt: Runtime) -> float:
+def validation_loss(model: Transformer, shards: Shards, split: str, context_length: int, windows: int, batch_size: int, rt: Runtime) -> float:
     """Mean loss over the fixed evaluation windows of ``split``, summed across ranks."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    batches = eval_batches(shards, split, context_length, cfg.eval_windows, cfg.batch_size, rt.rank, rt.world_size, rt.device)
+    batches = eval_batches(shards, split, context_length, windows, batch_size, rt.rank, rt.world_size, rt.device)
     for x, y in batches:
         with rt.autocast():
             _, loss = model(x, y)
@@ -310,7 +349,7 @@ def require_memory(model: ModelConfig, params: int, trainable: int, batch_size: 
         raise NotEnoughMemory(
             f"training {params / 1e6:,.0f}M parameters at batch_size {batch_size} x {context} tokens needs about "
             f"{sum(needed.values()) / 1e9:.1f} GB ({parts}) and {rt.device.type} has {have / 1e9:.1f} GB ({where}); "
-            f"lower --batch-size (tokens_per_step keeps the global batch by accumulating) or --context-length, use a smaller preset, or train on a GPU"
+            f"lower batch_size (tokens_per_step keeps the global batch by accumulating) or the context length, use a smaller preset, or train on a GPU"
         )
 
 
@@ -331,29 +370,30 @@ def train(
 ) -> dict:
     """Pretrain (or resume) on a shards folder into out_dir; return the run summary.
     ``progress`` gets each metrics record."""
-    rt = setup_runtime(config)
+    shape, optim = config.shape, config.optim
+    rt = setup_runtime(config.run)
     try:
         shards = Shards.open(shards_dir)
-        model_cfg = resolve_model_config(config, shards)
-        context = config.context_length or model_cfg.context_length
+        model_cfg = resolve_model_config(shape, shards)
+        context = shape.context_length or model_cfg.context_length
         if context > model_cfg.context_length:
             raise ValueError(
                 f"context_length {context} is longer than the model's context_length {model_cfg.context_length}; "
                 f"lower --context-length or raise the model's context_length"
             )
-        grad_accum = resolve_grad_accum(config, context, rt.world_size)
+        grad_accum = resolve_grad_accum(shape.tokens_per_step, optim.batch_size, context, rt.world_size)
         with torch.device("meta"):  # the parameter count, nothing allocated
             params = sum(p.numel() for p in Transformer(model_cfg).parameters())
-        require_memory(model_cfg, params, params, config.batch_size, context, rt)
-        batches = TrainBatches(shards, context, config.batch_size, grad_accum, config.seed, rt.rank, rt.world_size, rt.device)
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        require_memory(model_cfg, params, params, optim.batch_size, context, rt)
+        batches = TrainBatches(shards, context, optim.batch_size, grad_accum, optim.seed, rt.rank, rt.world_size, rt.device)
+        torch.manual_seed(optim.seed)  # the same initial weights on every rank
         model = Transformer(model_cfg).to(rt.device)
         return train_loop(
-            config, rt, model, model_cfg.to_dict(), batches,
-            validate=lambda model: validation_loss(model, shards, "val", context, config, rt),
+            optim, config.run, rt, model, model_cfg.to_dict(), batches,
+            validate=lambda model: validation_loss(model, shards, "val", context, shape.eval_windows, optim.batch_size, rt),
             out=Path(out_dir),
-            tokens_per_step=config.batch_size * context * rt.world_size * grad_accum,
-            run_info={"tokens": shards.special_tokens},
+            tokens_per_step=optim.batch_size * context * rt.world_size * grad_accum,
+            run_info={"shape": asdict(shape), "tokens": shards.special_tokens},
             progress=progress,
         )
     finally:
@@ -362,7 +402,8 @@ def train(
 
 
 def train_loop(
-    cfg: TrainConfig,
+    optim: OptimConfig,
+    run: RunConfig,
     rt: Runtime,
     model: torch.nn.Module,
     model_config: dict,
@@ -375,7 +416,7 @@ def train_loop(
     init_from: Path | None = None,
     what: str = "training",
 ) -> dict:
-    """Train (or resume) ``cfg.max_steps`` optimizer steps of ``model`` into ``out``; return the run summary.
+    """Train (or resume) ``optim.max_steps`` optimizer steps of ``model`` into ``out``; return the run summary.
 
     ``model`` (on rt.device) maps (x, y, **inputs) to (logits, mean loss over y != -100): ours, or a
     wrapped Hugging Face model, with or without adapters. The step's loss is the mean over its
@@ -387,7 +428,7 @@ def train_loop(
     peak it knows); ``progress`` also gets every metrics record.
     """
     started = time.time()
-    run_config = {"model": model_config, "train": cfg.to_dict(), **run_info}
+    run_config = {"model": model_config, "optim": asdict(optim), "run": asdict(run), **run_info}
 
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -402,15 +443,15 @@ def train_loop(
                 f"use a fresh run folder or the same model settings"
             )
         load_weights(model, weights_from, rt.device)
-    optimizer = adamw(model, cfg, rt.device.type)
+    optimizer = adamw(model, optim, rt.device.type)
     start_step = 0
     if resume_from is not None:
         load_optimizer_state(resume_from, optimizer, rt.device)
         state = load_state(resume_from)
         start_step = state["step"]
-        if start_step > cfg.max_steps:
+        if start_step > optim.max_steps:
             raise ValueError(
-                f"{resume_from} is at step {start_step}, past max_steps {cfg.max_steps}; raise --max-steps or use a fresh run folder"
+                f"{resume_from} is at step {start_step}, past max_steps {optim.max_steps}; raise max_steps or use a fresh run folder"
             )
         batches.load_state_dict(state["sampler"])
 
@@ -420,12 +461,12 @@ def train_loop(
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     raw_model = model
-    if cfg.compile:
+    if run.compile:
         model = torch.compile(model)
     if rt.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
-    steps = Progress(what, cfg.max_steps, "steps", _log)
+    steps = Progress(what, optim.max_steps, "steps", _log)
     peak = peak_flops(rt.device)
     flops = raw_model.flops_per_token() if peak and hasattr(raw_model, "flops_per_token") else None
 
@@ -444,19 +485,19 @@ def train_loop(
     def checkpoint(step: int) -> None:
         if rt.is_main:
             state = {"step": step, "sampler": batches.state_dict(), "tokens_seen": step * tokens_per_step}
-            save_checkpoint(out, step, raw_model, optimizer, run_config, state, cfg.keep_last)
+            save_checkpoint(out, step, raw_model, optimizer, run_config, state, run.keep_last)
         if rt.world_size > 1:
             dist.barrier()
 
     model.train()
     loss_value = float("nan")
     val_loss = grad_accum = None
-    for step in range(start_step, cfg.max_steps):
+    for step in range(start_step, optim.max_steps):
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(step_seed(cfg.seed, rt.rank, step))
+        torch.manual_seed(step_seed(optim.seed, rt.rank, step))
         loss_sum = torch.zeros((), device=rt.device)
         micro_batches = batches.next()
         grad_accum = len(micro_batches)
@@ -472,12 +513,12 @@ def train_loop(
             else:
                 (loss * shares[i]).backward()
                 loss_sum += loss.detach() * shares[i]
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        if done % run.log_every == 0 or done == optim.max_steps:
             mean_loss = loss_sum / grad_accum if shares is None else loss_sum
             if rt.world_size > 1:  # SUM then divide: gloo has no AVG
                 dist.all_reduce(mean_loss)
@@ -488,10 +529,10 @@ def train_loop(
                 "step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                 "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed, "tokens_seen": done * tokens_per_step,
             })
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+        if done % run.eval_every == 0 or done == optim.max_steps:
             val_loss = validate(raw_model)
             log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+        if done % run.checkpoint_every == 0 or done == optim.max_steps:
             checkpoint(done)
 
     if val_loss is None:  # resumed from the final checkpoint: report the finished run's numbers
@@ -499,18 +540,18 @@ def train_loop(
     records = read_metrics(metrics_path) if rt.is_main else []
     train_losses = [r["loss"] for r in records if "loss" in r]
     summary = {
-        "steps": cfg.max_steps,
+        "steps": optim.max_steps,
         "resumed_from_step": start_step if resume_from is not None else None,
         "final_loss": train_losses[-1] if train_losses else loss_value,
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 50.0)),
-        "tokens_seen": cfg.max_steps * tokens_per_step,
+        "tokens_seen": optim.max_steps * tokens_per_step,
         "tokens_per_step": tokens_per_step,
         "grad_accum": grad_accum,  # None when resumed from the final checkpoint
         "world_size": rt.world_size,
         "params": sum(p.numel() for p in raw_model.parameters()),
         "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
-        "checkpoint": checkpoint_name(cfg.max_steps),
+        "checkpoint": checkpoint_name(optim.max_steps),
         "seconds": round(time.time() - started, 3),
     }
     if rt.is_main:
@@ -526,11 +567,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[
     parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="shards artifact folder (meta.json + .bin files)")
     parser.add_argument("--out", required=True, help="run folder for checkpoints and logs (resumed if it has some)")
-    parser.add_argument("--config", help="JSON file with TrainConfig fields; flags given here override it")
-    add_config_options(parser, "train", TrainConfig)
+    parser.add_argument("--config", help='JSON file: {"shape": {...}, "optim": {...}, "run": {...}}; options given here override it')
+    sections = config_fields(TrainConfig)
+    for name, info in sections.items():  # named as medlm's commands name them: fine-tuning has optim and run tables too
+        add_config_options(parser, name, info.annotation, qualified=() if name == "shape" else config_fields(info.annotation))
     args = parser.parse_args(argv)
-    values = json.loads(Path(args.config).read_text()) if args.config else {}
-    return make_config(TrainConfig, values | config_values(args, "train")), args.shards, args.out
+    tables = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = TrainConfig(**{name: make_config(info.annotation, tables.get(name, {}) | config_values(args, name), where=name) for name, info in sections.items()})
+    return config, args.shards, args.out
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:

@@ -7,8 +7,9 @@ field named. A run-configuration file is TOML with one table per flow parameter:
 
     [tokenizer]
     vocab_size = 4096
-    [train]
+    [shape]
     preset = "tiny"
+    [optim]
     max_steps = 150
 
 A string value (or a list's) that starts with ``./`` or ``../`` is a path relative to the file.
@@ -22,7 +23,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "flows" / "configs"  # named run configurations
 
@@ -109,12 +110,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 
-def add_config_options(parser: argparse.ArgumentParser, section: str, cls: type, *, qualified: bool = False) -> None:
-    """One option per field of ``cls`` (``--vocab-size``; ``--tokenizer.vocab-size`` when ``qualified``),
+def shared_names(tables: dict[str, type]) -> set[str]:
+    """The field names more than one table has (``lr`` in optim and finetune_optim): their options
+    carry the table's name (``--optim.lr``), the others go bare (``--vocab-size``)."""
+    seen: dict[str, int] = {}
+    for cls in tables.values():
+        for name in config_fields(cls):
+            seen[name] = seen.get(name, 0) + 1
+    return {name for name, count in seen.items() if count > 1}
+
+
+def add_config_options(parser: argparse.ArgumentParser, section: str, cls: type, *, qualified: Collection[str] = ()) -> None:
+    """One option per field of ``cls`` (``--vocab-size``; ``--optim.lr`` for a field in ``qualified``),
     stored as ``section.field`` so ``config_values`` can collect them; help from the field's description."""
     group = parser.add_argument_group(f"{section} ({cls.__name__})", (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None)
     for name, info in config_fields(cls).items():
-        flag = "--" + (section.replace("_", "-") + "." if qualified else "") + name.replace("_", "-")
+        flag = "--" + (section.replace("_", "-") + "." if name in qualified else "") + name.replace("_", "-")
         kwargs = _option(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = "unset" if default is None else json.dumps(default) if isinstance(default, (tuple, dict, list)) else default

@@ -8,9 +8,9 @@ with a chat template, metrics), LoRA merged, plus ``adapter/`` (PEFT format) for
 Hugging Face base it is a Hugging Face folder. Evaluation, ``medlm export-hf`` and the next
 stage of a curriculum read it as they read a pretrain artifact.
 
-Its config (``FinetuneRun``) is two tables: ``FinetuneConfig`` (method, LoRA, template, packing)
-and a ``TrainConfig`` (optimizer, schedule, steps: the same settings as pretraining, one
-definition), so the CLI, run configurations and the UI show the training settings once.
+Its config (``FinetuneRun``) is three tables: ``FinetuneConfig`` (method, LoRA, template, packing),
+and pretraining's ``OptimConfig`` (optimizer, schedule, steps) and ``RunConfig`` (cadence, device,
+processes): one definition of each, and none of pretraining's shape, which the base decides.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pydantic import Field
 from model.checkpoint import RUN_DIR, finished_summary
 from model.distributed import train_distributed
 from model.finetune import FinetuneConfig, finetune, publish
-from model.train import TrainConfig
+from model.train import OptimConfig, RunConfig
 from storage import Artifact, Input, Stage
 from storage.formats import read_records
 from storage.config import config_dataclass
@@ -38,10 +38,11 @@ SOURCES = ("pubmedqa", "medmcqa", "medqa", "instructions")
 
 @config_dataclass
 class FinetuneRun:
-    """One fine-tuning stage: how (FinetuneConfig) and the optimizer, schedule and steps (TrainConfig)."""
+    """One fine-tuning stage: how (FinetuneConfig), the optimization (OptimConfig) and where it runs (RunConfig)."""
 
     finetune: FinetuneConfig = FinetuneConfig()
-    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
 
 
 @config_dataclass
@@ -75,13 +76,12 @@ def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR
-    if config.train.devices == 1 and config.train.nodes == 1:
-        summary = finetune(cfg, config.train, base_path, train, run, validation)
-    else:  # torchrun, on this machine or as one of train.nodes
-        tables = {"finetune": asdict(cfg), "train": config.train.to_dict()}
+    if config.run.devices == 1 and config.run.nodes == 1:
+        summary = finetune(cfg, config.optim, config.run, base_path, train, run, validation)
+    else:  # torchrun, on this machine or as one of run.nodes
         args = ("--base", str(base_path), "--data", *(str(a.path) for a in inputs["data"]))
-        summary = train_distributed("model.finetune", tables, args, config.train, run, log.info)
-    return publish(run, summary, out_dir, base_path, cfg, config.train.seed)
+        summary = train_distributed("model.finetune", asdict(config), args, config.run, run, log.info)
+    return publish(run, summary, out_dir, base_path, cfg, config.optim.seed)
 
 
 def finetune_label(inputs: dict, config: FinetuneRun) -> str:
@@ -91,7 +91,7 @@ def finetune_label(inputs: dict, config: FinetuneRun) -> str:
 
 FINETUNE = Stage(
     name="finetune",
-    version="1",
+    version="2",  # 2: the config in sections (finetune, optim, run)
     config=FinetuneRun,
     inputs={"base": Input(MODEL_KINDS), "data": Input("qa", many=True)},
     build=build_finetune,

@@ -51,17 +51,17 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR
-    if config.devices == 1 and config.nodes == 1:
+    if config.run.devices == 1 and config.run.nodes == 1:
         summary = train(config, shards.path, run)
-    else:  # torchrun, on this machine or as one of config.nodes
-        summary = train_distributed("model.train", config.to_dict(), ("--shards", str(shards.path)), config, run, log.info)
+    else:  # torchrun, on this machine or as one of run.nodes
+        summary = train_distributed("model.train", config.to_dict(), ("--shards", str(shards.path)), config.run, run, log.info)
     publish_run(run, summary, out_dir, tokenizer)
     return summary
 
 
 PRETRAIN = Stage(
     name="pretrain",
-    version="2",
+    version="3",  # 3: the config in sections (shape, optim, run)
     config=TrainConfig,
     inputs={"shards": Input("shards"), "tokenizer": Input("tokenizer")},
     build=build_pretrain,

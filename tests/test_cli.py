@@ -94,11 +94,13 @@ MEDLM = Path(sys.executable).with_name("medlm")
 # Errors found before any flow runs (options, configurations, the paths and URLs a run may use).
 REFUSED_AT_ONCE = [
         (["lineage", "corpus"], "invalid artifact ref 'corpus': expected KIND/KEY"),
-        (["retrain", "--max-steps", "0"], "train: max_steps: Input should be greater than or equal to 1"),
-        (["retrain", "--batch-size", "-3"], "train: batch_size: Input should be greater than or equal to 1"),
-        (["retrain", "--devices", "0"], "train: devices: Input should be greater than or equal to 1"),
-        (["retrain", "--nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
-        (["retrain", "--nodes", "2", "--rdzv-endpoint", "10.9.8.7:29500", "--rdzv-id", "j"], "10.9.8.7:29500 is not a rendezvous this process may join (MEDLM_RENDEZVOUS_HOSTS="),
+        (["retrain", "--optim.max-steps", "0"], "optim: max_steps: Input should be greater than or equal to 1"),
+        (["retrain", "--optim.batch-size", "-3"], "optim: batch_size: Input should be greater than or equal to 1"),
+        (["retrain", "--run.devices", "0"], "run: devices: Input should be greater than or equal to 1"),
+        (["retrain", "--run.nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
+        (["finetune", "--finetune-run.nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
+        (["finetune", "--preset", "base"], "medlm finetune: unrecognized arguments: --preset base"),  # the base decides the shape
+        (["retrain", "--run.nodes", "2", "--run.rdzv-endpoint", "10.9.8.7:29500", "--run.rdzv-id", "j"], "10.9.8.7:29500 is not a rendezvous this process may join (MEDLM_RENDEZVOUS_HOSTS="),
         (["ingest", "--baseline-limit", "-1"], "source: baseline_limit: Input should be greater than or equal to 0"),
         (["tokenize", "--vocab-size", "3"], "tokenizer: vocab_size: Input should be greater than or equal to 260"),
         (["tokenize", "--vocab-size", "70000"], "tokenizer: vocab_size: Input should be less than or equal to 65536"),
@@ -148,7 +150,7 @@ def test_a_user_error_is_one_line_and_status_2(prefect_server, tmp_path):
 
 def test_a_wrong_value_is_refused_before_a_prefect_server_starts(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    for args in (["tokenize", "--vocab-size", "70000"], ["ingest", "--exclude-pmids-file", "/etc/passwd"], ["retrain", "--lr", "x"]):
+    for args in (["tokenize", "--vocab-size", "70000"], ["ingest", "--exclude-pmids-file", "/etc/passwd"], ["retrain", "--optim.lr", "x"]):
         run = subprocess.run([str(MEDLM), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1, run.stderr
     assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # no server was started for them
@@ -283,3 +285,22 @@ def test_a_copied_run_configuration_keeps_its_paths_or_says_which_is_missing(tmp
         read_run_config(copy)
     copy.write_text('[qa]\ninstructions = ["./mine.jsonl"]\n')
     assert read_run_config(copy)["qa"]["instructions"] == [str(tmp_path / "elsewhere" / "mine.jsonl")]
+
+
+def test_a_table_has_one_class_and_an_option_one_name_in_every_command():
+    """A run configuration's table means the same in every command (`medlm qa --config demo` reads the
+    [qa] the pipeline reads), and an option is spelt the same wherever it appears."""
+    from flows.cli import _flow_parser, flow_parameters
+    from flows.registry import COMMANDS
+
+    tables = flow_parameters(COMMANDS["pipeline"].load())[0]
+    spellings: dict[str, set[tuple[str, ...]]] = {}
+    for command, entry in COMMANDS.items():
+        configs = flow_parameters(entry.load())[0]
+        assert {name: tables.get(name) for name in configs} == configs, command
+        for action in _flow_parser(command, entry.load())._actions:
+            if "." in action.dest:  # section.field
+                spellings.setdefault(action.dest, set()).add(tuple(action.option_strings))
+    assert {dest: names for dest, names in spellings.items() if len(names) > 1} == {}
+    assert spellings["optim.lr"] == {("--optim.lr",)} and spellings["finetune_optim.lr"] == {("--finetune-optim.lr",)}
+    assert spellings["tokenizer.vocab_size"] == {("--vocab-size",)} and spellings["shape.preset"] == {("--preset",)}

@@ -103,21 +103,22 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
     assert [(s.schedule.cron, s.active) for s in gc.schedules] == [("0 8 * * *", False)]  # off until a user switches it on
     retrain = asyncio.run(_read_deployment("retrain/retrain"))
     assert retrain.work_pool_name == "gpu" and not retrain.schedules
-    train_form = retrain.parameter_openapi_schema["definitions"]["TrainConfig"]["properties"]
-    assert train_form["preset"]["enum"] == ["tiny", "small", "base", "gpt2"] and train_form["max_steps"]["minimum"] == 1
-    assert train_form["warmup_steps"]["description"] and "context_length" in train_form and "weight_decay" in train_form
+    sections = retrain.parameter_openapi_schema["definitions"]
+    assert sections["ModelShape"]["properties"]["preset"]["enum"] == ["tiny", "small", "base", "gpt2"] and sections["OptimConfig"]["properties"]["max_steps"]["minimum"] == 1
+    assert sections["OptimConfig"]["properties"]["warmup_steps"]["description"] and "devices" in sections["RunConfig"]["properties"]
     finetune = asyncio.run(_read_deployment("finetune/finetune"))
     assert finetune.work_pool_name == "gpu" and set(finetune.tags) == {"finetune", "evaluate"}
     form = finetune.parameter_openapi_schema["definitions"]
-    assert form["FinetuneConfig"]["properties"]["method"]["enum"] == ["full", "lora"] and "lr" in form["TrainConfig"]["properties"]
+    assert form["FinetuneConfig"]["properties"]["method"]["enum"] == ["full", "lora"] and "lr" in form["OptimConfig"]["properties"]
+    assert "ModelShape" not in form  # the base decides a fine-tuning's shape: no form fields it would refuse
     assert "pubmedqa" in json.dumps(form["Curriculum"]["properties"]["stages"])
     for name in DEPLOYED:
         assert "store_root" not in asyncio.run(_read_deployment(name)).parameter_openapi_schema["properties"]
 
     # A change made in the UI survives the next `make up` (which says so), unless reset.
-    asyncio.run(_edit_parameters(retrain.id, {"train": {"max_steps": 3}}))
+    asyncio.run(_edit_parameters(retrain.id, {"optim": {"max_steps": 3}}))
     assert register()[2] == "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)"
-    assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"train": {"max_steps": 3}}
+    assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"optim": {"max_steps": 3}}
     assert register(reset=True)[2] == "deployed retrain/retrain"
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {}
     assert asyncio.run(_read_work_pool("gpu")).concurrency_limit == 1  # one run per GPU
@@ -125,8 +126,8 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
     assert {a.name: a.enabled for a in follow_ups} == {"medlm://corpus -> tokenize/tokenize": False, "medlm://shards -> retrain/retrain": False}
 
     # The form's bounds are the server's too: a run with steps = -5 is refused before it exists.
-    with pytest.raises(PrefectHTTPStatusError, match="train.max_steps'. Failure reason: -5 is less than the minimum of 1"):
-        run_deployment("retrain/retrain", parameters={"train": {"max_steps": -5}}, timeout=120)
+    with pytest.raises(PrefectHTTPStatusError, match="optim.max_steps'. Failure reason: -5 is less than the minimum of 1"):
+        run_deployment("retrain/retrain", parameters={"optim": {"max_steps": -5}}, timeout=120)
 
 
 def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, workers):
@@ -149,7 +150,7 @@ def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, w
     with NcbiServer(mirror) as server:
         source = {"source": {"source": server.url}}
         runs = [start("ingest/nightly-ingest", parameters=source, timeout=0) for _ in range(2)]
-        runs.append(start("retrain/retrain", parameters={"train": {"max_steps": 3, "batch_size": 2}}, timeout=0))
+        runs.append(start("retrain/retrain", parameters={"optim": {"max_steps": 3, "batch_size": 2}}, timeout=0))
         states = asyncio.run(_wait_for([r.id for r in runs], timeout_s=300))
         assert all(s.is_completed() for s in states), f"{states}; worker logs:\n{worker_logs(tmp_path)}"
         assert len(server.requests_for("/updatefiles/pubmed21n1299.xml.gz")) == 1  # fetched once, not twice
@@ -248,7 +249,7 @@ def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_
             assert len(server.requests_for("/updatefiles/pubmed21n1298.xml.gz")) == 1
         [corpus] = a.ls("corpus")
         assert corpus.present and corpus.summary["documents"] > 0 and len(corpus.parents) == 2
-        for name, parameters in (("tokenize/tokenize", {"tokenizer": quick["tokenizer"]}), ("retrain/retrain", {"train": quick["train"]})):
+        for name, parameters in (("tokenize/tokenize", {"tokenizer": quick["tokenizer"]}), ("retrain/retrain", {table: quick[table] for table in ("shape", "optim", "run")})):
             run = run_deployment(name, parameters=parameters, timeout=300)
             assert run.state.is_completed(), f"{name}: {run.state}; worker logs:\n{worker_logs(tmp_path)}"
         on_b = {x.kind for x in b.ls(local=True)}

@@ -365,7 +365,7 @@ def test_the_evaluate_stage_scores_a_checkpoint_with_its_baselines_and_clean_sub
     from tasks.shards import SHARDS, ShardsConfig
 
     shards = SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
-    tiny = TrainConfig(model={"n_layer": 1, "d_model": 32, "n_head": 2, "context_length": 64}, max_steps=2, batch_size=2, eval_windows=2)
+    tiny = TrainConfig.of(model={"n_layer": 1, "d_model": 32, "n_head": 2, "context_length": 64}, max_steps=2, batch_size=2, eval_windows=2)
     checkpoint = PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, tiny)
     data = [QA.run(session_store, {}, QAConfig(source=str(DATA / name))) for name in ("pubmedqa", "medqa")]
     config = EvaluationConfig(shots=(0, 1), max_items=5, perplexity_documents=3, held_out_documents=3, generation_items=2, max_new_tokens=8)

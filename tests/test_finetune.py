@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +33,7 @@ from model.sft import (
     pack,
     render,
 )
-from model.train import TrainConfig, adamw, lr_at
+from model.train import OptimConfig, RunConfig, TrainConfig, adamw, lr_at
 from storage import ArtifactError, ArtifactSpec
 from storage.formats import EOS_ID, PAD_ID, read_records
 from tasks.qa import QAConfig, convert_qa
@@ -57,8 +57,10 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-def small(**overrides) -> TrainConfig:
-    return TrainConfig(**(dict(max_steps=4, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_every=100, checkpoint_every=100) | overrides))
+def small(**overrides) -> tuple[OptimConfig, RunConfig]:
+    """A fine-tuning's optim and run tables: a few steps."""
+    config = TrainConfig.of(**(dict(max_steps=4, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_every=100, checkpoint_every=100) | overrides))
+    return config.optim, config.run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +73,7 @@ def base(session_store, corpus, tokenizer):
     from tasks.shards import SHARDS, ShardsConfig
 
     shards = SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
-    return PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, TrainConfig(model=TINY, max_steps=2, batch_size=2, eval_windows=2))
+    return PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, TrainConfig.of(model=TINY, max_steps=2, batch_size=2, eval_windows=2))
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +210,8 @@ def test_a_step_s_loss_is_the_mean_over_all_its_targets_however_it_is_accumulate
     """Completions of different lengths: one micro-batch of 4 == 4 micro-batches of 1 (loss and weights)."""
     records = as_train([r for r in RECORDS if r["source"] == "medmcqa"][:12])
     cfg = FinetuneConfig(method="full", packing=False, completion="letter+text+explanation", max_length=256)
-    one = finetune(cfg, small(max_steps=2, batch_size=4, weight_decay=0.0), base.path, records, tmp_path / "one")
-    four = finetune(replace(cfg, grad_accum=4), small(max_steps=2, batch_size=1, weight_decay=0.0), base.path, records, tmp_path / "four")
+    one = finetune(cfg, *small(max_steps=2, batch_size=4, weight_decay=0.0), base.path, records, tmp_path / "one")
+    four = finetune(replace(cfg, grad_accum=4), *small(max_steps=2, batch_size=1, weight_decay=0.0), base.path, records, tmp_path / "four")
     assert one["completion_tokens"] == four["completion_tokens"]
     for step, loss in losses(tmp_path / "one").items():
         assert losses(tmp_path / "four")[step] == pytest.approx(loss, rel=1e-5)
@@ -223,7 +225,8 @@ def test_a_step_s_loss_is_the_mean_over_all_its_targets_however_it_is_accumulate
 
 def test_full_finetune_resumes_after_sigkill_with_the_same_losses(base, tmp_path):
     records = as_train([r for r in RECORDS if r["source"] in ("medmcqa", "medqa")])
-    tables = {"finetune": {"method": "full", "max_length": 128}, "train": small(max_steps=60, batch_size=2, checkpoint_every=5, eval_every=30).to_dict()}
+    optim, run = small(max_steps=60, batch_size=2, checkpoint_every=5, eval_every=30)
+    tables = {"finetune": {"method": "full", "max_length": 128}, "optim": asdict(optim), "run": asdict(run)}
     (tmp_path / "run.json").write_text(json.dumps(tables))
     data = tmp_path / "records"
     data.mkdir()
@@ -237,9 +240,9 @@ def test_full_finetune_resumes_after_sigkill_with_the_same_losses(base, tmp_path
     kill_once_written(command, killed / "ckpt_0000010")
     assert not (killed / "ckpt_0000060").exists()
 
-    cfg, train = FinetuneConfig(**tables["finetune"]), TrainConfig(**tables["train"])
-    summary = finetune(cfg, train, base.path, records, killed)
-    finetune(cfg, train, base.path, records, tmp_path / "straight")
+    cfg = FinetuneConfig(**tables["finetune"])
+    summary = finetune(cfg, optim, run, base.path, records, killed)
+    finetune(cfg, optim, run, base.path, records, tmp_path / "straight")
     assert summary["resumed_from_step"] >= 10
     resumed, straight = losses(killed), losses(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 61))
@@ -269,12 +272,12 @@ def test_lora_merged_equals_base_plus_adapter_and_the_adapter_loads_with_peft_on
 
     records = as_train([r for r in RECORDS if r["source"] == "medmcqa"])
     cfg = FinetuneConfig(method="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_targets=("q", "v", "down"), max_length=128)
-    train = small(max_steps=3, lr=5e-2)
-    summary = finetune(cfg, train, base.path, records, tmp_path / "run")
+    optim, run = small(max_steps=3, lr=5e-2)
+    summary = finetune(cfg, optim, run, base.path, records, tmp_path / "run")
     assert summary["trainable_params"] < summary["params"] / 5
     out = tmp_path / "out"
     out.mkdir()
-    published = publish(tmp_path / "run", summary, out, base.path, cfg, train.seed)
+    published = publish(tmp_path / "run", summary, out, base.path, cfg, optim.seed)
     assert published["adapter"] == ADAPTER_DIR and not (tmp_path / "run").exists()
     assert sorted(p.name for p in (out / ADAPTER_DIR).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -322,12 +325,12 @@ def test_a_tiny_hf_llama_fine_tunes_full_and_lora_and_is_published_as_a_hf_folde
 
     records = as_train([r for r in RECORDS if r["source"] == "medmcqa"])
     cfg = FinetuneConfig(method=method, lora_dropout=0.0, max_length=128, packing=True)
-    train = small(max_steps=3, lr=1e-2)
-    summary = finetune(cfg, train, hf_llama, records, tmp_path / "run")
+    optim, run = small(max_steps=3, lr=1e-2)
+    summary = finetune(cfg, optim, run, hf_llama, records, tmp_path / "run")
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3] and summary["format"] == "hf"
     out = tmp_path / "out"
     out.mkdir()
-    publish(tmp_path / "run", summary, out, hf_llama, cfg, train.seed)
+    publish(tmp_path / "run", summary, out, hf_llama, cfg, optim.seed)
     tuned = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(4, 1000, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -342,7 +345,7 @@ def test_a_tiny_hf_llama_fine_tunes_full_and_lora_and_is_published_as_a_hf_folde
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert AutoTokenizer.from_pretrained(out).apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=False, add_generation_prompt=True) == "Question: Why?\nAnswer:"
     # A second stage starts from the first's Hugging Face folder.
-    again = finetune(cfg, small(max_steps=1), out, records, tmp_path / "run2")
+    again = finetune(cfg, *small(max_steps=1), out, records, tmp_path / "run2")
     assert again["format"] == "hf"
 
 
@@ -367,22 +370,22 @@ def test_the_first_losses_equal_trl_sft_trainer_s(base, tmp_path):
     uncut, _ = encode_examples(records, encoder, cfg.template, cfg.completion, max_length=10_000)
     fits = {e.id for e in uncut if e.length <= cfg.max_length}  # TRL would not cut a long prompt as we do: leave those out
     records = [r for r in records if r["id"] in fits]
-    train = small(max_steps=PEER_STEPS, batch_size=2, warmup_steps=2, weight_decay=0.1, seed=7)
-    finetune(cfg, train, base.path, records, tmp_path / "ours")
+    optim, run = small(max_steps=PEER_STEPS, batch_size=2, warmup_steps=2, weight_decay=0.1, seed=7)
+    finetune(cfg, optim, run, base.path, records, tmp_path / "ours")
     ours = losses(tmp_path / "ours")
 
     examples, report = encode_examples(records, encoder, cfg.template, cfg.completion, cfg.max_length)
     assert report["prompts_cut"] == 0
-    order = [i for row in SFTBatches(examples, 2, 2, seed=train.seed).epoch_rows(0) for i in row]
+    order = [i for row in SFTBatches(examples, 2, 2, seed=optim.seed).epoch_rows(0) for i in row]
     assert len(order) >= PEER_STEPS * 4  # all of the compared steps in the first epoch
     by_id = {r["id"]: r for r in records}
     rows = [dict(zip(("prompt", "completion"), render(by_id[examples[i].id], cfg.template, cfg.completion))) for i in order]
     model = to_hf_model(load_model(base.path), {"pad_id": 0, "eos_id": 3, "bos_id": 2}).train()
-    optimizer = adamw(model, train, "cpu")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train) / train.lr)
+    optimizer = adamw(model, optim, "cpu")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim) / optim.lr)
     args = SFTConfig(
         output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=PEER_STEPS,
-        learning_rate=train.lr, max_grad_norm=train.grad_clip, seed=train.seed, train_sampling_strategy="sequential",
+        learning_rate=optim.lr, max_grad_norm=optim.grad_clip, seed=optim.seed, train_sampling_strategy="sequential",
         max_length=None, gradient_checkpointing=False, bf16=False, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, disable_tqdm=True,  # TRL's default is bf16 autocast, on CPU too: ours is fp32 on CPU
     )
@@ -444,12 +447,12 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
     from tasks.qa import QA
 
     pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
-    run = FinetuneRun(FinetuneConfig(max_length=256), small(max_steps=2, batch_size=4))
-    tuned = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, run)
+    config = FinetuneRun(FinetuneConfig(max_length=256), *small(max_steps=2, batch_size=4))
+    tuned = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, config)
     names = {p.name for p in tuned.path.iterdir()}
     assert {"model.safetensors", "config.json", "state.json", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl", "adapter"} <= names
     assert "run" not in names and tuned.parents == [base.ref, pubmedqa.ref] and tuned.summary["examples"] == 26
-    assert FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, replace(run, train=replace(run.train, log_every=2))).reused  # how, not what
+    assert FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, replace(config, run=replace(config.run, log_every=2))).reused  # how, not what
     few = EvaluationConfig(benchmarks=("pubmedqa",), shots=(0,), max_items=3, generation_items=0)
     assert EVALUATE.run(session_store, {"model": tuned, "qa": [pubmedqa]}, few).summary["pubmedqa_cloze_0shot_acc"] >= 0
 
@@ -467,7 +470,7 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
     assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(snapshot))).ref == taken.ref
     (copy / "README.md").write_text("changed")
     assert HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(copy))).ref != taken.ref  # a file more: another model
-    from_hf = FINETUNE.run(session_store, {"base": taken, "data": [pubmedqa]}, run)
+    from_hf = FINETUNE.run(session_store, {"base": taken, "data": [pubmedqa]}, config)
     assert from_hf.parents == [taken.ref, pubmedqa.ref]
     assert from_hf.summary["format"] == "hf" and "finetune.json" in {p.name for p in from_hf.path.iterdir()}
     assert EVALUATE.run(session_store, {"model": from_hf, "qa": [pubmedqa]}, few).summary["pubmedqa_cloze_0shot_acc"] >= 0
@@ -484,7 +487,7 @@ def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base
     pretrained = store.get_or_build(ArtifactSpec("pretrain", "test"), lambda work: [shutil.copy2(p, work) for p in base.path.iterdir() if p.name != "manifest.json"] and None)
     qa = QASources(pubmedqa=str(DATA / "pubmedqa"), medqa=str(DATA / "medqa"), instructions=(str(DATA / "instructions"),))
     evaluation = EvaluationConfig(benchmarks=("pubmedqa", "medqa_4options"), shots=(0,), max_items=4, generation_items=0)
-    refs = finetune_flow(FinetuneConfig(max_length=256), small(max_steps=2), Curriculum(stages=("pubmedqa", "instructions")), qa, evaluation, base_ref=pretrained.ref)
+    refs = finetune_flow(FinetuneConfig(max_length=256), *small(max_steps=2), Curriculum(stages=("pubmedqa", "instructions")), qa, evaluation, base_ref=pretrained.ref)
 
     assert len(refs) == 3
     evaluated = [store.require(ref).parents[0] for ref in refs]
@@ -495,7 +498,7 @@ def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. instructions", "baseline"]
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
     with pytest.raises(ValueError, match=r"curriculum stage 'medmcqa' has no data: set qa.medmcqa"):
-        finetune_flow(FinetuneConfig(), small(), Curriculum(stages=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
+        finetune_flow(FinetuneConfig(), *small(), Curriculum(stages=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -507,8 +510,8 @@ def test_fine_tuning_under_torchrun_equals_one_process_with_the_same_global_batc
     from tasks.qa import QA
 
     pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
-    one = FinetuneRun(FinetuneConfig(method=method, max_length=256, grad_accum=2), small(max_steps=4, batch_size=2, eval_every=4))
-    two = FinetuneRun(replace(one.finetune, grad_accum=1), replace(one.train, devices=2))
+    one = FinetuneRun(FinetuneConfig(method=method, max_length=256, grad_accum=2), *small(max_steps=4, batch_size=2, eval_every=4))
+    two = FinetuneRun(replace(one.finetune, grad_accum=1), one.optim, replace(one.run, devices=2))
     single = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, one)
     double = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, two)
     assert double.summary["world_size"] == 2 and single.summary["world_size"] == 1

@@ -189,7 +189,7 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
         text = page.inner_text("body")
         browser.close()
     [checkpoint] = store.ls("pretrain")
-    assert checkpoint.params["max_steps"] == 3 and checkpoint.params["batch_size"] == 2 and checkpoint.params["eval_windows"] == 4
+    assert checkpoint.params["optim"]["max_steps"] == 3 and checkpoint.params["optim"]["batch_size"] == 2 and checkpoint.params["shape"]["eval_windows"] == 4
     assert checkpoint.ref in text
     for download in store.ls("download"):  # the source files and their md5s, in the UI
         assert download.label in text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.export_hf import to_hf_model
-from model.train import TrainConfig, adamw
+from model.train import OptimConfig, adamw
 from model.model import IGNORE_INDEX, PRESETS, KVCache, ModelConfig, Transformer
 
 VOCAB = 97
@@ -130,7 +130,7 @@ def test_repetition_penalty_changes_greedy_choice():
 
 def test_optimizer_decays_matrices_only_and_init_scales_residual_projections():
     model = build(tiny("gpt2", n_layer=4))
-    opt = adamw(model, TrainConfig(weight_decay=0.1, lr=1e-3), "cpu")
+    opt = adamw(model, OptimConfig(weight_decay=0.1, lr=1e-3), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])

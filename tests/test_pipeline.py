@@ -11,8 +11,8 @@ from storage.lineage import lineage, table, tree_lines
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_demo_configuration_runs_the_whole_pipeline(store):
-    quick = ["--train.max-steps", "5", "--finetune-train.max-steps", "2", "--evaluation.shots", "0", "--evaluation.max-items", "3",
-             "--evaluation.generation-items", "0", "--evaluation.perplexity-documents", "3", "--evaluation.held-out-documents", "3"]
+    quick = ["--optim.max-steps", "5", "--finetune-optim.max-steps", "2", "--shots", "0", "--max-items", "3",
+             "--generation-items", "0", "--perplexity-documents", "3", "--held-out-documents", "3"]
     args = _flow_parser("pipeline", pipeline).parse_args(["--config", "demo", *quick])
     kwargs = flow_arguments(pipeline, args)
     assert kwargs["source"].source == str(MIRROR) and kwargs["tokenizer"].vocab_size == 4096

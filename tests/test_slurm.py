@@ -45,8 +45,8 @@ def test_the_slurm_script_trains_on_two_nodes(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MEDLM_STORE": str(store.root), "SLURM_SUBMIT_DIR": str(REPO),
            "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4711", "MEDLM_RDZV_PORT": str(free_port())}
     run = subprocess.run(["bash", str(REPO / "deployments" / "slurm" / "train.sbatch"), "retrain", "--shards-ref", shards.ref,
-                          "--max-steps", "2", "--batch-size", "2", "--eval-windows", "2"], env=env, capture_output=True, text=True, timeout=600)
+                          "--optim.max-steps", "2", "--optim.batch-size", "2", "--eval-windows", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     [checkpoint] = store.ls("pretrain")
-    assert checkpoint.summary["world_size"] == 2 and checkpoint.params["nodes"] == 2
+    assert checkpoint.summary["world_size"] == 2 and checkpoint.params["run"]["nodes"] == 2
     assert "joining 4711: 2 nodes at localhost:" in run.stdout + run.stderr

@@ -12,13 +12,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dataclasses import replace
-
 from conftest import kill_once_written
 from model.checkpoint import latest_checkpoint, load_model
 from model.data import write_shards
 from model.export_hf import export_hf
-from model.train import TrainConfig, lr_at, parse_args, train
+from model.train import ModelShape, OptimConfig, TrainConfig, lr_at, parse_args, train
 from storage import ArtifactSpec, Store, sha256_file
 from tasks.pretrain import PRETRAIN, shards_tokenizer
 
@@ -32,7 +30,7 @@ def config(**overrides) -> TrainConfig:
         preset="tiny", model=dict(MODEL), context_length=16, batch_size=4, max_steps=12, lr=3e-3, min_lr=3e-4,
         warmup_steps=2, eval_every=6, eval_windows=8, checkpoint_every=6, keep_last=2,
     )
-    return TrainConfig(**(base | overrides))
+    return TrainConfig.of(**(base | overrides))
 
 
 def patterned_tokens(rng, n: int) -> np.ndarray:
@@ -83,7 +81,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_warmup_then_cosine_schedule():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig.of(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110).optim
     assert [lr_at(s, cfg) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
@@ -111,7 +109,7 @@ def test_run_folder_checkpoints_and_metrics(finished_run):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 12 and state["sampler"] == {"seed": 1337, "step": 12}
     saved = json.loads((ckpt / "config.json").read_text())
-    assert saved["model"]["vocab_size"] == VOCAB and saved["train"]["max_steps"] == 12 and saved["tokens"]["eos_id"] == 3
+    assert saved["model"]["vocab_size"] == VOCAB and saved["optim"]["max_steps"] == 12 and saved["tokens"]["eos_id"] == 3
     torch.load(ckpt / "optimizer.pt", weights_only=True)  # plain tensors and containers only
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
@@ -185,14 +183,14 @@ def test_bad_configs_fail_fast(shards, tmp_path, overrides, error, message):
 
 
 def test_command_line_flags_build_the_config(tmp_path):
-    (tmp_path / "base.json").write_text(json.dumps({"max_steps": 7, "lr": 0.5}))
+    (tmp_path / "base.json").write_text(json.dumps({"optim": {"max_steps": 7, "lr": 0.5}}))
     cfg, shards_dir, out = parse_args(
-        ["--shards", "S", "--out", "O", "--config", str(tmp_path / "base.json"), "--lr", "0.01",
-         "--model", '{"n_layer": 3, "arch": "gpt2"}', "--compile", "--tokens-per-step", "4096"]
+        ["--shards", "S", "--out", "O", "--config", str(tmp_path / "base.json"), "--optim.lr", "0.01",
+         "--model", '{"n_layer": 3, "arch": "gpt2"}', "--run.compile", "--tokens-per-step", "4096"]
     )
     assert (shards_dir, out) == ("S", "O")
-    assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.tokens_per_step) == (7, 0.01, True, 4096)
-    assert cfg.model == {"n_layer": 3, "arch": "gpt2"}
+    assert (cfg.optim.max_steps, cfg.optim.lr, cfg.run.compile, cfg.shape.tokens_per_step) == (7, 0.01, True, 4096)
+    assert cfg.shape.model == {"n_layer": 3, "arch": "gpt2"}
 
 
 def test_export_loads_in_transformers_with_the_same_logits(finished_run, tokenizer_dir, tmp_path):
@@ -232,7 +230,7 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
     cfg = config(batch_size=2, tokens_per_step=2 * 16 * 2, max_steps=8, eval_every=8, checkpoint_every=4)
 
     single = PRETRAIN.run(store, inputs, cfg)
-    double = PRETRAIN.run(store, inputs, replace(cfg, devices=2))
+    double = PRETRAIN.run(store, inputs, cfg.replace(devices=2))
 
     assert single.summary["grad_accum"] == 2 and double.summary["world_size"] == 2 and double.summary["grad_accum"] == 1
     one, two = losses(single.path), losses(double.path)
@@ -245,17 +243,17 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
         assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "manifest.json"} <= names
         assert "run" not in names and "optimizer.pt" not in names
         assert artifact.parents == [shards_artifact.ref, tokenizer.ref]
-    assert PRETRAIN.run(store, inputs, replace(cfg, log_every=2, keep_last=1)).reused  # how, not what: same artifact
+    assert PRETRAIN.run(store, inputs, cfg.replace(log_every=2, keep_last=1)).reused  # how, not what: same artifact
 
 
 def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
     from flows.retrain import retrain
 
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
-    ref = retrain(TrainConfig(preset="tiny", max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
+    ref = retrain(ModelShape(preset="tiny"), OptimConfig(max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
     checkpoint = store.require(ref)
     assert checkpoint.kind == "pretrain" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
-    assert checkpoint.params["max_steps"] == 3 and checkpoint.summary["steps"] == 3
+    assert checkpoint.params["optim"]["max_steps"] == 3 and checkpoint.summary["steps"] == 3
     assert json.loads(checkpoint.file("config.json").read_text())["model"]["n_layer"] == 4  # the tiny preset
 
     from flows.cli import main  # export-hf takes a ref like every other command, a unique prefix of its key too
@@ -324,10 +322,10 @@ def test_two_nodes_train_as_one_launcher_of_their_world_size_and_resume_after_a_
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
     inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
     cfg = config(batch_size=2, max_steps=8, eval_every=8, checkpoint_every=2, keep_last=4)
-    reference = PRETRAIN.run(store, inputs, replace(cfg, devices=2))
+    reference = PRETRAIN.run(store, inputs, cfg.replace(devices=2))
 
     def on_two_nodes(job: str, kill_once: Path | None = None):
-        multi = replace(cfg, nodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id=job)
+        multi = cfg.replace(nodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id=job)
         joined = subprocess.Popen([str(Path(sys.executable).with_name("medlm")), "join", job, "--timeout", "120"],
                                   env={**os.environ, "MEDLM_STORE": str(store.root)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output: list[str] = []
@@ -363,10 +361,10 @@ def test_two_nodes_train_as_one_launcher_of_their_world_size_and_resume_after_a_
     assert not list((store.root / ".rendezvous").iterdir())  # the announcement goes when the run ends
 
     # Another key (other steps), a node killed once its fourth-step checkpoint is written.
-    longer = replace(cfg, max_steps=10, eval_every=10)
-    reference = PRETRAIN.run(store, inputs, replace(longer, devices=2))
+    longer = cfg.replace(max_steps=10, eval_every=10)
+    reference = PRETRAIN.run(store, inputs, longer.replace(devices=2))
     cfg = longer
-    spec = PRETRAIN.spec(inputs, replace(longer, nodes=2, rdzv_endpoint="127.0.0.1:1", rdzv_id="x"))  # where and what job: not in the key
+    spec = PRETRAIN.spec(inputs, longer.replace(nodes=2, rdzv_endpoint="127.0.0.1:1", rdzv_id="x"))  # where and what job: not in the key
     with pytest.raises(RuntimeError, match="torchrun exited with status"):
         on_two_nodes("killed", kill_once=store.work_dir(spec) / "run" / "ckpt_0000004")
     assert store.get(spec.ref) is None and latest_checkpoint(store.work_dir(spec) / "run") is not None  # nothing published, checkpoints kept
@@ -385,11 +383,11 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_before_anything_is_allocat
     from model.train import NotEnoughMemory
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    huge = TrainConfig(preset="base", model={"vocab_size": VOCAB}, context_length=2048, batch_size=64, max_steps=1, device="cpu")
+    huge = TrainConfig.of(preset="base", model={"vocab_size": VOCAB}, context_length=2048, batch_size=64, max_steps=1, device="cpu")
     with pytest.raises(NotEnoughMemory) as refused:
         train(huge, shards, tmp_path / "run")
     message = str(refused.value)
     assert "\n" not in message and message.startswith("training 85M parameters at batch_size 64 x 2048 tokens needs about ")
-    assert "GB (MemAvailable)" in message and "lower --batch-size" in message
+    assert "GB (MemAvailable)" in message and "lower batch_size" in message
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing of it was allocated
     assert not (tmp_path / "run").exists()
