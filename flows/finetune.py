@@ -12,7 +12,7 @@ base model, each stage and the baseline of every benchmark side by side.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -25,10 +25,22 @@ from model.finetune import FinetuneConfig
 from model.train import OptimConfig, RunConfig
 from storage import Artifact, Store
 from storage.access import DataPath
+from storage.config import config_dataclass
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
-from tasks.finetune import FINETUNE, Curriculum, FinetuneRun
+from tasks.finetune import FINETUNE, FinetuneRun
 from tasks.hf_model import MODEL_KINDS
 from tasks.qa import QASources
+
+
+@config_dataclass
+class Curriculum:
+    """Fine-tuning stages in order, each on the train split of one QA source, each evaluated."""
+
+    stages: tuple[Literal["pubmedqa", "medmcqa", "medqa", "instructions"], ...] = Field(
+        (),
+        description="QA sources to fine-tune on, in order, e.g. pubmedqa medmcqa medqa: each stage starts from the previous one's model (instructions: every instruction file). Empty: no fine-tuning.",
+    )
+    evaluate_base: bool = Field(True, description="Evaluate the base model first, for the before/after table.")
 
 
 def stage_data(stage: str, converted: dict[str, Artifact], qa: QASources) -> list[Artifact]:

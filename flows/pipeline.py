@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.evaluate import evaluate
-from flows.finetune import finetune as finetune_flow
+from flows.finetune import Curriculum, finetune as finetune_flow
 from flows.ingest import DOWNLOADS_AT_ONCE, ingest
 from flows.qa import convert
 from flows.retrain import retrain
@@ -27,7 +27,6 @@ from model.train import ModelShape, OptimConfig, RunConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
 from tasks.evaluate import EvaluationConfig
-from tasks.finetune import Curriculum
 from tasks.parse import ParseConfig
 from tasks.qa import QASources
 from tasks.shards import ShardsConfig

@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -356,15 +357,26 @@ def publish(run: Path, summary: dict, out_dir: Path, base_path: str | Path, cfg:
     return summary
 
 
-# -- command line -------------------------------------------------------------------------------------
+# -- the data -----------------------------------------------------------------------------------------
 
 
-def read_data(paths: Sequence[str | Path]) -> tuple[list[dict], list[dict]]:
-    """(train, validation) records of qa artifact folders or records.parquet files."""
+def read_data(paths: Sequence[str | Path], names: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of qa artifact folders or records.parquet files (``names``: what
+    the error calls them); a one-line error when none is for training."""
     from storage.formats import read_records
 
     records = [r for p in paths for r in read_records(Path(p))]
-    return [r for r in records if r["split"] == "train"], [r for r in records if r["split"] == "validation"]
+    train = [r for r in records if r["split"] == "train"]
+    if not train:
+        splits = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["split"] for r in records).items())) or "no records"
+        raise ValueError(
+            f"no training examples: the QA data {', '.join(names or map(str, paths))} has no train split ({splits}); fine-tune on a "
+            f"source with train records (the MedMCQA/MedQA validation and test rows are for evaluation only)"
+        )
+    return train, [r for r in records if r["split"] == "validation"]
+
+
+# -- command line -------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -378,9 +390,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     tables = json.loads(Path(args.config).read_text()) if args.config else {}
     cfg, optim, run = FinetuneConfig(**tables.get("finetune", {})), OptimConfig(**tables.get("optim", {})), RunConfig(**tables.get("run", {}))
-    records, validation = read_data(args.data)
-    if not records:
-        raise SystemExit(f"error: no training examples: {', '.join(args.data)} hold no 'train' records")
+    try:
+        records, validation = read_data(args.data)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines, to the console (or the launching stage)
     summary = finetune(cfg, optim, run, args.base or args.hf_base, records, args.out, validation)
     print(json.dumps(summary), flush=True)

@@ -16,24 +16,18 @@ processes): one definition of each, and none of pretraining's shape, which the b
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
 
 from model.checkpoint import RUN_DIR, finished_summary
 from model.distributed import train_distributed
-from model.finetune import FinetuneConfig, finetune, publish
+from model.finetune import FinetuneConfig, finetune, publish, read_data
 from model.train import OptimConfig, RunConfig
-from storage import Artifact, Input, Stage
-from storage.formats import read_records
+from storage import Input, Stage
 from storage.config import config_dataclass
 from tasks.hf_model import MODEL_KINDS
 
 log = logging.getLogger("medlm.finetune")
-SOURCES = ("pubmedqa", "medmcqa", "medqa", "instructions")
 
 
 @config_dataclass
@@ -45,34 +39,9 @@ class FinetuneRun:
     run: RunConfig = RunConfig()
 
 
-@config_dataclass
-class Curriculum:
-    """Fine-tuning stages in order, each on the train split of one QA source, each evaluated."""
-
-    stages: tuple[Literal["pubmedqa", "medmcqa", "medqa", "instructions"], ...] = Field(
-        (),
-        description="QA sources to fine-tune on, in order, e.g. pubmedqa medmcqa medqa: each stage starts from the previous one's model (instructions: every instruction file). Empty: no fine-tuning.",
-    )
-    evaluate_base: bool = Field(True, description="Evaluate the base model first, for the before/after table.")
-
-
-def split_records(data: list[Artifact]) -> tuple[list[dict], list[dict]]:
-    """(train, validation) records of the qa artifacts; a one-line error when none is for training."""
-    records = [r for qa in data for r in read_records(qa.path)]
-    train = [r for r in records if r["split"] == "train"]
-    if not train:
-        splits = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["split"] for r in records).items())) or "no records"
-        names = ", ".join(a.label or a.ref for a in data)
-        raise ValueError(
-            f"no training examples: the QA data {names} has no train split ({splits}); fine-tune on a source with "
-            f"train records (the MedMCQA/MedQA validation and test rows are for evaluation only)"
-        )
-    return train, [r for r in records if r["split"] == "validation"]
-
-
 def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
     base_path, cfg = inputs["base"].path, config.finetune
-    train, validation = split_records(inputs["data"])
+    train, validation = read_data([a.path for a in inputs["data"]], [a.label or a.ref for a in inputs["data"]])
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR

@@ -478,9 +478,8 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base, store):
-    from flows.finetune import comparison, finetune as finetune_flow
+    from flows.finetune import Curriculum, comparison, finetune as finetune_flow
     from tasks.evaluate import EvaluationConfig
-    from tasks.finetune import Curriculum
     from tasks.qa import QASources
 
     # The base checkpoint, as a pretrain artifact of this flow's store.
