@@ -20,7 +20,6 @@ import collections
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 from storage import default_root, write_text_atomic
 from storage.access import check_rendezvous
 from storage.processes import die_with_parent
-from storage.progress import REPORTER
+from storage.progress import REPORTER, read_line
 
 if TYPE_CHECKING:
     from model.train import RunConfig
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("model.train", "model.finetune")  # what a launch may run: a join runs nothing else
 RENDEZVOUS = ".rendezvous"
-_PROGRESS_LINE = re.compile(r"^(?P<what>[a-z][a-z -]*): (?P<done>[\d,]+)/(?P<total>[\d,]+) ")
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def _run(job: Launch, log: Callable[[str], None]) -> None:
         for line in proc.stdout:
             tail.append(line.rstrip())
             log(tail[-1])
-            if reporter is not None and (step := _PROGRESS_LINE.match(tail[-1])):
-                reporter(step["what"], int(step["done"].replace(",", "")) / max(1, int(step["total"].replace(",", ""))), tail[-1])
+            if reporter is not None and (step := read_line(tail[-1])):
+                reporter(*step, tail[-1])
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with status {proc.returncode}; last lines:\n" + "\n".join(tail))

@@ -35,7 +35,7 @@ import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -256,7 +256,6 @@ def finetune(
     records: Sequence[dict],
     out: str | Path,
     validation: Sequence[dict] = (),
-    progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Fine-tune the base (our checkpoint folder or a Hugging Face folder) on ``records`` into the
     run folder ``out`` (resumed if it has checkpoints); return the run summary."""
@@ -287,7 +286,6 @@ def finetune(
             out=Path(out),
             tokens_per_step=optim.batch_size * cfg.grad_accum * max_length * rt.world_size,  # at most: rows are padded, or packed nearly full
             run_info={"tokens": base.tokens, "finetune": asdict(cfg)},
-            progress=progress,
             init_from=init_from,
             what="fine-tuning",
         )

@@ -131,9 +131,6 @@ class TrainConfig:
         return type(self)(**{name: dataclasses.replace(section, **{k: v for k, v in settings.items() if k in config_fields(type(section))})
                              for name, section in sections.items()})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def adamw(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; decay matrices (embeddings, projections) but not biases
@@ -366,10 +363,8 @@ def train(
     config: TrainConfig,
     shards_dir: str | Path,
     out_dir: str | Path,
-    progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Pretrain (or resume) on a shards folder into out_dir; return the run summary.
-    ``progress`` gets each metrics record."""
+    """Pretrain (or resume) on a shards folder into out_dir; return the run summary."""
     shape, optim = config.shape, config.optim
     rt = setup_runtime(config.run)
     try:
@@ -394,7 +389,6 @@ def train(
             out=Path(out_dir),
             tokens_per_step=optim.batch_size * context * rt.world_size * grad_accum,
             run_info={"shape": asdict(shape), "tokens": shards.special_tokens},
-            progress=progress,
         )
     finally:
         if rt.world_size > 1 and dist.is_initialized():
@@ -412,7 +406,6 @@ def train_loop(
     out: Path,
     tokens_per_step: int,
     run_info: dict,
-    progress: Callable[[dict], None] | None = None,
     init_from: Path | None = None,
     what: str = "training",
 ) -> dict:
@@ -425,7 +418,7 @@ def train_loop(
     latest one, data position included. ``model_config`` describes the network (a resumed run must
     match it); it and ``run_info`` go into every checkpoint's config.json. Rank 0 reports progress
     as ``what`` (storage/progress.py: step N of max_steps, tokens/s, time left, MFU on a GPU whose
-    peak it knows); ``progress`` also gets every metrics record.
+    peak it knows).
     """
     started = time.time()
     run_config = {"model": model_config, "optim": asdict(optim), "run": asdict(run), **run_info}
@@ -474,8 +467,6 @@ def train_loop(
         if rt.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if progress is not None:
-                progress(record)
             if "loss" in record:
                 mfu = f", MFU {100 * record['tokens_per_s'] * flops / peak / rt.world_size:.1f}%" if flops and peak else ""
                 steps.update(record["step"], f"loss {record['loss']:.4g}, {record['tokens_per_s']:,.0f} tokens/s{mfu}")

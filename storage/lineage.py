@@ -152,8 +152,9 @@ def markdown(root: Node, full_list: str) -> str:
 
     A node with more than ``MANY`` parents shows a few of them in the tree; a kind with more than
     ``MANY`` artifacts (1,300 downloads of a full baseline) is summarised: how many, per folder
-    where the artifacts say, the first and the last. ``full_list`` (where the whole lineage is written as JSON) is named always; the
-    JSON itself is in the page when the lineage has at most ``MANY`` * 4 artifacts."""
+    where the artifacts say, the first and the last. ``full_list`` (where the whole lineage is
+    written as JSON) is named always; the JSON itself is in the page when the lineage has at most
+    ``MANY`` * 4 artifacts."""
     levels = _by_kind(root)
     lines = [f"# Lineage of `{root.ref}`", ""]
     if root.label:

@@ -13,6 +13,7 @@ its description. Outside Prefect (a shell, torchrun) there is no reporter and on
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextvars import ContextVar
 from typing import Callable
@@ -27,6 +28,17 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+_LINE = re.compile(r"^(?P<what>[a-z][a-z -]*): (?P<done>[\d,]+)/(?P<total>[\d,]+) ")  # as Progress.line writes it
+
+
+def read_line(text: str) -> tuple[str, float] | None:
+    """(what, fraction done) of a progress line another process printed (torchrun's rank 0); None
+    for any other line."""
+    if (found := _LINE.match(text)) is None:
+        return None
+    return found["what"], int(found["done"].replace(",", "")) / max(1, int(found["total"].replace(",", "")))
 
 
 class Progress:

@@ -40,8 +40,7 @@ class HFModelConfig:
 
 
 def build_hf_model(inputs: dict, out_dir: Path, config: HFModelConfig) -> dict:
-    folder = readable(config.folder, "model folder")
-    check_causal_lm(folder)
+    folder = readable(config.folder, "model folder")  # a causal LM: content_params checked it for the key
     files = readable_files(folder, "model folder")
     for source in files:
         target = out_dir / source.relative_to(folder)

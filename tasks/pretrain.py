@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, RUN_FILES, finished_summary, remove_run
@@ -54,7 +55,7 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     if config.run.devices == 1 and config.run.nodes == 1:
         summary = train(config, shards.path, run)
     else:  # torchrun, on this machine or as one of run.nodes
-        summary = train_distributed("model.train", config.to_dict(), ("--shards", str(shards.path)), config.run, run, log.info)
+        summary = train_distributed("model.train", asdict(config), ("--shards", str(shards.path)), config.run, run, log.info)
     publish_run(run, summary, out_dir, tokenizer)
     return summary
 

@@ -5,6 +5,7 @@ import math
 import pickle
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_run_folder_checkpoints_and_metrics(finished_run):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(shards, tmp_path):
     cfg = config(max_steps=80, checkpoint_every=10, eval_every=40)
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(asdict(cfg)))
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "model.train", "--config", str(tmp_path / "config.json"), "--shards", str(shards), "--out", str(killed)]
     kill_once_written(command, killed / "ckpt_0000010")
