@@ -77,19 +77,31 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def interleaved(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
-    """Wall seconds of each action, like for like: each once untimed (caches, allocator, imports),
-    then ``repeats`` rounds timing every action in turn, so a neighbour's load falls on all of them;
-    per action the median, the fastest and the slowest round, and every round."""
-    for action in actions.values():
-        action()
-    rounds: dict[str, list[float]] = {name: [] for name in actions}
+def rounds(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, list]:
+    """Each action's results, ``repeats`` rounds of every action in turn, so a neighbour's load
+    falls on all of them alike."""
+    results: dict[str, list] = {name: [] for name in actions}
     for _ in range(repeats):
         for name, action in actions.items():
+            results[name].append(action())
+    return results
+
+
+def interleaved(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
+    """Wall seconds of each action, like for like: each once untimed (caches, allocator, imports),
+    then timed in ``rounds``; per action the median, the fastest and the slowest round, and every round."""
+    for action in actions.values():
+        action()
+
+    def timed(action: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
             start = time.perf_counter()
             action()
-            rounds[name].append(time.perf_counter() - start)
-    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "rounds": [round(x, 4) for x in t]} for name, t in rounds.items()}
+            return time.perf_counter() - start
+        return run
+
+    seconds = rounds({name: timed(action) for name, action in actions.items()}, repeats)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "rounds": [round(x, 4) for x in t]} for name, t in seconds.items()}
 
 
 def peak_rss_mib() -> float:

@@ -46,7 +46,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from benchmarks.common import CACHE, FULL_FILES, REPO, RESULTS, commit, full_pubmed_files, machine  # noqa: E402
+from benchmarks.common import CACHE, FULL_FILES, REPO, RESULTS, commit, full_pubmed_files, machine, rounds  # noqa: E402
 
 SAMPLES = [
     REPO / "tests/data/pubmed/mirror/baseline/pubmed20n0014.xml.gz",
@@ -168,15 +168,6 @@ def _rates(runs: list[dict], xml_bytes: int) -> dict:
     return out
 
 
-def _interleaved(modes: list[str], path: Path, repeat: int) -> dict[str, list[dict]]:
-    """Each mode once per round, round after round, so the machine's load falls on all of them."""
-    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-    for _ in range(repeat):
-        for mode in modes:
-            runs[mode].append(_run_child(mode, path))
-    return runs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -202,7 +193,7 @@ def main() -> None:
     for kind, paths in (("sample", SAMPLES), ("full", full)):
         for path in paths:
             modes = ["bare", "parse"] + (["parse-gzip"] if kind == "full" else [])
-            runs = _interleaved(modes, path, args.repeat)
+            runs = rounds({mode: lambda mode=mode: _run_child(mode, path) for mode in modes}, args.repeat)
             xml_bytes = runs["bare"][0]["xml_bytes"]
             assert all(r["articles"] == runs["bare"][0]["articles"] for mode in modes for r in runs[mode]), runs
             bare, run = _rates(runs["bare"], xml_bytes), _rates(runs["parse"], xml_bytes)
