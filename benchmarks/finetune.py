@@ -113,7 +113,8 @@ def micro_rows(batches, step: int) -> list[list[list[int]]]:
 
 
 def run_ours(name: str, base: Path, train, held_out, cfg, training, tmp: Path) -> dict:
-    from model.finetune import finetune, load_base
+    from model.base import load_base
+    from model.finetune import finetune
     from model.sft import SFTBatches, encode_examples
 
     optim = training.optim
@@ -136,7 +137,7 @@ def run_trl(base: Path, hf_dir: Path, train, cfg, training, tmp: Path, metrics: 
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    from model.finetune import load_base
+    from model.base import load_base
     from model.sft import SFTBatches, encode_examples, render
     from model.train import adamw, lr_at
 
@@ -203,7 +204,7 @@ def main() -> None:
     from model.export_hf import export_hf
     from model.finetune import FinetuneConfig
     from model.sft import encode_examples, pack
-    from model.finetune import load_base
+    from model.base import load_base
     from model.train import TrainConfig
 
     torch.set_num_threads(args.threads)

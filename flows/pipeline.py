@@ -1,5 +1,5 @@
-"""pipeline: the whole DAG: ingest -> tokenize -> retrain -> finetune (a curriculum of stages,
-each evaluated, when curriculum.stages names any) or evaluate.
+"""pipeline: the whole DAG: ingest -> tokenize -> retrain -> finetune (a curriculum of QA
+sources, the model evaluated after each, when curriculum.sources names any) or evaluate.
 
 Each step is one of the flows the CLI and deployments run on their own, called here through
 ``.fn``: its tasks run in this one flow run, not in a subflow run per step (each flow run costs
@@ -50,12 +50,12 @@ def pipeline(
     finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
 ) -> list[str]:
-    """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it has stages) and evaluate;
-    returns the refs of the evaluations: the pretrained model's, then each fine-tuning stage's."""
+    """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it names sources) and evaluate;
+    returns the refs of the evaluations: the pretrained model's, then the model's after each source."""
     convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = ingest.fn(source, corpus, parse)
     shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
-    if curriculum.stages:
+    if curriculum.sources:
         return finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
     return [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]

@@ -5,7 +5,7 @@ model and training config, ``optimizer.pt``, ``state.json`` with the step and th
 and a ``latest`` pointer. A checkpoint only gets its final name once complete, so a folder with
 that name is always whole. A checkpoint artifact (pretrain, finetune) holds the same
 ``model.safetensors`` + ``config.json`` + ``state.json`` at its top level, its run folder
-having been published and removed (``publish_run_files``, ``finished_summary``); a model
+having been published and removed (``publish_checkpoint``, ``finished_summary``); a model
 fine-tuned from a Hugging Face base is published as a Hugging Face folder instead
 (``is_hf_folder``).
 """
@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_model as load_safetensors
@@ -132,6 +133,22 @@ def remove_run(run: Path) -> None:
     finished = run.with_name(f"{run.name}.done")
     os.rename(run, finished)
     shutil.rmtree(finished)
+
+
+def publish_checkpoint(run: Path, out_dir: Path, files: Iterable[Path]) -> dict:
+    """Copy a finished run's model ``files`` (a folder whole) and its metrics, plot and summary to
+    the top of the artifact folder ``out_dir``, then drop the run folder (intermediate
+    checkpoints, optimizer state); return the summary. Pretraining publishes its final
+    checkpoint and the tokenizer files, fine-tuning the model folder it wrote."""
+    for source in files:
+        if source.is_dir():
+            shutil.copytree(source, out_dir / source.name, dirs_exist_ok=True)  # over a copy a crash interrupted
+        else:
+            shutil.copyfile(source, out_dir / source.name)
+    for name in RUN_FILES:
+        shutil.copyfile(run / name, out_dir / name)
+    remove_run(run)
+    return json.loads((out_dir / "summary.json").read_text())
 
 
 def finished_summary(out_dir: Path) -> dict | None:

@@ -5,8 +5,8 @@ artifact's work folder, which the store keeps across a crash (``resume=True``): 
 fine-tuning continues from its last checkpoint with the same losses. The artifact is a
 checkpoint like pretrain's (``model.safetensors``, ``config.json``, ``state.json``, tokenizer files
 with a chat template, metrics), LoRA merged, plus ``adapter/`` (PEFT format) for LoRA; from a
-Hugging Face base it is a Hugging Face folder. Evaluation, ``medlm export-hf`` and the next
-stage of a curriculum read it as they read a pretrain artifact.
+Hugging Face base it is a Hugging Face folder. Evaluation, ``medlm export-hf`` and a
+curriculum's next fine-tuning read it as they read a pretrain artifact.
 
 Its config (``FinetuneRun``) is three tables: ``FinetuneConfig`` (method, LoRA, template, packing),
 and pretraining's ``OptimConfig`` (optimizer, schedule, steps) and ``RunConfig`` (cadence, device,
@@ -19,9 +19,9 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from model.checkpoint import RUN_DIR, finished_summary
+from model.checkpoint import RUN_DIR, finished_summary, publish_checkpoint
 from model.distributed import train_distributed
-from model.finetune import FinetuneConfig, finetune, publish, read_data
+from model.finetune import MODEL_DIR, FinetuneConfig, finetune, read_data
 from model.train import OptimConfig, RunConfig
 from storage import Input, Stage
 from storage.config import config_dataclass
@@ -40,17 +40,16 @@ class FinetuneRun:
 
 
 def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
-    base_path, cfg = inputs["base"].path, config.finetune
     train, validation = read_data([a.path for a in inputs["data"]], [a.label or a.ref for a in inputs["data"]])
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR
     if config.run.devices == 1 and config.run.nodes == 1:
-        summary = finetune(cfg, config.optim, config.run, base_path, train, run, validation)
+        finetune(config.finetune, config.optim, config.run, inputs["base"].path, train, run, validation)
     else:  # torchrun, on this machine or as one of run.nodes
-        args = ("--base", str(base_path), "--data", *(str(a.path) for a in inputs["data"]))
-        summary = train_distributed("model.finetune", asdict(config), args, config.run, run, log.info)
-    return publish(run, summary, out_dir, base_path, cfg, config.optim.seed)
+        args = ("--base", str(inputs["base"].path), "--data", *(str(a.path) for a in inputs["data"]))
+        train_distributed("model.finetune", asdict(config), args, config.run, run, log.info)
+    return publish_checkpoint(run, out_dir, sorted((run / MODEL_DIR).iterdir()))
 
 
 def finetune_label(inputs: dict, config: FinetuneRun) -> str:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, RUN_FILES, finished_summary, remove_run
+from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, finished_summary, publish_checkpoint
 from model.distributed import train_distributed
 from model.train import TrainConfig, train
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
@@ -31,19 +30,6 @@ def shards_tokenizer(shards: Artifact) -> str:
     return ref
 
 
-def publish_run(run: Path, summary: dict, out_dir: Path, tokenizer: Artifact) -> None:
-    """Copy a finished run's final checkpoint, metrics and the tokenizer files to the top of the
-    artifact folder, then drop the run folder (intermediate checkpoints, optimizer state)."""
-    final = run / summary["checkpoint"]
-    for name in CHECKPOINT_FILES:
-        shutil.copyfile(final / name, out_dir / name)
-    for name in RUN_FILES:
-        shutil.copyfile(run / name, out_dir / name)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer.file(name), out_dir / name)
-    remove_run(run)
-
-
 def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     shards, tokenizer = inputs["shards"], inputs["tokenizer"]
     expected = json.loads(shards.file(META_FILE).read_text()).get("tokenizer", {}).get("sha256")
@@ -56,8 +42,8 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
         summary = train(config, shards.path, run)
     else:  # torchrun, on this machine or as one of run.nodes
         summary = train_distributed("model.train", asdict(config), ("--shards", str(shards.path)), config.run, run, log.info)
-    publish_run(run, summary, out_dir, tokenizer)
-    return summary
+    final = run / summary["checkpoint"]
+    return publish_checkpoint(run, out_dir, [final / name for name in CHECKPOINT_FILES] + [tokenizer.file(name) for name in TOKENIZER_FILES])
 
 
 PRETRAIN = Stage(

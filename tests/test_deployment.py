@@ -111,7 +111,7 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
     form = finetune.parameter_openapi_schema["definitions"]
     assert form["FinetuneConfig"]["properties"]["method"]["enum"] == ["full", "lora"] and "lr" in form["OptimConfig"]["properties"]
     assert "ModelShape" not in form  # the base decides a fine-tuning's shape: no form fields it would refuse
-    assert "pubmedqa" in json.dumps(form["Curriculum"]["properties"]["stages"])
+    assert "pubmedqa" in json.dumps(form["Curriculum"]["properties"]["sources"])
     for name in DEPLOYED:
         assert "store_root" not in asyncio.run(_read_deployment(name)).parameter_openapi_schema["properties"]
 
@@ -205,7 +205,7 @@ def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp
             "an exclusion list's content": ("ingest/nightly-ingest", {"source": {"source": server.url}, "corpus": {"exclude_pmids_file": str(allowed / "pmids.txt")}}, "line 2: not a PMID"),
             "QA data": ("evaluate/evaluate", {"qa": {"pubmedqa": str(secret / "pubmedqa")}}, "MEDLM_DATA_ROOTS="),
             "a model to evaluate": ("evaluate/evaluate", {"qa": qa, "hf_model": str(secret)}, "MEDLM_DATA_ROOTS="),
-            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"stages": ["pubmedqa"]}, "hf_base": str(secret)}, "MEDLM_DATA_ROOTS="),
+            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"sources": ["pubmedqa"]}, "hf_base": str(secret)}, "MEDLM_DATA_ROOTS="),
         }
         runs = {what: run_deployment(name, parameters=parameters, timeout=0) for what, (name, parameters, _) in attempts.items()}
         with pytest.raises(PrefectHTTPStatusError, match="dask_address"):  # no such parameter: refused before a run exists

@@ -20,7 +20,9 @@ from eval_records import DATA, load_records
 
 from model.checkpoint import load_model
 from model.export_hf import export_hf, to_hf_model
-from model.finetune import ADAPTER_DIR, FinetuneConfig, add_lora, finetune, load_base, publish
+from model.base import HFTrainable, load_base
+from model.finetune import MODEL_DIR, FinetuneConfig, finetune
+from model.lora import ADAPTER_DIR, add_lora
 from model.model import IGNORE_INDEX
 from model.sft import (
     AllMaskedBatch,
@@ -177,7 +179,6 @@ def test_batches_are_a_function_of_seed_and_step_across_epochs():
 @pytest.mark.parametrize("backend", ["ours", "hf-llama"])
 def test_packing_keeps_examples_apart_and_gives_padding_s_per_example_losses(backend, base, hf_llama):
     base_model = load_base(base.path if backend == "ours" else hf_llama)
-    from model.finetune import HFTrainable
 
     model = (base_model.network() if backend == "ours" else HFTrainable(base_model.network())).eval()
     examples, _ = encode_examples(as_train([r for r in RECORDS if r["source"] == "medmcqa"]), base_model.encoder, "eval", "letter+text", 256)
@@ -248,6 +249,14 @@ def test_full_finetune_resumes_after_sigkill_with_the_same_losses(base, tmp_path
     assert sorted(resumed) == list(range(1, 61))
     for step in range(summary["resumed_from_step"] + 1, 61):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
+    for (name, p), q in zip(load_model(killed / MODEL_DIR).named_parameters(), load_model(tmp_path / "straight" / MODEL_DIR).parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+    # Killed while the model was being written: the rerun resumes at the last step and writes it again.
+    written = (killed / MODEL_DIR / "model.safetensors").read_bytes()
+    (killed / MODEL_DIR / "model.safetensors").write_bytes(written[: len(written) // 2])
+    again = finetune(cfg, optim, run, base.path, records, killed)
+    assert again["resumed_from_step"] == 60 and (killed / MODEL_DIR / "model.safetensors").read_bytes() == written
 
 
 # -- LoRA ------------------------------------------------------------------------------------------
@@ -258,7 +267,7 @@ def test_a_zero_initialised_adapter_changes_no_logit_and_only_adapters_train(bas
     ids = torch.randint(4, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids)[0]
-    peft_model = add_lora(model, FinetuneConfig(), hf=False, seed=0).eval()
+    peft_model = add_lora(model, FinetuneConfig().lora, hf=False, seed=0).eval()
     with torch.no_grad():
         assert torch.equal(peft_model(ids)[0], before)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -275,10 +284,8 @@ def test_lora_merged_equals_base_plus_adapter_and_the_adapter_loads_with_peft_on
     optim, run = small(max_steps=3, lr=5e-2)
     summary = finetune(cfg, optim, run, base.path, records, tmp_path / "run")
     assert summary["trainable_params"] < summary["params"] / 5
-    out = tmp_path / "out"
-    out.mkdir()
-    published = publish(tmp_path / "run", summary, out, base.path, cfg, optim.seed)
-    assert published["adapter"] == ADAPTER_DIR and not (tmp_path / "run").exists()
+    out = tmp_path / "run" / MODEL_DIR  # the model as the stage publishes it, written from memory
+    assert summary["adapter"] == ADAPTER_DIR
     assert sorted(p.name for p in (out / ADAPTER_DIR).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     ids = torch.randint(4, 1000, (2, 50), generator=torch.Generator().manual_seed(1))
@@ -328,9 +335,7 @@ def test_a_tiny_hf_llama_fine_tunes_full_and_lora_and_is_published_as_a_hf_folde
     optim, run = small(max_steps=3, lr=1e-2)
     summary = finetune(cfg, optim, run, hf_llama, records, tmp_path / "run")
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3] and summary["format"] == "hf"
-    out = tmp_path / "out"
-    out.mkdir()
-    publish(tmp_path / "run", summary, out, hf_llama, cfg, optim.seed)
+    out = tmp_path / "run" / MODEL_DIR
     tuned = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(4, 1000, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -477,7 +482,7 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base, store):
+def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each(base, store):
     from flows.finetune import Curriculum, comparison, finetune as finetune_flow
     from tasks.evaluate import EvaluationConfig
     from tasks.qa import QASources
@@ -486,7 +491,7 @@ def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base
     pretrained = store.get_or_build(ArtifactSpec("pretrain", "test"), lambda work: [shutil.copy2(p, work) for p in base.path.iterdir() if p.name != "manifest.json"] and None)
     qa = QASources(pubmedqa=str(DATA / "pubmedqa"), medqa=str(DATA / "medqa"), instructions=(str(DATA / "instructions"),))
     evaluation = EvaluationConfig(benchmarks=("pubmedqa", "medqa_4options"), shots=(0,), max_items=4, generation_items=0)
-    refs = finetune_flow(FinetuneConfig(max_length=256), *small(max_steps=2), Curriculum(stages=("pubmedqa", "instructions")), qa, evaluation, base_ref=pretrained.ref)
+    refs = finetune_flow(FinetuneConfig(max_length=256), *small(max_steps=2), Curriculum(sources=("pubmedqa", "instructions")), qa, evaluation, base_ref=pretrained.ref)
 
     assert len(refs) == 3
     evaluated = [store.require(ref).parents[0] for ref in refs]
@@ -496,8 +501,8 @@ def test_the_finetune_flow_runs_a_two_stage_curriculum_evaluated_after_each(base
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. instructions", "baseline"]
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
-    with pytest.raises(ValueError, match=r"curriculum stage 'medmcqa' has no data: set qa.medmcqa"):
-        finetune_flow(FinetuneConfig(), *small(), Curriculum(stages=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
+    with pytest.raises(ValueError, match=r"curriculum source 'medmcqa' has no data: set qa.medmcqa"):
+        finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -16,7 +16,7 @@ def test_the_demo_configuration_runs_the_whole_pipeline(store):
     args = _flow_parser("pipeline", pipeline).parse_args(["--config", "demo", *quick])
     kwargs = flow_arguments(pipeline, args)
     assert kwargs["source"].source == str(MIRROR) and kwargs["tokenizer"].vocab_size == 4096
-    assert kwargs["curriculum"].stages == ("pubmedqa", "instructions") and kwargs["finetune"].method == "lora"
+    assert kwargs["curriculum"].sources == ("pubmedqa", "instructions") and kwargs["finetune"].method == "lora"
     refs = pipeline(**kwargs)
     assert len(refs) == 3  # the pretrained model's evaluation, then each fine-tuning stage's
     evaluated = [store.require(store.require(ref).parents[0]) for ref in refs]
