@@ -33,6 +33,7 @@ OTHER_COMMANDS = {
     "export-hf": "Export a checkpoint so transformers' AutoModelForCausalLM / AutoTokenizer load it.",
     "store": "Inspect and tidy the artifact store: ls, verify, gc, pin, unpin, purge.",
     "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
+    "chat": "Chat with a fine-tuned model (a finetune ref or folder): its chat template, streamed answers.",
 }
 
 
@@ -97,6 +98,8 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         return _store(argv[1:])
     if command == "lineage":
         return _lineage(argv[1:])
+    if command == "chat":
+        return _chat(argv[1:])
     parser = ArgumentParser(prog="medlm", description="medlm: train a medical language model from PubMed, as a Prefect pipeline.")
     parser.add_argument("command", choices=[*COMMANDS, *OTHER_COMMANDS], metavar="COMMAND")
     parser.epilog = "commands:\n" + "\n".join(
@@ -213,6 +216,12 @@ def _demo(argv: list[str]) -> None:
     print("Lineage of the final model:\n")
     print("\n".join(tree_lines(lineage(store, model))))
     print(f"\nTrace any of them with: medlm lineage {refs[-1]}")
+    if model.startswith("finetune/"):
+        from model.chat import DISCLAIMER, Chat
+
+        question = "Does aspirin lower the risk of stroke?"
+        answer = "".join(Chat(store.require(model).path, max_tokens=24).reply(question)).strip()
+        print(f'\nmedlm chat {model} --message "{question}" --max-tokens 24  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n{answer}')
 
 
 # -- the store ----------------------------------------------------------------------------------------
@@ -329,6 +338,25 @@ def _lineage(argv: list[str]) -> None:
         print(json.dumps(root.as_dict(), indent=2) if args.json else "\n".join(tree_lines(root)))
 
 
+def _chat(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="medlm chat", description=OTHER_COMMANDS["chat"])
+    parser.add_argument("model", help="A finetune ref (finetune/3f9a...: a unique prefix will do) or a model folder with a chat template.")
+    _store_argument(parser)
+    from model.chat import add_chat_options, chat_from
+
+    add_chat_options(parser)
+    args = parser.parse_args(argv)
+    chat_from(_model_folder(args.model, args), args)
+
+
+def _model_folder(model: str, args) -> Path:
+    """A folder given as a path, or an artifact's folder given as its ref (fetched from the remote if need be)."""
+    folder = Path(model)
+    if not folder.is_dir() and "/" in model and not model.startswith((".", "/")):
+        return _open_store(args).require(model).path
+    return folder
+
+
 def _join(argv: list[str]) -> None:
     parser = ArgumentParser(prog="medlm join", description=OTHER_COMMANDS["join"])
     parser.add_argument("rdzv_id", help="The run's rdzv_id, as given to the stage (e.g. $SLURM_JOB_ID).")
@@ -374,9 +402,7 @@ def _export_hf(argv: list[str]) -> None:
     from model.export_hf import export_hf
     from storage.formats import TOKENIZER_FILES
 
-    folder = Path(args.checkpoint)
-    if not folder.is_dir() and "/" in args.checkpoint and not args.checkpoint.startswith((".", "/")):
-        folder = _open_store(args).require(args.checkpoint).path  # a ref, fetched from the remote if need be
+    folder = _model_folder(args.checkpoint, args)
     tokenizer = args.tokenizer
     if tokenizer is None and all((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = folder

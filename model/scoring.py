@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from model.model import KVCache, Transformer
+from model.model import KVCache, Transformer, next_token
 
 Score = tuple[float, bool]  # (sum of log-probabilities of the continuation, is_greedy)
 PAD = 0  # filler id for right padding; padded positions are never read
@@ -182,25 +182,50 @@ class CausalLM:
 
         As lm-eval's generate_until: the context is left-truncated to leave room for max_new_tokens.
         """
-        if not 0 < max_new_tokens < self.max_length:
-            raise ValueError(f"max_new_tokens must be in [1, {self.max_length}), got {max_new_tokens}")
-        ctx = self.encode(context)[-(self.max_length - max_new_tokens) :]
-        cache = self.new_cache(len(ctx) + max_new_tokens)
-        logits = self.logits(self._tensor([ctx]), cache, positions=self._tensor([[len(ctx) - 1]]))
         new: list[int] = []
-        while True:
-            token = int(logits[0, -1].argmax())
-            if token == self.eos_token_id:
-                break
+        for token in self.continuation(context, max_new_tokens):
             new.append(token)
-            text = self.decode(new)
-            if len(new) == max_new_tokens or any(stop in text for stop in until):
+            if any(stop in self.decode(new) for stop in until):
                 break
-            logits = self.logits(self._tensor([[token]]), cache)
         text = self.decode(new)
         for stop in until:
             text = text.split(stop)[0]
         return text
+
+    @torch.no_grad()
+    def stream(self, context: str, max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None,
+               generator: torch.Generator | None = None) -> Iterator[str]:
+        """The continuation of context as text, piece by piece as tokens arrive, until EOS or
+        max_new_tokens; greedy at temperature 0, else sampled (model/model.py ``next_token``)."""
+        new: list[int] = []
+        text = shown = ""
+        for token in self.continuation(context, max_new_tokens, temperature, top_p, generator):
+            new.append(token)
+            text = self.decode(new)
+            if not text.endswith("\ufffd"):  # else a character whose bytes have not all come yet
+                yield text[len(shown):]
+                shown = text
+        if text != shown:  # stopped inside a character: what generate() returns
+            yield text[len(shown):]
+
+    def continuation(self, context: str, max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None,
+                     generator: torch.Generator | None = None) -> Iterator[int]:
+        """Token ids after context (left-truncated to leave room for them), each computed from the
+        key/value cache of those before, until EOS (not yielded) or max_new_tokens."""
+        if not 0 < max_new_tokens < self.max_length:
+            raise ValueError(f"max_new_tokens must be in [1, {self.max_length}), got {max_new_tokens}")
+        ctx = self.encode(context)[-(self.max_length - max_new_tokens) :]
+        history = self._tensor([ctx])
+        cache = self.new_cache(len(ctx) + max_new_tokens)
+        logits = self.logits(history, cache, positions=self._tensor([[len(ctx) - 1]]))
+        for i in range(max_new_tokens):
+            if i:
+                logits = self.logits(history[:, -1:], cache)
+            token = next_token(logits[:, -1], history, temperature, None, top_p, 1.0, generator)
+            if int(token) == self.eos_token_id:
+                return
+            history = torch.cat((history, token), dim=1)
+            yield int(token)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -330,3 +355,14 @@ class HFCausalLM(CausalLM):
             input_ids=ids, use_cache=cache is not None, logits_to_keep=0 if positions is None else positions, **{self._cache_arg: cache}
         )
         return out.logits.float()
+
+
+def load_causal_lm(folder: str | Path, device: str = "cpu") -> CausalLM:
+    """Our checkpoint folder (weights, config and tokenizer files), or a Hugging Face model folder
+    (an hf_model artifact, or a model fine-tuned from one)."""
+    from model.checkpoint import is_hf_folder
+    from storage.formats import TOKENIZER_FILE, load_tokenizer
+
+    if is_hf_folder(folder):
+        return HFCausalLM.from_folder(folder, device)
+    return TransformerLM.from_checkpoint(folder, load_tokenizer(Path(folder) / TOKENIZER_FILE), device)

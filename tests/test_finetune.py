@@ -526,3 +526,47 @@ def test_fine_tuning_under_torchrun_equals_one_process_with_the_same_global_batc
         assert second[step] == pytest.approx(first[step], rel=1e-4)
     assert double.summary["val_loss"] == pytest.approx(single.summary["val_loss"], rel=1e-4)
 
+
+
+# -- chat ------------------------------------------------------------------------------------------
+
+
+def test_medlm_chat_streams_the_answer_the_chat_template_s_prompt_gets_and_keeps_the_conversation(base, hf_llama, session_store, tmp_path):
+    import subprocess
+
+    from model.chat import DISCLAIMER, Chat
+    from model.scoring import load_causal_lm
+    from tasks.finetune import FINETUNE, FinetuneRun
+    from tasks.hf_model import HF_MODEL, HFModelConfig
+    from tasks.qa import QA
+    from transformers import AutoTokenizer
+
+    pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
+    config = FinetuneRun(FinetuneConfig(max_length=256), *small(max_steps=2, batch_size=4))
+    tuned = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, config)
+    question, follow_up = "Does aspirin lower the risk of stroke?", "And of a heart attack?"
+    prompt = AutoTokenizer.from_pretrained(tuned.path).apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    assert prompt == f"Question: {question}\nAnswer:"  # the eval template fine-tuning trained on
+    greedy = load_causal_lm(tuned.path).generate(prompt, 12, until=())
+
+    medlm = [str(Path(sys.executable).parent / "medlm"), "chat", tuned.ref, "--max-tokens", "12"]
+    env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
+    one = subprocess.run([*medlm, "--message", question], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout == greedy.strip() + "\n" and DISCLAIMER in one.stderr
+
+    chat = Chat(tuned.path, max_tokens=12)
+    first, second = list(chat.reply(question)), list(chat.reply(follow_up))
+    assert "".join(first) == greedy and len(first) > 1  # streamed: a piece per token that completes text
+    assert chat.messages[1] == {"role": "assistant", "content": greedy} and len(chat.messages) == 4  # the answer is the next turn's context
+    talk = subprocess.run(medlm, input=f"{question}\n{follow_up}\n", env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert talk.returncode == 0 and talk.stdout == "".join(first) + "\n" + "".join(second) + "\n"
+
+    sampled = [list(Chat(tuned.path, max_tokens=12, temperature=1.0, seed=seed).reply(question)) for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # a seed decides a sampled answer
+
+    from_hf = FINETUNE.run(session_store, {"base": HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(hf_llama))), "data": [pubmedqa]}, config)
+    assert "".join(Chat(from_hf.path, max_tokens=8).reply(question)) == load_causal_lm(from_hf.path).generate(prompt, 8, until=())
+
+    plain = subprocess.run([*medlm[:2], base.ref, "--message", question], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "has no chat template" in plain.stderr and "chat with a finetune artifact" in plain.stderr
