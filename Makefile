@@ -9,8 +9,10 @@ PORT ?= 4200
 CONFIG ?=
 DB ?= postgres
 DEPLOY_ARGS ?=
+WHEELS ?= $(HOME)/.cache/medlm-wheels
+LLAMA_CPP := llama-cpp-python==0.3.36
 
-.PHONY: venv demo test test-fast bench up down clean
+.PHONY: venv demo test test-fast bench up down clean llama-cpp-wheel
 
 venv: $(INSTALLED)
 
@@ -20,7 +22,15 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)' 2>/dev/null \
+		|| echo "no $(LLAMA_CPP) wheel in $(WHEELS): the test that runs GGUF files in llama.cpp is skipped (make llama-cpp-wheel builds one, ~17 min)"
 	touch $@
+
+# llama-cpp-python has no wheel for this Python on the registry: build one from its sdist (~17 min
+# on 2 cores), cached outside the repository, where `make venv` finds it.
+llama-cpp-wheel: venv
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELS) '$(LLAMA_CPP)'
+	$(PY) -m pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)'
 
 demo: venv
 	$(VENV)/bin/medlm demo

@@ -151,6 +151,20 @@ def tokenizer(session_store, corpus):
     return TOKENIZER.run(session_store, {"corpus": corpus}, config)
 
 
+TINY = {"n_layer": 2, "d_model": 32, "n_head": 2, "context_length": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(session_store, corpus, tokenizer):
+    """A tiny pretrained checkpoint artifact (2 steps) with the sample corpus's tokenizer."""
+    from model.train import TrainConfig
+    from tasks.pretrain import PRETRAIN
+    from tasks.shards import SHARDS, ShardsConfig
+
+    shards = SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
+    return PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, TrainConfig.of(model=TINY, max_steps=2, batch_size=2, eval_windows=2))
+
+
 def kill_once_written(command: list[str], path: Path) -> None:
     """Run ``command`` (from the repository root) and SIGKILL it as soon as the folder ``path``
     exists; it must not end on its own first."""

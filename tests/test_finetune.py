@@ -41,7 +41,6 @@ from storage.formats import EOS_ID, PAD_ID, read_records
 from tasks.qa import QAConfig, convert_qa
 
 RECORDS = load_records()
-TINY = {"n_layer": 2, "d_model": 32, "n_head": 2, "context_length": 256}
 
 
 def instruction_records(tmp_path_factory) -> list[dict]:
@@ -69,13 +68,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(session_store, corpus, tokenizer):
-    """A tiny pretrained checkpoint artifact (2 steps) with the sample corpus's tokenizer."""
-    from tasks.pretrain import PRETRAIN
-    from tasks.shards import SHARDS, ShardsConfig
-
-    shards = SHARDS.run(session_store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
-    return PRETRAIN.run(session_store, {"shards": shards, "tokenizer": tokenizer}, TrainConfig.of(model=TINY, max_steps=2, batch_size=2, eval_windows=2))
+def base(tiny_checkpoint):
+    """The base every fine-tuning here starts from: conftest's tiny pretrained checkpoint."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
