@@ -79,6 +79,8 @@ def _one_line(error: BaseException) -> str:
 
 def _dispatch(argv: list[str], debug: bool) -> None:
     command = argv[0] if argv and not argv[0].startswith("-") else None
+    if command == "release" and argv[1:2] == ["push"]:
+        return _push_release(argv[2:])
     if command in COMMANDS or command == "demo":
         apply_prefect_defaults()
         if not debug:
@@ -201,7 +203,7 @@ def _run_flow(command: str, argv: list[str]):
 def _demo(argv: list[str]) -> None:
     parser = ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
     parser.parse_args(argv)
-    refs = _run_flow("pipeline", ["--config", "demo"])
+    *evaluations, release = _run_flow("pipeline", ["--config", "demo"])
     from flows.finetune import comparison
     from storage import Store
     from storage.lineage import lineage, table, tree_lines
@@ -209,13 +211,15 @@ def _demo(argv: list[str]) -> None:
 
     store = Store()
     print(f"\nDemo outputs are in {store.root.resolve()}:\n")
-    print(table(*(lineage(store, ref) for ref in refs)))
+    print(table(*(lineage(store, ref) for ref in evaluations)))
     print("\nEvaluation, before and after each fine-tuning stage (a tiny model: near chance, every number real):\n")
-    print(rows_markdown(comparison(store, refs)))
-    model = next((p for p in store.require(refs[-1]).parents if p.split("/")[0] in ("pretrain", "finetune")), refs[-1])
+    print(rows_markdown(comparison(store, evaluations)))
+    model = next((p for p in store.require(evaluations[-1]).parents if p.split("/")[0] in ("pretrain", "finetune")), evaluations[-1])
     print("Lineage of the final model:\n")
     print("\n".join(tree_lines(lineage(store, model))))
-    print(f"\nTrace any of them with: medlm lineage {refs[-1]}")
+    print(f"\nTrace any of them with: medlm lineage {evaluations[-1]}")
+    folder = store.require(release).path
+    print(f"\nThe release ({release}), for transformers, llama.cpp and Ollama: {folder.resolve()}\n  " + "  ".join(sorted(p.name for p in folder.iterdir())))
     if model.startswith("finetune/"):
         from model.chat import DISCLAIMER, Chat
 
@@ -347,6 +351,20 @@ def _chat(argv: list[str]) -> None:
     add_chat_options(parser)
     args = parser.parse_args(argv)
     chat_from(_model_folder(args.model, args), args)
+
+
+def _push_release(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="medlm release push", description="Upload a release folder to a Hugging Face Hub model repository (created if missing). "
+                            "The token: HF_TOKEN, or `hf auth login` once.")
+    parser.add_argument("repo", help="The Hub repository, USER/NAME or ORG/NAME.")
+    parser.add_argument("--ref", help="The release to upload, release/KEY [default: the newest].")
+    parser.add_argument("--private", action="store_true", help="Create the repository private.")
+    _store_argument(parser)
+    args = parser.parse_args(argv)
+    from tasks.release import push_release
+
+    store = _open_store(args)
+    print(push_release((store.require(args.ref) if args.ref else store.newest("release")).path, args.repo, private=args.private))
 
 
 def _model_folder(model: str, args) -> Path:

@@ -1,5 +1,6 @@
 """pipeline: the whole DAG: ingest -> tokenize -> retrain -> finetune (a curriculum of QA
-sources, the model evaluated after each, when curriculum.sources names any) or evaluate.
+sources, the model evaluated after each, when curriculum.sources names any) or evaluate ->
+release (the last model evaluated, packaged with its card).
 
 Each step is one of the flows the CLI and deployments run on their own, called here through
 ``.fn``: its tasks run in this one flow run, not in a subflow run per step (each flow run costs
@@ -20,6 +21,7 @@ from flows.evaluate import evaluate
 from flows.finetune import Curriculum, finetune as finetune_flow
 from flows.ingest import DOWNLOADS_AT_ONCE, ingest
 from flows.qa import convert
+from flows.release import release as release_flow
 from flows.retrain import retrain
 from flows.tokenizing import tokenize
 from model.finetune import FinetuneConfig
@@ -29,6 +31,7 @@ from tasks.download import SourceConfig
 from tasks.evaluate import EvaluationConfig
 from tasks.parse import ParseConfig
 from tasks.qa import QASources
+from tasks.release import ReleaseConfig
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
 
@@ -49,13 +52,17 @@ def pipeline(
     finetune_optim: OptimConfig = OptimConfig(),
     finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
+    release: ReleaseConfig = ReleaseConfig(),
 ) -> list[str]:
-    """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it names sources) and evaluate;
-    returns the refs of the evaluations: the pretrained model's, then the model's after each source."""
+    """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it names sources), evaluate and
+    release; returns the refs of the evaluations (the pretrained model's, then the model's after
+    each source), then the release's."""
     convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = ingest.fn(source, corpus, parse)
     shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
     if curriculum.sources:
-        return finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
-    return [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]
+        evaluations = finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
+    else:
+        evaluations = [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]
+    return [*evaluations, release_flow.fn(release, evaluation_ref=evaluations[-1])]

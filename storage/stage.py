@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
+from storage.lineage import lineage
 from storage.store import Artifact, ArtifactError, ArtifactSpec, Store
 
 ConfigT = TypeVar("ConfigT")
@@ -69,7 +70,7 @@ class Stage(Generic[ConfigT]):
     version: str
     config: type[ConfigT]
     inputs: Mapping[str, Input]
-    build: Callable[[Inputs, Path, ConfigT], dict | None]
+    build: Callable[..., dict | None]  # build(inputs, out_dir, config[, lineage]) -> summary
     resume: bool = False  # keep the work folder of a killed build and hand it back (downloads, training)
     # A short human label for lineage listings, e.g. a source file's name and md5.
     label: Callable[[Inputs, ConfigT], str] | None = None
@@ -78,6 +79,10 @@ class Stage(Generic[ConfigT]):
     # Which failures are worth running the stage again for, minutes later (a network outage); the
     # rest (bad XML, a bad config) fail at once.
     retry_if: Callable[[BaseException], bool] | None = None
+    # The build also reads where its inputs came from (a release's lineage.json and model card):
+    # it is called build(inputs, out_dir, config, lineage), ``lineage`` mapping each role of one
+    # artifact to its storage/lineage.py Node, read from the manifests (no file is fetched).
+    lineage: bool = False
 
     def spec(self, inputs: Inputs, config: ConfigT) -> ArtifactSpec:
         """The artifact's identity; its key is a pure function of this."""
@@ -98,11 +103,13 @@ class Stage(Generic[ConfigT]):
         spec = self.spec(inputs, config)
         label = self.label(inputs, config) if self.label else None
 
+        extra = ({role: lineage(store, a.ref) for role, a in inputs.items() if isinstance(a, Artifact)},) if self.lineage else ()
+
         def build(work: Path) -> dict | None:
             if build_in is None:
-                return self.build(_in_store(store, inputs), work, config)
+                return self.build(_in_store(store, inputs), work, config, *extra)
             try:
-                return build_in.submit(self.build, _in_store(store, inputs), work.absolute(), config).result()
+                return build_in.submit(self.build, _in_store(store, inputs), work.absolute(), config, *extra).result()
             except BrokenExecutor as e:
                 raise ArtifactError(
                     f"{self.name} {label or spec.ref}: the worker process building it ended abruptly ({e}); "

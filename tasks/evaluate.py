@@ -612,12 +612,12 @@ def comparison_rows(columns: Sequence[tuple[str, object]]) -> list[dict]:
 
 
 def rows_markdown(rows: Sequence[dict]) -> str:
-    """Table rows (dicts with the same keys) as a markdown table."""
+    """Table rows (dicts) as a markdown table: a column for every key any row has, "–" where a row has none."""
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
-    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]) + "\n"
+    return "\n".join(lines + ["| " + " | ".join(str(row.get(k, "–")) for k in keys) + " |" for row in rows]) + "\n"
 
 
 EVALUATE = Stage(

@@ -64,7 +64,7 @@ def workers(prefect_server, tmp_path):
         yield store
 
 
-DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "pipeline/pipeline", "join/join", "store-gc/nightly-gc")
+DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "release/release", "pipeline/pipeline", "join/join", "store-gc/nightly-gc")
 
 
 def worker_logs(tmp_path) -> str:

@@ -17,12 +17,13 @@ def test_the_demo_configuration_runs_the_whole_pipeline(store):
     kwargs = flow_arguments(pipeline, args)
     assert kwargs["source"].source == str(MIRROR) and kwargs["tokenizer"].vocab_size == 4096
     assert kwargs["curriculum"].sources == ("pubmedqa", "instructions") and kwargs["finetune"].method == "lora"
-    refs = pipeline(**kwargs)
-    assert len(refs) == 3  # the pretrained model's evaluation, then each fine-tuning stage's
+    *refs, release = pipeline(**kwargs)
+    assert len(refs) == 3  # the pretrained model's evaluation, then the model's after each source
     evaluated = [store.require(store.require(ref).parents[0]) for ref in refs]
     assert [a.kind for a in evaluated] == ["pretrain", "finetune", "finetune"]
     checkpoint = evaluated[0]
     assert checkpoint.summary["steps"] == 5 and evaluated[2].summary["steps"] == 2
+    assert store.require(release).parents == [evaluated[-1].ref, refs[-1]]  # the last model released, with its evaluation
     root = lineage(store, evaluated[-1].ref)  # the final model, down to the XML files
     built = table(root)
     for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "finetune/", "qa/"):
