@@ -23,13 +23,13 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)' 2>/dev/null \
-		|| echo "no $(LLAMA_CPP) wheel in $(WHEELS): the test that runs GGUF files in llama.cpp is skipped (make llama-cpp-wheel builds one, ~17 min)"
+		|| echo "no $(LLAMA_CPP) wheel in $(WHEELS): the test that runs GGUF files in llama.cpp is skipped (make llama-cpp-wheel builds one, 4-7 min)"
 	touch $@
 
-# llama-cpp-python has no wheel for this Python on the registry: build one from its sdist (~17 min
-# on 2 cores), cached outside the repository, where `make venv` finds it.
+# llama-cpp-python has no wheel for this Python on the registry: build one from its sdist (4-7 min
+# measured on 2 cores), cached outside the repository, where `make venv` finds it.
 llama-cpp-wheel: venv
-	$(PY) -m pip wheel -q --no-deps -w $(WHEELS) '$(LLAMA_CPP)'
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl 2>/dev/null || $(PY) -m pip wheel -q --no-deps -w $(WHEELS) '$(LLAMA_CPP)'
 	$(PY) -m pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)'
 
 demo: venv
