@@ -8,8 +8,9 @@ merges and special tokens go into the file, and a fine-tuned model's chat templa
 
 Our rotary embedding rotates the pairs (i, i + head_dim/2) of each head, as transformers' Llama
 does; llama.cpp rotates adjacent pairs (2i, 2i + 1). So the rows of the Q and K projections are
-permuted the way llama.cpp's convert_hf_to_gguf.py permutes a Llama's (``rope_permute``); without
-it the top token matched llama.cpp's at 31% of positions, with it at every position.
+permuted the way llama.cpp's convert_hf_to_gguf.py permutes a Llama's (``rope_permute``). On the
+demo's pretrained model, 200 positions of a text, f16: with it llama.cpp's top token is ours at
+every position (logits within 0.0023); without it at 78% (logits off by up to 3.0).
 """
 
 from __future__ import annotations
