@@ -34,6 +34,7 @@ from tasks.qa import (
     convert_qa,
 )
 from storage.formats import read_records
+from tasks.qa.registry import DATASETS
 
 DATA = Path(__file__).parent / "data"
 PUBMEDQA = DATA / "pubmedqa"
@@ -597,3 +598,21 @@ def test_the_qa_flow_lets_every_conversion_finish_and_names_each_that_failed(tmp
     assert [a.label for a in store.ls("qa")] == [MEDMCQA_VAL.name]  # the other conversion finished, and is kept
     state = qa(QASources(pubmedqa=str(MEDQA_4), medqa=str(MEDMCQA_VAL)), return_state=True)
     assert state.is_failed() and "2 QA sources failed: pubmedqa: " in state.message and "; medqa: " in state.message
+
+
+@pytest.mark.parametrize("dataset", DATASETS, ids=lambda d: d.name)
+def test_every_registered_dataset_reads_its_sample_and_refuses_the_others(tmp_path, dataset):
+    """A dataset is one module and one line in tasks/qa/registry.py; this asks it for a sample
+    in tests/data/<name>/, detected as it and read the same when named, and for a clear refusal
+    of every other dataset's sample given as it."""
+    sample = DATA / dataset.name
+    assert sample.is_dir(), f"add a sample of {dataset.title} as tests/data/{dataset.name}/"
+    summary, records, _ = convert(sample, tmp_path / "auto")
+    assert summary["format"] == dataset.name and records and summary["skipped"] == 0
+    assert convert(sample, tmp_path / "named", format=dataset.name)[1] == records
+    for other in DATASETS:
+        if other is not dataset:
+            with pytest.raises(QAFormatError) as e:
+                convert(DATA / other.name, tmp_path / other.name, format=dataset.name)
+            what = dataset.expected.split(":")[0]  # e.g. "MedQA records"
+            assert e.value.path.startswith(str(DATA / other.name)) and e.value.row and e.value.expected.startswith(what)
