@@ -151,6 +151,11 @@ def publish_checkpoint(run: Path, out_dir: Path, files: Iterable[Path]) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
 
 
+def summary_report(checkpoint) -> list[dict]:
+    """A training stage's report (a table on its task run's page): the numbers of the checkpoint artifact's summary."""
+    return [{"metric": k, "value": v} for k, v in checkpoint.summary.items() if isinstance(v, (int, float)) and v is not None]
+
+
 def finished_summary(out_dir: Path) -> dict | None:
     """The summary of a build killed after its run was published: only clean-up was left."""
     run, finished = out_dir / RUN_DIR, out_dir / f"{RUN_DIR}.done"

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from model.train import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("model.train", "model.finetune")  # what a launch may run: a join runs nothing else
+MODULES = ("model.train", "model.finetune", "model.dpo")  # what a launch may run: a join runs nothing else
 RENDEZVOUS = ".rendezvous"
 
 
@@ -68,6 +68,26 @@ def train_distributed(module: str, config: dict, args: tuple[str, ...], where: "
     config_file.write_text(json.dumps(config, indent=2))
     launch(Launch(module, ("--config", str(config_file), *args, "--out", str(run)), where.devices, where.nodes, where.rdzv_endpoint, where.rdzv_id), log)
     return json.loads((run / "summary.json").read_text())
+
+
+def train_stage(
+    out_dir: Path, where: "RunConfig", train_here: Callable[[Path], dict], module: str, config: dict, args: tuple[str, ...],
+    published: Callable[[Path, dict], list[Path]], log: Callable[[str], None],
+) -> dict:
+    """A training stage's build: its run in ``out_dir/RUN_DIR`` (resumed from its checkpoints),
+    trained in this process (``train_here(run)``) or under torchrun (``train_distributed``), then
+    the files ``published(run, summary)`` names published into ``out_dir``; returns the summary.
+    A build killed after publishing only finishes the clean-up."""
+    from model.checkpoint import RUN_DIR, finished_summary, publish_checkpoint
+
+    if (summary := finished_summary(out_dir)) is not None:
+        return summary
+    run = out_dir / RUN_DIR
+    if where.devices == 1 and where.nodes == 1:
+        summary = train_here(run)
+    else:  # torchrun, on this machine or as one of where.nodes
+        summary = train_distributed(module, config, args, where, run, log)
+    return publish_checkpoint(run, out_dir, published(run, summary))
 
 
 def rendezvous_file(rdzv_id: str, root: Path | None = None) -> Path:

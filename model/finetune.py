@@ -175,6 +175,11 @@ def write_model(model: torch.nn.Module, base: Base, cfg: FinetuneConfig, run: Pa
     return added
 
 
+def model_files(run: Path, summary: dict) -> list[Path]:
+    """What a fine-tuning stage publishes (model/distributed.py ``train_stage``): the folder ``write_model`` wrote."""
+    return sorted((run / MODEL_DIR).iterdir())
+
+
 # -- the data -----------------------------------------------------------------------------------------
 
 

@@ -19,9 +19,9 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from model.checkpoint import RUN_DIR, finished_summary, publish_checkpoint
-from model.distributed import train_distributed
-from model.finetune import MODEL_DIR, FinetuneConfig, finetune, read_data
+from model.checkpoint import summary_report
+from model.distributed import train_stage
+from model.finetune import FinetuneConfig, finetune, model_files, read_data
 from model.train import OptimConfig, RunConfig
 from storage import Input, Stage
 from storage.config import config_dataclass
@@ -41,15 +41,11 @@ class FinetuneRun:
 
 def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
     train, validation = read_data([a.path for a in inputs["data"]], [a.label or a.ref for a in inputs["data"]])
-    if (summary := finished_summary(out_dir)) is not None:
-        return summary
-    run = out_dir / RUN_DIR
-    if config.run.devices == 1 and config.run.nodes == 1:
-        finetune(config.finetune, config.optim, config.run, inputs["base"].path, train, run, validation)
-    else:  # torchrun, on this machine or as one of run.nodes
-        args = ("--base", str(inputs["base"].path), "--data", *(str(a.path) for a in inputs["data"]))
-        train_distributed("model.finetune", asdict(config), args, config.run, run, log.info)
-    return publish_checkpoint(run, out_dir, sorted((run / MODEL_DIR).iterdir()))
+    return train_stage(
+        out_dir, config.run, lambda run: finetune(config.finetune, config.optim, config.run, inputs["base"].path, train, run, validation),
+        "model.finetune", asdict(config), ("--base", str(inputs["base"].path), "--data", *(str(a.path) for a in inputs["data"])),
+        published=model_files, log=log.info,
+    )
 
 
 def finetune_label(inputs: dict, config: FinetuneRun) -> str:
@@ -65,7 +61,5 @@ FINETUNE = Stage(
     build=build_finetune,
     resume=True,  # the run folder's checkpoints survive a crash and fine-tuning continues from them
     label=finetune_label,
-    report=lambda checkpoint: [
-        {"metric": k, "value": v} for k, v in checkpoint.summary.items() if isinstance(v, (int, float)) and v is not None
-    ],
+    report=summary_report,
 )

@@ -13,8 +13,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from model.checkpoint import CHECKPOINT_FILES, RUN_DIR, finished_summary, publish_checkpoint
-from model.distributed import train_distributed
+from model.checkpoint import CHECKPOINT_FILES, summary_report
+from model.distributed import train_stage
 from model.train import TrainConfig, train
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
 from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
@@ -35,15 +35,11 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     expected = json.loads(shards.file(META_FILE).read_text()).get("tokenizer", {}).get("sha256")
     if expected and expected != sha256_file(tokenizer.file(TOKENIZER_FILE)):
         raise ArtifactError(f"{shards.ref} was encoded with a different tokenizer than {tokenizer.ref}; pass {shards_tokenizer(shards)}")
-    if (summary := finished_summary(out_dir)) is not None:
-        return summary
-    run = out_dir / RUN_DIR
-    if config.run.devices == 1 and config.run.nodes == 1:
-        summary = train(config, shards.path, run)
-    else:  # torchrun, on this machine or as one of run.nodes
-        summary = train_distributed("model.train", asdict(config), ("--shards", str(shards.path)), config.run, run, log.info)
-    final = run / summary["checkpoint"]
-    return publish_checkpoint(run, out_dir, [final / name for name in CHECKPOINT_FILES] + [tokenizer.file(name) for name in TOKENIZER_FILES])
+    return train_stage(
+        out_dir, config.run, lambda run: train(config, shards.path, run), "model.train", asdict(config), ("--shards", str(shards.path)),
+        published=lambda run, summary: [run / summary["checkpoint"] / name for name in CHECKPOINT_FILES] + [tokenizer.file(name) for name in TOKENIZER_FILES],
+        log=log.info,
+    )
 
 
 PRETRAIN = Stage(
@@ -53,7 +49,5 @@ PRETRAIN = Stage(
     inputs={"shards": Input("shards"), "tokenizer": Input("tokenizer")},
     build=build_pretrain,
     resume=True,  # the run folder's checkpoints survive a crash and training continues from them
-    report=lambda checkpoint: [
-        {"metric": k, "value": v} for k, v in checkpoint.summary.items() if isinstance(v, (int, float)) and v is not None
-    ],
+    report=summary_report,
 )
