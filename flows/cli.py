@@ -208,19 +208,20 @@ def _demo(argv: list[str]) -> None:
     from storage import Store
     from storage.lineage import lineage, table, tree_lines
     from tasks.evaluate import rows_markdown
+    from tasks.hf_model import MODEL_KINDS
 
     store = Store()
     print(f"\nDemo outputs are in {store.root.resolve()}:\n")
     print(table(*(lineage(store, ref) for ref in evaluations)))
     print("\nEvaluation, before and after each fine-tuning stage (a tiny model: near chance, every number real):\n")
     print(rows_markdown(comparison(store, evaluations)))
-    model = next((p for p in store.require(evaluations[-1]).parents if p.split("/")[0] in ("pretrain", "finetune")), evaluations[-1])
+    model = next((p for p in store.require(evaluations[-1]).parents if p.split("/")[0] in MODEL_KINDS), evaluations[-1])
     print("Lineage of the final model:\n")
     print("\n".join(tree_lines(lineage(store, model))))
     print(f"\nTrace any of them with: medlm lineage {evaluations[-1]}")
     folder = store.require(release).path
     print(f"\nThe release ({release}), for transformers, llama.cpp and Ollama: {folder.resolve()}\n  " + "  ".join(sorted(p.name for p in folder.iterdir())))
-    if model.startswith("finetune/"):
+    if model.startswith(("finetune/", "dpo/")):
         from model.chat import DISCLAIMER, Chat
 
         question = "Does aspirin lower the risk of stroke?"

@@ -18,7 +18,7 @@ from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig
 from tasks.hf_model import HF_MODEL, HFModelConfig
 from tasks.qa import QASources
 
-CHECKPOINT_KINDS = ("finetune", "pretrain")
+CHECKPOINT_KINDS = ("dpo", "finetune", "pretrain")
 
 
 def model_artifact(store: Store, ref: str | None, hf_folder: str | None, flag: str) -> Artifact:

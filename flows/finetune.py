@@ -1,12 +1,17 @@
 """finetune: a checkpoint (or a local Hugging Face model) fine-tuned through a curriculum of QA
-sources, the base and the model after every source evaluated, side by side (the GPU work pool runs this).
+sources, then preference-tuned (DPO), the base and the model after every stage evaluated, side
+by side (the GPU work pool runs this).
 
     medlm finetune --sources pubmedqa medmcqa medqa --method lora --pubmedqa DIR --medmcqa FILE --medqa DIR
+    medlm finetune --sources pubmedqa --preference-sources pubmedqa --beta 0.1 --dpo-optim.lr 5e-6 --pubmedqa DIR
 
 Each source's fine-tuning trains on its train split, starting from the model the previous one
 made, and is a finetune artifact of its own; so a curriculum stopped half-way, or extended by a
-source, redoes only what is new. The table (a Prefect table and markdown artifact of the run)
-puts the base model, the model after each source and the baseline of every benchmark side by side.
+source, redoes only what is new. Preference tuning (tasks/dpo.py) then starts from the last
+fine-tuned model, the reference, on pairs from the preference sources' train questions; no
+question any of the evaluated QA data asks outside its train split becomes a pair. The table (a
+Prefect table and markdown artifact of the run) puts the base model, the model after each stage
+and the baseline of every benchmark side by side.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from pydantic import Field
 from flows.evaluate import lineage_inputs, model_artifact
 from flows.qa import convert
 from flows.stage import publish_lineage, run_stage
+from model.dpo import DPOConfig
 from model.finetune import FinetuneConfig
 from model.train import OptimConfig, RunConfig
 from storage import Artifact, Store
 from storage.access import DataPath
 from storage.config import config_dataclass
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
+from tasks.dpo import DPO, DPORun
 from tasks.finetune import FINETUNE, FinetuneRun
 from tasks.hf_model import MODEL_KINDS
 from tasks.qa import QASources
@@ -34,11 +41,16 @@ from tasks.qa import QASources
 
 @config_dataclass
 class Curriculum:
-    """QA sources to fine-tune on in order, each on its train split, the model evaluated after each."""
+    """QA sources to fine-tune on in order, each on its train split, then those whose questions
+    preference tuning pairs; the model evaluated after each stage."""
 
     sources: tuple[Literal["pubmedqa", "medmcqa", "medqa", "instructions"], ...] = Field(
         (),
         description="QA sources to fine-tune on, in order, e.g. pubmedqa medmcqa medqa: each starts from the model the previous one made (instructions: every instruction file). Empty: no fine-tuning.",
+    )
+    preference_sources: tuple[Literal["pubmedqa", "medmcqa", "medqa"], ...] = Field(
+        (),
+        description="Multiple-choice QA sources whose train questions become DPO pairs (gold answer over a distractor), tuned after the fine-tuning, the last fine-tuned model as the reference. Empty: no preference tuning.",
     )
     evaluate_base: bool = Field(True, description="Evaluate the base model first, for the before/after table.")
 
@@ -58,11 +70,11 @@ def columns(store: Store, evaluation_refs: list[str]) -> list[tuple[str, Artifac
     for ref in evaluation_refs:
         evaluation = store.require(ref)
         model = next((store.require(p) for p in evaluation.parents if p.split("/")[0] in MODEL_KINDS), None)
-        if model is None or model.kind != "finetune":
+        if model is None or model.kind not in ("finetune", "dpo"):
             label = "base"
         else:
-            data = [store.require(p).label or p for p in model.parents if p.startswith("qa/")]
-            label = f"{sum(label != 'base' for label, _ in out) + 1}. {' + '.join(data)}"
+            data = model.label if model.kind == "dpo" else " + ".join(store.require(p).label or p for p in model.parents if p.startswith("qa/"))
+            label = f"{sum(label != 'base' for label, _ in out) + 1}. {data}"
         out.append((label, evaluation))
     return out
 
@@ -80,16 +92,19 @@ def finetune(
     curriculum: Curriculum = Curriculum(),
     qa: QASources = QASources(),
     evaluation: EvaluationConfig = EvaluationConfig(),
-    base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain or finetune checkpoint; not used with hf_base).")] = None,
+    dpo: DPOConfig = DPOConfig(),
+    dpo_optim: OptimConfig = OptimConfig(),
+    base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain, finetune or dpo checkpoint; not used with hf_base).")] = None,
     hf_base: Annotated[DataPath | None, Field(description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint: taken into the store as an hf_model artifact.")] = None,
 ) -> list[str]:
-    """Fine-tune through the curriculum's sources, evaluating the base and the model after each; returns
-    the evaluations' refs, base first (each names the model it evaluated)."""
-    if not curriculum.sources:
+    """Fine-tune through the curriculum's sources, then preference-tune, evaluating the base and the
+    model after each stage; returns the evaluations' refs, base first (each names the model it evaluated)."""
+    if not curriculum.sources and not curriculum.preference_sources:
         raise ValueError("curriculum.sources is empty: name the QA sources to fine-tune on, in order, e.g. --sources pubmedqa medmcqa medqa")
     store = Store()
     converted = convert(qa)
     data = {source: source_data(source, converted, qa) for source in curriculum.sources}
+    preference_data = [a for source in curriculum.preference_sources for a in source_data(source, converted, qa)]
     everything = list(converted.values())
     model = model_artifact(store, base_ref, hf_base, "--hf-base")
     log = get_run_logger()
@@ -102,6 +117,11 @@ def finetune(
         model = run_stage(FINETUNE, {"base": model, "data": data[source]}, config, label=f"{i}/{len(curriculum.sources)} {source}")
         log.info("fine-tuned on %s (%d of %d): %s, final loss %s", source, i, len(curriculum.sources), model.ref, model.summary.get("final_loss"))
         evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after {source}"))
+    if preference_data:
+        names = " + ".join(curriculum.preference_sources)
+        model = run_stage(DPO, {"base": model, "data": preference_data, "held_out": [a for a in everything if a not in preference_data] or None}, DPORun(finetune, dpo, dpo_optim, finetune_run), label=f"DPO on {names}")
+        log.info("preference-tuned on %s: %s, reward accuracy %s", names, model.ref, model.summary.get("val_reward_accuracy"))
+        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after DPO on {names}"))
 
     refs = [e.ref for e in evaluations]
     rows = comparison(store, refs)

@@ -1,5 +1,6 @@
 """pipeline: the whole DAG: ingest -> tokenize -> retrain -> finetune (a curriculum of QA
-sources, the model evaluated after each, when curriculum.sources names any) or evaluate ->
+sources, then preference tuning, the model evaluated after each stage, when the curriculum
+names any sources) or evaluate ->
 release (the last model evaluated, packaged with its card).
 
 Each step is one of the flows the CLI and deployments run on their own, called here through
@@ -22,6 +23,7 @@ from flows.finetune import Curriculum, finetune as finetune_flow
 from flows.ingest import DOWNLOADS_AT_ONCE, ingest
 from flows.qa import convert
 from flows.release import release as release_flow
+from model.dpo import DPOConfig
 from flows.retrain import retrain
 from flows.tokenizing import tokenize
 from model.finetune import FinetuneConfig
@@ -52,17 +54,20 @@ def pipeline(
     finetune_optim: OptimConfig = OptimConfig(),
     finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
+    dpo: DPOConfig = DPOConfig(),
+    dpo_optim: OptimConfig = OptimConfig(),
     release: ReleaseConfig = ReleaseConfig(),
 ) -> list[str]:
-    """Ingest, tokenize, pretrain, fine-tune through the curriculum (if it names sources), evaluate and
+    """Ingest, tokenize, pretrain, fine-tune and preference-tune through the curriculum (if it names sources), evaluate and
     release; returns the refs of the evaluations (the pretrained model's, then the model's after
     each source), then the release's."""
     convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = ingest.fn(source, corpus, parse)
     shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
     checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
-    if curriculum.sources:
-        evaluations = finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, base_ref=checkpoint_ref)
+    if curriculum.sources or curriculum.preference_sources:
+        evaluations = finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, dpo, dpo_optim,
+                                       base_ref=checkpoint_ref)
     else:
         evaluations = [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]
     return [*evaluations, release_flow.fn(release, evaluation_ref=evaluations[-1])]

@@ -287,14 +287,15 @@ class BatchSource(Protocol):
 def target_shares(micro_batches: list[tuple], rt: Runtime) -> list[torch.Tensor] | None:
     """What each micro-batch's mean loss weighs in the step's loss.
 
-    (x, y) windows all have the same number of targets: None, each weighs 1 / grad_accum. Masked
+    (x, y) windows all have the same number of targets, and preference pairs (model/dpo.py) are
+    batch_size to a micro-batch: None, each weighs 1 / grad_accum. Masked
     batches have as many targets as their completions have tokens, so a mean of micro-batch means
     would weigh a short answer's tokens more than a long one's: each weighs its share of the
     step's targets (summed over every rank, times world_size since DDP averages the gradients),
     making the step's loss the mean over every target token of the step. That is how transformers'
     Trainer (num_items_in_batch) and TRL's SFTTrainer normalise it.
     """
-    if all(len(batch) == 2 for batch in micro_batches):
+    if all(len(batch) == 2 or "reference_logps" in batch[2] for batch in micro_batches):
         return None
     counts = torch.stack([batch[1].ne(IGNORE_INDEX).sum() for batch in micro_batches]).double()
     total = counts.sum()
@@ -408,19 +409,25 @@ def train_loop(
     run_info: dict,
     init_from: Path | None = None,
     what: str = "training",
+    perplexity: bool = True,
 ) -> dict:
     """Train (or resume) ``optim.max_steps`` optimizer steps of ``model`` into ``out``; return the run summary.
 
     ``model`` (on rt.device) maps (x, y, **inputs) to (logits, mean loss over y != -100): ours, or a
-    wrapped Hugging Face model, with or without adapters. The step's loss is the mean over its
-    targets (``target_shares``). A fresh run starts from its weights as given, or
+    wrapped Hugging Face model, with or without adapters, or DPO's objective (model/dpo.py: the
+    mean loss over pairs). The step's loss is the mean over its targets (``target_shares``). A fresh run starts from its weights as given, or
     from the checkpoint ``init_from`` (fine-tuning); a run folder with checkpoints resumes from its
     latest one, data position included. ``model_config`` describes the network (a resumed run must
     match it); it and ``run_info`` go into every checkpoint's config.json. Rank 0 reports progress
     as ``what`` (storage/progress.py: step N of max_steps, tokens/s, time left, MFU on a GPU whose
-    peak it knows).
+    peak it knows). ``perplexity``: the validation loss is a cross-entropy, whose exponential is
+    reported beside it (DPO's loss is not).
     """
     started = time.time()
+
+    def validation(loss: float) -> dict:
+        return {"val_loss": loss} | ({"val_ppl": math.exp(min(loss, 50.0))} if perplexity else {})
+
     run_config = {"model": model_config, "optim": asdict(optim), "run": asdict(run), **run_info}
 
     if rt.is_main:
@@ -471,7 +478,8 @@ def train_loop(
                 mfu = f", MFU {100 * record['tokens_per_s'] * flops / peak / rt.world_size:.1f}%" if flops and peak else ""
                 steps.update(record["step"], f"loss {record['loss']:.4g}, {record['tokens_per_s']:,.0f} tokens/s{mfu}")
             else:
-                _log.info("%s: step %d, validation loss %.4g (perplexity %.4g)", what, record["step"], record["val_loss"], record["val_ppl"])
+                ppl = f" (perplexity {record['val_ppl']:.4g})" if "val_ppl" in record else ""
+                _log.info("%s: step %d, validation loss %.4g%s", what, record["step"], record["val_loss"], ppl)
 
     def checkpoint(step: int) -> None:
         if rt.is_main:
@@ -522,7 +530,7 @@ def train_loop(
             })
         if done % run.eval_every == 0 or done == optim.max_steps:
             val_loss = validate(raw_model)
-            log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+            log({"step": done, **validation(val_loss)})
         if done % run.checkpoint_every == 0 or done == optim.max_steps:
             checkpoint(done)
 
@@ -534,8 +542,7 @@ def train_loop(
         "steps": optim.max_steps,
         "resumed_from_step": start_step if resume_from is not None else None,
         "final_loss": train_losses[-1] if train_losses else loss_value,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(min(val_loss, 50.0)),
+        **validation(val_loss),
         "tokens_seen": optim.max_steps * tokens_per_step,
         "tokens_per_step": tokens_per_step,
         "grad_accum": grad_accum,  # None when resumed from the final checkpoint

@@ -26,6 +26,7 @@ from model.checkpoint import is_hf_folder, load_checkpoint_config
 from storage import Input, Stage
 from storage.config import config_dataclass
 from storage.lineage import Node, ancestors_first
+from tasks.hf_model import MODEL_KINDS
 
 CARD_FILE = "README.md"
 LINEAGE_FILE = "lineage.json"
@@ -64,11 +65,17 @@ def write_gguf(model: Path, out_dir: Path, config: ReleaseConfig) -> list[str] |
     return [export_gguf(model, out_dir / f"{config.name}-{type}.gguf", type).name for type in config.gguf]
 
 
+TUNED = {  # what the card's first line says was done after pretraining
+    "finetune": " and fine-tuned on medical question answering",
+    "dpo": ", fine-tuned on medical question answering and preference-tuned (DPO) to prefer the right answers",
+}
+
+
 def training_data(root: Node) -> dict[str, list[Node]]:
     """The model's data by kind, from its lineage: PubMed files (download), corpus snapshots, QA sources."""
     found: dict[str, list[Node]] = {}
     for node in ancestors_first(root):
-        if node.kind in ("download", "corpus", "qa", "pretrain", "finetune", "hf_model"):
+        if node.kind in ("download", "corpus", "qa", *MODEL_KINDS):
             found.setdefault(node.kind, []).append(node)
     return found
 
@@ -76,7 +83,7 @@ def training_data(root: Node) -> dict[str, list[Node]]:
 def build_release(inputs: dict, out_dir: Path, config: ReleaseConfig, lineage: dict[str, Node]) -> dict:
     model, evaluation = inputs["model"], inputs["evaluation"]
     if model.ref not in evaluation.parents:
-        raise ValueError(f"{evaluation.ref} evaluated {next((p for p in evaluation.parents if p.split('/')[0] in ('pretrain', 'finetune', 'hf_model')), '?')}, not {model.ref}; release a model with its own evaluation")
+        raise ValueError(f"{evaluation.ref} evaluated {next((p for p in evaluation.parents if p.split('/')[0] in MODEL_KINDS), '?')}, not {model.ref}; release a model with its own evaluation")
     write_model_files(model.path, out_dir)
     gguf = write_gguf(model.path, out_dir, config)
     (out_dir / LINEAGE_FILE).write_text(json.dumps(lineage["model"].as_dict(), indent=2) + "\n")
@@ -149,12 +156,12 @@ def model_card(config: ReleaseConfig, model, evaluation, root: Node, gguf: list[
     steps = "\n".join(
         f"- `{n.ref}`: {n.label or 'pretraining'}; {n.summary.get('steps', '?')} steps, {n.summary.get('tokens_seen', 0):,} tokens, "
         f"final loss {n.summary.get('final_loss', float('nan')):.4g}, validation loss {n.summary.get('val_loss', float('nan')):.4g}"
-        for kind in ("pretrain", "finetune") for n in data.get(kind, [])
+        for kind in ("pretrain", "finetune", "dpo") for n in data.get(kind, [])
     )
     text = f"""
 # {config.name}
 
-A causal language model for biomedical text, pretrained from scratch on PubMed abstracts{' and fine-tuned on medical question answering' if model.kind == 'finetune' else ''} by the medlm pipeline: {parameter_count(out_dir):,} parameters (`{model.ref}`).
+A causal language model for biomedical text, pretrained from scratch on PubMed abstracts{TUNED.get(model.kind, '')} by the medlm pipeline: {parameter_count(out_dir):,} parameters (`{model.ref}`).
 
 > **Not medical advice.** {DISCLAIMER}
 
@@ -219,7 +226,7 @@ RELEASE = Stage(
     name="release",
     version="1",
     config=ReleaseConfig,
-    inputs={"model": Input(("pretrain", "finetune", "hf_model")), "evaluation": Input("evaluate")},
+    inputs={"model": Input(MODEL_KINDS), "evaluation": Input("evaluate")},
     build=build_release,
     lineage=True,  # lineage.json and the card's training data
     label=lambda inputs, config: f"{config.name}: {inputs['model'].ref}",

@@ -11,22 +11,24 @@ from storage.lineage import lineage, table, tree_lines
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_demo_configuration_runs_the_whole_pipeline(store):
-    quick = ["--optim.max-steps", "5", "--finetune-optim.max-steps", "2", "--shots", "0", "--max-items", "3",
+    quick = ["--optim.max-steps", "5", "--finetune-optim.max-steps", "2", "--dpo-optim.max-steps", "2", "--shots", "0", "--max-items", "3",
              "--generation-items", "0", "--perplexity-documents", "3", "--held-out-documents", "3"]
     args = _flow_parser("pipeline", pipeline).parse_args(["--config", "demo", *quick])
     kwargs = flow_arguments(pipeline, args)
     assert kwargs["source"].source == str(MIRROR) and kwargs["tokenizer"].vocab_size == 4096
     assert kwargs["curriculum"].sources == ("pubmedqa", "instructions") and kwargs["finetune"].method == "lora"
+    assert kwargs["curriculum"].preference_sources == ("pubmedqa",)
     *refs, release = pipeline(**kwargs)
-    assert len(refs) == 3  # the pretrained model's evaluation, then the model's after each source
+    assert len(refs) == 4  # the pretrained model's evaluation, then the model's after each source, then after DPO
     evaluated = [store.require(store.require(ref).parents[0]) for ref in refs]
-    assert [a.kind for a in evaluated] == ["pretrain", "finetune", "finetune"]
+    assert [a.kind for a in evaluated] == ["pretrain", "finetune", "finetune", "dpo"]
     checkpoint = evaluated[0]
-    assert checkpoint.summary["steps"] == 5 and evaluated[2].summary["steps"] == 2
+    assert checkpoint.summary["steps"] == 5 and evaluated[2].summary["steps"] == evaluated[3].summary["steps"] == 2
+    assert evaluated[3].parents[0] == evaluated[2].ref  # DPO from the last fine-tuned model, its reference
     assert store.require(release).parents == [evaluated[-1].ref, refs[-1]]  # the last model released, with its evaluation
     root = lineage(store, evaluated[-1].ref)  # the final model, down to the XML files
     built = table(root)
-    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "finetune/", "qa/"):
+    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "finetune/", "dpo/", "qa/"):
         assert kind in built
     tree = "\n".join(tree_lines(root))
     for md5_file in MIRROR.glob("*/*.md5"):

@@ -1,0 +1,299 @@
+"""Preference tuning (DPO: Rafailov et al. 2023, "Direct Preference Optimization") of a fine-tuned
+model on pairs made from multiple-choice QA records, full or LoRA, with the pretraining loop.
+
+    python -m model.dpo --base SFT_DIR --data QA_DIR [QA_DIR ...] --held-out QA_DIR ... --out RUN_DIR [--config run.json]
+
+(run.json: {"finetune": {FinetuneConfig}, "dpo": {DPOConfig}, "optim": {OptimConfig}, "run": {RunConfig}}.)
+
+Pairs (``preference_pairs``): every train record with options gives ``rejected_per_question``
+pairs, each the record's prompt with the gold answer (chosen) and one distractor (rejected),
+the distractors drawn from (seed, record id). Both are rendered as fine-tuning renders an answer
+(model/sft.py, the base's template and completion), without the explanation: it argues for the
+gold answer, so a pair differs in the answer alone. A question that any held-out record (the
+validation and test splits of the QA data evaluation scores) also asks never becomes a pair,
+whichever dataset it came from; the pairs dropped so are counted.
+
+The loss is DPO's sigmoid loss, as TRL's DPOTrainer computes it (``loss_type="sigmoid"``):
+-log σ(β((log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)))), each log-probability the sum
+over the completion's tokens ([EOS] included), the mean over the step's pairs. The reference is
+the base, the model fine-tuning made: its log-probabilities are computed once, before training
+(eval mode, no dropout), which is TRL's ``precompute_ref_log_probs``; a resumed run computes the
+same numbers again from the same base. Validation reports the loss, the reward accuracy (how
+often the chosen answer's implicit reward β(log π - log π_ref) beats the rejected one's) and the
+mean reward margin, on pairs of the validation split (else the first training pairs).
+
+The run folder is fine-tuning's: checkpoints, metrics.jsonl, loss.png, summary.json and, at the
+end, the trained network as it is published in ``RUN_DIR/model/`` (model/finetune.py ``write_model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+
+from model.base import Base, load_base
+from model.checkpoint import load_weights
+from model.finetune import FinetuneConfig, read_data, trainable, write_model
+from model.model import IGNORE_INDEX
+from model.sft import Example, SFTBatches, chat_template, collate, encode_examples
+from model.train import OptimConfig, RunConfig, require_memory, setup_runtime, train_loop
+from storage.config import ArgumentParser, config_dataclass
+
+
+@config_dataclass
+class DPOConfig:
+    """How preference tuning weighs and makes its pairs (the network's training, LoRA or full: a FinetuneConfig)."""
+
+    beta: float = Field(0.1, gt=0, description="DPO's beta: how far the tuned model may move from the reference (the fine-tuned base); larger stays closer.")
+    rejected_per_question: int = Field(1, ge=1, le=25, description="Pairs per question, each with another distractor as the rejected answer (at most the question's options but one).")
+
+
+# -- pairs ------------------------------------------------------------------------------------------------
+
+
+def question_key(record: dict) -> str:
+    """What makes two records the same question wherever they come from: the question's words."""
+    return " ".join(record["question"].split()).casefold()
+
+
+def preference_pairs(
+    records: Sequence[dict], held_out: Sequence[dict], per_question: int, seed: int, split: str = "train"
+) -> tuple[list[tuple[dict, dict]], dict]:
+    """(chosen, rejected) records of every ``split`` record with options whose question no held-out
+    record outside the train split asks, and a report of what was paired and what was left out."""
+    guarded = {question_key(r) for r in held_out if r["split"] != "train"}
+    pairs, report = [], {"questions": 0, "pairs": 0, "held_out_questions_skipped": 0, "without_options_skipped": 0}
+    for record in records:
+        if record["split"] != split:
+            continue
+        if len(record["options"]) < 2:
+            report["without_options_skipped"] += 1
+            continue
+        if question_key(record) in guarded:
+            report["held_out_questions_skipped"] += 1
+            continue
+        gold = {**record, "explanation": None}
+        distractors = [i for i in range(len(record["options"])) if i != record["answer_idx"]]
+        rng = np.random.default_rng([seed, int(hashlib.sha256(record["id"].encode()).hexdigest()[:15], 16)])
+        for i in sorted(rng.choice(distractors, size=min(per_question, len(distractors)), replace=False).tolist()):
+            pair_id = f"{record['id']}>{i}"
+            pairs.append(({**gold, "id": pair_id}, {**gold, "id": pair_id, "answer_idx": i}))
+        report["questions"] += 1
+    report["pairs"] = len(pairs)
+    return pairs, report
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    chosen: Example
+    rejected: Example
+
+
+def encode_pairs(pairs: Sequence[tuple[dict, dict]], base: Base, cfg: FinetuneConfig, max_length: int) -> tuple[list[Pair], dict]:
+    """Tokens of both sides of every pair, as fine-tuning encodes an example; a pair one side of
+    which is too long for max_length is dropped and counted."""
+    encode = lambda side: encode_examples([p[side] for p in pairs], base.encoder, cfg.template, cfg.completion, max_length)  # noqa: E731
+    (chosen, chosen_report), (rejected, rejected_report) = encode(0), encode(1)
+    by_id = {e.id: e for e in rejected}
+    encoded = [Pair(c.id, c, by_id[c.id]) for c in chosen if c.id in by_id]
+    report = {"pairs_encoded": len(encoded), "pairs_dropped_too_long": len(pairs) - len(encoded),
+              "prompts_cut": chosen_report["prompts_cut"] + rejected_report["prompts_cut"]}
+    return encoded, report
+
+
+class PairBatches(SFTBatches):
+    """``batch_size`` pairs per micro-batch, drawn as fine-tuning draws its examples: x holds the
+    chosen rows then the rejected rows, padded; ``reference_logps`` their reference log-probabilities."""
+
+    def __init__(self, pairs: Sequence[Pair], reference_logps: torch.Tensor, *args, **kwargs):
+        super().__init__(pairs, *args, packing=False, **kwargs)
+        self.reference_logps = reference_logps  # (pairs, 2): chosen, rejected
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+        rows = self.step_rows(self.step)
+        self.step += 1
+        micro = [[row[0] for row in rows[i : i + self.batch_size]] for i in range(0, len(rows), self.batch_size)]
+        return [pair_batch([self.examples[i] for i in batch], self.reference_logps[batch], self.pad_id, self.device) for batch in micro]
+
+
+def pair_batch(pairs: Sequence[Pair], reference_logps: torch.Tensor | None, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    x, y, _ = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id, False, device)
+    inputs = {} if reference_logps is None else {"reference_logps": reference_logps.T.reshape(-1).to(x.device)}
+    return x, y, inputs
+
+
+# -- the objective --------------------------------------------------------------------------------------
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of the log-probabilities of its targets (y != -100)."""
+    mask = targets != IGNORE_INDEX
+    logps = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (logps * mask).sum(-1)
+
+
+def dpo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pair: DPO's sigmoid loss, and the chosen and rejected rewards β(log π - log π_ref).
+    Both arguments hold the chosen rows, then the rejected rows."""
+    rewards = beta * (policy_logps - reference_logps)
+    chosen, rejected = rewards.chunk(2)
+    return -F.logsigmoid(chosen - rejected), chosen, rejected
+
+
+class DPOObjective(torch.nn.Module):
+    """The policy as ``train_loop`` trains a model: (x, y, reference_logps) -> (None, mean DPO loss of the pairs)."""
+
+    def __init__(self, policy: torch.nn.Module, beta: float):
+        super().__init__()
+        self.policy, self.beta = policy, beta
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, reference_logps: torch.Tensor):
+        logits, _ = self.policy(x)
+        losses, _, _ = dpo_loss(sequence_logps(logits, y), reference_logps, self.beta)
+        return None, losses.mean()
+
+
+@torch.no_grad()
+def policy_logps(policy: torch.nn.Module, pairs: Sequence[Pair], batch_size: int, pad_id: int, device, autocast) -> torch.Tensor:
+    """(pairs, 2) log-probabilities of the chosen and rejected answers, in eval mode (no dropout)."""
+    was_training = policy.training
+    policy.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        x, y, _ = pair_batch(pairs[i : i + batch_size], None, pad_id, device)
+        with autocast():
+            logits, _ = policy(x)
+        out.append(sequence_logps(logits, y).view(2, -1).T.cpu())
+    policy.train(was_training)
+    return torch.cat(out)
+
+
+def preference_metrics(objective: DPOObjective, pairs: Sequence[Pair], reference_logps: torch.Tensor, batch_size: int, pad_id: int, device, autocast) -> dict:
+    """Mean DPO loss, reward accuracy and reward margin over ``pairs``."""
+    logps = policy_logps(objective.policy, pairs, batch_size, pad_id, device, autocast)
+    losses, chosen, rejected = dpo_loss(logps.T.reshape(-1), reference_logps.T.reshape(-1), objective.beta)
+    return {"loss": losses.mean().item(), "reward_accuracy": (chosen > rejected).float().mean().item(),
+            "reward_margin": (chosen - rejected).mean().item()}
+
+
+# -- training ---------------------------------------------------------------------------------------------
+
+
+def require_template(base: Base, template: str) -> None:
+    """The base must be a model fine-tuned with ``template``: its chat template is the one DPO's prompts use."""
+    config = base.path / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if saved is None:
+        raise ValueError(f"{base.path} has no chat template: preference tuning starts from a fine-tuned model (a finetune artifact); fine-tune first")
+    if saved != chat_template(template):
+        raise ValueError(f"{base.path} was fine-tuned with another prompt template than {template!r}; set finetune.template to the one it was fine-tuned with")
+
+
+def dpo(
+    ft: FinetuneConfig,
+    cfg: DPOConfig,
+    optim: OptimConfig,
+    run: RunConfig,
+    base_path: str | Path,
+    records: Sequence[dict],
+    held_out: Sequence[dict],
+    out: str | Path,
+) -> dict:
+    """Preference-tune the base on pairs from ``records``' train split (none asked by ``held_out``
+    records) into the run folder ``out`` (resumed if it has checkpoints); return the run summary."""
+    base = load_base(base_path)
+    require_template(base, ft.template)
+    max_length = ft.max_length or base.context_length
+    if max_length > base.context_length:
+        raise ValueError(f"max_length {max_length} is longer than the model's context of {base.context_length} tokens; lower finetune.max_length")
+    train_pairs, report = preference_pairs(records, held_out, cfg.rejected_per_question, optim.seed)
+    if not train_pairs:
+        raise ValueError(f"no preference pairs: the QA data has no train questions with options that evaluation does not ask ({report})")
+    pairs, encoding = encode_pairs(train_pairs, base, ft, max_length)
+    validation = [r for r in records if r["split"] == "validation"]
+    if validation:
+        val_pairs, _ = encode_pairs(preference_pairs(validation, [], 1, optim.seed, "validation")[0], base, ft, max_length)
+        val_pairs, val_on = val_pairs[: ft.val_examples], "validation split"
+    else:
+        val_pairs, val_on = sorted(pairs, key=lambda p: p.id)[: ft.val_examples], "training pairs (the data has no validation split)"
+
+    rt = setup_runtime(run)
+    try:
+        policy, description, init_from = trainable(base, ft, optim.seed)
+        if init_from is not None:  # full fine-tuning of ours: the weights now, so the reference is computed from them
+            load_weights(policy, init_from)
+        model = DPOObjective(policy, cfg.beta)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        require_memory(base.shape(), sum(p.numel() for p in model.parameters()), trained, 2 * optim.batch_size, max_length, rt)
+        model.to(rt.device)
+        pad_id = base.encoder.pad_id
+        # Before training the policy is the base (LoRA's B matrices start at zero): the reference.
+        reference = policy_logps(policy, pairs, optim.batch_size, pad_id, rt.device, rt.autocast)
+        val_reference = policy_logps(policy, val_pairs, optim.batch_size, pad_id, rt.device, rt.autocast)
+        batches = PairBatches(pairs, reference, optim.batch_size, ft.grad_accum, optim.seed, max_length=max_length, pad_id=pad_id,
+                              device=rt.device, rank=rt.rank, world_size=rt.world_size)
+
+        def validate(m: DPOObjective) -> float:
+            return preference_metrics(m, val_pairs, val_reference, optim.batch_size, pad_id, rt.device, rt.autocast)["loss"]
+
+        summary = train_loop(
+            optim, run, rt, model, description, batches, validate=validate, out=Path(out),
+            tokens_per_step=2 * optim.batch_size * ft.grad_accum * max_length * rt.world_size,  # at most: rows are padded
+            run_info={"tokens": base.tokens, "finetune": asdict(ft), "dpo": asdict(cfg)},
+            what="preference tuning", perplexity=False,
+        )
+        final = preference_metrics(model, val_pairs, val_reference, optim.batch_size, pad_id, rt.device, rt.autocast)
+    finally:
+        if rt.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    summary |= report | encoding | {
+        "method": ft.method, "beta": cfg.beta, "max_length": max_length, "val_on": val_on, "val_pairs": len(val_pairs),
+        "val_reward_accuracy": final["reward_accuracy"], "val_reward_margin": final["reward_margin"], "format": "hf" if base.hf else "medlm",
+    }
+    if rt.is_main:
+        summary |= write_model(policy, base, ft, Path(out), Path(out) / summary["checkpoint"])
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the fine-tuned model: a finetune artifact's folder (ours or a Hugging Face folder)")
+    parser.add_argument("--data", nargs="+", required=True, help="qa artifact folders or records.parquet files (their train questions with options become pairs)")
+    parser.add_argument("--held-out", nargs="*", default=(), help="qa artifact folders whose validation and test questions never become pairs (nor do those of --data)")
+    parser.add_argument("--out", required=True, help="run folder (resumed if it has checkpoints)")
+    parser.add_argument("--config", help='JSON file: {"finetune": {...}, "dpo": {...}, "optim": {...}, "run": {...}}')
+    args = parser.parse_args(argv)
+    tables = json.loads(Path(args.config).read_text()) if args.config else {}
+    ft, cfg = FinetuneConfig(**tables.get("finetune", {})), DPOConfig(**tables.get("dpo", {}))
+    optim, run = OptimConfig(**tables.get("optim", {})), RunConfig(**tables.get("run", {}))
+    from storage.formats import read_records
+
+    try:
+        train, validation = read_data(args.data)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    held_out = [r for p in (*args.held_out, *args.data) for r in read_records(Path(p))]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = dpo(ft, cfg, optim, run, args.base, train + validation, held_out, args.out)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
