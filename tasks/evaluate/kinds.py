@@ -32,6 +32,6 @@ class Kind:
         """How it was measured, as the report's metric column says."""
         raise NotImplementedError
 
-    def headline(self, result: dict) -> str:
+    def headline_name(self, result: dict) -> str:
         """Its name among the stage's headline numbers."""
         return f"{result['name']} {self.main_metric}"

@@ -139,7 +139,7 @@ class MultipleChoice(Kind):
     def setting(self, result: dict) -> str:
         return self.how(result) + (f", shots from {'; '.join(result['shots_from'])}" if result["num_fewshot"] else "")
 
-    def headline(self, result: dict) -> str:
+    def headline_name(self, result: dict) -> str:
         return f"{result['name']}_{result['style']}_{result['num_fewshot']}shot_acc"
 
 

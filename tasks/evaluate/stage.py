@@ -117,7 +117,7 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
         progress.update(done, what)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / REPORT_FILE).write_text(render_markdown(results))
-    return {kind_of(r).headline(r): r["metrics"][headline_metric(r)]["value"] for r in results}
+    return {kind_of(r).headline_name(r): r["metrics"][headline_metric(r)]["value"] for r in results}
 
 
 EVALUATE = Stage(
