@@ -1,6 +1,7 @@
 """What each kind of result (multiple choice, language modelling, generation) owns: its summary,
-its headline metric and how it is shown. One ``Kind`` per module of that name; ``results.KINDS``
-finds them by the ``kind`` string a result stores."""
+its headline metric and how it is shown. Each kind is one object in the module that measures it
+(``MULTIPLE_CHOICE``, ``LANGUAGE_MODELLING``, ``GENERATION``); ``results.KINDS`` finds it by the
+``kind`` string a result stores."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class Kind:
         return self.summary(result["per_item"], result["baseline_rule"])
 
     def summary(self, items: list[dict], rule: dict) -> dict:
+        """``summarise``'s answer from the (non-empty) items."""
         raise NotImplementedError
 
     def title(self, result: dict) -> str:
