@@ -111,11 +111,11 @@ def eval_results(evaluation) -> list:
     multiple-choice accuracies, bits per byte on held-out abstracts, ROUGE-L of generated answers."""
     from huggingface_hub import EvalResult
 
-    from tasks.evaluate import RESULTS_FILE, _main_metric
+    from tasks.evaluate import RESULTS_FILE, headline_metric
 
     found = []
     for r in json.loads(evaluation.file(RESULTS_FILE).read_text()):
-        metric = _main_metric(r)
+        metric = headline_metric(r)
         hub, name = ("ncbi/pubmed", r["name"]) if r["kind"] == "language_modelling" else HUB_DATASETS.get(r["name"], (r["name"], r["name"]))
         how = f" ({r['style']}, {r['num_fewshot']}-shot, n={r['metrics'][metric]['n']})" if r["kind"] == "multiple_choice" else f" (n={r['metrics'][metric]['n']})"
         found.append(EvalResult(
