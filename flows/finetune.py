@@ -80,7 +80,7 @@ def columns(store: Store, evaluation_refs: list[str]) -> list[tuple[str, Artifac
 
 
 def comparison(store: Store, evaluation_refs: list[str]) -> list[dict]:
-    """The evaluations side by side (tasks/evaluate.py ``comparison_rows``): what every fine-tuning added."""
+    """The evaluations side by side (tasks/evaluate/report.py ``comparison_rows``): what every fine-tuning added."""
     return comparison_rows(columns(store, evaluation_refs))
 
 

@@ -38,7 +38,9 @@ class Shards:
     meta: dict
 
     @classmethod
-    def open(cls, root: str | Path) -> "Shards":
+    def open(cls, root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> "Shards":
+        """The folder checked against its meta.json: every file listed, its size as meta.json says,
+        and files of each of ``splits`` (what the reader needs: training train and val)."""
         root = Path(root)
         meta_path = root / META_FILE
         try:
@@ -66,9 +68,9 @@ class Shards:
                     f"({expected} bytes); the file is truncated or meta.json is stale"
                 )
         shards = cls(root, meta)
-        for split in ("train", "val"):
+        for split in splits:
             if not shards.files(split):
-                raise ShardError(f"{meta_path}: no {split!r} files listed; training needs train and val splits")
+                raise ShardError(f"{meta_path}: no {split!r} files listed; this needs the {' and '.join(splits)} splits")
         return shards
 
     @property

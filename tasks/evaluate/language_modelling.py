@@ -8,28 +8,23 @@ The documents: a shards folder's test split, or abstracts newer than the model's
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from model.data import Shards
 from model.scoring import CausalLM
 from tasks.evaluate.kinds import Kind
 from tasks.evaluate.statistics import ratio
 
 
 def shard_documents(shards_dir: str | Path, split: str = "test") -> list[list[int]]:
-    """The token ids of each document of a shards folder's ``{split}.bin`` (cut at [EOS], which is dropped)."""
-    # Not model.data.Shards.open: it refuses a folder without train and val files, and a test split alone is enough here.
-    root = Path(shards_dir)
-    path = root / f"{split}.bin"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; pass a shards folder written by the shards stage")
-    meta = json.loads((root / "meta.json").read_text())
-    stream = np.fromfile(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"))
-    ends = np.flatnonzero(stream == meta["eos_id"])
+    """The token ids of each document of a shards folder's ``split`` (cut at [EOS], which is dropped)."""
+    shards = Shards.open(shards_dir, splits=(split,))
+    stream = np.concatenate([shards.tokens(name) for name in shards.files(split)])
+    ends = np.flatnonzero(stream == shards.special_tokens["eos_id"])
     starts = np.concatenate(([0], ends + 1))
     return [stream[a:b].tolist() for a, b in zip(starts, np.append(ends, len(stream))) if b > a]
 
