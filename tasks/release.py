@@ -111,16 +111,17 @@ def eval_results(evaluation) -> list:
     multiple-choice accuracies, bits per byte on held-out abstracts, ROUGE-L of generated answers."""
     from huggingface_hub import EvalResult
 
-    from tasks.evaluate import RESULTS_FILE, headline_metric
+    from tasks.evaluate import RESULTS_FILE, kind_of
 
     found = []
     for r in json.loads(evaluation.file(RESULTS_FILE).read_text()):
-        metric = headline_metric(r)
-        hub, name = ("ncbi/pubmed", r["name"]) if r["kind"] == "language_modelling" else HUB_DATASETS.get(r["name"], (r["name"], r["name"]))
-        how = f" ({r['style']}, {r['num_fewshot']}-shot, n={r['metrics'][metric]['n']})" if r["kind"] == "multiple_choice" else f" (n={r['metrics'][metric]['n']})"
+        kind = kind_of(r)
+        metric = kind.main_metric
+        hub, name = (kind.corpus, r["name"]) if kind.corpus else HUB_DATASETS.get(r["name"], (r["name"], r["name"]))
+        how = ", ".join(filter(None, [kind.how(r), f"n={r['metrics'][metric]['n']}"]))
         found.append(EvalResult(
-            task_type="multiple-choice" if r["kind"] == "multiple_choice" else "text-generation", dataset_type=hub, dataset_name=name,
-            dataset_split=r.get("split"), metric_type=metric, metric_name=metric + how, metric_value=r["metrics"][metric]["value"],
+            task_type=kind.task_type, dataset_type=hub, dataset_name=name,
+            dataset_split=r.get("split"), metric_type=metric, metric_name=f"{metric} ({how})", metric_value=r["metrics"][metric]["value"],
         ))
     return found
 

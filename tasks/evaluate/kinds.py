@@ -11,6 +11,8 @@ from typing import ClassVar
 class Kind:
     name: ClassVar[str]  # the "kind" a result of this kind stores
     main_metric: ClassVar[str]  # the one number it is summed up by (release model-index, progress, comparisons)
+    task_type: ClassVar[str] = "text-generation"  # the model-index task it scores (a model card's eval results)
+    corpus: ClassVar[str | None] = None  # the Hugging Face dataset every result of the kind is measured on, if one
 
     def summarise(self, result: dict) -> dict:
         """metrics and baseline of a result from its per-item records (and its baseline rule)."""

@@ -86,6 +86,7 @@ def newer_abstracts(newer_dir: Path, corpus_dir: Path, limit: int | None) -> lis
 class LanguageModelling(Kind):
     name = "language_modelling"
     main_metric = "bits_per_byte"
+    corpus = "ncbi/pubmed"  # the shards' test split and the new abstracts are PubMed text
 
     def summary(self, items: list[dict], rule: dict) -> dict:
         nll, tokens, nbytes = ([i[k] for i in items] for k in ("nll", "tokens", "bytes"))

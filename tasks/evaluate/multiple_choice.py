@@ -111,6 +111,7 @@ def multiple_choice_suite(lm: CausalLM, records: Sequence[dict], shots: Sequence
 class MultipleChoice(Kind):
     name = "multiple_choice"
     main_metric = "acc"
+    task_type = "multiple-choice"
 
     def summary(self, items: list[dict], rule: dict) -> dict:
         metrics = {
