@@ -7,7 +7,8 @@ model on pairs made from multiple-choice QA records, full or LoRA, with the pret
 
 Pairs (``preference_pairs``): every train record with options gives ``rejected_per_question``
 pairs, each the record's prompt with the gold answer (chosen) and one distractor (rejected),
-the distractors drawn from (seed, record id). Both are rendered as fine-tuning renders an answer
+the distractors drawn from (seed, record id), or (``rejected="model"``) the model's own
+likeliest wrong answers: every option scored by the fine-tuned model, judged by the gold answer. Both are rendered as fine-tuning renders an answer
 (model/sft.py, the base's template and completion), without the explanation: it argues for the
 gold answer, so a pair differs in the answer alone. A question that any held-out record (the
 validation and test splits of the QA data evaluation scores) also asks never becomes a pair,
@@ -34,7 +35,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,9 @@ class DPOConfig:
 
     beta: float = Field(0.1, gt=0, description="DPO's beta: how far the tuned model may move from the reference (the fine-tuned base); larger stays closer.")
     rejected_per_question: int = Field(1, ge=1, le=25, description="Pairs per question, each with another distractor as the rejected answer (at most the question's options but one).")
+    rejected: Literal["random", "model"] = Field(
+        "random", description="Which distractors are rejected: random (drawn from the seed), or model: the fine-tuned model's own likeliest wrong answers (every option scored by it, judged by the gold answer)."
+    )
 
 
 # -- pairs ------------------------------------------------------------------------------------------------
@@ -132,6 +136,21 @@ def pair_batch(pairs: Sequence[Pair], reference_logps: torch.Tensor | None, pad_
     x, y, _ = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id, False, device)
     inputs = {} if reference_logps is None else {"reference_logps": reference_logps.T.reshape(-1).to(x.device)}
     return x, y, inputs
+
+
+MAX_OPTIONS = 26  # letters A to Z
+
+
+def likeliest_wrong(pairs: Sequence[Pair], reference: torch.Tensor, keep: int) -> tuple[list[Pair], torch.Tensor, int]:
+    """Of each question's pairs (one per distractor), the ``keep`` whose rejected answer the
+    reference finds likeliest, with their reference log-probabilities; and how many questions the
+    reference answers wrong (a distractor likelier than the gold answer, as evaluation scores it)."""
+    by_question: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        by_question.setdefault(pair.id.rsplit(">", 1)[0], []).append(i)
+    kept = sorted(i for rows in by_question.values() for i in sorted(rows, key=lambda i: -reference[i, 1].item())[:keep])
+    wrong = sum(bool((reference[rows, 1] > reference[rows[0], 0]).any()) for rows in by_question.values())
+    return [pairs[i] for i in kept], reference[kept], wrong
 
 
 # -- the objective --------------------------------------------------------------------------------------
@@ -218,7 +237,8 @@ def dpo(
     max_length = ft.max_length or base.context_length
     if max_length > base.context_length:
         raise ValueError(f"max_length {max_length} is longer than the model's context of {base.context_length} tokens; lower finetune.max_length")
-    train_pairs, report = preference_pairs(records, held_out, cfg.rejected_per_question, optim.seed)
+    per_question = MAX_OPTIONS if cfg.rejected == "model" else cfg.rejected_per_question  # model: all, the likeliest kept below
+    train_pairs, report = preference_pairs(records, held_out, per_question, optim.seed)
     if not train_pairs:
         raise ValueError(f"no preference pairs: the QA data has no train questions with options that evaluation does not ask ({report})")
     pairs, encoding = encode_pairs(train_pairs, base, ft, max_length)
@@ -227,7 +247,7 @@ def dpo(
         val_pairs, _ = encode_pairs(preference_pairs(validation, [], 1, optim.seed, "validation")[0], base, ft, max_length)
         val_pairs, val_on = val_pairs[: ft.val_examples], "validation split"
     else:
-        val_pairs, val_on = sorted(pairs, key=lambda p: p.id)[: ft.val_examples], "training pairs (the data has no validation split)"
+        val_pairs, val_on = [], "training pairs (the data has no validation split)"
 
     rt = setup_runtime(run)
     try:
@@ -241,6 +261,11 @@ def dpo(
         pad_id = base.encoder.pad_id
         # Before training the policy is the base (LoRA's B matrices start at zero): the reference.
         reference = policy_logps(policy, pairs, optim.batch_size, pad_id, rt.device, rt.autocast)
+        if cfg.rejected == "model":
+            pairs, reference, report["questions_answered_wrong"] = likeliest_wrong(pairs, reference, cfg.rejected_per_question)
+            report["pairs"] = len(pairs)
+        if not val_pairs:
+            val_pairs = sorted(pairs, key=lambda p: p.id)[: ft.val_examples]
         val_reference = policy_logps(policy, val_pairs, optim.batch_size, pad_id, rt.device, rt.autocast)
         batches = PairBatches(pairs, reference, optim.batch_size, ft.grad_accum, optim.seed, max_length=max_length, pad_id=pad_id,
                               device=rt.device, rank=rt.rank, world_size=rt.world_size)

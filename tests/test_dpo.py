@@ -19,7 +19,7 @@ from conftest import kill_once_written
 from eval_records import DATA, load_records
 
 from model.checkpoint import load_model
-from model.dpo import DPOConfig, PairBatches, dpo, encode_pairs, preference_pairs, question_key
+from model.dpo import DPOConfig, PairBatches, dpo, encode_pairs, likeliest_wrong, preference_pairs, question_key
 from model.export_hf import to_hf_model
 from model.base import load_base
 from model.finetune import FinetuneConfig, finetune
@@ -86,6 +86,29 @@ def test_the_first_loss_is_log_2_and_training_prefers_the_gold_answers(sft, tmp_
     assert summary["val_loss"] < at_most * math.log(2) and summary["val_reward_accuracy"] > at_least and summary["val_reward_margin"] > 0, summary
     assert "val_ppl" not in summary and "val_ppl" not in (tmp_path / "metrics.jsonl").read_text()
     assert summary["method"] == method and load_base(tmp_path / "model").context_length == 256  # the published model loads
+
+
+def test_model_rejected_answers_are_the_reference_s_likeliest_wrong_options(sft, tmp_path):
+    """rejected="model": every distractor scored by the fine-tuned model, the likeliest kept, so
+    the rejected answer is the one the model would give where it answers wrong."""
+    from model.dpo import policy_logps
+    from model.train import setup_runtime
+
+    summary = dpo(FT, DPOConfig(rejected="model"), *small(max_steps=1), sft, PAIRED, [], tmp_path)
+    base = load_base(sft)
+    every, _ = encode_pairs(preference_pairs(PAIRED, [], 25, seed=0)[0], base, FT, 256)
+    scores = policy_logps(load_model(sft), every, 8, base.encoder.pad_id, "cpu", setup_runtime(RunConfig(device="cpu")).autocast)
+    best: dict[str, tuple[float, str]] = {}
+    gold: dict[str, float] = {}
+    for pair, (chosen, rejected) in zip(every, scores.tolist()):
+        question = pair.id.rsplit(">", 1)[0]
+        best[question] = max(best.get(question, (-math.inf, "")), (rejected, pair.id))
+        gold[question] = chosen
+    assert summary["pairs"] == summary["questions"] == len(best) == len(PAIRED)
+    assert summary["questions_answered_wrong"] == sum(best[q][0] > gold[q] for q in best) > 0
+    kept, kept_scores, _ = likeliest_wrong(every, scores, keep=1)
+    assert sorted(p.id for p in kept) == sorted(pair_id for _, pair_id in best.values())
+    assert kept_scores[:, 1].tolist() == [best[p.id.rsplit(">", 1)[0]][0] for p in kept]
 
 
 def test_a_base_that_was_never_fine_tuned_is_refused(tiny_checkpoint, sft, tmp_path):
