@@ -35,12 +35,14 @@ llama-cpp-wheel: venv
 demo: venv
 	$(VENV)/bin/medlm demo
 
+# Two worker processes (pytest-xdist), one per core of the machine we measure on; each starts
+# its own Prefect server when a test needs one.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The inner loop: every test but those marked slow (servers, stacks, clusters, long training).
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 # Every benchmark, small (results under benchmarks/results/quick/; the recorded figures come from full runs).
 bench: venv

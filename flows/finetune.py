@@ -107,6 +107,8 @@ def finetune(
     preference_data = [a for source in curriculum.preference_sources for a in source_data(source, converted, qa)]
     everything = list(converted.values())
     model = model_artifact(store, base_ref, hf_base, "--hf-base")
+    if preference_data and not curriculum.sources and model.kind not in ("finetune", "dpo"):
+        raise ValueError(f"preference tuning starts from a fine-tuned model, not {model.ref}: name --sources to fine-tune it first, or give --base-ref finetune/KEY")
     log = get_run_logger()
 
     evaluations = []

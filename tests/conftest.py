@@ -41,6 +41,14 @@ os.environ.setdefault("MEDLM_STORE", str(Path(tempfile.mkdtemp(prefix="medlm-tes
 os.environ["MEDLM_DATA_ROOTS"] = os.pathsep.join([str(DATA), tempfile.gettempdir()])
 os.environ["MEDLM_SOURCES"] = f"https://ftp.ncbi.nlm.nih.gov/pubmed {NCBI_TEST_URL}"
 
+# rouge-score imports absl, whose log handler keeps the sys.stderr of its import and closes it when
+# logging is configured again (Prefect's dictConfig closes every handler ever made) unless it is the
+# process's own. Imported under pytest's capture, that stream is the capture's file: closed, the
+# session dies ("lost sys.stderr") at the next test that reads its output. Give it the real one.
+import absl.logging  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
 
 def _template_database() -> Path:
     """A migrated Prefect database, made once and reused: a fresh migration takes ~25 s here."""

@@ -240,6 +240,8 @@ def test_the_finetune_flow_preference_tunes_after_the_curriculum_and_evaluates_b
     assert (tuned.path / "tokenizer_config.json").read_text() == (sft_model.path / "tokenizer_config.json").read_text()  # the chat template goes on
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. DPO on pubmedqa", "baseline"]
+    with pytest.raises(ValueError, match=rf"preference tuning starts from a fine-tuned model, not {pretrained.ref}: name --sources to fine-tune it first"):
+        finetune_flow(FT, optim, run, Curriculum(preference_sources=("pubmedqa",)), qa, evaluation, DPOConfig(), optim, base_ref=pretrained.ref)
     # Run again: every stage is in the store.
     assert finetune_flow(FT, optim, run, curriculum, qa, evaluation, DPOConfig(beta=0.2, rejected_per_question=2), optim, base_ref=pretrained.ref) == refs
 
