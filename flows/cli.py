@@ -208,7 +208,7 @@ def _demo(argv: list[str]) -> None:
     from storage import Store
     from storage.lineage import lineage, table, tree_lines
     from tasks.evaluate import rows_markdown
-    from tasks.hf_model import MODEL_KINDS
+    from storage.formats import MODEL_KINDS
 
     store = Store()
     print(f"\nDemo outputs are in {store.root.resolve()}:\n")

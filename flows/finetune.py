@@ -32,10 +32,10 @@ from model.train import OptimConfig, RunConfig
 from storage import Artifact, Store
 from storage.access import DataPath
 from storage.config import config_dataclass
-from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
+from storage.formats import MODEL_KINDS
 from tasks.dpo import DPO, DPORun
+from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
 from tasks.finetune import FINETUNE, FinetuneRun
-from tasks.hf_model import MODEL_KINDS
 from tasks.qa import QASources
 
 

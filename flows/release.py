@@ -15,7 +15,7 @@ from pydantic import Field
 
 from flows.stage import publish_lineage, run_stage
 from storage import Store
-from tasks.hf_model import MODEL_KINDS
+from storage.formats import MODEL_KINDS
 from tasks.release import CARD_FILE, RELEASE, ReleaseConfig
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 ARTICLES_FILE = "articles.parquet"  # parse: one row per PubmedArticle
 DELETIONS_FILE = "deletions.parquet"  # parse: one row per DeleteCitation PMID
+MODEL_KINDS = ("pretrain", "finetune", "dpo", "hf_model")  # the artifacts that hold a model: fine-tuning, evaluation and release read them
 TOKENIZER_FILE = "tokenizer.json"
 # What AutoTokenizer.from_pretrained needs; a tokenizer artifact and every checkpoint hold them.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")

@@ -25,7 +25,7 @@ from model.finetune import FinetuneConfig, finetune, model_files, read_data
 from model.train import OptimConfig, RunConfig
 from storage import Input, Stage
 from storage.config import config_dataclass
-from tasks.hf_model import MODEL_KINDS
+from storage.formats import MODEL_KINDS
 
 log = logging.getLogger("medlm.finetune")
 

@@ -22,9 +22,6 @@ from storage.access import DataPath, readable, readable_files
 from storage.config import config_dataclass
 
 
-MODEL_KINDS = ("pretrain", "finetune", "dpo", "hf_model")  # the artifacts fine-tuning and evaluation read as a model
-
-
 @config_dataclass
 class HFModelConfig:
     """Which folder to take in."""

@@ -25,8 +25,8 @@ from model.chat import DISCLAIMER
 from model.checkpoint import is_hf_folder, load_checkpoint_config
 from storage import Input, Stage
 from storage.config import config_dataclass
+from storage.formats import MODEL_KINDS
 from storage.lineage import Node, ancestors_first
-from tasks.hf_model import MODEL_KINDS
 
 CARD_FILE = "README.md"
 LINEAGE_FILE = "lineage.json"

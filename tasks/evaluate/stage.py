@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from model.scoring import CausalLM, load_causal_lm
 from storage import Artifact, Input, Stage
 from storage.config import config_dataclass
+from storage.formats import MODEL_KINDS
 from storage.progress import Progress
 from tasks.evaluate.contamination import clean_score, contamination
 from tasks.evaluate.generation import generation
@@ -21,7 +22,6 @@ from tasks.evaluate.multiple_choice import BENCHMARKS, benchmark_records, multip
 from tasks.evaluate.report import REPORT_FILE, evaluation_rows, render_markdown
 from tasks.evaluate.results import RESULTS_FILE, headline_metric, kind_of
 from tasks.evaluate.statistics import format_value
-from tasks.hf_model import MODEL_KINDS
 
 log = logging.getLogger("medlm.evaluate")
 
