@@ -111,6 +111,8 @@ def gather_windows(shards: Shards, starts: list[tuple[str, int]], window: int) -
 class TrainBatches:
     """Random (x, y) windows over the train split for one rank; see the module docstring."""
 
+    weigh_by_targets = False  # every window has context_length targets
+
     def __init__(
         self,
         shards: Shards,

@@ -108,8 +108,9 @@ class Pair:
 def encode_pairs(pairs: Sequence[tuple[dict, dict]], base: Base, cfg: FinetuneConfig, max_length: int) -> tuple[list[Pair], dict]:
     """Tokens of both sides of every pair, as fine-tuning encodes an example; a pair one side of
     which is too long for max_length is dropped and counted."""
-    encode = lambda side: encode_examples([p[side] for p in pairs], base.encoder, cfg.template, cfg.completion, max_length)  # noqa: E731
-    (chosen, chosen_report), (rejected, rejected_report) = encode(0), encode(1)
+    (chosen, chosen_report), (rejected, rejected_report) = (
+        encode_examples([pair[side] for pair in pairs], base.encoder, cfg.template, cfg.completion, max_length) for side in (0, 1)
+    )
     by_id = {e.id: e for e in rejected}
     encoded = [Pair(c.id, c, by_id[c.id]) for c in chosen if c.id in by_id]
     report = {"pairs_encoded": len(encoded), "pairs_dropped_too_long": len(pairs) - len(encoded),
@@ -120,6 +121,8 @@ def encode_pairs(pairs: Sequence[tuple[dict, dict]], base: Base, cfg: FinetuneCo
 class PairBatches(SFTBatches):
     """``batch_size`` pairs per micro-batch, drawn as fine-tuning draws its examples: x holds the
     chosen rows then the rejected rows, padded; ``reference_logps`` their reference log-probabilities."""
+
+    weigh_by_targets = False  # every micro-batch holds batch_size pairs, and the loss is a mean over pairs
 
     def __init__(self, pairs: Sequence[Pair], reference_logps: torch.Tensor, *args, **kwargs):
         super().__init__(pairs, *args, packing=False, **kwargs)
@@ -270,8 +273,11 @@ def dpo(
         batches = PairBatches(pairs, reference, optim.batch_size, ft.grad_accum, optim.seed, max_length=max_length, pad_id=pad_id,
                               device=rt.device, rank=rt.rank, world_size=rt.world_size)
 
+        final: dict = {}  # the last validation's metrics: train_loop validates at the last step, or on resuming a finished run
+
         def validate(m: DPOObjective) -> float:
-            return preference_metrics(m, val_pairs, val_reference, optim.batch_size, pad_id, rt.device, rt.autocast)["loss"]
+            final.update(preference_metrics(m, val_pairs, val_reference, optim.batch_size, pad_id, rt.device, rt.autocast))
+            return final["loss"]
 
         summary = train_loop(
             optim, run, rt, model, description, batches, validate=validate, out=Path(out),
@@ -279,7 +285,6 @@ def dpo(
             run_info={"tokens": base.tokens, "finetune": asdict(ft), "dpo": asdict(cfg)},
             what="preference tuning", perplexity=False,
         )
-        final = preference_metrics(model, val_pairs, val_reference, optim.batch_size, pad_id, rt.device, rt.autocast)
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

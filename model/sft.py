@@ -271,6 +271,8 @@ def pack(examples: Sequence[Example], order: Iterable[int], max_length: int) -> 
 class SFTBatches:
     """The micro-batches of each optimizer step; see the module docstring. State: {"seed", "step"}."""
 
+    weigh_by_targets = True  # completions differ in length (model/train.py target_shares)
+
     def __init__(
         self,
         examples: Sequence[Example],

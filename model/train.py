@@ -274,6 +274,10 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 class BatchSource(Protocol):
     """Where a training loop's data comes from; its whole state is what ``state_dict`` returns."""
 
+    # Whether a step's micro-batches weigh by their targets (``target_shares``: fine-tuning's
+    # completions differ in length) or equally (pretraining's windows, DPO's pairs).
+    weigh_by_targets: bool
+
     def next(self) -> list[tuple]:
         """The micro-batches of the next optimizer step: (x, y) windows of equal size (pretraining),
         or masked (x, y, inputs) batches, y = -100 where no loss is wanted and ``inputs`` more
@@ -284,19 +288,15 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def target_shares(micro_batches: list[tuple], rt: Runtime) -> list[torch.Tensor] | None:
-    """What each micro-batch's mean loss weighs in the step's loss.
+def target_shares(micro_batches: list[tuple], rt: Runtime) -> list[torch.Tensor]:
+    """What each masked micro-batch's mean loss weighs in the step's loss.
 
-    (x, y) windows all have the same number of targets, and preference pairs (model/dpo.py) are
-    batch_size to a micro-batch: None, each weighs 1 / grad_accum. Masked
-    batches have as many targets as their completions have tokens, so a mean of micro-batch means
-    would weigh a short answer's tokens more than a long one's: each weighs its share of the
+    Masked batches have as many targets as their completions have tokens, so a mean of micro-batch
+    means would weigh a short answer's tokens more than a long one's: each weighs its share of the
     step's targets (summed over every rank, times world_size since DDP averages the gradients),
     making the step's loss the mean over every target token of the step. That is how transformers'
     Trainer (num_items_in_batch) and TRL's SFTTrainer normalise it.
     """
-    if all(len(batch) == 2 or "reference_logps" in batch[2] for batch in micro_batches):
-        return None
     counts = torch.stack([batch[1].ne(IGNORE_INDEX).sum() for batch in micro_batches]).double()
     total = counts.sum()
     if rt.world_size > 1:
@@ -500,7 +500,7 @@ def train_loop(
         loss_sum = torch.zeros((), device=rt.device)
         micro_batches = batches.next()
         grad_accum = len(micro_batches)
-        shares = target_shares(micro_batches, rt)
+        shares = target_shares(micro_batches, rt) if batches.weigh_by_targets else None
         for i, (x, y, *inputs) in enumerate(micro_batches):
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = rt.world_size == 1 or i == len(micro_batches) - 1
