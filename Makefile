@@ -59,5 +59,7 @@ up: venv
 down:
 	$(PY) -m deployments.serve down
 
+# Everything `make up` and the runs made: the stack stopped, its PostgreSQL cluster and .medlm deleted.
 clean:
+	if [ -x $(PY) ]; then $(PY) -m deployments.serve clean; fi
 	rm -rf .medlm

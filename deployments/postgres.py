@@ -7,15 +7,19 @@ SQLite, with "database is locked" in the server's log, and 21 s on PostgreSQL 15
 503). Prefect needs PostgreSQL >= 14.9 and the pg_trgm extension, which its migration creates
 (we are the cluster's superuser).
 
-The cluster lives in MEDLM_POSTGRES_DIR (default: .medlm/postgres): `data/` (initdb's), `port`
-(chosen once, so psql finds it again), `password` (0600, random: the cluster listens on loopback
-only, and asks every connection for it). PostgreSQL refuses to run as root, so when we are root
-initdb and pg_ctl run as the `postgres` user, which must be able to reach the folder. With
-PREFECT_SERVER_DATABASE_CONNECTION_URL set, `make up` uses that database instead and starts none.
+The cluster lives in MEDLM_POSTGRES_DIR: `data/` (initdb's), `port` (chosen once, so psql finds
+it again), `password` (0600, random: the cluster listens on loopback only, and asks every
+connection for it). PostgreSQL refuses to run as root, so when we are root initdb and pg_ctl run
+as the `postgres` user, which must be able to reach the folder: a clone under /root (0700) is out
+of its reach, so as root the default is a folder of the postgres user's own home, one per project
+(`~postgres/medlm/HASH`, 0700, owned by postgres; `make clean` removes it); otherwise
+.medlm/postgres. With PREFECT_SERVER_DATABASE_CONNECTION_URL set, `make up` uses that database
+instead and starts none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -37,7 +41,19 @@ class PostgresError(RuntimeError):
 
 
 def cluster_dir() -> Path:
-    return Path(os.environ.get("MEDLM_POSTGRES_DIR") or project_home() / "postgres").resolve()
+    if setting := os.environ.get("MEDLM_POSTGRES_DIR"):
+        return Path(setting).resolve()
+    if os.geteuid() != 0:
+        return project_home() / "postgres"
+    project = hashlib.sha256(str(project_home()).encode()).hexdigest()[:16]
+    return Path(_postgres_user().pw_dir) / "medlm" / project
+
+
+def _postgres_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(SUPERUSER)
+    except KeyError:
+        raise PostgresError("running as root, and there is no `postgres` user to run PostgreSQL as (Debian's package creates it)") from None
 
 
 def bin_dir() -> Path:
@@ -62,10 +78,7 @@ def _as_owner() -> dict:
     `postgres` user when we are root (PostgreSQL will not run as root)."""
     if os.geteuid() != 0:
         return {}
-    try:
-        user = pwd.getpwnam(SUPERUSER)
-    except KeyError:
-        raise PostgresError("running as root, and there is no `postgres` user to run PostgreSQL as (Debian's package creates it)") from None
+    user = _postgres_user()
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
 
@@ -75,7 +88,7 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def _init(folder: Path, bins: Path) -> None:
     """initdb a new cluster in folder/data, owned by whoever runs PostgreSQL, with a random password."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     password = secrets.token_urlsafe(24)
     secret = folder / "password"
     secret.write_text(password + "\n")
@@ -84,8 +97,12 @@ def _init(folder: Path, bins: Path) -> None:
     pwfile = folder / "initdb-password"  # readable by the owner only, removed once initdb has read it
     pwfile.write_text(password + "\n")
     if owner:
-        os.chown(folder, owner["user"], owner["group"])
-        os.chown(pwfile, owner["user"], owner["group"])
+        ours = [folder, pwfile]
+        if not os.environ.get("MEDLM_POSTGRES_DIR"):  # the default, ~postgres/medlm/HASH: its parent is private to postgres too
+            folder.parent.chmod(0o700)
+            ours.append(folder.parent)
+        for path in ours:
+            os.chown(path, owner["user"], owner["group"])
     pwfile.chmod(0o600)
     try:
         done = _run([str(bins / "initdb"), "-D", str(folder / "data"), "-U", SUPERUSER, "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"])
@@ -95,7 +112,7 @@ def _init(folder: Path, bins: Path) -> None:
         unreachable = "Permission denied" in done.stderr and owner
         raise PostgresError(
             f"initdb in {folder / 'data'} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-            + ("; the postgres user cannot reach that folder: set MEDLM_POSTGRES_DIR to one it can (e.g. under /var/tmp)" if unreachable else "")
+            + (f"; the postgres user cannot reach that folder: set MEDLM_POSTGRES_DIR to one it can (e.g. under {_postgres_user().pw_dir})" if unreachable else "")
         )
     (folder / "port").write_text(f"{free_port()}\n")
 
@@ -126,6 +143,17 @@ def start(folder: Path | None = None) -> str:
     if exists.stdout.strip() != "1":
         subprocess.run([*psql, f"CREATE DATABASE {DATABASE}"], env=env, capture_output=True, text=True, check=True)
     return f"postgresql+asyncpg://{SUPERUSER}:{password}@127.0.0.1:{port}/{DATABASE}"
+
+
+def remove(folder: Path | None = None) -> bool:
+    """Stop the cluster and delete its folder, the database with it; whether there was one."""
+    folder = folder or cluster_dir()
+    if not folder.exists():
+        return False
+    if (folder / "data" / "PG_VERSION").is_file():
+        stop(folder)
+    shutil.rmtree(folder)
+    return True
 
 
 def stop(folder: Path | None = None) -> bool:

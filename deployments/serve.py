@@ -2,6 +2,7 @@
 
     python -m deployments.serve up [--port 4200] [--database postgres|sqlite] [options of deployments.deploy: --config RUN_CONFIG, ...]
     python -m deployments.serve down
+    python -m deployments.serve clean   # down, and delete the PostgreSQL cluster up made
 
 The server's database is a PostgreSQL cluster of our own (deployments/postgres.py: SQLite locks
 under concurrent runs), or the database PREFECT_SERVER_DATABASE_CONNECTION_URL names, or with
@@ -135,6 +136,13 @@ def down(grace_s: float) -> None:
         print(f"stopped PostgreSQL ({postgres.cluster_dir()})")
 
 
+def clean(grace_s: float) -> None:
+    """`make down`, then the PostgreSQL cluster's folder deleted when it is ours (not MEDLM_POSTGRES_DIR's)."""
+    down(grace_s)
+    if not os.environ.get("MEDLM_POSTGRES_DIR") and postgres.remove():
+        print(f"removed PostgreSQL's folder {postgres.cluster_dir()}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -142,10 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     start_parser.add_argument("--port", type=int, default=4200)
     start_parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
                               help="The server's database (PREFECT_SERVER_DATABASE_CONNECTION_URL, if set, wins) [default: postgres].")
-    stop_parser = sub.add_parser("down", help="Stop exactly the processes `up` started.")
-    stop_parser.add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
+    for action, text in (("down", "Stop exactly the processes `up` started."), ("clean", "`down`, and delete the PostgreSQL cluster `up` made.")):
+        sub.add_parser(action, help=text).add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
     args, deploy_args = parser.parse_known_args(argv)  # the rest goes to deployments.deploy (--config, --gpu-slots, ...)
-    up(args.port, args.database, deploy_args) if args.action == "up" else down(args.grace)
+    if args.action == "up":
+        up(args.port, args.database, deploy_args)
+    else:
+        {"down": down, "clean": clean}[args.action](args.grace)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ previous one and applies only them; a run killed half-way redoes only unfinished
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Iterator
@@ -26,6 +25,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows.stage import builds_in_processes, failure, progress_on_the_run_page, publish_lineage, retry_when, run_stage, submit
 from storage import Artifact, Store
 from storage.access import DASK_SETTING, dask_address
+from storage.processes import usable_cores
 from storage.progress import Progress
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, SourceConfig, is_transient, select_files
@@ -138,7 +138,7 @@ def parse_runner(config: ParseConfig) -> Iterator[TaskRunner]:
         with _api_for_workers(), DaskTaskRunner(address=address) as runner:
             yield runner
         return
-    workers = config.workers or len(os.sched_getaffinity(0))
+    workers = config.workers or usable_cores()
     log.info("parsing in %s", f"{workers} worker processes" if workers > 1 else "the flow's own process")
     with ThreadPoolTaskRunner(max_workers=workers) as runner, builds_in_processes(workers, PARSE) if workers > 1 else nullcontext():
         yield runner

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Callable
 
 from storage import default_root, write_text_atomic
 from storage.access import check_rendezvous
-from storage.processes import die_with_parent
+from model.threads import pinned_threads
+from storage.processes import die_with_parent, usable_cores
 from storage.progress import REPORTER, read_line
 
 if TYPE_CHECKING:
@@ -124,10 +125,17 @@ def join(rdzv_id: str, timeout_s: float = 600, log: Callable[[str], None] = prin
     _run(job, log)
 
 
+def launch_env(devices: int) -> dict[str, str]:
+    """torchrun's environment: ours, the repository importable, and each of the ``devices``
+    processes on its share of the cores (torchrun would give each one thread; model/threads.py)."""
+    threads = pinned_threads() or max(1, usable_cores() // devices)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def _run(job: Launch, log: Callable[[str], None]) -> None:
     """Run ``job``, its lines to ``log``; rank 0's progress lines (storage/progress.py) also to the
     progress reporter, as if the training ran in this process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = launch_env(job.devices)
     tail: collections.deque[str] = collections.deque(maxlen=20)
     reporter = REPORTER.get()
     logging.getLogger("medlm.distributed").info("launching %s", " ".join(job.command()))

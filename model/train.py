@@ -42,6 +42,7 @@ from model.checkpoint import (
 )
 from model.data import Shards, TrainBatches, eval_batches
 from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
+from model.threads import ThreadTuner
 from storage import write_text_atomic
 from storage.access import RendezvousEndpoint
 from storage.progress import Progress
@@ -491,6 +492,7 @@ def train_loop(
     model.train()
     loss_value = float("nan")
     val_loss = grad_accum = None
+    tuner = ThreadTuner.for_device(rt.device, what)
     for step in range(start_step, optim.max_steps):
         t0 = time.perf_counter()
         lr = lr_at(step, optim)
@@ -516,6 +518,8 @@ def train_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        threads = torch.get_num_threads()
+        tuner.after_step(time.perf_counter() - t0, done)  # on the CPU only, where no queued work is left to wait for
 
         if done % run.log_every == 0 or done == optim.max_steps:
             mean_loss = loss_sum / grad_accum if shares is None else loss_sum
@@ -526,7 +530,7 @@ def train_loop(
             elapsed = time.perf_counter() - t0
             log({
                 "step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed, "tokens_seen": done * tokens_per_step,
+                "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed, "tokens_seen": done * tokens_per_step, "threads": threads,
             })
         if done % run.eval_every == 0 or done == optim.max_steps:
             val_loss = validate(raw_model)
@@ -534,6 +538,7 @@ def train_loop(
         if done % run.checkpoint_every == 0 or done == optim.max_steps:
             checkpoint(done)
 
+    tuner.close()
     if val_loss is None:  # resumed from the final checkpoint: report the finished run's numbers
         val_loss = validate(raw_model)
     records = read_metrics(metrics_path) if rt.is_main else []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -41,3 +42,25 @@ def process_start_time(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)"; the 22nd overall
+
+
+CORES_SETTING = "MEDLM_CORES"
+
+
+def usable_cores() -> int:
+    """The cores this process may really use: its CPU affinity, capped by its cgroup's CPU quota (a
+    container's --cpus, v2 or v1) and by MEDLM_CORES (a worker's share of a machine it shares)."""
+    cores = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            quota, *period = Path("/sys/fs/cgroup", quota_file).read_text().split()
+            period = period or Path("/sys/fs/cgroup", period_file).read_text().split()
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, int(quota) // int(period[0])))
+        except (OSError, ValueError, IndexError):
+            pass
+    if setting := os.environ.get(CORES_SETTING, "").strip():
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"{CORES_SETTING}={setting!r}: expected a whole number of cores >= 1")
+        cores = min(cores, int(setting))
+    return cores

@@ -569,7 +569,7 @@ class ParseConfig:
     """Where and how the files are parsed: none of it changes what a file parses into."""
 
     workers: int | None = Field(
-        None, ge=1, description="Files parsed at once, each in a worker process (unset: one per core; 1: in the flow's own process)."
+        None, ge=1, description="Files parsed at once, each in a worker process (unset: one per core this process may use, MEDLM_CORES included; 1: in the flow's own process)."
     )
     batch_rows: int = Field(5000, ge=1, description="Articles per Parquet row group.")
 

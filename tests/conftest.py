@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flows.settings import prefect_env, wait_healthy
-from storage.processes import die_with_parent, free_port, stop
+from storage.processes import die_with_parent, free_port, stop, usable_cores
 from ncbi_server import URL as NCBI_TEST_URL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +40,11 @@ os.environ.setdefault("MEDLM_STORE", str(Path(tempfile.mkdtemp(prefix="medlm-tes
 # bundled data, the tests' temporary folders, NCBI and the session's NCBI-like server.
 os.environ["MEDLM_DATA_ROOTS"] = os.pathsep.join([str(DATA), tempfile.gettempdir()])
 os.environ["MEDLM_SOURCES"] = f"https://ftp.ncbi.nlm.nih.gov/pubmed {NCBI_TEST_URL}"
+# torch's threads, pinned before torch loads, for every process the session starts: the cores
+# shared among pytest-xdist's workers (2 workers on 2 cores: one thread each; two threads each
+# spin-wait for a core the other worker holds, model/threads.py). Pinned, so a subprocess's losses
+# equal an in-process run's to the bit.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # rouge-score imports absl, whose log handler keeps the sys.stderr of its import and closes it when
 # logging is configured again (Prefect's dictConfig closes every handler ever made) unless it is the
@@ -185,24 +190,6 @@ def kill_once_written(command: list[str], path: Path) -> None:
     finally:
         proc.kill()
         proc.stderr.close()
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Models this small run fastest on one thread (the test machine's two cores are shared);
-    subprocesses get the same setting, so their losses match in-process runs bit for bit.
-    A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture

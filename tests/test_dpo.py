@@ -29,9 +29,6 @@ from model.train import OptimConfig, RunConfig, TrainConfig, adamw, lr_at
 RECORDS = load_records()
 PAIRED = [dict(r, split="train") for r in RECORDS if r["source"] == "medmcqa"]  # test-only relabelling: the stage never does this
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def small(**overrides) -> tuple[OptimConfig, RunConfig]:
     config = TrainConfig.of(**(dict(max_steps=4, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_every=100, checkpoint_every=100) | overrides))
     return config.optim, config.run

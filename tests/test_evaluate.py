@@ -47,9 +47,6 @@ from tasks.evaluate import (
 RECORDS = load_records()
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def record(id="q1", source="medqa", split="test", question="Which drug?", options=("Aspirin", "Heparin", "Warfarin", "Insulin"), answer_idx=0, context=(), explanation=None) -> dict:
     options = list(options)
     return {"id": id, "source": source, "split": split, "question": question, "context": list(context), "options": options,

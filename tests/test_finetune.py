@@ -64,9 +64,6 @@ def small(**overrides) -> tuple[OptimConfig, RunConfig]:
     return config.optim, config.run
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def base(tiny_checkpoint):
     """The base every fine-tuning here starts from: conftest's tiny pretrained checkpoint."""

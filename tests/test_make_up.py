@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -32,14 +33,13 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it (`playwright ins
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """`python -m deployments.serve up` (what `make up` runs) in a fresh folder of its own, on its own
-    PostgreSQL cluster (in a folder the `postgres` user can reach when the tests run as root)."""
+    PostgreSQL cluster, where it goes by default. The folder is private (pytest's, 0700), as a clone
+    under /root is: as root, the `postgres` user cannot reach it, and `make up` must still work."""
     home_dir = tmp_path_factory.mktemp("made-up")
     port, home = free_port(), home_dir / ".medlm"
-    cluster = Path(tempfile.mkdtemp(prefix="medlm-test-postgres-"))
-    cluster.chmod(0o755)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))},
-        "MEDLM_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "MEDLM_POSTGRES_DIR": str(cluster),
+        "MEDLM_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
         # The scheduler looks for runs to create every 60 s; sooner here, so the test waits less.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "3",
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # a worker asks for runs every 10 s by default
@@ -48,8 +48,7 @@ def stack(tmp_path_factory):
     up = subprocess.run([*SERVE, "up", "--port", str(port), "--database", database], cwd=home_dir, env=env, capture_output=True, text=True, timeout=300)
     stack = {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "cwd": home_dir, "env": env}
     yield stack | {"up": up}
-    subprocess.run([*SERVE, "down", "--grace", "5"], cwd=home_dir, env=env, capture_output=True, timeout=120)
-    shutil.rmtree(cluster, ignore_errors=True)
+    subprocess.run([*SERVE, "clean", "--grace", "5"], cwd=home_dir, env=env, capture_output=True, timeout=120)
 
 
 def _request(url: str, method: str = "GET", headers: dict | None = None, body: dict | None = None):
@@ -239,4 +238,14 @@ def test_make_down_stops_exactly_what_make_up_started(stack):
     for name in ("server", "worker-cpu", "worker-gpu"):
         assert f"stopped {name}" in down.stdout
     assert not list(run.glob("*.json"))
-    assert f"stopped PostgreSQL ({stack['env']['MEDLM_POSTGRES_DIR']})" in down.stdout or not POSTGRES
+    stopped = re.search(r"stopped PostgreSQL \((.+)\)", down.stdout)
+    assert stopped or not POSTGRES
+    if POSTGRES and os.geteuid() == 0:  # a folder of the postgres user's own, private, one per project
+        cluster = Path(stopped[1])
+        assert not all(folder.stat().st_mode & 0o001 for folder in stack["cwd"].parents)  # the project: out of postgres's reach
+        assert cluster.parent == Path(pwd.getpwnam("postgres").pw_dir) / "medlm"
+        assert cluster.owner() == cluster.parent.owner() == "postgres"
+        assert cluster.stat().st_mode & 0o777 == cluster.parent.stat().st_mode & 0o777 == 0o700
+    clean = subprocess.run([*SERVE, "clean", "--grace", "5"], cwd=stack["cwd"], env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stderr
+    assert not POSTGRES or ("removed PostgreSQL's folder" in clean.stdout and not Path(stopped[1]).exists())

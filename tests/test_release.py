@@ -14,9 +14,6 @@ from model.checkpoint import load_model
 from model.export_gguf import export_gguf
 from model.export_hf import to_hf_state_dict
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def rope_unpermute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's adjacent rotary pairs back to ours (i, i + d/2): the inverse of rope_permute."""
     return weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)

@@ -33,9 +33,6 @@ from tasks.evaluate import benchmark_records, multiple_choice
 
 ITEMS_PER_TASK = 8
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer, tmp_path_factory) -> Path:
     """A seeded random model saved as pretraining saves it."""

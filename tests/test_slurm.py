@@ -13,7 +13,7 @@ from conftest import REPO, build_corpus
 from storage import Store
 from storage.processes import free_port
 
-pytestmark = pytest.mark.usefixtures("prefect_server", "one_thread")
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
 SRUN = """#!/usr/bin/env bash
 # One task per node, all on this machine: SLURM_PROCID 0 .. SLURM_NNODES-1.

@@ -40,9 +40,6 @@ def patterned_tokens(rng, n: int) -> np.ndarray:
     return np.concatenate(docs)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)

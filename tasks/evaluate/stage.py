@@ -11,6 +11,7 @@ from typing import Callable, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from model.scoring import CausalLM, load_causal_lm
+from model.threads import threads
 from storage import Artifact, Input, Stage
 from storage.config import config_dataclass
 from storage.formats import MODEL_KINDS
@@ -39,7 +40,7 @@ class EvaluationConfig:
     held_out_documents: int | None = Field(None, ge=1, description="Abstracts new since the model's corpus (from a newer snapshot in the store) for bits per byte (unset: all).")
     generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
     max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: torch's default).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: one per core this process may use, model/threads.py).")
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("threads",)
 
@@ -68,12 +69,8 @@ def _first(records: list[dict], benchmark: str, n: int | None) -> list[dict]:
 def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dict:
     """Every measurement the inputs allow, written as results.json and report.md; returns the
     headline numbers. Progress: one step per measurement (storage/progress.py)."""
-    import torch
-
     from storage.formats import read_records
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
     lm = load_lm(inputs["model"])
     records = [r for qa in inputs["qa"] for r in read_records(qa.path)]
     corpus, shards, newer = inputs.get("corpus"), inputs.get("shards"), inputs.get("newer")
@@ -109,12 +106,13 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
         raise ValueError("nothing to evaluate: no benchmark records in the QA inputs, no shards and no corpus; give QA data")
 
     progress, results = Progress("evaluation", len(plan), "measurements", log, every_s=0), []
-    for done, (what, measure) in enumerate(plan, 1):
-        if (result := measure()) is not None:
-            results.append(result)
-            metric = headline_metric(result)
-            what += f": {format_value(metric, result['metrics'][metric]['value'])}"
-        progress.update(done, what)
+    with threads(config.threads):
+        for done, (what, measure) in enumerate(plan, 1):
+            if (result := measure()) is not None:
+                results.append(result)
+                metric = headline_metric(result)
+                what += f": {format_value(metric, result['metrics'][metric]['value'])}"
+            progress.update(done, what)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / REPORT_FILE).write_text(render_markdown(results))
     return {kind_of(r).headline_name(r): r["metrics"][headline_metric(r)]["value"] for r in results}
