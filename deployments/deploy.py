@@ -14,8 +14,10 @@ mirror as the nightly source: that file is the place for changes you want to kee
 A deployment changed in the UI since it was last registered here (its parameters, schedule, pool
 or tags) is kept as it is, and the run says so; `--reset` registers it afresh from the code and
 the run configuration. Work pools (process type, created if missing): `cpu` for ingestion and
-tokenizing, `gpu` for training, with at most `--gpu-slots` runs at once (one per GPU). Where
-the store lives is the workers' setting (MEDLM_STORE), never a parameter: see deployments/serve.py.
+tokenizing, `gpu` for training, with at most `--gpu-slots` runs at once (one per GPU), whose job
+template leaves the caller of a run no say in what the worker runs, with what environment or where
+(`base_job_template`). Where the store lives is the workers' setting (MEDLM_STORE), never a
+parameter: see deployments/serve.py.
 """
 
 from __future__ import annotations
@@ -49,6 +51,28 @@ def fingerprint(deployment) -> str:
     return "medlm-" + hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Prefect takes a flow run's job variables from whoever creates it, and a process pool's default
+# template makes `command`, `env` and `working_dir` variables: any caller of the API could run a
+# command on a worker, or undo its settings (MEDLM_SOURCES, MEDLM_DATA_ROOTS, MEDLM_STORE, AWS_*).
+LOCKED_JOB_VARIABLES = ("command", "env", "working_dir")
+ENGINE = "python -m deployments.engine"  # the worker's own interpreter comes first on its PATH (deployments/serve.py)
+
+
+def base_job_template() -> dict:
+    """The process pools' template: what a worker runs (our engine, deployments/engine.py), in what
+    environment (the worker's) and where (the repository) are fixed; a caller may name the
+    process and label it, nothing else (any other job variable is refused by the API)."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    for name in LOCKED_JOB_VARIABLES:
+        template["job_configuration"].pop(name)
+        template["variables"]["properties"].pop(name)
+    template["job_configuration"]["command"] = ENGINE
+    template["variables"]["additionalProperties"] = False
+    return template
+
+
 async def _ensure_pools(gpu_slots: int) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -56,11 +80,12 @@ async def _ensure_pools(gpu_slots: int) -> None:
 
     async with get_client() as client:
         for name, description in POOLS.items():
-            limit = gpu_slots if name == "gpu" else None
+            limit, template = gpu_slots if name == "gpu" else None, base_job_template()
             try:
-                await client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description, concurrency_limit=limit))
-            except ObjectAlreadyExists:
-                await client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description, concurrency_limit=limit,
+                                                             base_job_template=template))
+            except ObjectAlreadyExists:  # a pool made before, perhaps with Prefect's default template: ours again
+                await client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit, base_job_template=template))
 
 
 async def _read(name: str):

@@ -8,12 +8,15 @@ The server's database is a PostgreSQL cluster of our own (deployments/postgres.p
 under concurrent runs), or the database PREFECT_SERVER_DATABASE_CONNECTION_URL names, or with
 `--database sqlite` the embedded SQLite file in PREFECT_HOME.
 
-The server is locked down for a browser on the same machine: the API answers only the UI's own
-origin (CORS) and every write needs a CSRF token, so a web page open in the user's browser cannot
-start flow runs. Where the store lives is the workers' environment (MEDLM_STORE, default
-./.medlm/store), never a run parameter. On a shared network also set a password:
-PREFECT_SERVER_API_AUTH_STRING="admin:pass" for the server and PREFECT_API_AUTH_STRING (same
-value) for every client and worker (Prefect's basic auth).
+Nobody without the credentials reaches the API: Prefect's basic authentication is on, with a
+random secret made once and kept in .medlm/api-auth (0600), or the operator's own
+PREFECT_SERVER_API_AUTH_STRING ("user:password"); the workers `up` starts, the registration and
+every `medlm` command of this project send it (PREFECT_API_AUTH_STRING), and the UI asks for it
+once. A web page in the user's browser cannot use the API either: it has no credentials (nor
+does a page that rebinds its own name to 127.0.0.1), CORS answers only the UI's origin, and every
+write needs a CSRF token. The workers' pools fix what a worker runs (deployments/deploy.py,
+deployments/engine.py). Where the store lives is the workers' environment (MEDLM_STORE, default
+./.medlm/store), never a run parameter.
 
 Each started process is recorded in .medlm/run/NAME.json with its PID and its start time (from
 /proc), and `down` signals a PID only while it is still that process: a stale file left after a
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,7 +36,7 @@ import time
 from pathlib import Path
 
 from deployments import postgres
-from flows.settings import apply_prefect_defaults, project_home, wait_healthy
+from flows.settings import apply_prefect_defaults, auth_file, project_home, wait_healthy
 from storage import default_root
 from storage.config import ArgumentParser
 from storage.processes import process_start_time
@@ -43,6 +47,26 @@ POOLS = ("cpu", "gpu")
 
 def run_dir() -> Path:
     return project_home() / "run"
+
+
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """A worker's environment: ``env`` with this interpreter first on PATH, since the pools' job
+    template runs `python -m deployments.engine` (deployments/deploy.py)."""
+    return env | {"PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])}
+
+
+def api_auth() -> str:
+    """The API's credentials, "user:password": the operator's PREFECT_SERVER_API_AUTH_STRING, or
+    a random one made on the first `up` and kept in .medlm/api-auth (0600)."""
+    if own := os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        return own
+    path = auth_file()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as secret:
+            secret.write(f"medlm:{secrets.token_urlsafe(24)}\n")
+    return path.read_text().strip()
 
 
 def server_env(port: int) -> dict[str, str]:
@@ -109,7 +133,8 @@ def up(port: int, database: str, deploy_args: list[str]) -> None:
     if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
         raise SystemExit("already up: run `make down` first")
     run_dir().mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **server_env(port)}
+    auth = api_auth()
+    env = {**os.environ, **server_env(port), "PREFECT_SERVER_API_AUTH_STRING": auth}
     if os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"):
         print("database: PREFECT_SERVER_DATABASE_CONNECTION_URL's", flush=True)
     elif database == "postgres":
@@ -121,12 +146,15 @@ def up(port: int, database: str, deploy_args: list[str]) -> None:
     api = f"http://127.0.0.1:{port}/api"
     print(f"waiting for the Prefect server on 127.0.0.1:{port} ...", flush=True)
     wait_healthy(api, server, run_dir() / "server.log")
-    client_env = {**os.environ, "PREFECT_API_URL": api, "MEDLM_STORE": str(default_root().resolve())}
+    client_env = worker_env({**os.environ, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth, "MEDLM_STORE": str(default_root().resolve())})
+    client_env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
     register = [sys.executable, "-m", "deployments.deploy", *deploy_args]
     subprocess.run(register, env=client_env, check=True)
     for pool in POOLS:
         start(f"worker-{pool}", [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process"], client_env)
+    where = "PREFECT_SERVER_API_AUTH_STRING" if os.environ.get("PREFECT_SERVER_API_AUTH_STRING") else auth_file()
     print(f"UI: http://127.0.0.1:{port}  (store {client_env['MEDLM_STORE']}; logs and PIDs in {run_dir()})")
+    print(f"The UI asks for a password once: {auth}  (kept in {where}; `medlm` commands here send it themselves)")
 
 
 def down(grace_s: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -40,12 +41,20 @@ def prefect_env(home: Path | None = None) -> dict[str, str]:
     }
 
 
+def auth_file() -> Path:
+    """The served API's credentials, "user:password", made by `make up` (deployments/serve.py)."""
+    return project_home() / "api-auth"
+
+
 def apply_prefect_defaults() -> None:
     """Set the defaults above where the environment does not say otherwise, and create
-    PREFECT_HOME; call it before importing prefect."""
+    PREFECT_HOME; call it before importing prefect. A command that talks to a served API
+    (PREFECT_API_URL) sends the credentials `make up` made here, unless told others."""
     for name, value in prefect_env().items():
         os.environ.setdefault(name, value)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_API_AUTH_STRING") and auth_file().is_file():
+        os.environ["PREFECT_API_AUTH_STRING"] = auth_file().read_text().strip()
 
 
 def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
@@ -82,11 +91,12 @@ def temporary_server() -> Iterator[str | None]:
     included, and one command at a time starts a server on one home (a file lock): two first
     starts would race on the SQLite migration. Its log: PREFECT_HOME/temporary-server.log.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         yield None
         return
+    auth = f"medlm:{secrets.token_urlsafe(24)}"  # nobody else on the machine reaches it either
     home = Path(os.environ["PREFECT_HOME"])
     log_path = home / "temporary-server.log"
     with open(home / "server-start.lock", "w") as lock, open(log_path, "ab") as log:
@@ -96,7 +106,7 @@ def temporary_server() -> Iterator[str | None]:
         server = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, **ephemeral}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            env={**os.environ, **ephemeral, "PREFECT_SERVER_API_AUTH_STRING": auth}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         api = f"http://127.0.0.1:{port}/api"
         try:
@@ -107,7 +117,7 @@ def temporary_server() -> Iterator[str | None]:
     global _temporary_api
     _temporary_api = api
     try:
-        with temporary_settings({PREFECT_API_URL: api}):
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}):
             yield api
     finally:
         _temporary_api = None

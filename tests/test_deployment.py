@@ -22,6 +22,7 @@ from prefect.exceptions import PrefectHTTPStatusError
 
 from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
 from deployments.deploy import NIGHTLY_CRON, register
+from deployments.serve import worker_env
 from ncbi_server import NcbiServer, make_mirror
 from storage import Store
 from storage.lineage import lineage, tree_lines
@@ -32,8 +33,8 @@ def running_workers(machine: Path, pools: tuple[str, ...] = ("cpu", "gpu"), **se
     """A process worker per entry of ``pools`` (a `gpu` worker takes one run at a time, as one per
     GPU machine would), whose runs write to machine/store (the store is the workers' setting, as
     are ``settings``: what runs may read and reach, the remote), stopped by PID (SIGINT, then SIGTERM)."""
-    env = {**os.environ, "MEDLM_STORE": str(machine / "store"), "MEDLM_HOME": str(machine / ".medlm"),
-           "PREFECT_WORKER_QUERY_SECONDS": "2", **settings}  # default: every 10 s
+    env = worker_env({**os.environ, "MEDLM_STORE": str(machine / "store"), "MEDLM_HOME": str(machine / ".medlm"),
+                      "PREFECT_WORKER_QUERY_SECONDS": "2", **settings})  # default: every 10 s
     machine.mkdir(parents=True, exist_ok=True)
     logs = [open(machine / f"worker-{pool}-{i}.log", "w") for i, pool in enumerate(pools)]
     procs = [
@@ -223,6 +224,63 @@ def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp
         state = states[what]
         assert state.is_failed() and refusal in state.message, (what, state, worker_logs(tmp_path))
         assert "TOPSECRET" not in state.message + asyncio.run(messages(runs[what].id)), what
+
+
+def test_a_caller_of_the_api_chooses_nothing_a_worker_runs(prefect_server, tmp_path):
+    """What issue 26 found: Prefect takes a run's job variables from its caller, and the default
+    process template let `command` run anything on a worker and `env` undo its settings. Through
+    the API: a run whose job variables would choose the command, the environment or the folder is
+    refused; so is a run of a deployment given such job variables (Prefect stores them unchecked),
+    and had such a run been made (by the scheduler, which checks nothing), the pool's template
+    leaves them no effect; a deployment that is not one of ours (its own entrypoint, a pull step
+    that runs a command) is run by no worker. A loopback listener hears nothing."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.workers.process import ProcessJobConfiguration
+
+    from deployments.deploy import ENGINE, base_job_template
+    from ncbi_server import Listener
+
+    register()
+    pool = asyncio.run(_read_work_pool("cpu"))
+    assert set(pool.base_job_template["variables"]["properties"]) == {"name", "labels", "stream_output"}
+    gc = asyncio.run(_read_deployment("store-gc/nightly-gc"))
+    with Listener() as listener, running_workers(tmp_path, pools=("cpu",)):
+        call = f"python3 -c \"import urllib.request; urllib.request.urlopen('{listener.url}/rce')\""
+        evil = tmp_path / "evil.py"
+        evil.write_text(f"from prefect import flow\nimport urllib.request\n@flow\ndef evil():\n    urllib.request.urlopen('{listener.url}/entrypoint')\n")
+        tries = [{"command": call}, {"env": {"MEDLM_SOURCES": listener.url}}, {"env": {"MEDLM_DATA_ROOTS": "/"}},
+                 {"env.MEDLM_STORE": str(tmp_path)}, {"working_dir": str(tmp_path)}]
+
+        async def attack() -> list:
+            async with get_client() as client:
+                refused = []
+                for job_variables in tries:
+                    with pytest.raises(PrefectHTTPStatusError) as run_refused:
+                        await client.create_flow_run_from_deployment(gc.id, parameters={}, job_variables=job_variables)
+                    await client.update_deployment(gc.id, DeploymentUpdate(job_variables=job_variables))
+                    try:
+                        with pytest.raises(PrefectHTTPStatusError) as deployment_run_refused:
+                            await client.create_flow_run_from_deployment(gc.id, parameters={})
+                    finally:
+                        await client.update_deployment(gc.id, DeploymentUpdate(job_variables={}))
+                    configuration = await ProcessJobConfiguration.from_template_and_values(base_job_template(), job_variables)
+                    assert configuration.command == ENGINE and not configuration.env and configuration.working_dir is None
+                    refused.append((run_refused.value.response.status_code, deployment_run_refused.value.response.status_code))
+                flow_id = await client.create_flow_from_name("evil")
+                foreign = await client.create_deployment(
+                    flow_id=flow_id, name="evil", entrypoint=f"{evil}:evil", work_pool_name="cpu",
+                    pull_steps=[{"prefect.deployments.steps.run_shell_script": {"script": call}}],
+                )
+                run = await client.create_flow_run_from_deployment(foreign, parameters={})
+                return refused, run.id
+
+        refused, run_id = asyncio.run(attack())
+        [state] = asyncio.run(_wait_for([run_id], timeout_s=120))
+        assert refused == [(422, 422)] * len(tries)
+        assert state.is_final() and not state.is_completed(), (state, worker_logs(tmp_path))
+        assert "refused by the worker: this worker runs only medlm's flows" in state.message, (state, worker_logs(tmp_path))
+        time.sleep(3)  # time for anything the worker might still start
+        assert listener.connections == 0, worker_logs(tmp_path)
 
 
 def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_on_the_other(prefect_server, s3, tmp_path):

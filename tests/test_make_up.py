@@ -3,6 +3,7 @@ nightly schedule that fires, the UI in a real browser, and `make down` stopping 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MIRROR, build_corpus
+from conftest import DATA, MIRROR, build_corpus
 from storage import Store
 from storage.processes import free_port, process_start_time
 
@@ -47,7 +48,8 @@ def stack(tmp_path_factory):
     database = "postgres" if POSTGRES else "sqlite"
     up = subprocess.run([*SERVE, "up", "--port", str(port), "--database", database], cwd=home_dir, env=env, capture_output=True, text=True, timeout=300)
     stack = {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "cwd": home_dir, "env": env}
-    yield stack | {"up": up}
+    auth = (home / "api-auth").read_text().strip() if (home / "api-auth").is_file() else ""
+    yield stack | {"up": up, "auth": auth, "client_env": {**env, "PREFECT_API_URL": stack["api"], "PREFECT_API_AUTH_STRING": auth}}
     subprocess.run([*SERVE, "clean", "--grace", "5"], cwd=home_dir, env=env, capture_output=True, timeout=120)
 
 
@@ -61,11 +63,15 @@ def _request(url: str, method: str = "GET", headers: dict | None = None, body: d
         return e.code, dict(e.headers), e.read()
 
 
-def _ui_headers(api: str, ui: str) -> dict:
-    """What the UI sends: its origin, and a CSRF token it fetched for its client id."""
-    client = str(uuid.uuid4())
-    token = json.loads(_request(f"{api}/csrf-token?client={client}", headers={"Origin": ui})[2])["token"]
-    return {"Origin": ui, "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client}
+def _credentials(auth: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+
+def _ui_headers(stack: dict) -> dict:
+    """What the signed-in UI sends: the credentials, its origin, and a CSRF token it fetched for its client id."""
+    client, signed_in = str(uuid.uuid4()), {"Origin": stack["ui"], **_credentials(stack["auth"])}
+    token = json.loads(_request(f"{stack['api']}/csrf-token?client={client}", headers=signed_in)[2])["token"]
+    return {**signed_in, "Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client}
 
 
 def test_the_nightly_schedule_fires(stack):
@@ -89,24 +95,61 @@ def test_the_nightly_schedule_fires(stack):
     deadline, scheduled = time.time() + 60, []
     while not scheduled and time.time() < deadline:
         time.sleep(2)
-        out = subprocess.run([sys.executable, "-c", script], env={**stack["env"], "PREFECT_API_URL": stack["api"]}, capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", script], env=stack["client_env"], capture_output=True, text=True, timeout=60)
         scheduled = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
     assert len(scheduled) >= 3, (out.stderr[-2000:], (stack["home"] / "run" / "server.log").read_text()[-3000:])
     assert all(state == "SCHEDULED" and start.endswith("T06:00:00+00:00") for state, start in scheduled)
 
 
+def test_nobody_without_the_credentials_reaches_the_api(stack):
+    """Every route of the API, as its own OpenAPI document lists them, answers 401 without the
+    credentials (but the health probes), and so does a page that rebinds its own name to
+    127.0.0.1 (same origin for the browser, no credentials); `medlm` commands find them."""
+    api, port = stack["api"], stack["api"].rsplit(":", 1)[1].split("/")[0]
+    status, _, body = _request(f"{api}/openapi.json", headers=_credentials(stack["auth"]))
+    assert status == 200
+    routes = [(method.upper(), path) for path, methods in json.loads(body)["paths"].items() for method in methods]
+    assert len(routes) > 100
+    # Writes need a CSRF token too, which takes the credentials to fetch; give them a real one, so
+    # what refuses them below is the missing credentials alone.
+    token = {k: v for k, v in _ui_headers(stack).items() if k.startswith("Prefect-Csrf")}
+    rebinding = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    answered = {}
+    for method, path in routes:
+        url = api + re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)  # the document's paths are the API's
+        body = {} if method in ("POST", "PUT", "PATCH") else None
+        for who, headers in (("none", token), ("wrong", {**token, **_credentials("medlm:wrong")}), ("rebinding", {**token, **rebinding})):
+            answered[method, path, who] = _request(url, method, headers, body)[0]
+    probes = {("GET", "/health"), ("GET", "/ready")}
+    assert {key: status for key, status in answered.items() if status != 401 and key[:2] not in probes} == {}
+    assert all(answered[probe + (who,)] == 200 for probe in probes for who in ("none", "wrong", "rebinding"))
+    assert f"The UI asks for a password once: {stack['auth']}" in stack["up"].stdout
+    auth_file = stack["home"] / "api-auth"
+    assert auth_file.stat().st_mode & 0o777 == 0o600 and auth_file.read_text().strip() == stack["auth"]
+    # A medlm command here talks to the served API with them; told wrong ones, it fails in one line.
+    command = [str(Path(sys.executable).with_name("medlm")), "qa", "--pubmedqa", str(DATA / "pubmedqa")]
+    env = {**stack["env"], "PREFECT_API_URL": api, "MEDLM_DATA_ROOTS": str(DATA)}  # the credentials: from .medlm/api-auth
+    done = subprocess.run(command, cwd=stack["cwd"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1].startswith("qa/"), done.stderr[-2000:]
+    refused = subprocess.run(command, cwd=stack["cwd"], env={**env, "PREFECT_API_AUTH_STRING": "medlm:wrong"}, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "401" in refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
+
+
 def test_a_page_from_another_origin_cannot_start_runs_but_the_ui_can(stack):
-    api, ui, evil = stack["api"], stack["ui"], {"Origin": "http://evil.example"}
+    """A page in the user's browser has no credentials (401 above); even one that had them (pasted
+    by mistake) is refused by CORS and the CSRF check."""
+    api, ui = stack["api"], stack["ui"]
+    evil = {"Origin": "http://evil.example", **_credentials(stack["auth"])}
     status, headers, _ = _request(f"{api}/deployments/filter", "OPTIONS", {**evil, "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in {h.lower() for h in headers}  # the browser blocks the request
     status, headers, _ = _request(f"{api}/csrf-token?client=evil-page", headers=evil)
     assert "access-control-allow-origin" not in {h.lower() for h in headers}  # ... and hides the token from the page
     assert _request(f"{api}/deployments/filter", "POST", evil, {})[0] == 403  # no token, no write
-    deployments = json.loads(_request(f"{api}/deployments/filter", "POST", _ui_headers(api, ui), {})[2])
+    deployments = json.loads(_request(f"{api}/deployments/filter", "POST", _ui_headers(stack), {})[2])
     [deployment_id] = [d["id"] for d in deployments if d["name"] == "nightly-ingest"]
     status, _, _ = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", evil, {"parameters": {"source": {"source": "/tmp/x"}}})
     assert status == 403
-    status, headers, body = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", _ui_headers(api, ui), {})
+    status, headers, body = _request(f"{api}/deployments/{deployment_id}/create_flow_run", "POST", _ui_headers(stack), {})
     assert status == 201 and headers.get("access-control-allow-origin") == ui, body
 
 
@@ -118,8 +161,9 @@ def _field(page, label: str):
 
 
 def test_retrain_from_the_ui_then_read_its_lineage(stack):
-    """A user in a real browser: Deployments -> retrain -> Run -> Custom run with other values ->
-    Completed -> the run's lineage artifact, down to the source XML files."""
+    """A user in a real browser: the login page (the API's credentials `make up` printed) ->
+    Deployments -> retrain -> Run -> Custom run with other values -> Completed -> the run's
+    lineage artifact, down to the source XML files."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
@@ -139,7 +183,11 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         refused: list[str] = []  # what the API answered with an error, for the failure message
         page.on("response", lambda r: refused.append(f"{r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
-        page.goto(stack["ui"] + "/deployments")
+        page.goto(stack["ui"] + "/deployments")  # the API wants credentials: the UI asks for them first
+        page.get_by_placeholder("admin:pass").fill(stack["auth"])
+        page.get_by_role("button", name="Login").click()
+        page.get_by_role("link", name="retrain").first.wait_for(timeout=60_000)
+        refused.clear()  # the 401s of the pages before the login
         page.get_by_role("link", name="retrain").first.click()
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
@@ -218,7 +266,7 @@ def test_twenty_runs_at_once_on_postgresql_lock_nothing_and_are_all_served(stack
         "        print(json.dumps([s.type.value for s in states]))\n"
         "asyncio.run(main())\n"
     ) % str(MIRROR)
-    run = subprocess.run([sys.executable, "-c", script], env={**stack["env"], "PREFECT_API_URL": stack["api"]}, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", script], env=stack["client_env"], capture_output=True, text=True, timeout=600)
     logs = "".join(path.read_text() for path in sorted((stack["home"] / "run").glob("*.log")))
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == ["COMPLETED"] * 20, logs[-3000:]
