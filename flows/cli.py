@@ -25,6 +25,7 @@ from pathlib import Path
 from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, release_leases, send_prefect_backlog, temporary_server
 from flows.registry import COMMANDS
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
+from storage.store import release_holds
 
 OTHER_COMMANDS = {
     "demo": "The whole pipeline on the sample data that ships with the repository (CPU, tiny presets).",
@@ -195,6 +196,7 @@ def _run_flow(command: str, argv: list[str]):
             result = leased(flow)(**kwargs)
         finally:
             release_leases()
+            release_holds()
             send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)
     return result

@@ -41,6 +41,7 @@ from prefect.artifacts import (
 )
 from prefect.assets import Asset, add_asset_metadata
 from prefect.client.schemas.objects import TaskRunResult
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner
@@ -64,8 +65,13 @@ def stage_task(stage: Stage) -> MaterializingTask:
     """The Prefect task that runs ``stage`` through the store."""
 
     def run(inputs: dict, config) -> Artifact:
+        store, run = Store(), _root_flow_run()
+        if run:
+            store.hold(run, [a.ref for value in inputs.values() for a in (value if isinstance(value, list) else [value]) if isinstance(a, Artifact)])
         with progress_on_the_run_page():  # the build's progress, on this task run's page
-            artifact = stage.run(Store(), inputs, config, build_in=_build_processes())
+            artifact = stage.run(store, inputs, config, build_in=_build_processes())
+        if run:
+            store.hold(run, [artifact.ref])
         if stage.report is not None:
             create_table_artifact(
                 key=stage.name, table=stage.report(artifact), description=" ".join(filter(None, [artifact.ref, artifact.label]))
@@ -82,6 +88,26 @@ def stage_task(stage: Stage) -> MaterializingTask:
     run.__name__ = run.__qualname__ = stage.name
     retries = {"retries": 2, "retry_delay_seconds": [60, 600], "retry_condition_fn": retry_when(stage.retry_if)} if stage.retry_if else {}
     return MaterializingTask(run, assets=[Asset(key=asset_key(stage.name))], name=stage.name, **retries)
+
+
+def _root_flow_run() -> str | None:
+    """The flow run at the top of this task's (a pipeline, not its ingest subflow), whose lease
+    keeps what its stages make or read from retention until it ends (``Store.hold``); None in a
+    process that is not the flow's (a Dask worker lives on after the run)."""
+    context = FlowRunContext.get()
+    if context is None or context.detached:
+        return None
+    flow_run = context.flow_run
+    if flow_run.parent_task_run_id is None:
+        return str(flow_run.id)
+    if str(flow_run.id) not in _ROOTS:
+        from prefect.runtime.flow_run import get_root_flow_run_id
+
+        _ROOTS[str(flow_run.id)] = str(get_root_flow_run_id())
+    return _ROOTS[str(flow_run.id)]
+
+
+_ROOTS: dict[str, str] = {}  # a subflow run's id -> its top flow run's
 
 
 @contextmanager

@@ -12,8 +12,8 @@ machine's only, so on the remote the minimum age is what protects another machin
 Of each kind, the newest ``keep_last`` artifacts are kept, and so is every artifact that is
 pinned (``medlm store pin``), an ancestor of a kept one (a kept checkpoint keeps its shards, its
 corpus and the XML files it came from), read by a build running now (its lock names what it
-reads), or younger than ``min_age_s`` (a flow between two stages holds no lock on what it has
-just made). Nothing else is removed: an artifact that is not complete (quarantined, half-built)
+reads), made or read by a flow run still running (its lease, ``Store.hold``: a pipeline's QA
+data, converted first, stays while it pretrains), or younger than ``min_age_s``. Nothing else is removed: an artifact that is not complete (quarantined, half-built)
 is not the store's to judge here.
 """
 
@@ -35,7 +35,9 @@ class RemovalPlan:
     on_remote: bool = False
 
     def lines(self) -> list[str]:
+        """What goes (ref, size, label), then what stays and why, then the totals."""
         lines = [f"{a.ref:<32} {_size(sum(_bytes(a, self.on_remote))):>9}  {a.label or ''}" for a in self.remove]
+        lines += [f"kept {ref:<27} {why}" for ref, why in sorted(self.kept.items())]
         shared = f" ({_size(self.bytes_shared)} more stays, hard-linked from kept artifacts)" if self.bytes_shared else ""
         lines.append(f"{len(self.remove)} artifact(s), {_size(self.bytes_freed)} freed{shared}; {len(self.kept)} kept")
         return lines
@@ -61,6 +63,7 @@ def plan_removal(store: Store, keep_last: int, *, kinds: list[str] | None = None
     kept.update({ref: "pinned" for ref in store.pinned() if ref in by_ref})
     if not on_remote:
         kept.update({ref: "read by a build running now" for ref in store.reading_now() if ref in by_ref})
+        kept.update({ref: f"made or read by flow run {run}, still running" for ref, run in store.held().items() if ref in by_ref})
     now = time.time()
     kept.update({a.ref: "younger than the minimum age" for a in everything if now - a.manifest.get("created", now) < min_age_s})
     for ref in list(kept):  # the ancestors of what stays, stay

@@ -46,8 +46,11 @@ QUARANTINE = ".quarantine"
 VERIFIED = ".verified"
 PINS = ".pins"
 LOCKS = ".locks"
+LEASES = ".leases"  # LEASES/RUN: what a flow run has made or read, kept from retention while it runs
 PUSHED = ".pushed"  # PUSHED/<remote's digest>/KIND/KEY: on that remote already (no request to ask)
 _REMOTES: dict[str, Remote] = {}
+_HELD: dict[Path, object] = {}  # this process's leases (Store.hold): their locked files, open
+_HOLDING = threading.Lock()  # a flow's stages run in threads
 _WRITE_BITS = stat_module.S_IWUSR | stat_module.S_IWGRP | stat_module.S_IWOTH
 
 log = logging.getLogger("medlm.store")
@@ -421,6 +424,54 @@ class Store:
                         return self.reading_now()
         return reads
 
+    # -- leases: what running flows still need -----------------------------------------------
+
+    def hold(self, run: str, refs: Sequence[str]) -> None:
+        """Keep ``refs`` from retention while the flow run ``run`` lasts: they join its lease,
+        ROOT/.leases/RUN, a file this process keeps locked (shared, so that every process of the
+        run may hold it) until it calls ``release_holds`` or ends, however it ends."""
+        lease = self.root / LEASES / run
+        with _HOLDING:
+            self._write_lease(lease, refs)
+
+    @staticmethod
+    def _write_lease(lease: Path, refs: Sequence[str]) -> None:
+        held = _HELD.get(lease)
+        if held is None:
+            lease.parent.mkdir(parents=True, exist_ok=True)
+            while True:  # a lease gc deleted as stale while we opened it: open the new one
+                held = open(lease, "a")
+                fcntl.flock(held, fcntl.LOCK_SH)
+                if lease.exists() and os.stat(lease).st_ino == os.fstat(held.fileno()).st_ino:
+                    break
+                held.close()
+            _HELD[lease] = held
+        held.write("".join(f"{ref}\n" for ref in refs))  # appends: several processes may write
+        held.flush()
+
+
+    def held(self) -> dict[str, str]:
+        """The artifacts running flows have made or read: ref -> the flow run holding it. A lease no
+        process holds any more (its flow ended, or its process was killed) is deleted."""
+        refs: dict[str, str] = {}
+        for lease in sorted((self.root / LEASES).glob("*")):
+            if not self._drop_unheld(lease):
+                refs.update(dict.fromkeys(lease.read_text().split(), lease.name))
+        return refs
+
+    @staticmethod
+    def _drop_unheld(lease: Path) -> bool:
+        """Delete ``lease`` if no process holds it; whether it was deleted."""
+        try:
+            with open(lease, "a") as probe:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lease.unlink()
+                return True
+        except BlockingIOError:
+            return False
+        except FileNotFoundError:
+            return True
+
     # -- pins and removal ----------------------------------------------------------------------
 
     def pin(self, ref: str) -> str:
@@ -576,6 +627,16 @@ class Store:
             self._verified_cache(kind, key).save({name: _file_state(final / name, e["sha256"]) for name, e in manifest["files"].items()})
             self._mark_pushed(kind, key)
             return Artifact(kind, key, final, manifest)
+
+
+def release_holds() -> None:
+    """This process's flows have ended: it holds no lease any more (``Store.hold``)."""
+    with _HOLDING:
+        leases = list(_HELD.items())
+        _HELD.clear()
+    for lease, held in leases:
+        held.close()
+        Store._drop_unheld(lease)
 
 
 def _digest(path: Path, known: dict[tuple, str]) -> str:

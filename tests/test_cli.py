@@ -82,8 +82,9 @@ def test_store_gc_is_a_dry_run_unless_told_and_keeps_what_is_pinned(tmp_path, ca
     parsed = [p for p in store.ls("parse") if p.parents == [downloads[0].ref]]
     newer = CORPUS.run(store, {"parsed": parsed}, CorpusConfig(min_abstract_chars=0))
     status, out, _ = medlm(capsys, "store", "gc", *args)
-    gone = [line.split()[0] for line in out.splitlines()[:-2]]
+    gone = [line.split()[0] for line in out.splitlines()[:-2] if not line.startswith("kept ")]
     assert status == 0 and gone == [corpus.ref] and "a dry run: nothing was removed (--yes removes them)" in out
+    assert f"kept {downloads[0].ref:<27} pinned" in out and f"kept {newer.ref:<27} one of the 1 newest corpus" in out  # and why
     assert store.get(corpus.ref) is not None
     status, out, _ = medlm(capsys, "store", "gc", *args, "--yes")
     assert status == 0 and out.strip().endswith("removed 1 artifact(s)") and store.get(corpus.ref) is None

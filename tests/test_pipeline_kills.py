@@ -4,10 +4,12 @@ what had not finished. Run as a user runs it: the installed `medlm pipeline`, a 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,3 +106,52 @@ def test_killed_in_every_stage_and_started_again_it_ends_as_an_uninterrupted_run
     assert store.quarantined() == [] and not list(root.glob("*/*.partial"))
     summary = json.loads(store.path(*store.ls("finetune")[0].ref.split("/")).joinpath("summary.json").read_text())
     assert 4 <= summary["resumed_from_step"] < 12  # from a checkpoint the killed run wrote (a slow machine may get to ckpt 8)
+
+
+def test_gc_through_the_api_keeps_what_a_running_pipeline_made_until_it_ends(prefect_server, mirror, tmp_path):
+    """Issue 26: `store-gc` through the API (keep_last 1, no minimum age, not a dry run) while a
+    pipeline was pretraining deleted the QA artifacts it had converted for its later stages. A
+    flow run's lease (Store.hold) keeps what it made or read until it ends: the gc run says why it
+    kept them, the pipeline finishes, and once it has ended its lease is gone."""
+    from prefect.deployments import run_deployment
+
+    from deployments.deploy import register
+    from test_deployment import running_workers
+
+    def gc() -> str:
+        """A store-gc run through the API; what it reported (its markdown artifact)."""
+        run = run_deployment("store-gc/nightly-gc", parameters={"keep_last": 1, "min_age_hours": 0, "dry_run": False}, timeout=240)
+        assert run.state.is_completed(), run.state
+        return asyncio.run(_artifact(run.id, "store-gc"))
+
+    register()
+    with running_workers(tmp_path, pools=("cpu",)) as store:
+        pipeline = start(store.root, mirror)
+        deadline = time.time() + 300
+        while not list(store.root.glob("pretrain/*.partial/run/ckpt_0000010")):
+            assert pipeline.poll() is None and time.time() < deadline, pipeline.stderr.read()[-3000:]
+            time.sleep(0.01)
+        os.killpg(pipeline.pid, signal.SIGSTOP)  # held mid-run (its lease with it) while gc runs
+        try:
+            converted = {a.ref for a in store.ls("qa")}
+            report = gc()
+        finally:
+            os.killpg(pipeline.pid, signal.SIGCONT)
+        assert len(converted) == 2 and {a.ref for a in store.ls("qa")} == converted
+        older = min(store.ls("qa"), key=lambda a: a.manifest["created"]).ref
+        assert re.search(rf"kept {older} +made or read by flow run [0-9a-f-]+, still running", report), report
+        finish(pipeline)
+        assert {a.ref for a in store.ls("qa")} == converted
+        report = gc()
+    assert "still running" not in report and not list((store.root / ".leases").iterdir())  # the run has ended: its lease with it
+    assert re.search(rf"kept {older} +an ancestor of evaluate/", report), report  # what stays now stays for what it made
+
+
+async def _artifact(flow_run_id, key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async with get_client() as client:
+        [artifact] = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+        return artifact.data

@@ -458,3 +458,35 @@ def test_retention_keeps_the_newest_their_ancestors_pins_and_what_a_running_buil
     for artifact in store.ls():
         assert store.problems(artifact.ref) == [], artifact.ref
     assert not (store.root / ".trash").exists() or not list((store.root / ".trash").iterdir())
+
+
+def test_a_flow_runs_lease_keeps_what_it_made_or_read_until_its_processes_end(store):
+    """Store.hold: every process of a run holds its lease (a shared lock), so retention keeps the
+    lease's artifacts until the last of them ends, by release_holds or killed by SIGKILL."""
+    from storage.retention import plan_removal
+    from storage.store import release_holds
+
+    def build(name: str):
+        return store.get_or_build(ArtifactSpec("raw", "1", {"name": name}, ()), write_files({f"{name}.txt": name.encode()}))
+
+    old, other, newest = build("old"), build("other"), build("newest")
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from storage import Store
+        Store({str(store.root)!r}).hold("run-1", [{old.ref!r}])
+        print("holding", flush=True)
+        time.sleep(120)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert process.stdout.readline().strip() == "holding"
+        store.hold("run-1", [other.ref])  # a second process of the same run
+        plan = plan_removal(store, keep_last=1, min_age_s=0)
+        assert plan.remove == [] and plan.kept[old.ref] == plan.kept[other.ref] == "made or read by flow run run-1, still running"
+        release_holds()  # this process is done with it; the other still holds the lease
+        assert plan_removal(store, keep_last=1, min_age_s=0).kept[old.ref].startswith("made or read by flow run run-1")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert [a.ref for a in plan_removal(store, keep_last=1, min_age_s=0).remove] == [old.ref, other.ref]
+    assert not list((store.root / ".leases").iterdir())  # nobody held it: gone
