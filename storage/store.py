@@ -325,6 +325,14 @@ class Store:
             cache.save(proven)
         return manifest, problems
 
+    def _trusted(self, ref: str) -> list[str]:
+        """The files of ``ref`` that ``verified`` will trust without hashing: their (size, mtime,
+        inode) are as when they were last hashed."""
+        kind, key = _split(ref)
+        known = self._verified_cache(kind, key).load()
+        return [name for name, state in known.items() if (self.path(kind, key) / name).exists()
+                and _file_state(self.path(kind, key) / name, state[3]) == state]
+
     def _verified_cache(self, kind: str, key: str) -> "_VerifiedFiles":
         return _VerifiedFiles(self.root / VERIFIED / kind / f"{key}.json")
 
@@ -542,14 +550,17 @@ class Store:
                 self.quarantine(spec.kind, spec.key, problems)
             if self.remote and self.remote.manifest(spec.ref) and (pulled := self._pull(spec.kind, spec.key, locked=True)):
                 return replace(pulled, reused=True)  # built on another machine
-            for ref in (*spec.parents, *also_reads):
+            inputs = (*spec.parents, *also_reads)
+            trusted = {ref: self._trusted(ref) for ref in inputs}
+            for ref in inputs:
                 self.verified(ref)
             work = self.work_dir(spec)
             if work.exists() and not resume:
                 remove_tree(work)
             work.mkdir(parents=True, exist_ok=True)
             started = time.time()
-            summary = build(work) or {}
+            with _rehashed(self, trusted, work):
+                summary = build(work) or {}
             for stale in [work / MANIFEST, *work.glob(f".{MANIFEST}*.tmp")]:  # from a build killed while writing them
                 stale.unlink(missing_ok=True)
             files = sorted(p for p in work.rglob("*") if p.is_file())
@@ -627,6 +638,39 @@ class Store:
             self._verified_cache(kind, key).save({name: _file_state(final / name, e["sha256"]) for name, e in manifest["files"].items()})
             self._mark_pushed(kind, key)
             return Artifact(kind, key, final, manifest)
+
+
+@contextmanager
+def _rehashed(store: Store, trusted: dict[str, list[str]], work: Path) -> Iterator[None]:
+    """The inputs' files that were trusted without hashing (``trusted``: ref -> names) hashed while
+    the block builds from them, in a thread, and the build refused if one differs from its
+    manifest. ``verified`` trusts a file whose (size, mtime, inode) it has hashed before, but bit
+    rot changes none of them: every file a stage builds from is checked against its sha256 before
+    anything made from it is published, each once a build (before it, if its state is new; else
+    during it). A corrupt input is quarantined, and the work folder goes too (a training's
+    checkpoints learnt from it)."""
+    found: dict[str, list[str]] = {}
+
+    def rehash() -> None:
+        for ref, names in trusted.items():
+            manifest = store._check(*_split(ref), hash_files=False)[0]
+            for name in names:
+                file = store.path(*_split(ref)) / name
+                if sha256_file(file) != manifest["files"][name]["sha256"]:
+                    found.setdefault(ref, []).append(f"{file}: sha256 differs from the manifest")
+
+    thread = threading.Thread(target=rehash, name="medlm-rehash", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if found:
+        remove_tree(work)
+        moved = [store.quarantine(*_split(ref), problems) for ref, problems in found.items()]
+        problems = [p for ps in found.values() for p in ps]
+        raise ArtifactError(f"input {', '.join(found)} is corrupt: {'; '.join(problems[:3])}; nothing was published. It was moved to "
+                            f"{', '.join(map(str, moved))}: run again to rebuild it (or rebuild it with the command that made it)")
 
 
 def release_holds() -> None:

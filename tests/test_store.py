@@ -240,45 +240,52 @@ def test_published_files_and_folders_have_no_write_bits(store):
     assert store.problems(artifact.ref) == []  # verifying needs no write access
 
 
-def test_inputs_are_hashed_at_most_once_per_file_state(store, monkeypatch):
+def _hashes(monkeypatch) -> list[tuple[str, str]]:
+    """(file name, thread) of every sha256 the store computes from now on."""
+    import threading
+
     import storage.store as store_module
 
-    hashed: list[str] = []
+    hashed: list[tuple[str, str]] = []  # the test's own thread is "here"
     real_sha256 = store_module.sha256_file
-    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append((Path(path).name, "here" if threading.current_thread() is threading.main_thread() else threading.current_thread().name)) or real_sha256(path))
+    return hashed
+
+
+def test_a_build_hashes_each_input_file_once_before_it_or_while_it_builds(store, monkeypatch):
+    """A file whose (size, mtime, inode) the store hashed before is not hashed before a build
+    starts (a 40 GB shard set would hold it up), but while it builds, in a thread, since bit rot
+    keeps all three: each input file is hashed once a build, and nothing is published unchecked."""
     parent = store.get_or_build(ArtifactSpec("shards", "1"), write_files({"train.bin": b"t" * 100, "val.bin": b"v"}))
-    hashed.clear()
+    hashed = _hashes(monkeypatch)
 
     store.get_or_build(ArtifactSpec("checkpoint", "1", {"run": 1}, (parent.ref,)), write_files({"w": b"1"}))
-    assert "train.bin" not in hashed  # hashed when published: trusted while its state is unchanged
+    assert sorted(h for h in hashed if h[0].endswith(".bin")) == [("train.bin", "medlm-rehash"), ("val.bin", "medlm-rehash")]
 
-    os.utime(parent.file("train.bin"), ns=(1, 1))  # a new state (mtime), same bytes: hashed once more
+    hashed.clear()
+    os.utime(parent.file("train.bin"), ns=(1, 1))  # a new state (mtime), same bytes: hashed before the build
     store.get_or_build(ArtifactSpec("checkpoint", "1", {"run": 2}, (parent.ref,)), write_files({"w": b"2"}))
-    store.get_or_build(ArtifactSpec("checkpoint", "1", {"run": 3}, (parent.ref,)), write_files({"w": b"3"}))
-    assert [name for name in hashed if name.endswith(".bin")] == ["train.bin"]
+    assert sorted(h for h in hashed if h[0].endswith(".bin")) == [("train.bin", "here"), ("val.bin", "medlm-rehash")]
 
 
 def test_a_file_linked_from_an_input_is_not_hashed_again_and_removing_it_leaves_the_input_read_only(store, monkeypatch):
-    import storage.store as store_module
-
     previous = store.get_or_build(ArtifactSpec("corpus", "1", {"night": 1}), write_files({"part.parquet": b"p" * 100}))
-    hashed: list[str] = []
-    real_sha256 = store_module.sha256_file
-    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    hashed = _hashes(monkeypatch)
 
     def link_and_add(work: Path) -> None:
         os.link(previous.file("part.parquet"), work / "part.parquet")
         (work / "new.parquet").write_bytes(b"n")
 
     tonight = store.get_or_build(ArtifactSpec("corpus", "1", {"night": 2}), link_and_add, also_reads=[previous.ref])
-    assert hashed == ["new.parquet"]  # the linked file's digest came from the input's verified state
+    # The input's file is checked as the build runs; published, the link's digest is the input's.
+    assert sorted(hashed) == [("new.parquet", "here"), ("part.parquet", "medlm-rehash")]
     assert tonight.manifest["files"]["part.parquet"] == previous.manifest["files"]["part.parquet"]
     assert store.problems(tonight.ref) == []  # (which re-hashes every file)
 
     # Not given as an input, the same link is hashed: a digest is only reused from a verified input.
     hashed.clear()
     store.get_or_build(ArtifactSpec("corpus", "1", {"night": 3}), link_and_add)
-    assert sorted(hashed) == ["new.parquet", "part.parquet"]
+    assert sorted(hashed) == [("new.parquet", "here"), ("part.parquet", "here")]
 
     remove_tree(tonight.path)  # a published, read-only folder holding a link
     assert previous.file("part.parquet").stat().st_mode & 0o222 == 0 and store.problems(previous.ref) == []

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pickle
 import shutil
 import sys
@@ -288,18 +289,29 @@ def test_pretrain_killed_while_clearing_its_run_folder_finishes_without_retraini
     assert artifact.summary["steps"] == 2 and not (artifact.path / "run.done").exists()
 
 
-def test_a_shard_with_two_flipped_bytes_publishes_no_checkpoint(shards, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("rot", ["a write", "bit rot"])
+def test_a_shard_with_two_flipped_bytes_publishes_no_checkpoint(rot, shards, tokenizer_dir, tmp_path):
+    """Two bytes changed in place (same size), by a write, or as bit rot leaves a file: its size,
+    mtime and inode kept, so the store's memory of having hashed it still matches. Nothing is
+    published from it, and nothing learnt from it is kept to resume from."""
     store = Store(tmp_path / "store")
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
+    inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
+    store.verified(shards_artifact.ref)  # hashed once: its (size, mtime, inode) remembered
     shard = shards_artifact.file("train_0000.bin")
+    before = shard.stat()
     shard.chmod(0o644)
     data = bytearray(shard.read_bytes())
-    data[100:102] = bytes([data[101], data[100] ^ 1])  # two bytes changed in place: same size
-    shard.write_bytes(bytes(data))
-    inputs = {"shards": shards_artifact, "tokenizer": tokenizer}
+    data[100:102] = bytes([data[101], data[100] ^ 1])
+    with open(shard, "r+b") as f:  # in place: the same inode
+        f.write(bytes(data))
+    if rot == "bit rot":
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (shard.stat().st_size, shard.stat().st_mtime_ns, shard.stat().st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
     with pytest.raises(Exception, match=f"{shard}: sha256 differs from the manifest"):
         PRETRAIN.run(store, inputs, config(max_steps=2))
     assert store.ls("pretrain") == [] and [q["ref"] for q in store.quarantined()] == [shards_artifact.ref]
+    assert not list((store.root / "pretrain").glob("*.partial"))  # no checkpoint trained on it to resume from
 
 
 def test_two_nodes_train_as_one_launcher_of_their_world_size_and_resume_after_a_node_dies(shards, tokenizer_dir, tmp_path, monkeypatch):
