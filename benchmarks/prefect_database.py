@@ -66,7 +66,7 @@ def one_run(database: str, flows: int, tasks: int, work: Path) -> dict:
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         api = f"http://127.0.0.1:{port}/api"
-        wait_healthy(api, server, log_path, timeout_s=300)
+        wait_healthy(api, server, log_path)
         script = work / "load.py"
         script.write_text(FLOW)
         client_env = {**env, "PREFECT_API_URL": api}

@@ -417,9 +417,12 @@ def _export_hf(argv: list[str]) -> None:
     parser.add_argument("checkpoint", help="A checkpoint: a ref (pretrain/3f9a, finetune/...: a unique prefix will do), a checkpoint artifact folder or a ckpt_NNNNNNN folder.")
     parser.add_argument("out", type=Path, help="Folder to write the Hugging Face model into (outside the store).")
     parser.add_argument("--tokenizer", type=Path, help="Tokenizer folder to copy in (a checkpoint artifact already has one).")
+    parser.add_argument("--force", action="store_true", help="Write into OUT even if it holds files (theirs may be overwritten).")
     _store_argument(parser)
     args = parser.parse_args(argv)
     _refuse_output_in_store(args.out)
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        raise UsageError(f"{args.out} is not empty: its files would be overwritten; name an empty or new folder, or give --force")
     from model.export_hf import export_hf
     from storage.formats import TOKENIZER_FILES
 

@@ -34,7 +34,7 @@ def prefect_env(home: Path | None = None) -> dict[str, str]:
         "PREFECT_HOME": str((home or project_home() / "prefect").resolve()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",  # Prefect's own temporary server, should one start (ours: wait_healthy)
         "PREFECT_LOGGING_EXTRA_LOGGERS": "medlm",
         # Stage code also runs outside flows (CLI, torchrun, tests): its logs then go to the console only.
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
@@ -57,16 +57,28 @@ def apply_prefect_defaults() -> None:
         os.environ["PREFECT_API_AUTH_STRING"] = auth_file().read_text().strip()
 
 
-def wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    """Poll the API until it answers (a server answers seconds after it starts)."""
-    deadline = time.time() + timeout_s
+START_TIMEOUT_SETTING = "MEDLM_SERVER_START_TIMEOUT"  # seconds a Prefect server of ours may take to answer
+
+
+def wait_healthy(api: str, server: subprocess.Popen, log: Path) -> None:
+    """Poll the API until it answers, for as long as the server process lives: on a loaded machine
+    a fresh database's migration alone took over 90 s. A limit (MEDLM_SERVER_START_TIMEOUT, 600 s)
+    only catches a server that hangs; the error says which setting to raise."""
+    limit = float(os.environ.get(START_TIMEOUT_SETTING) or 600)
+    deadline = time.time() + limit
     while True:
         try:
             urllib.request.urlopen(f"{api}/health", timeout=2)
             return
         except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the Prefect server did not start; {log}:\n{log.read_text()[-3000:]}") from None
+            tail = log.read_text()[-3000:].strip() if log.is_file() else ""
+            if server.poll() is not None:
+                raise RuntimeError(f"the Prefect server ended (status {server.returncode}) before it answered; {log}:\n{tail or '(empty)'}") from None
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"the Prefect server was still starting after {limit:.0f} s (a loaded machine? raise {START_TIMEOUT_SETTING}); "
+                    f"{log}:\n{tail or '(empty: nothing logged yet, no error)'}"
+                ) from None
             time.sleep(0.2)
 
 
@@ -110,7 +122,7 @@ def temporary_server() -> Iterator[str | None]:
         )
         api = f"http://127.0.0.1:{port}/api"
         try:
-            wait_healthy(api, server, log_path, timeout_s=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+            wait_healthy(api, server, log_path)
         except BaseException:
             server.kill()
             raise

@@ -93,7 +93,7 @@ def readable(path: str | os.PathLike, what: str = "") -> Path:
     subject = f"{what} {absolute}".strip()
     if not any(real.is_relative_to(root) for root in roots):
         shown = os.pathsep.join(map(str, roots)) or "(none)"
-        via = f" (a link to {real})" if real != absolute else ""
+        via = " (a link leading out of them)" if real != absolute else ""  # never where it leads: run states are readable by anyone with the API
         raise AccessError(
             f"{subject}{via} is outside the folders this process may read ({DATA_ROOTS_SETTING}={shown}); "
             f"to allow it, add a folder holding it to {DATA_ROOTS_SETTING} where the flow runs (a deployment's: the worker's environment)"

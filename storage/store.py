@@ -559,8 +559,13 @@ class Store:
                 remove_tree(work)
             work.mkdir(parents=True, exist_ok=True)
             started = time.time()
-            with _rehashed(self, trusted, work):
-                summary = build(work) or {}
+            try:
+                with _rehashed(self, trusted, work):
+                    summary = build(work) or {}
+            except BaseException:
+                if not resume and work.exists():  # nothing to resume from: leave no half-built folder behind
+                    remove_tree(work)
+                raise
             for stale in [work / MANIFEST, *work.glob(f".{MANIFEST}*.tmp")]:  # from a build killed while writing them
                 stale.unlink(missing_ok=True)
             files = sorted(p for p in work.rglob("*") if p.is_file())

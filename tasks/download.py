@@ -146,6 +146,7 @@ def list_folder(base: str | os.PathLike, folder: str, *, timeout_s: float = 60) 
         where = str(root / folder)
         if not readable(root, "source").joinpath(folder).is_dir():
             raise DownloadError(f"{where} is not a folder: a local mirror needs NCBI's layout (baseline/, updatefiles/)")
+        readable(root / folder, "source folder")  # the folder itself may be a link out of the data roots
         entries = [p.name + ("/" if p.is_dir() else "") for p in (root / folder).iterdir()]
     names = {entry for entry in set(entries) if _is_file_name(entry, where)}
     return sorted(names, key=lambda name: (file_seq(name), name))

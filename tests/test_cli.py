@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from conftest import DATA, build_corpus
 from flows.cli import main
 from storage import Store
+from storage.processes import free_port
 
 
 def medlm(capsys, *args: str) -> tuple[int, str, str]:
@@ -177,6 +179,17 @@ def test_export_refuses_to_write_inside_the_store(tmp_path, monkeypatch, capsys)
     assert store.problems(corpus.ref) == []
 
 
+def test_export_refuses_a_folder_that_holds_files_unless_forced(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("my own")
+    status, _, err = medlm(capsys, "export-hf", str(tiny_checkpoint.path), str(out))
+    assert status == 2 and f"{out} is not empty" in err and "--force" in err and len(err.splitlines()) == 1
+    assert (out / "config.json").read_text() == "my own"
+    status, printed, _ = medlm(capsys, "export-hf", str(tiny_checkpoint.path), str(out), "--force")
+    assert status == 0 and (out / "model.safetensors").is_file() and (out / "config.json").read_text() != "my own"
+
+
 def test_the_installed_command_works_in_an_empty_folder(tmp_path):
     """Nothing pre-created, no Prefect settings: `medlm ingest` starts its own server under ./.medlm."""
     from conftest import MIRROR
@@ -305,3 +318,43 @@ def test_a_table_has_one_class_and_an_option_one_name_in_every_command():
     assert {dest: names for dest, names in spellings.items() if len(names) > 1} == {}
     assert spellings["optim.lr"] == {("--optim.lr",)} and spellings["finetune_optim.lr"] == {("--finetune-optim.lr",)}
     assert spellings["tokenizer.vocab_size"] == {("--vocab-size",)} and spellings["shape.preset"] == {("--preset",)}
+
+
+def test_a_server_is_waited_for_while_it_lives_and_a_dead_or_hung_one_is_named_with_the_setting(tmp_path, monkeypatch):
+    """A loaded machine starts a Prefect server slowly: we wait while its process lives (not a fixed
+    90 or 120 s), fail at once when it dies (its log in the error), and a hung one after
+    MEDLM_SERVER_START_TIMEOUT seconds, naming that setting."""
+    from flows.settings import wait_healthy
+
+    slow = textwrap.dedent("""
+        import http.server, sys, time
+        print("migrating", flush=True)
+        time.sleep(float(sys.argv[2]))
+        class Health(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.end_headers()
+        http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+    """)
+    log = tmp_path / "server.log"
+    port = free_port()
+
+    def server(delay: float, script: str = slow) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, str(port), str(delay)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    started = server(4)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", started, log)  # answers after 4 s: waited for
+    finally:
+        started.kill()
+        started.wait()
+    dead = server(0, "import sys; print('no database'); sys.exit(3)")
+    with pytest.raises(RuntimeError, match=r"ended \(status 3\) before it answered; .*server.log:\nno database"):
+        wait_healthy(f"http://127.0.0.1:{port}", dead, log)
+    monkeypatch.setenv("MEDLM_SERVER_START_TIMEOUT", "1")
+    hung = server(60)
+    try:
+        with pytest.raises(RuntimeError, match=r"still starting after 1 s \(a loaded machine\? raise MEDLM_SERVER_START_TIMEOUT\); .*\nmigrating"):
+            wait_healthy(f"http://127.0.0.1:{port}", hung, log)
+    finally:
+        hung.kill()
+        hung.wait()

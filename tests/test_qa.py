@@ -565,7 +565,7 @@ def test_a_saved_dataset_reads_nothing_outside_its_folder_and_its_key_covers_wha
     target.write_bytes(next(other.glob("*.arrow")).read_bytes().replace(b"Physiology", b"Physiologx"))
     assert QA.spec({}, config).key != key
     monkeypatch.setenv("MEDLM_DATA_ROOTS", str(tmp_path / "linked"))
-    with pytest.raises(PermissionError, match=r"\(a link to .*elsewhere/data.arrow\) is outside the folders this process may read \(MEDLM_DATA_ROOTS="):
+    with pytest.raises(PermissionError, match=r"\.arrow \(a link leading out of them\) is outside the folders this process may read \(MEDLM_DATA_ROOTS="):
         QA.spec({}, config)
     with pytest.raises(PermissionError, match="MEDLM_DATA_ROOTS"):
         convert_qa(config, tmp_path / "out-refused")

@@ -72,7 +72,7 @@ def test_failed_build_leaves_no_artifact(store):
     with pytest.raises(ValueError, match="line 3"):
         store.get_or_build(spec, build)
     assert store.get(spec.kind, spec.key) is None
-    assert store.ls() == []
+    assert store.ls() == [] and not store.work_dir(spec).exists()  # no half-built folder left behind
     # The next attempt starts from a clean work folder.
     artifact = store.get_or_build(spec, write_files({"articles.parquet": b"good"}))
     assert artifact.file("articles.parquet").read_bytes() == b"good"
