@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import multiprocessing
+import os
 import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from prefect.tasks import MaterializingTask
 
 from storage import Artifact, Stage, Store, write_text_atomic
 from storage.lineage import lineage, markdown
+from storage.processes import die_with_parent
 from storage.progress import REPORTER
 
 ASSET_SCHEME = "medlm://"
@@ -159,11 +161,13 @@ def builds_in_processes(workers: int, stage: Stage) -> Iterator[None]:
     first time in the process, so name the stage that will use it). A worker also runs the main
     module again (multiprocessing's rule): the ``medlm`` command's is a two-line script and a
     package's ``__main__`` is skipped, but a flow run from a Prefect worker is ``python -m
-    prefect.engine``, so the server imports such a module too, once, rather than every worker."""
+    prefect.engine``, so the server imports such a module too, once, rather than every worker.
+    The server and the workers die with the flow's process, SIGKILL included (storage/dies_with_parent.py)."""
     main = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([stage.build.__module__, *([main] if main and not main.endswith("__main__") else [])])
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    context.set_forkserver_preload(["storage.dies_with_parent", stage.build.__module__, *([main] if main and not main.endswith("__main__") else [])])
+    os.environ["MEDLM_PARENT_PID"] = str(os.getpid())  # for the server, started from here (storage/dies_with_parent.py)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent) as pool:
         token = _BUILD_PROCESSES.set(pool)
         try:
             yield

@@ -228,6 +228,37 @@ def _gone(pids: list[int], timeout_s: float = 15) -> bool:
     return True
 
 
+def _started_by(pid: int) -> list[int]:
+    """The processes the parse pool of command ``pid`` left (its forkserver, workers and resource
+    tracker carry MEDLM_PARENT_PID=pid in their environment), still running."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"MEDLM_PARENT_PID={pid}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_command_killed_while_parsing_in_worker_processes_leaves_none_of_them(tmp_path):
+    """Issue 26: `kill -9` while the parse pool ran left its forkserver, a worker and the resource
+    tracker alive for minutes. They now end with the command, however it ends."""
+    from conftest import MIRROR
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}
+    for attempt in range(3):
+        (tmp_path / str(attempt)).mkdir()
+        run = subprocess.Popen([str(MEDLM), "ingest", "--source", str(MIRROR), "--workers", "2"], cwd=tmp_path / str(attempt),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while not (pool := _started_by(run.pid)):  # the pool is up: parsing has begun
+            assert run.poll() is None, run.stderr.read()[-2000:]
+            time.sleep(0.01)
+        run.kill()
+        run.wait()
+        assert _gone(pool, timeout_s=10) and not _started_by(run.pid), f"attempt {attempt}: the parse pool outlived its command"
+
+
 def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_and_no_running_run(tmp_path):
     """Two first starts on one home at once (they would race on the SQLite migration); then a
     command killed with SIGKILL, and one stopped with SIGTERM, while they ingest."""
