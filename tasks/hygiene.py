@@ -13,7 +13,7 @@ Rules, in order; a document removed by one is counted there and not judged by th
    notices, and copyright and licence lines at the end of the abstract;
 4. placeholder abstract: after stripping, the abstract is empty, the title again, a placeholder
    ("No abstract available") or shorter than ``min_abstract_words``;
-5. abstract language: the abstract is in none of ``languages``. MEDLINE's language is the
+5. abstract language: the abstract is in none of ``abstract_languages``. MEDLINE's language is the
    article's, not the abstract's: an article in Spanish often has an English abstract. So
    py3langid (its model ships in the package) reads the abstract of every article that MEDLINE
    does not list in English; one that MEDLINE lists in English is taken as English (py3langid
@@ -34,8 +34,8 @@ the same procedure from nothing, so both give the same bytes and the previous ar
 enter the key (``Input(..., keyed=False)``, as the corpus stage's previous snapshot).
 
 Memory: documents go through in batches of ``batch_documents``, the joins run in DuckDB within
-``memory_limit`` (spilling to the work folder beyond it), and the files are written in a stream.
-The per-document rules run in ``workers`` processes, or on the Dask cluster of
+``join_memory`` (spilling to the work folder beyond it), and the files are written in a stream.
+The per-document rules run in ``processes`` worker processes, or on the Dask cluster of
 ``MEDLM_DASK_ADDRESS`` (the setting the ingest flow's parse uses).
 """
 
@@ -72,14 +72,14 @@ REPORT_MD = "report.md"
 PART_FILE = "part-0000.parquet"
 EXAMPLE_CHARS = 100
 MINHASH_SEED = 20_250_101  # fixed: band keys persist from one night to the next
-_DUCKDB_SHARE = 0.5  # of memory_limit; the rest: batches in flight, the Parquet writer
+_DUCKDB_SHARE = 0.5  # of join_memory; the rest: batches in flight, the Parquet writer
 
 # (name, the setting that switches it on): removal rules; a document's ``removed_by`` is its 1-based index.
 REMOVALS = (
     ("evaluation PMID", "evaluation_pmids"),
     ("evaluation 13-gram", "evaluation_ngrams"),
     ("placeholder abstract", "drop_placeholders"),
-    ("abstract language", "languages"),
+    ("abstract language", "abstract_languages"),
     ("near-duplicate", "near_duplicates"),
 )
 EVALUATION_PMID, EVALUATION_NGRAM, PLACEHOLDER, LANGUAGE, NEAR_DUPLICATE = range(1, len(REMOVALS) + 1)
@@ -123,31 +123,31 @@ class HygieneConfig:
     strip_copyright: bool = Field(True, description="Strip copyright and licence lines ('© 2020 Elsevier Ltd. All rights reserved.') from the end of the text.")
     drop_placeholders: bool = Field(True, description="Drop documents whose abstract, once stripped, is empty, the title again, a placeholder ('No abstract available') or shorter than min_abstract_words.")
     min_abstract_words: int = Field(20, ge=0, description="The fewest words an abstract may have (with drop_placeholders).")
-    languages: tuple[str, ...] = Field(("en",), description="Keep a document if its abstract is in one of these languages (ISO 639-1 codes; empty keeps all): as py3langid reads it, or English when MEDLINE lists the article in English.")
+    abstract_languages: tuple[str, ...] = Field(("en",), description="Keep a document if its abstract is in one of these languages (ISO 639-1 codes; empty keeps all): as py3langid reads it, or English when MEDLINE lists the article in English.")
     near_duplicates: bool = Field(True, description="Drop a document when a newer one (higher PMID) has 5-word shingles with Jaccard similarity >= near_duplicate_threshold (MinHash LSH candidates, each checked exactly).")
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="The Jaccard similarity from which two documents are near-duplicates.")
     shingle_words: int = Field(5, ge=1, description="Words per shingle for the near-duplicate rule.")
     minhash_bands: int = Field(20, ge=1, description="LSH bands: a pair sharing any band's values is a candidate.")
     minhash_rows: int = Field(6, ge=1, description="MinHash values per band (permutations: bands x rows).")
     examples: int = Field(5, ge=0, description="Examples per rule in the report (PMID and the first 100 characters).")
-    workers: int | None = Field(None, ge=1, description="Processes for the per-document rules (unset: one per core; on the Dask cluster instead when MEDLM_DASK_ADDRESS is set).")
+    processes: int | None = Field(None, ge=1, description="Processes for the per-document rules (unset: one per core; on the Dask cluster instead when MEDLM_DASK_ADDRESS is set).")
     batch_documents: int = Field(10_000, ge=1, description="Documents a worker judges at once.")
-    memory_limit: str = Field("2GB", description="Memory the joins may use, e.g. '2GB'; beyond it DuckDB spills to the work folder.")
+    join_memory: str = Field("2GB", description="Memory the joins may use, e.g. '2GB'; beyond it DuckDB spills to the work folder.")
 
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("workers", "batch_documents", "memory_limit")
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("processes", "batch_documents", "join_memory")
 
-    @field_validator("languages")
+    @field_validator("abstract_languages")
     @classmethod
     def _sorted(cls, languages: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(sorted(set(languages)))
 
-    @field_validator("memory_limit")
+    @field_validator("join_memory")
     @classmethod
     def _size(cls, limit: str) -> str:
         size_in_bytes(limit)
         return limit
 
-    @field_validator("languages")
+    @field_validator("abstract_languages")
     @classmethod
     def _iso_639_1(cls, languages: tuple[str, ...]) -> tuple[str, ...]:
         if wrong := [code for code in languages if not re.fullmatch(r"[a-z]{2}", code)]:
@@ -253,7 +253,7 @@ def judge(pmids: Sequence[int], texts: Sequence[str], languages: Sequence[list[s
             title, _, abstract = cleaned.partition("\n\n")
             if config.drop_placeholders and is_placeholder(title, abstract, config.min_abstract_words):
                 removed_by = PLACEHOLDER
-            elif config.languages and abstract_language(abstract, medline_languages or ()) not in config.languages:
+            elif config.abstract_languages and abstract_language(abstract, medline_languages or ()) not in config.abstract_languages:
                 removed_by = LANGUAGE
             elif config.near_duplicates:
                 bands = band_keys(shingles(cleaned, config.shingle_words), config.minhash_bands, config.minhash_rows)
@@ -275,7 +275,7 @@ def clean_snapshot(corpus_dir: Path, out_dir: Path, config: HygieneConfig, scree
     changed since is judged: the result is the same bytes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spill, judged = out_dir / ".duckdb_tmp", out_dir / ".judged.parquet"  # work files, removed before publishing
-    con = duckdb.connect(config={"temp_directory": str(spill), "memory_limit": f"{int(size_in_bytes(config.memory_limit) * _DUCKDB_SHARE) >> 20}MiB"})
+    con = duckdb.connect(config={"temp_directory": str(spill), "memory_limit": f"{int(size_in_bytes(config.join_memory) * _DUCKDB_SHARE) >> 20}MiB"})
     try:
         # 1. The documents now (PMID and text md5, from the corpus's own state) and, against the
         # previous verdicts, which are new or changed (judged now) and which are gone.
@@ -346,7 +346,7 @@ def _judged(batches: Iterator[pa.Table], screen: Screen, config: HygieneConfig) 
     if first is None:
         return
     second = next(batches, None)
-    if second is None or (config.workers == 1 and not dask_address()):
+    if second is None or (config.processes == 1 and not dask_address()):
         for table in _chained([first, second] if second is not None else [first], batches):
             yield judge(*_columns(table), screen)
         return
@@ -383,7 +383,7 @@ def _workers(screen: Screen, config: HygieneConfig) -> Iterator[tuple[Callable[.
             width = sum(client.nthreads().values()) or 1
             yield (lambda *columns: client.submit(judge, *columns, shared, pure=False)), width
         return
-    workers = config.workers or usable_cores()
+    workers = config.processes or usable_cores()
     with ProcessPoolExecutor(workers, initializer=_keep_screen, initargs=(screen,)) as pool:
         yield (lambda *columns: pool.submit(_judge_with_kept_screen, *columns)), workers
 

@@ -40,7 +40,7 @@ from tasks.qa import QA, QAConfig
 
 ALL_OFF = HygieneConfig(
     evaluation_pmids=False, evaluation_ngrams=False, strip_notices=False, strip_copyright=False,
-    drop_placeholders=False, languages=(), near_duplicates=False,
+    drop_placeholders=False, abstract_languages=(), near_duplicates=False,
 )
 NOTICE = "[This corrects the article DOI: 10.1002/jcp.29000.]"
 COPYRIGHT = "© 2021 Elsevier Ltd. All rights reserved."
@@ -312,4 +312,24 @@ def test_a_new_snapshot_finds_the_previous_cleaning_to_start_from(store, planted
 
 def test_a_bad_language_code_is_refused_naming_the_setting():
     with pytest.raises(ValueError, match="ISO 639-1"):
-        HygieneConfig(languages=("eng",))
+        HygieneConfig(abstract_languages=("eng",))
+
+
+@pytest.mark.slow  # starts a Dask cluster
+def test_the_rules_give_the_same_bytes_in_worker_processes_and_on_a_dask_cluster(tmp_path, store, planted, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    mirror, _ = planted
+    corpus = build_corpus(store, CorpusConfig(), mirror)
+    config = HygieneConfig(batch_documents=100)  # several batches, so they go to the workers
+    screen = Screen.of(read_records(qa_artifacts(store)[0].path), config)
+    clean_snapshot(corpus.path, tmp_path / "here", replace(config, processes=1), screen)
+    clean_snapshot(corpus.path, tmp_path / "processes", replace(config, processes=2), screen)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        monkeypatch.setenv("MEDLM_DASK_ADDRESS", cluster.scheduler_address)
+        clean_snapshot(corpus.path, tmp_path / "dask", config, screen)
+        judged_on_workers = client.run(lambda: "tasks.hygiene" in __import__("sys").modules)
+    assert all(judged_on_workers.values()), judged_on_workers
+    for other in ("processes", "dask"):
+        for path in (tmp_path / "here").iterdir():
+            assert path.read_bytes() == (tmp_path / other / path.name).read_bytes(), (other, path.name)
