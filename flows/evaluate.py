@@ -14,6 +14,7 @@ from flows.stage import publish_lineage, run_stage
 from storage import Artifact, ArtifactError, Store
 from storage.lineage import ancestor, lineage
 from storage.access import DataPath
+from storage.formats import CORPUS_KINDS
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig
 from tasks.hf_model import HF_MODEL, HFModelConfig
 from tasks.qa import QASources
@@ -37,13 +38,15 @@ def model_artifact(store: Store, ref: str | None, hf_folder: str | None, flag: s
 
 
 def lineage_inputs(store: Store, model: Artifact) -> dict:
-    """The shards and corpus a checkpoint came from (its perplexity data and contamination check),
-    and the newest snapshot built after that corpus, if any (the articles it never saw)."""
+    """The shards and corpus a checkpoint came from (its perplexity data and contamination check:
+    the cleaned snapshot it pretrained on, else the snapshot), and the newest snapshot of that
+    kind built after it, if any (the articles it never saw)."""
     root = lineage(store, model.ref)
-    found = {kind: store.require(node.ref) if (node := ancestor(root, kind)) else None for kind in ("shards", "corpus")}
-    if found["corpus"] is not None:
+    corpus = next((node for kind in CORPUS_KINDS if (node := ancestor(root, kind))), None)
+    found = {"shards": store.require(node.ref) if (node := ancestor(root, "shards")) else None, "corpus": corpus and store.require(corpus.ref)}
+    if corpus is not None:
         since = found["corpus"].manifest.get("created", 0)
-        later = [c for c in store.ls("corpus") if c.manifest.get("created", 0) > since]
+        later = [c for c in store.ls(corpus.kind) if c.manifest.get("created", 0) > since]
         found["newer"] = store.require(later[-1].ref) if later else None
     return found
 

@@ -1,4 +1,4 @@
-"""pipeline: the whole DAG: ingest -> tokenize -> retrain -> finetune (a curriculum of QA
+"""pipeline: the whole DAG: ingest -> tokenize (hygiene, tokenizer, shards) -> retrain -> finetune (a curriculum of QA
 sources, then preference tuning, the model evaluated after each stage, when the curriculum
 names any sources) or evaluate ->
 release (the last model evaluated, packaged with its card).
@@ -31,6 +31,7 @@ from model.train import ModelShape, OptimConfig, RunConfig
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
 from tasks.evaluate import EvaluationConfig
+from tasks.hygiene import HygieneConfig
 from tasks.parse import ParseConfig
 from tasks.qa import QASources
 from tasks.release import ReleaseConfig
@@ -42,6 +43,7 @@ from tasks.tokenizer import TokenizerConfig
 def pipeline(
     source: SourceConfig = SourceConfig(),
     corpus: CorpusConfig = CorpusConfig(),
+    hygiene: HygieneConfig = HygieneConfig(),
     tokenizer: TokenizerConfig = TokenizerConfig(),
     shards: ShardsConfig = ShardsConfig(),
     shape: ModelShape = ModelShape(),
@@ -63,7 +65,7 @@ def pipeline(
     each source), then the release's."""
     convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = ingest.fn(source, corpus, parse)
-    shards_ref = tokenize.fn(tokenizer, shards, corpus_ref=corpus_ref)
+    shards_ref = tokenize.fn(tokenizer, shards, hygiene, qa, corpus_ref=corpus_ref)
     checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
     if curriculum.sources or curriculum.preference_sources:
         evaluations = finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, dpo, dpo_optim,

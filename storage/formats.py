@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 ARTICLES_FILE = "articles.parquet"  # parse: one row per PubmedArticle
 DELETIONS_FILE = "deletions.parquet"  # parse: one row per DeleteCitation PMID
 MODEL_KINDS = ("pretrain", "finetune", "dpo", "hf_model")  # the artifacts that hold a model: fine-tuning, evaluation and release read them
+CORPUS_KINDS = ("hygiene", "corpus")  # the artifacts that hold a corpus snapshot (parts.json and its parts), the cleaned one first
 TOKENIZER_FILE = "tokenizer.json"
 # What AutoTokenizer.from_pretrained needs; a tokenizer artifact and every checkpoint hold them.
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")

@@ -95,7 +95,7 @@ STATE_SCHEMA = pa.schema(
         ("text_chars", pa.int64()),  # and its length in characters
     ]
 )
-_LOW_CARDINALITY = ["journal", "languages", "mesh_terms", "publication_types", "source_file"]
+LOW_CARDINALITY = ["journal", "languages", "mesh_terms", "publication_types", "source_file"]
 
 
 @config_dataclass
@@ -104,7 +104,9 @@ class CorpusConfig:
 
     require_abstract: bool = Field(True, description="Drop articles without an abstract.")
     min_abstract_chars: int = Field(200, ge=0, description="Drop abstracts shorter than this many characters.")
-    languages: tuple[str, ...] = Field(("eng",), description="Keep an article if any of its languages is listed (MEDLINE codes; empty keeps all).")
+    languages: tuple[str, ...] = Field(
+        (), description="Keep an article if any of its languages is listed (MEDLINE codes: the article's, not its abstract's; empty keeps all, and the hygiene stage reads the abstract's own language)."
+    )
     drop_retracted: bool = Field(True, description="Drop articles of type 'Retracted Publication'.")
     drop_retraction_notices: bool = Field(False, description="Drop notices of type 'Retraction of Publication'.")
     drop_errata: bool = Field(False, description="Drop articles of type 'Published Erratum'.")
@@ -383,7 +385,7 @@ class _Snapshot:
                LEFT JOIN (SELECT pmid, filtered_by, text_md5, text_chars FROM fresh) f USING (pmid)"""
         )
         state_path = self.out_dir / STATE_FILE
-        _write_parquet(
+        write_parquet(
             state_path,
             STATE_SCHEMA,
             merge_by_pmid([self._previous_state("SELECT pmid FROM touched"), self._sorted("SELECT * FROM touched_state ORDER BY pmid")]),
@@ -451,7 +453,7 @@ class _Snapshot:
 
     def _write_part(self, number: int, tables: Iterator[pa.Table]) -> CorpusPart:
         path = self.out_dir / f"part-{number:04d}.parquet"
-        rows = _write_parquet(path, DOCUMENT_SCHEMA, _read_ahead(tables), dictionary=_LOW_CARDINALITY)
+        rows = write_parquet(path, DOCUMENT_SCHEMA, _read_ahead(tables), dictionary=LOW_CARDINALITY)
         return CorpusPart(path, rows, np.zeros(0, dtype=np.int64))
 
     def _count(self, stats: CorpusStats, added_records: int) -> None:
@@ -559,7 +561,7 @@ def _read_ahead(tables: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table
         producer.join()
 
 
-def _write_parquet(path: Path, schema: pa.Schema, tables: Iterable[pa.Table], *, dictionary: list[str]) -> int:
+def write_parquet(path: Path, schema: pa.Schema, tables: Iterable[pa.Table], *, dictionary: list[str]) -> int:
     """Write a stream of tables as row groups of exactly ROW_GROUP_ROWS rows (the last one
     shorter), each one contiguous array per column (pages follow the arrays' chunks), so the
     bytes depend only on the rows; returns the number of rows."""

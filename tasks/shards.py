@@ -28,6 +28,7 @@ from pydantic import Field
 from storage import Input, Stage, sha256_file
 from storage.config import config_dataclass
 from storage.formats import (
+    CORPUS_KINDS,
     EOS_ID,
     META_FILE,
     SHARD_DTYPE,
@@ -198,6 +199,6 @@ SHARDS = Stage(
     name="shards",
     version="2",
     config=ShardsConfig,
-    inputs={"corpus": Input("corpus"), "tokenizer": Input("tokenizer")},
+    inputs={"corpus": Input(CORPUS_KINDS), "tokenizer": Input("tokenizer")},
     build=build_shards,
 )

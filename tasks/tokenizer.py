@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from storage import Input, Stage, sha256_file
 from storage.config import config_dataclass
 from storage.formats import (
+    CORPUS_KINDS,
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
     SPECIAL_TOKENS,
@@ -159,6 +160,6 @@ TOKENIZER = Stage(
     name="tokenizer",
     version="2",
     config=TokenizerConfig,
-    inputs={"corpus": Input("corpus")},
+    inputs={"corpus": Input(CORPUS_KINDS)},
     build=build_tokenizer,
 )

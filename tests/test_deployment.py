@@ -312,7 +312,7 @@ def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_
             assert run.state.is_completed(), f"{name}: {run.state}; worker logs:\n{worker_logs(tmp_path)}"
         on_b = {x.kind for x in b.ls(local=True)}
         assert on_b == {"shards", "tokenizer", "pretrain"}, on_b  # what its stage read, and what it built
-        assert {x.kind for x in a.ls(local=True)} == {"download", "parse", "corpus", "tokenizer", "shards"}
+        assert {x.kind for x in a.ls(local=True)} == {"download", "parse", "corpus", "hygiene", "tokenizer", "shards"}
         [checkpoint] = a.ls("pretrain")  # A sees B's checkpoint on the remote, without its files
         assert not checkpoint.present and checkpoint.parents == [b.newest("shards").ref, b.newest("tokenizer").ref]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import MIRROR
@@ -28,8 +30,13 @@ def test_the_demo_configuration_runs_the_whole_pipeline(store):
     assert store.require(release).parents == [evaluated[-1].ref, refs[-1]]  # the last model released, with its evaluation
     root = lineage(store, evaluated[-1].ref)  # the final model, down to the XML files
     built = table(root)
-    for kind in ("download/", "parse/", "corpus/", "tokenizer/", "shards/", "pretrain/", "finetune/", "dpo/", "qa/"):
+    for kind in ("download/", "parse/", "corpus/", "hygiene/", "tokenizer/", "shards/", "pretrain/", "finetune/", "dpo/", "qa/"):
         assert kind in built
+    [cleaned] = store.ls("hygiene")  # on by default, of the QA data's evaluation items: the evaluation finds none in the corpus
+    assert {store.require(ref).kind for ref in cleaned.parents} == {"corpus", "qa"}
+    for ref in refs:
+        results = json.loads(store.require(ref).file("results.json").read_text())
+        assert all(r["contamination"]["overlapping_items"] == 0 for r in results if "contamination" in r)
     tree = "\n".join(tree_lines(root))
     for md5_file in MIRROR.glob("*/*.md5"):
         name, md5 = md5_file.read_text().removeprefix("MD5(").strip().split(")= ")

@@ -1,4 +1,4 @@
-"""The tokenize flow (snapshot -> tokenizer -> shards) with a pinned tokenizer, on a real Prefect server."""
+"""The tokenize flow (snapshot -> hygiene -> tokenizer -> shards) with a pinned tokenizer, on a real Prefect server."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def test_a_pinned_tokenizer_reshards_with_its_own_split_without_refitting(sessio
     # A split asked for here cannot apply: the pinned tokenizer was fitted on its own train split.
     shards_ref = tokenize(TokenizerConfig(val_fraction=0.2), ShardsConfig(shard_tokens=50_000), corpus_ref=corpus.ref, tokenizer_ref=tokenizer.ref)
     shards = session_store.require(shards_ref)
-    assert shards.parents == [corpus.ref, tokenizer.ref]
+    cleaned = session_store.require(shards.parents[0])  # the snapshot cleaned first (no QA data given: of no evaluation item)
+    assert cleaned.kind == "hygiene" and cleaned.parents == [corpus.ref] and shards.parents[1:] == [tokenizer.ref]
     meta = json.loads(shards.file("meta.json").read_text())
     assert meta["tokenizer"]["ref"] == tokenizer.ref
     assert meta["split"] == {"val_fraction": tokenizer.params["val_fraction"], "test_fraction": tokenizer.params["test_fraction"]}

@@ -11,9 +11,11 @@ from tasks.evaluate.results import score_subset
 NGRAM = 13  # GPT-3's decontamination length: long enough that a match is copied text, not shared phrasing
 
 
-def _ngrams(text: str, n: int = NGRAM) -> set[int]:
+def ngrams(text: str, n: int = NGRAM) -> set[str]:
+    """The text's word n-grams after the evaluation's normalisation (lower case, no punctuation, no
+    articles): what the contamination check, and the hygiene stage's screen, compare."""
     words = normalize_answer(text).split()
-    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def contamination(records: Sequence[dict], corpus_dir: Path) -> dict[str, str]:
@@ -23,10 +25,10 @@ def contamination(records: Sequence[dict], corpus_dir: Path) -> dict[str, str]:
     from storage.formats import iter_corpus, read_corpus
 
     pmids = {int(r["id"].split(":", 1)[1]): r["id"] for r in records if r["source"] == "pubmedqa"}
-    by_gram: dict[int, list[str]] = {}
+    by_gram: dict[str, list[str]] = {}
     for r in records:
         if r["source"] != "pubmedqa":
-            for gram in _ngrams(r["question"]):
+            for gram in ngrams(r["question"]):
                 by_gram.setdefault(gram, []).append(r["id"])
     found: dict[str, str] = {}
     in_corpus = read_corpus(corpus_dir, ["pmid"]).column("pmid").to_pylist()
@@ -34,7 +36,7 @@ def contamination(records: Sequence[dict], corpus_dir: Path) -> dict[str, str]:
     if by_gram:
         for _, texts in iter_corpus(corpus_dir):
             for text in texts:
-                for gram in _ngrams(text) & by_gram.keys():
+                for gram in ngrams(text) & by_gram.keys():
                     found |= {item: f"{NGRAM}-gram of the question in the corpus" for item in by_gram[gram]}
     return found
 

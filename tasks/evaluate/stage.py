@@ -14,7 +14,7 @@ from model.scoring import CausalLM, load_causal_lm
 from model.threads import threads
 from storage import Artifact, Input, Stage
 from storage.config import config_dataclass
-from storage.formats import MODEL_KINDS
+from storage.formats import CORPUS_KINDS, MODEL_KINDS
 from storage.progress import Progress
 from tasks.evaluate.contamination import clean_score, contamination
 from tasks.evaluate.generation import generation
@@ -126,8 +126,8 @@ EVALUATE = Stage(
         "model": Input(MODEL_KINDS),
         "qa": Input("qa", many=True),
         "shards": Input("shards", optional=True),  # test.bin: perplexity
-        "corpus": Input("corpus", optional=True),  # contamination, and what "newer" holds that it did not
-        "newer": Input("corpus", optional=True),  # a snapshot built after the model's: articles it never saw
+        "corpus": Input(CORPUS_KINDS, optional=True),  # contamination, and what "newer" holds that it did not
+        "newer": Input(CORPUS_KINDS, optional=True),  # a snapshot built after the model's: articles it never saw
     },
     build=evaluate_model,
     label=lambda inputs, config: f"of {inputs['model'].ref}",
