@@ -38,11 +38,12 @@ _CHUNK = 8 << 20
 
 
 class RemoteCorrupt(Exception):
-    """A remote artifact's bytes do not match its manifest; the message says which file."""
+    """A remote artifact's bytes do not match its manifest, or one of them is gone; the message
+    says which file."""
 
-    def __init__(self, message: str, sha256: str):
+    def __init__(self, message: str, sha256: str | None):
         super().__init__(message)
-        self.sha256 = sha256  # the blob that holds other bytes than its name says
+        self.sha256 = sha256  # the blob that holds other bytes than its name says; None: missing
 
 
 class Remote:
@@ -102,10 +103,14 @@ class Remote:
             target = folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()
-            with open(target, "wb") as out:
-                for chunk in obstore.get(self._store, _blob_path(entry["sha256"])):
-                    out.write(chunk)
-                    digest.update(chunk)
+            try:
+                with open(target, "wb") as out:
+                    for chunk in obstore.get(self._store, _blob_path(entry["sha256"])):
+                        out.write(chunk)
+                        digest.update(chunk)
+            except FileNotFoundError:  # deleted from the remote (by hand, or a gc that raced an upload)
+                target.unlink()
+                raise RemoteCorrupt(f"{self.url}/{_blob_path(entry['sha256'])} ({ref}: {name}): the blob is missing", None) from None
             if digest.hexdigest() != entry["sha256"]:
                 target.unlink()
                 raise RemoteCorrupt(f"{self.url}/{_blob_path(entry['sha256'])} ({ref}: {name}): sha256 differs from the manifest", entry["sha256"])
@@ -141,17 +146,26 @@ class Remote:
         from obstore.exceptions import AlreadyExistsError
 
         manifest = json.loads(manifest_text)
-        for name, entry in manifest["files"].items():
-            blob = _blob_path(entry["sha256"])
-            if not self._has(blob, entry["size"]):
-                with open(folder / name, "rb") as f:
-                    obstore.put(self._store, blob, f, chunk_size=_CHUNK)
+        self._put_blobs(folder, manifest)
         try:
             obstore.put(self._store, _manifest_path(ref), manifest_text.encode(), mode="create")
         except AlreadyExistsError:
             return False
         self._manifests[ref] = manifest
+        # A blob that was there already (another artifact's) may have been collected by a gc that
+        # listed the manifests before ours was written: check, once it is, and upload it again.
+        self._put_blobs(folder, manifest)
         return True
+
+    def _put_blobs(self, folder: Path, manifest: dict) -> None:
+        """Upload each of the manifest's files the remote lacks, from ``folder``."""
+        import obstore
+
+        for name, entry in manifest["files"].items():
+            blob = _blob_path(entry["sha256"])
+            if not self._has(blob, entry["size"]):
+                with open(folder / name, "rb") as f:
+                    obstore.put(self._store, blob, f, chunk_size=_CHUNK)
 
     def quarantine(self, ref: str, reasons: list[str], bad_blobs: tuple[str, ...] = ()) -> str:
         """Move ``ref``'s manifest aside with why, and each blob in ``bad_blobs`` (bytes that are
@@ -202,15 +216,17 @@ class Remote:
         obstore.delete(self._store, _manifest_path(ref))
         self._manifests.pop(ref, None)
 
-    def collect_blobs(self) -> int:
-        """Delete the blobs that no published or quarantined manifest names; how many bytes."""
+    def collect_blobs(self, min_age_s: float) -> int:
+        """Delete the blobs that no published or quarantined manifest names and that are older
+        than ``min_age_s`` (a blob of an upload under way is named by no manifest yet: its manifest
+        comes last); how many bytes."""
         import obstore
 
         named = {entry["sha256"] for ref in self.refs() for entry in self.manifest(ref)["files"].values()}
         named |= {entry["sha256"] for note in self.quarantined() for entry in (note.get("manifest") or {}).get("files", {}).values()}
-        freed = 0
+        freed, now = 0, time.time()
         for meta in self._blobs():
-            if meta["path"].rsplit("/", 1)[1] not in named:
+            if meta["path"].rsplit("/", 1)[1] not in named and now - meta["last_modified"].timestamp() >= min_age_s:
                 obstore.delete(self._store, meta["path"])
                 freed += meta["size"]
         return freed

@@ -33,6 +33,7 @@ class RemovalPlan:
     bytes_freed: int = 0  # files that no kept artifact links to
     bytes_shared: int = 0  # files hard-linked from elsewhere: they stay on disk
     on_remote: bool = False
+    min_age_s: float = 24 * 3600  # on the remote, blobs younger than this stay too (uploads under way)
 
     def lines(self) -> list[str]:
         """What goes (ref, size, label), then what stays and why, then the totals."""
@@ -83,7 +84,7 @@ def plan_removal(store: Store, keep_last: int, *, kinds: list[str] | None = None
     # Children before parents: a removal cut short never leaves an artifact whose parent is gone.
     remove = sorted((a for a in everything if a.ref not in kept), key=lambda a: -generation(a.ref))
     sizes = [_bytes(a, on_remote) for a in remove]
-    return RemovalPlan(remove, kept, sum(alone for alone, _ in sizes), sum(shared for _, shared in sizes), on_remote)
+    return RemovalPlan(remove, kept, sum(alone for alone, _ in sizes), sum(shared for _, shared in sizes), on_remote, min_age_s)
 
 
 def remove(store: Store, plan: RemovalPlan) -> list[str]:
@@ -91,7 +92,7 @@ def remove(store: Store, plan: RemovalPlan) -> list[str]:
     for artifact in plan.remove:
         store.remote.remove(artifact.ref) if plan.on_remote else store.remove(artifact.ref)
     if plan.on_remote:
-        store.remote.collect_blobs()
+        store.remote.collect_blobs(plan.min_age_s)
     return [a.ref for a in plan.remove]
 
 

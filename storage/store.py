@@ -592,17 +592,19 @@ class Store:
             self._verified_cache(spec.kind, spec.key).save(
                 {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
             )
-            return self._push(Artifact(spec.kind, spec.key, final, manifest))
+            return self._push(Artifact(spec.kind, spec.key, final, manifest), locked=True)
 
     # -- the remote ------------------------------------------------------------------------------
 
     def _pushed_marker(self, kind: str, key: str) -> Path:
         return self.root / PUSHED / hashlib.sha256(self.remote.url.encode()).hexdigest()[:16] / kind / key
 
-    def _push(self, artifact: Artifact) -> Artifact:
+    def _push(self, artifact: Artifact, *, locked: bool = False) -> Artifact:
         """Upload a local artifact the remote lacks (its manifest last); the artifact as the store
         now holds it. When another machine published the key first with other bytes, theirs wins:
-        ours is quarantined and theirs fetched, so every machine reads the same bytes for a key."""
+        ours is quarantined and theirs fetched, so every machine reads the same bytes for a key.
+        ``locked``: the caller holds the key's lock (taking it again on another descriptor would
+        wait for ourselves)."""
         if self.remote is None or self._pushed_marker(artifact.kind, artifact.key).exists():
             return artifact
         text = (artifact.path / MANIFEST).read_text()
@@ -610,7 +612,7 @@ class Store:
             theirs = self.remote.manifest(artifact.ref)
             if {n: e["sha256"] for n, e in theirs["files"].items()} != {n: e["sha256"] for n, e in artifact.manifest["files"].items()}:
                 self.quarantine(artifact.kind, artifact.key, [f"{self.remote.url} has {artifact.ref} with other bytes, published first"])
-                return self._pull(artifact.kind, artifact.key) or artifact
+                return self._pull(artifact.kind, artifact.key, locked=locked) or artifact
         self._mark_pushed(artifact.kind, artifact.key)
         return artifact
 
@@ -633,9 +635,12 @@ class Store:
                 manifest = self.remote.download(ref, work)
             except RemoteCorrupt as e:
                 remove_tree(work)
-                moved = self.remote.quarantine(ref, [str(e)], bad_blobs=(e.sha256,))
+                moved = self.remote.quarantine(ref, [str(e)], bad_blobs=(e.sha256,) if e.sha256 else ())
                 log.warning("%s failed its check on the remote and was quarantined at %s; it will be built again", ref, moved)
                 return None
+            except BaseException:  # the remote unreachable, the process stopped: nothing half-fetched stays
+                remove_tree(work)
+                raise
             write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             _make_read_only(work)
             final = self.path(kind, key)

@@ -4,6 +4,7 @@ uploaded is ever visible; one manifest wins; a corrupt remote copy is quarantine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -144,3 +145,78 @@ def test_gc_on_the_remote_unpublishes_old_artifacts_and_deletes_the_blobs_nothin
     assert old.manifest["files"]["stats.json"]["sha256"] in blobs  # the newer night names the same bytes
     assert a.get(old.ref) is not None  # this machine's copy is its own store's business
     assert b.require(new.ref).file("part.parquet").read_bytes() == b"2" * 1000
+
+
+def test_a_machine_that_loses_the_race_for_a_key_while_building_it_finishes_with_the_winners_bytes(s3, tmp_path):
+    """D1 of issue 27: b builds a key, a publishes the same key (other bytes) before b uploads; b's
+    upload loses, b quarantines its copy and fetches a's, holding the key's lock all along (it used
+    to wait on that lock from a second descriptor, for ever)."""
+    import threading
+
+    a, b = machines(tmp_path, s3.url())
+    spec = ArtifactSpec("pretrain", "1")
+
+    def b_builds(work: Path) -> dict:
+        a.get_or_build(spec, build_files({"w.bin": b"a's weights"}))  # the other machine finishes first
+        (work / "w.bin").write_bytes(b"b's weights")
+        return {}
+
+    result: list = []
+    builder = threading.Thread(target=lambda: result.append(b.get_or_build(spec, b_builds)), daemon=True)
+    builder.start()
+    builder.join(timeout=120)
+    assert not builder.is_alive(), "b deadlocked on its own lock"
+    assert result[0].file("w.bin").read_bytes() == b"a's weights" and b.problems(spec.ref) == []
+    assert [q["ref"] for q in b.quarantined()] == [spec.ref]
+
+
+def test_a_blob_deleted_from_the_remote_is_corruption_the_artifact_is_rebuilt_and_nothing_half_fetched_stays(s3, tmp_path):
+    """D2 of issue 27: a pull whose blob is gone raised FileNotFoundError every time, and left its
+    KEY.pull folder. It is treated as corruption: the remote's manifest is quarantined, the
+    artifact built again here and uploaded."""
+    import obstore
+
+    a, b = machines(tmp_path, s3.url())
+    spec = ArtifactSpec("shards", "1")
+    built = a.get_or_build(spec, build_files({"train.bin": b"t" * 1000, "val.bin": b"v" * 10}))
+    obstore.delete(a.remote._store, f"blobs/sha256/{built.manifest['files']['train.bin']['sha256']}")
+    calls: list = []
+    rebuilt = b.get_or_build(spec, build_files({"train.bin": b"t" * 1000, "val.bin": b"v" * 10}, calls))
+    assert len(calls) == 1 and rebuilt.file("train.bin").read_bytes() == b"t" * 1000
+    [note] = b.remote.quarantined()
+    assert note["ref"] == spec.ref and "the blob is missing" in note["reasons"][0]
+    assert b.remote.problems(spec.ref) == [] and not list((tmp_path / "b" / "shards").glob("*.pull"))
+
+
+def test_remote_gc_spares_the_blobs_of_an_upload_under_way_and_a_publish_puts_back_a_blob_collected_meanwhile(s3, tmp_path, monkeypatch):
+    """D3 of issue 27: `gc --remote` deleted every blob no manifest named, those of an upload under
+    way too (its manifest comes last); that machine then published a manifest naming a deleted
+    blob, and never uploaded it again. Blobs younger than the minimum age stay, and a publish checks
+    its blobs once its manifest is written."""
+    import obstore
+
+    from storage.remote import Remote
+
+    a, b = machines(tmp_path, s3.url())
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "part.bin").write_bytes(b"p" * 1000)
+    digest = hashlib.sha256(b"p" * 1000).hexdigest()
+    a.remote._put_blobs(folder, {"files": {"part.bin": {"sha256": digest, "size": 1000}}})  # an upload under way: no manifest yet
+    b.remote.collect_blobs(min_age_s=3600)
+    assert a.remote._has(f"blobs/sha256/{digest}", 1000)  # young: spared
+
+    real = Remote._put_blobs
+    calls = []
+
+    def collected_between(self, folder, manifest):  # a gc that listed the manifests before ours, deleting after
+        real(self, folder, manifest)
+        calls.append(1)
+        if len(calls) == 1:
+            for entry in manifest["files"].values():
+                obstore.delete(self._store, f"blobs/sha256/{entry['sha256']}")
+
+    monkeypatch.setattr(Remote, "_put_blobs", collected_between)
+    spec = ArtifactSpec("corpus", "1")
+    a.get_or_build(spec, build_files({"part.bin": b"p" * 1000}))
+    assert a.remote.problems(spec.ref) == [] and b.require(spec.ref).file("part.bin").read_bytes() == b"p" * 1000
