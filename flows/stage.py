@@ -216,8 +216,15 @@ def failure(future: PrefectFuture) -> str:
 
 
 def run_stage(stage: Stage, inputs: dict, config, *, label: str | None = None) -> Artifact:
-    """``submit`` and wait: the stage's artifact (its exception, if the stage failed)."""
-    return submit(stage, inputs, config, label=label).result()
+    """``submit`` and wait: the stage's artifact (its exception, if the stage failed). A training
+    on several nodes then tells the other nodes' `medlm join` that there is nothing (more) to join,
+    also when the artifact was in the store already and nothing was launched."""
+    artifact = submit(stage, inputs, config, label=label).result()
+    if getattr(where := getattr(config, "run", None), "nodes", 1) > 1:
+        from model.distributed import announce_ended
+
+        announce_ended(where.rdzv_id, artifact.ref)
+    return artifact
 
 
 def publish_lineage(ref: str) -> None:

@@ -110,16 +110,30 @@ def launch(job: Launch, log: Callable[[str], None]) -> None:
             shared.unlink(missing_ok=True)
 
 
-def join(rdzv_id: str, timeout_s: float = 600, log: Callable[[str], None] = print) -> None:
-    """Run, on this node, the launch that another node's stage announced as ``rdzv_id``."""
+def announce_ended(rdzv_id: str, ref: str) -> None:
+    """Tell the other nodes' ``join`` that the training ``rdzv_id`` names has ended, or had nothing
+    to do (its artifact was in the store already): there is nothing to join."""
     shared = rendezvous_file(rdzv_id)
-    deadline = time.time() + timeout_s
-    while not shared.is_file():
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(shared, json.dumps({"ended": ref, "created": time.time()}))
+
+
+STALE_S = 600  # an end announced this long before a join started is an older job's
+
+
+def join(rdzv_id: str, timeout_s: float = 600, log: Callable[[str], None] = print) -> None:
+    """Run, on this node, the launch that another node's stage announced as ``rdzv_id``; return at
+    once if that stage has announced that its training ended (or was cached: nothing to join)."""
+    shared, started = rendezvous_file(rdzv_id), time.time()
+    deadline = started + timeout_s
+    while (fields := _announcement(shared, started)) is None:
         if time.time() > deadline:
             raise TimeoutError(f"no launch named {rdzv_id} appeared in {shared.parent} within {timeout_s:.0f} s; start the stage "
                                f"with the same rdzv_id (and this node's MEDLM_STORE must be the store it uses)")
         time.sleep(1)
-    fields = json.loads(shared.read_text())
+    if "ended" in fields:
+        log(f"nothing to join: {rdzv_id} has ended ({fields['ended']})")
+        return
     job = Launch(fields["module"], tuple(fields["args"]), fields["devices"], fields["nodes"], check_rendezvous(fields["rdzv_endpoint"]), rdzv_id)
     log(f"joining {rdzv_id}: {job.nodes} nodes at {job.rdzv_endpoint}, {job.devices} process(es) here")
     _run(job, log)
@@ -130,6 +144,15 @@ def launch_env(devices: int) -> dict[str, str]:
     processes on its share of the cores (torchrun would give each one thread; model/threads.py)."""
     threads = pinned_threads() or max(1, usable_cores() // devices)
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def _announcement(shared: Path, join_started: float) -> dict | None:
+    try:
+        fields = json.loads(shared.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    # A launch's announcement goes when the launch ends; an end stays, so an older job's is skipped.
+    return None if "ended" in fields and fields["created"] < join_started - STALE_S else fields
 
 
 def _run(job: Launch, log: Callable[[str], None]) -> None:

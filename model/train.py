@@ -45,6 +45,7 @@ from model.model import IGNORE_INDEX, PRESETS, ModelConfig, Transformer
 from model.threads import ThreadTuner
 from storage import write_text_atomic
 from storage.access import RendezvousEndpoint
+from storage.processes import die_with_parent
 from storage.progress import Progress
 from storage.config import ArgumentParser, add_config_options, config_dataclass, config_fields, config_values, make_config
 
@@ -192,6 +193,7 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
+        die_with_parent()  # a launcher killed alone (the out-of-memory killer) takes its workers with it; their peers then fail
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Runtime(rank, local_rank, world_size, device, torch.bfloat16 if use_cuda and cfg.dtype != "fp32" else None)
 

@@ -50,3 +50,9 @@ def test_the_slurm_script_trains_on_two_nodes(tmp_path):
     [checkpoint] = store.ls("pretrain")
     assert checkpoint.summary["world_size"] == 2 and checkpoint.params["run"]["nodes"] == 2
     assert "joining 4711: 2 nodes at localhost:" in run.stdout + run.stderr
+    # Submitted again: node 0 finds the checkpoint in the store and launches nothing; node 1 learns
+    # there is nothing to join (it used to wait 600 s for a launch, and the job failed).
+    again = subprocess.run(["bash", str(REPO / "deployments" / "slurm" / "train.sbatch"), "retrain", "--shards-ref", shards.ref,
+                            "--optim.max-steps", "2", "--optim.batch-size", "2", "--eval-windows", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"nothing to join: 4711 has ended ({checkpoint.ref})" in again.stdout + again.stderr and len(store.ls("pretrain")) == 1

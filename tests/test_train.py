@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -383,6 +384,51 @@ def test_two_nodes_train_as_one_launcher_of_their_world_size_and_resume_after_a_
     expected = load_model(reference.path).state_dict()
     for name, weight in load_model(resumed.path).state_dict().items():
         torch.testing.assert_close(weight, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_launcher_killed_alone_takes_its_workers_and_its_peers_stop(shards, tmp_path):
+    """D4 of issue 27: one of two torchrun launchers killed by SIGKILL (the out-of-memory killer
+    picks the biggest process it sees) left its worker training, and the other launcher waited
+    minutes. Its workers end with it, and the other node's launcher fails within a bounded time."""
+    import signal
+    import subprocess
+
+    from storage.processes import free_port
+
+    port = free_port()
+
+    def launcher(name: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=d4", "-m", "model.train", "--shards", str(shards), "--out", str(tmp_path / "run"),
+                   "--preset", "tiny", "--model", json.dumps(MODEL), "--context-length", "16", "--optim.batch-size", "4",
+                   "--optim.max-steps", "100000", "--run.checkpoint-every", "20", "--run.device", "cpu"]
+        return subprocess.Popen(command, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+
+    a, b = launcher("a"), launcher("b")
+    try:
+        deadline = time.time() + 180
+        while not list((tmp_path / "run").glob("ckpt_*")):  # training together
+            assert a.poll() is None and b.poll() is None and time.time() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.1)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(b.pid)], capture_output=True, text=True).stdout.split()]
+        assert workers
+        b.send_signal(signal.SIGKILL)
+        b.wait()
+        assert _ended(workers, timeout_s=15), "the killed launcher's worker trains on"
+        assert a.wait(timeout=120) != 0  # its peers fail (their next collective has nobody to meet)
+    finally:
+        for launched in (a, b):
+            launched.kill()
+            launched.wait()
+
+
+def _ended(pids: list[int], timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" for pid in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line_before_anything_is_allocated(shards, tmp_path):
