@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PORT ?= 4200
+HOST ?= 127.0.0.1
 CONFIG ?=
 DB ?= postgres
 DEPLOY_ARGS ?=
@@ -48,12 +49,12 @@ test-fast: venv
 bench: venv
 	$(PY) -m benchmarks
 
-# A Prefect server on 127.0.0.1:$(PORT) (UI origin only, CSRF on) on PostgreSQL (a cluster of
+# A Prefect server on $(HOST):$(PORT) (127.0.0.1 unless told; credentials required, UI origin only, CSRF on) on PostgreSQL (a cluster of
 # our own in .medlm/postgres; DB=sqlite for the embedded SQLite), the deployments (default
 # parameters from CONFIG, a run configuration, if given; DEPLOY_ARGS for the rest of
 # `python -m deployments.deploy --help`), and a worker per work pool.
 up: venv
-	$(PY) -m deployments.serve up --port $(PORT) --database $(DB) $(if $(CONFIG),--config $(CONFIG)) $(DEPLOY_ARGS)
+	$(PY) -m deployments.serve up --host $(HOST) --port $(PORT) --database $(DB) $(if $(CONFIG),--config $(CONFIG)) $(DEPLOY_ARGS)
 
 # Stops exactly the processes `make up` started (recorded in .medlm/run/), and the PostgreSQL cluster.
 down:

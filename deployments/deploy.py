@@ -30,6 +30,7 @@ import io
 import json
 from pathlib import Path
 
+from deployments import code
 from flows.registry import DEPLOYMENTS, NIGHTLY_CRON
 from flows.settings import apply_prefect_defaults
 from storage.config import ArgumentParser
@@ -136,11 +137,13 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
     """Create the pools, deployments and automations; returns what was done, a line per deployment."""
     from prefect import Flow
     from prefect.schedules import Cron
+    from prefect.variables import Variable
 
     from flows.cli import flow_parameters
     from storage.config import read_run_config
 
     asyncio.run(_ensure_pools(gpu_slots))
+    Variable.set(code.VARIABLE, code.record(), overwrite=True)  # what the workers' engine checks its own code against
     tables = read_run_config(run_config) if run_config else {}
     report = []
     for d in DEPLOYMENTS:

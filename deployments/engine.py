@@ -8,7 +8,9 @@ Prefect's own engine loads a run's flow as its deployment says: the deployment's
 its pull steps (which may run any command). Anyone who can edit a deployment through the API could
 make a worker run anything that way. Here the deployment only names which flow of the registry
 (flows/registry.py) to run: a run of any other deployment fails with the reason, and no pull step
-runs. The flow runs in the repository's folder, as the registered deployments' pull step had it.
+runs; so does a run this worker would build with other stage versions than the deployments were
+registered with (deployments/code.py). The flow runs in the repository's folder, as the registered
+deployments' pull step had it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 from uuid import UUID
 
+from deployments import code
 from flows.registry import DEPLOYMENTS, FlowEntry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +44,7 @@ def our_flow(deployment) -> FlowEntry:
 def main() -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Failed
+    from prefect.variables import Variable
 
     flow_run_id = UUID(sys.argv[1] if len(sys.argv) > 1 else os.environ["PREFECT__FLOW_RUN_ID"])
     with get_client(sync_client=True) as client:
@@ -48,6 +52,9 @@ def main() -> None:
         try:
             deployment = client.read_deployment(flow_run.deployment_id) if flow_run.deployment_id else None
             entry = our_flow(deployment)
+            registered = Variable.get(code.VARIABLE)
+            if registered is not None and (why := code.differences(registered, code.record())):
+                raise Refused(why)
         except Refused as refused:
             client.set_flow_run_state(flow_run_id, Failed(message=f"refused by the worker: {refused}"), force=True)
             raise SystemExit(f"refused flow run {flow_run_id}: {refused}") from None

@@ -117,6 +117,11 @@ def _init(folder: Path, bins: Path) -> None:
     (folder / "port").write_text(f"{free_port()}\n")
 
 
+def port(folder: Path | None = None) -> int:
+    """The port the cluster listens on, on 127.0.0.1 (chosen when it was made)."""
+    return int(((folder or cluster_dir()) / "port").read_text())
+
+
 def running(folder: Path | None = None) -> bool:
     folder = folder or cluster_dir()
     if not (folder / "data" / "PG_VERSION").is_file():
@@ -129,20 +134,20 @@ def start(folder: Path | None = None) -> str:
     folder, bins = folder or cluster_dir(), bin_dir()
     if not (folder / "data" / "PG_VERSION").is_file():
         _init(folder, bins)
-    port = int((folder / "port").read_text())
+    listening = port(folder)
     if not running(folder):
-        options = f"-p {port} -k {folder / 'data'} -c listen_addresses=127.0.0.1"
+        options = f"-p {listening} -k {folder / 'data'} -c listen_addresses=127.0.0.1"
         done = _run([str(bins / "pg_ctl"), "-D", str(folder / "data"), "-o", options, "-l", str(folder / "data" / "server.log"), "-w", "start"])
         if done.returncode != 0:
             log = (folder / "data" / "server.log").read_text()[-2000:] if (folder / "data" / "server.log").exists() else ""
-            raise PostgresError(f"PostgreSQL did not start on 127.0.0.1:{port}: {done.stderr.strip() or done.stdout.strip()}\n{log}")
+            raise PostgresError(f"PostgreSQL did not start on 127.0.0.1:{listening}: {done.stderr.strip() or done.stdout.strip()}\n{log}")
     password = (folder / "password").read_text().strip()
     env = {**os.environ, "PGPASSWORD": password}
-    psql = [str(bins / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", SUPERUSER, "-d", "postgres", "-tAc"]
+    psql = [str(bins / "psql"), "-h", "127.0.0.1", "-p", str(listening), "-U", SUPERUSER, "-d", "postgres", "-tAc"]
     exists = subprocess.run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"], env=env, capture_output=True, text=True, check=True)
     if exists.stdout.strip() != "1":
         subprocess.run([*psql, f"CREATE DATABASE {DATABASE}"], env=env, capture_output=True, text=True, check=True)
-    return f"postgresql+asyncpg://{SUPERUSER}:{password}@127.0.0.1:{port}/{DATABASE}"
+    return f"postgresql+asyncpg://{SUPERUSER}:{password}@127.0.0.1:{listening}/{DATABASE}"
 
 
 def remove(folder: Path | None = None) -> bool:

@@ -26,6 +26,7 @@ reboot never kills an unrelated process that now has the same PID.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -69,15 +70,27 @@ def api_auth() -> str:
     return path.read_text().strip()
 
 
-def server_env(port: int) -> dict[str, str]:
-    """The server's settings: loopback, this port, the UI's own origin only, CSRF tokens required."""
-    origins = f"http://127.0.0.1:{port},http://localhost:{port}"
+def server_env(host: str, port: int) -> dict[str, str]:
+    """The server's settings: this address and port, the UI's own origin only, CSRF tokens required."""
+    origins = ",".join(dict.fromkeys([f"http://{host}:{port}", f"http://127.0.0.1:{port}", f"http://localhost:{port}"]))
     return {
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{host}:{port}/api",  # what a browser on another machine calls
         "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": origins,
         "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
     }
+
+
+def check_host(host: str) -> str:
+    """The address to serve on: one this machine has, that browsers and workers can use as is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise SystemExit(f"HOST={host}: give an IP address of this machine (e.g. 10.0.0.5), the one other hosts reach it by") from None
+    if address.is_unspecified:
+        raise SystemExit(f"HOST={host}: give the address other hosts reach this machine by, not {host}: the UI calls the API there too")
+    return host
 
 
 # -- processes we started -------------------------------------------------------------------------
@@ -128,33 +141,36 @@ def stop_all(grace_s: float = 15) -> list[str]:
 # -- up and down ----------------------------------------------------------------------------------------
 
 
-def up(port: int, database: str, deploy_args: list[str]) -> None:
+def up(host: str, port: int, database: str, deploy_args: list[str]) -> None:
     apply_prefect_defaults()
-    if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
-        raise SystemExit("already up: run `make down` first")
     run_dir().mkdir(parents=True, exist_ok=True)
-    auth = api_auth()
-    env = {**os.environ, **server_env(port), "PREFECT_SERVER_API_AUTH_STRING": auth}
+    auth, api = api_auth(), f"http://{check_host(host)}:{port}/api"
+    client_env = worker_env({**os.environ, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth, "MEDLM_STORE": str(default_root().resolve())})
+    client_env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+    register = [sys.executable, "-m", "deployments.deploy", *deploy_args]
+    if (run_dir() / "server.json").exists() and ours(json.loads((run_dir() / "server.json").read_text())):
+        print("already up: registering the deployments again (what was changed in the UI is kept; `make down` stops the stack)", flush=True)
+        subprocess.run(register, env=client_env, check=True)
+        return
+    env = {**os.environ, **server_env(host, port), "PREFECT_SERVER_API_AUTH_STRING": auth}
     if os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"):
         print("database: PREFECT_SERVER_DATABASE_CONNECTION_URL's", flush=True)
     elif database == "postgres":
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = postgres.start()
-        print(f"database: PostgreSQL in {postgres.cluster_dir()}", flush=True)
+        print(f"database: PostgreSQL in {postgres.cluster_dir()}, on 127.0.0.1:{postgres.port()} (loopback: the server is its only client)", flush=True)
     else:
         print(f"database: SQLite in {os.environ['PREFECT_HOME']}", flush=True)
-    server = start("server", [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
-    api = f"http://127.0.0.1:{port}/api"
-    print(f"waiting for the Prefect server on 127.0.0.1:{port} ...", flush=True)
+    server = start("server", [str(PREFECT), "server", "start", "--host", host, "--port", str(port)], env)
+    print(f"waiting for the Prefect server on {host}:{port} ...", flush=True)
     wait_healthy(api, server, run_dir() / "server.log")
-    client_env = worker_env({**os.environ, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth, "MEDLM_STORE": str(default_root().resolve())})
-    client_env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
-    register = [sys.executable, "-m", "deployments.deploy", *deploy_args]
     subprocess.run(register, env=client_env, check=True)
     for pool in POOLS:
         start(f"worker-{pool}", [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process"], client_env)
     where = "PREFECT_SERVER_API_AUTH_STRING" if os.environ.get("PREFECT_SERVER_API_AUTH_STRING") else auth_file()
-    print(f"UI: http://127.0.0.1:{port}  (store {client_env['MEDLM_STORE']}; logs and PIDs in {run_dir()})")
+    print(f"API and UI: http://{host}:{port} (the server listens on {host}:{port}; store {client_env['MEDLM_STORE']}; logs and PIDs in {run_dir()})")
     print(f"The UI asks for a password once: {auth}  (kept in {where}; `medlm` commands here send it themselves)")
+    if not ipaddress.ip_address(host).is_loopback:
+        print(f"On another machine: PREFECT_API_URL={api} PREFECT_API_AUTH_STRING=... medlm worker --pool gpu (README: Running on a cluster)")
 
 
 def down(grace_s: float) -> None:
@@ -176,13 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     start_parser = sub.add_parser("up", help="Start the server, register the deployments, start the workers.")
     start_parser.add_argument("--port", type=int, default=4200)
+    start_parser.add_argument("--host", default="127.0.0.1", help="The address to serve the API and UI on: this machine's, as other hosts reach it [default: 127.0.0.1, this machine only].")
     start_parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
                               help="The server's database (PREFECT_SERVER_DATABASE_CONNECTION_URL, if set, wins) [default: postgres].")
     for action, text in (("down", "Stop exactly the processes `up` started."), ("clean", "`down`, and delete the PostgreSQL cluster `up` made.")):
         sub.add_parser(action, help=text).add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
     args, deploy_args = parser.parse_known_args(argv)  # the rest goes to deployments.deploy (--config, --gpu-slots, ...)
     if args.action == "up":
-        up(args.port, args.database, deploy_args)
+        up(args.host, args.port, args.database, deploy_args)
     else:
         {"down": down, "clean": clean}[args.action](args.grace)
 

@@ -35,6 +35,7 @@ OTHER_COMMANDS = {
     "store": "Inspect and tidy the artifact store: ls, verify, gc, pin, unpin, purge.",
     "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
     "chat": "Chat with a fine-tuned model (a finetune ref or folder): its chat template, streamed answers.",
+    "worker": "Join a served stack (make up HOST=... on the head) from this machine, as a worker of one pool.",
 }
 
 
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _one_line(error: BaseException) -> str:
     message = str(error).strip() or type(error).__name__
+    if message.startswith("Failed to reach API at"):  # Prefect's, after its client's retries with back-off
+        message += (" (PREFECT_API_URL: a served stack's API, with its credentials in PREFECT_API_AUTH_STRING; "
+                    "unset it to run on a temporary server of this command's own)")
     if not isinstance(error, (ValueError, OSError, UsageError, RuntimeError, LookupError)) or isinstance(error, KeyError):
         message = f"{type(error).__name__}: {message} (a bug? run again with --debug for the traceback)"
     return " ".join(message.split())
@@ -103,6 +107,10 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         return _lineage(argv[1:])
     if command == "chat":
         return _chat(argv[1:])
+    if command == "worker":  # the served stack's side (deployments/), reached from the one command users have
+        from deployments.worker import main as worker
+
+        return worker(argv[1:])
     parser = ArgumentParser(prog="medlm", description="medlm: train a medical language model from PubMed, as a Prefect pipeline.")
     parser.add_argument("command", choices=[*COMMANDS, *OTHER_COMMANDS], metavar="COMMAND")
     parser.epilog = "commands:\n" + "\n".join(

@@ -22,7 +22,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.stage import builds_in_processes, failure, progress_on_the_run_page, publish_lineage, retry_when, run_stage, submit
+from flows.stage import builds_in_processes, failure, progress_on_the_run_page, publish_lineage, publish_result, retry_when, run_stage, submit
 from storage import Artifact, Store
 from storage.access import DASK_SETTING, dask_address
 from storage.processes import usable_cores
@@ -81,7 +81,7 @@ def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusC
     snapshot = run_stage(CORPUS, inputs, corpus)
     log.info("corpus snapshot %s: %s documents from %d files", snapshot.ref, f"{snapshot.summary['documents']:,}", len(parsed))
     publish_lineage(snapshot.ref)
-    return snapshot.ref
+    return publish_result(snapshot.ref)
 
 
 def _snapshot_with_baseline(store: Store) -> Artifact | None:

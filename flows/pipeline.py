@@ -5,7 +5,11 @@ release (the last model evaluated, packaged with its card).
 
 Each step is one of the flows the CLI and deployments run on their own, called here through
 ``.fn``: its tasks run in this one flow run, not in a subflow run per step (each flow run costs
-Prefect about a second of bookkeeping, which a cached rerun would notice).
+Prefect about a second of bookkeeping, which a cached rerun would notice). Run as a deployment,
+on a cluster, a step of another work pool than the pipeline's runs as that step's deployment
+instead, on a worker of its pool (ingest, tokenize and release on a `cpu` machine; the pipeline
+itself, with training and evaluation, on a `gpu` one), and the pipeline waits for it and reads its
+result; the stores meet through the remote (MEDLM_REMOTE).
 
 Every stage goes through the store, so a second run with the same configuration does no work,
 and a changed parameter reruns its stage and what is downstream of it, nothing upstream.
@@ -16,16 +20,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 from prefect import flow
+from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic_core import to_jsonable_python
 
 from flows.evaluate import evaluate
 from flows.finetune import Curriculum, finetune as finetune_flow
-from flows.ingest import DOWNLOADS_AT_ONCE, ingest
+from flows.ingest import DOWNLOADS_AT_ONCE
 from flows.qa import convert
-from flows.release import release as release_flow
-from model.dpo import DPOConfig
+from flows.registry import COMMANDS
 from flows.retrain import retrain
-from flows.tokenizing import tokenize
+from flows.stage import read_result
+from model.dpo import DPOConfig
 from model.finetune import FinetuneConfig
 from model.train import ModelShape, OptimConfig, RunConfig
 from tasks.corpus import CorpusConfig
@@ -64,12 +71,29 @@ def pipeline(
     release; returns the refs of the evaluations (the pretrained model's, then the model's after
     each source), then the release's."""
     convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
-    corpus_ref = ingest.fn(source, corpus, parse)
-    shards_ref = tokenize.fn(tokenizer, shards, hygiene, qa, corpus_ref=corpus_ref)
-    checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
+    corpus_ref = step("ingest", source=source, corpus=corpus, parse=parse)
+    shards_ref = step("tokenize", tokenizer=tokenizer, shards=shards, hygiene=hygiene, qa=qa, corpus_ref=corpus_ref)
+    checkpoint_ref = retrain.fn(shape=shape, optim=optim, run=run, shards_ref=shards_ref)
     if curriculum.sources or curriculum.preference_sources:
-        evaluations = finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, dpo, dpo_optim,
-                                       base_ref=checkpoint_ref)
+        evaluations = finetune_flow.fn(finetune=finetune, finetune_optim=finetune_optim, finetune_run=finetune_run, curriculum=replace(curriculum, evaluate_base=True),
+                                       qa=qa, evaluation=evaluation, dpo=dpo, dpo_optim=dpo_optim, base_ref=checkpoint_ref)
     else:
-        evaluations = [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]
-    return [*evaluations, release_flow.fn(release, evaluation_ref=evaluations[-1])]
+        evaluations = [evaluate.fn(evaluation=evaluation, qa=qa, model_ref=checkpoint_ref)]
+    return [*evaluations, step("release", release=release, evaluation_ref=evaluations[-1])]
+
+
+def step(command: str, **parameters) -> str:
+    """Run the registry's flow ``command`` (one that returns a ref and publishes it, ``publish_result``):
+    in this flow run, or, when this run is a deployment's on another pool than the step's, as the
+    step's deployment on its pool (a subflow run a worker of that pool takes), waiting for it. A
+    step that fails there fails here. (Training and evaluation share the pipeline's pool.)"""
+    entry = COMMANDS[command]
+    context = FlowRunContext.get()
+    here = context.flow_run.work_pool_name if context else None
+    if here is None or here == entry.pool:
+        return entry.load().fn(**parameters)
+    name = f"{entry.load().name}/{entry.deployment}"
+    run = run_deployment(name, parameters=to_jsonable_python(parameters), timeout=None)
+    if not run.state.is_completed():
+        raise RuntimeError(f"{command}, run on the {entry.pool} pool as {name} (flow run {run.name}), ended {run.state.name}: {run.state.message}")
+    return read_result(run.id)

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from flows.stage import publish_lineage, run_stage
+from flows.stage import publish_lineage, publish_result, run_stage
 from storage import Store
 from storage.formats import MODEL_KINDS
 from tasks.release import CARD_FILE, RELEASE, ReleaseConfig
@@ -32,4 +32,4 @@ def release(
     create_markdown_artifact(key="model-card", markdown=result.file(CARD_FILE).read_text(), description=f"{result.ref}: the model card of {model.ref}")
     publish_lineage(result.ref)
     get_run_logger().info("release %s: %s", result.ref, result.summary)
-    return result.ref
+    return publish_result(result.ref)

@@ -239,3 +239,25 @@ def publish_lineage(ref: str) -> None:
     create_markdown_artifact(
         key=f"lineage-{root.kind}", markdown=markdown(root, str(full.resolve())), description=f"Lineage of {ref}"
     )
+
+
+RESULT = "result"  # the key of the artifact in which a flow run leaves its result for whoever started it
+
+
+def publish_result(ref: str) -> str:
+    """A flow's result (a ref), as an artifact of its run: what a pipeline that ran this flow on
+    another machine's pool reads back (flows/pipeline.py), and what a person sees it made. Returns ``ref``."""
+    create_markdown_artifact(key=RESULT, markdown=f"`{ref}`", description=ref)
+    return ref
+
+
+def read_result(flow_run_id) -> str:
+    """The result a finished flow run published (``publish_result``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[RESULT])))
+    if not found:
+        raise RuntimeError(f"flow run {flow_run_id} published no result")
+    return max(found, key=lambda a: a.created).description

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from flows.qa import convert
-from flows.stage import publish_lineage, run_stage, submit
+from flows.stage import publish_lineage, publish_result, run_stage, submit
 from storage import Store
 from tasks.hygiene import HYGIENE, REPORT_MD, HygieneConfig, previous_cleaning
 from tasks.qa import QASources
@@ -51,4 +51,4 @@ def tokenize(
     written = run_stage(SHARDS, {"corpus": cleaned, "tokenizer": fitted}, shards)
     log.info("shards %s: %s", written.ref, written.summary)
     publish_lineage(written.ref)
-    return written.ref
+    return publish_result(written.ref)

@@ -26,15 +26,50 @@ It is the worker's setting, like MEDLM_STORE, never a run parameter.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 REMOTE_SETTING = "MEDLM_REMOTE"
+CONNECT_SETTING = "MEDLM_CONNECT_TIMEOUT"  # seconds a request is retried, with back-off, before it fails
 _CHUNK = 8 << 20
+
+
+class RemoteUnreachable(RuntimeError):
+    """The remote did not answer, or refused, within the retry time; the message names it and its settings."""
+
+
+def _reported(method):
+    """A Remote method whose failures to reach the remote (after obstore's retries with back-off,
+    for at most MEDLM_CONNECT_TIMEOUT seconds) are one RemoteUnreachable line naming the remote and
+    its settings; "not there" and "there already" are answers, not failures, and pass through."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError
+
+        try:
+            return method(self, *args, **kwargs)
+        except (NotFoundError, AlreadyExistsError):
+            raise
+        except BaseError as error:
+            endpoint = f" at {os.environ['AWS_ENDPOINT_URL']}" if os.environ.get("AWS_ENDPOINT_URL") else ""
+            first = str(error).strip().splitlines()[0][:300]
+            raise RemoteUnreachable(
+                f"the remote {self.url}{endpoint} failed ({first}); retried for up to {_retry_seconds():.0f} s. Check {REMOTE_SETTING}, "
+                f"AWS_ENDPOINT_URL and the AWS_* credentials where this runs (or raise {CONNECT_SETTING}); nothing was published half-way"
+            ) from None
+
+    return call
+
+
+def _retry_seconds() -> float:
+    return float(os.environ.get(CONNECT_SETTING) or 120)
 
 
 class RemoteCorrupt(Exception):
@@ -57,7 +92,8 @@ class Remote:
         if url.startswith("file://"):
             Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         self.url = url
-        self._store = from_url(url)
+        backoff = {"init_backoff": timedelta(seconds=1), "max_backoff": timedelta(seconds=15), "base": 2}
+        self._store = from_url(url, retry_config={"max_retries": 1000, "retry_timeout": timedelta(seconds=_retry_seconds()), "backoff": backoff})
         self._manifests: dict[str, dict] = {}  # a manifest never changes once written: read each once
 
     @classmethod
@@ -70,6 +106,7 @@ class Remote:
 
     # -- reading -------------------------------------------------------------------------------
 
+    @_reported
     def manifest(self, ref: str) -> dict | None:
         """The manifest of ``ref`` (KIND/KEY) on the remote, or None."""
         import obstore
@@ -81,6 +118,7 @@ class Remote:
                 return None
         return self._manifests[ref]
 
+    @_reported
     def refs(self, kind: str | None = None) -> dict[str, float]:
         """ref -> when its manifest was written, of every artifact on the remote (of ``kind``)."""
         import obstore
@@ -93,6 +131,7 @@ class Remote:
                     found[f"{parts[1]}/{parts[2]}"] = meta["last_modified"].timestamp()
         return found
 
+    @_reported
     def download(self, ref: str, folder: Path) -> dict:
         """Every file of ``ref`` into ``folder``, each hashed as it arrives; its manifest. A file
         whose sha256 differs from the manifest raises RemoteCorrupt (nothing is kept of it)."""
@@ -116,6 +155,7 @@ class Remote:
                 raise RemoteCorrupt(f"{self.url}/{_blob_path(entry['sha256'])} ({ref}: {name}): sha256 differs from the manifest", entry["sha256"])
         return manifest
 
+    @_reported
     def problems(self, ref: str) -> list[str]:
         """What is wrong with ``ref`` on the remote, every blob re-hashed; empty: it verifies."""
         import obstore
@@ -138,6 +178,7 @@ class Remote:
 
     # -- writing -------------------------------------------------------------------------------
 
+    @_reported
     def upload(self, ref: str, folder: Path, manifest_text: str) -> bool:
         """Publish the local artifact in ``folder``: its files' blobs first, then its manifest, only
         if none is there. True when this manifest is the one published; False when another machine's
@@ -167,6 +208,7 @@ class Remote:
                 with open(folder / name, "rb") as f:
                     obstore.put(self._store, blob, f, chunk_size=_CHUNK)
 
+    @_reported
     def quarantine(self, ref: str, reasons: list[str], bad_blobs: tuple[str, ...] = ()) -> str:
         """Move ``ref``'s manifest aside with why, and each blob in ``bad_blobs`` (bytes that are
         not what its name says: an upload would take it for the right file) to quarantine/blobs/;
@@ -184,6 +226,7 @@ class Remote:
         self._manifests.pop(ref, None)
         return f"{self.url}/{target}"
 
+    @_reported
     def quarantined(self) -> list[dict]:
         import obstore
 
@@ -191,11 +234,13 @@ class Remote:
                  for batch in obstore.list(self._store, "quarantine/") for m in batch if not m["path"].startswith("quarantine/blobs/")]
         return sorted(notes, key=lambda note: note["quarantined"])
 
+    @_reported
     def pin(self, ref: str) -> None:
         import obstore
 
         obstore.put(self._store, f"pins/{ref}", b"")
 
+    @_reported
     def unpin(self, ref: str) -> None:
         import obstore
 
@@ -204,11 +249,13 @@ class Remote:
         except FileNotFoundError:
             pass
 
+    @_reported
     def pins(self) -> set[str]:
         import obstore
 
         return {m["path"].removeprefix("pins/") for batch in obstore.list(self._store, "pins/") for m in batch}
 
+    @_reported
     def remove(self, ref: str) -> None:
         """Unpublish ``ref`` (its manifest); ``collect_blobs`` deletes what no manifest names."""
         import obstore
@@ -216,6 +263,7 @@ class Remote:
         obstore.delete(self._store, _manifest_path(ref))
         self._manifests.pop(ref, None)
 
+    @_reported
     def collect_blobs(self, min_age_s: float) -> int:
         """Delete the blobs that no published or quarantined manifest names and that are older
         than ``min_age_s`` (a blob of an upload under way is named by no manifest yet: its manifest

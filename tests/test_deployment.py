@@ -283,6 +283,29 @@ def test_a_caller_of_the_api_chooses_nothing_a_worker_runs(prefect_server, tmp_p
         assert listener.connections == 0, worker_logs(tmp_path)
 
 
+def test_a_worker_whose_stage_versions_differ_from_the_registered_ones_refuses_the_run_saying_which(prefect_server, tmp_path):
+    """The same code on every host is checked, not assumed: the registration records its stage
+    versions on the server; a worker of another commit that would build a stage with another
+    version (here: the server's record says parse is at version 0) refuses the run, naming the
+    stage, and builds nothing."""
+    from prefect.variables import Variable
+
+    from deployments import code
+
+    register()
+    registered = Variable.get(code.VARIABLE)
+    assert registered == code.record()
+    Variable.set(code.VARIABLE, {"commit": "0123abcd", "stages": registered["stages"] | {"parse": "0"}}, overwrite=True)
+    try:
+        with running_workers(tmp_path, pools=("cpu",)) as store:
+            run = run_deployment("ingest/nightly-ingest", parameters={"source": {"source": str(BASELINE_SAMPLE.parents[1])}}, timeout=180)
+    finally:
+        Variable.set(code.VARIABLE, registered, overwrite=True)
+    assert run.state.is_failed(), (run.state, worker_logs(tmp_path))
+    assert "refused by the worker: this worker (commit" in run.state.message and "parse 1 here, 0 there" in run.state.message
+    assert "(commit 0123abcd)" in run.state.message and store.ls() == []
+
+
 def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_on_the_other(prefect_server, s3, tmp_path):
     """Machine A runs the cpu pool, machine B the gpu pool; each has its own local store and home,
     and they share only the Prefect API and an S3 remote. A ingests (from an NCBI-like server) and
@@ -307,19 +330,22 @@ def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_
             assert len(server.requests_for("/updatefiles/pubmed21n1298.xml.gz")) == 1
         [corpus] = a.ls("corpus")
         assert corpus.present and corpus.summary["documents"] > 0 and len(corpus.parents) == 2
-        for name, parameters in (("tokenize/tokenize", {"tokenizer": quick["tokenizer"]}), ("retrain/retrain", {table: quick[table] for table in ("shape", "optim", "run")})):
+        for name, parameters in (("tokenize/tokenize", {"tokenizer": quick["tokenizer"], "qa": quick["qa"]}), ("retrain/retrain", {table: quick[table] for table in ("shape", "optim", "run")})):
             run = run_deployment(name, parameters=parameters, timeout=300)
             assert run.state.is_completed(), f"{name}: {run.state}; worker logs:\n{worker_logs(tmp_path)}"
         on_b = {x.kind for x in b.ls(local=True)}
         assert on_b == {"shards", "tokenizer", "pretrain"}, on_b  # what its stage read, and what it built
-        assert {x.kind for x in a.ls(local=True)} == {"download", "parse", "corpus", "hygiene", "tokenizer", "shards"}
+        assert {x.kind for x in a.ls(local=True)} == {"download", "parse", "corpus", "qa", "hygiene", "tokenizer", "shards"}
         [checkpoint] = a.ls("pretrain")  # A sees B's checkpoint on the remote, without its files
         assert not checkpoint.present and checkpoint.parents == [b.newest("shards").ref, b.newest("tokenizer").ref]
 
-        run = run_deployment("pipeline/pipeline", parameters=quick, timeout=600)  # its pretraining is B's, found
+        # The pipeline on B (the gpu pool): its ingest, tokenize and release steps run on A (the cpu
+        # pool) as those deployments' runs; its pretraining is B's, found.
+        run = run_deployment("pipeline/pipeline", parameters=quick, timeout=600)
         assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
         [finetuned] = b.ls("finetune")
         assert finetuned.parents[0] == checkpoint.ref and len(b.ls("pretrain")) == 1
+        assert a.ls("release", local=True) and not b.ls("release", local=True)
         md5s = [md5_file.read_text().removeprefix("MD5(").strip().split(")= ") for md5_file in MIRROR.glob("*/*.md5")]
         for machine in (a, b):
             tree = "\n".join(tree_lines(lineage(machine, finetuned.ref)))
