@@ -11,17 +11,25 @@ node holds which ranks is torchrun's choice (by arrival; GROUP_RANK), never assu
 node must see the store at the same path (a shared folder): any of them may hold rank 0, which
 writes the run's checkpoints and metrics, and every rank reads the newest checkpoint on resume.
 A node that dies takes the job down (the others' collectives fail; torchrun stops them); run the
-stage and the joins again and training resumes from the newest complete checkpoint.
+stage and the joins again and training resumes from the newest complete checkpoint. A node cut off
+from the rendezvous host stops too: its workers' collectives time out (RunConfig.timeout_s), and
+its launcher, which would wait on the dead connection until TCP gives up (about 15 minutes), is
+stopped once its workers have ended and the host has not answered for CUT_OFF_S.
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
+import ipaddress
 import json
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,8 +64,32 @@ class Launch:
         if self.module not in MODULES:
             raise ValueError(f"a launch runs one of {MODULES}, not {self.module!r}")
         where = (["--standalone"] if self.nodes == 1 else
-                 [f"--nnodes={self.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"])
+                 [f"--nnodes={self.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}",
+                  *([] if (host := hosts_here(self.rdzv_endpoint)) is None else [f"--rdzv-conf=is_host={int(host)}"]),
+                  # The address the other nodes reach this one by (rank 0's is their MASTER_ADDR), not its host name's.
+                  *([f"--local-addr={local}"] if (local := address_towards(self.rdzv_endpoint.rsplit(":", 1)[0].strip("[]"))) else [])])
         return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={self.devices}", "-m", self.module, *self.args]
+
+
+def hosts_here(endpoint: str) -> bool | None:
+    """Whether this machine's launcher serves the c10d store of the rendezvous ``endpoint``
+    (HOST:PORT): whether HOST is one of its addresses. Said explicitly, since torchrun guesses from
+    the host name, which every network namespace of a machine shares, and then no launcher would
+    serve it. None for a loopback address: several launchers on one machine, and torchrun's guess
+    (the first to bind serves, the others connect) is right."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, 0, proto=socket.IPPROTO_TCP)[0]
+    except OSError:
+        return False
+    if ipaddress.ip_address(address[0]).is_loopback:
+        return None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address[:2])  # only an address of this machine (of its network namespace) binds
+        return True
+    except OSError:
+        return False
 
 
 def train_distributed(module: str, config: dict, args: tuple[str, ...], where: "RunConfig", run: Path, log: Callable[[str], None]) -> dict:
@@ -139,11 +171,44 @@ def join(rdzv_id: str, timeout_s: float = 600, log: Callable[[str], None] = prin
     _run(job, log)
 
 
-def launch_env(devices: int) -> dict[str, str]:
-    """torchrun's environment: ours, the repository importable, and each of the ``devices``
-    processes on its share of the cores (torchrun would give each one thread; model/threads.py)."""
-    threads = pinned_threads() or max(1, usable_cores() // devices)
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+def launch_env(job: Launch) -> dict[str, str]:
+    """torchrun's environment: ours, the repository importable, each of the job's processes on its
+    share of the cores (torchrun would give each one thread; model/threads.py), and with several
+    nodes the network interface the collectives use: the one this machine reaches the rendezvous
+    host through (gloo and NCCL would take the interface of the machine's host name, often loopback
+    or another network), unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise."""
+    threads = pinned_threads() or max(1, usable_cores() // job.devices)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if job.nodes > 1 and (interface := interface_towards(job.rdzv_endpoint.rsplit(":", 1)[0].strip("[]"))):
+        env = {"GLOO_SOCKET_IFNAME": interface, "NCCL_SOCKET_IFNAME": interface} | env
+    return env
+
+
+def address_towards(host: str) -> str | None:
+    """This machine's IPv4 address that it reaches ``host`` from (its route's source), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(host), 9))  # nothing is sent: this only picks the route
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def interface_towards(host: str) -> str | None:
+    """The name of this machine's network interface whose address it reaches ``host`` from."""
+    if (local := address_towards(host)) is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                if socket.inet_ntoa(fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))[20:24]) == local:
+                    return name
+            except OSError:  # an interface without an IPv4 address
+                continue
+    return None
+
+
+SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 
 
 def _announcement(shared: Path, join_started: float) -> dict | None:
@@ -158,12 +223,14 @@ def _announcement(shared: Path, join_started: float) -> dict | None:
 def _run(job: Launch, log: Callable[[str], None]) -> None:
     """Run ``job``, its lines to ``log``; rank 0's progress lines (storage/progress.py) also to the
     progress reporter, as if the training ran in this process."""
-    env = launch_env(job.devices)
+    env = launch_env(job)
     tail: collections.deque[str] = collections.deque(maxlen=20)
     reporter = REPORTER.get()
     logging.getLogger("medlm.distributed").info("launching %s", " ".join(job.command()))
     with subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           preexec_fn=die_with_parent) as proc:
+        if job.nodes > 1 and not hosts_here(job.rdzv_endpoint):
+            threading.Thread(target=_stop_when_cut_off, args=(proc, job.rdzv_endpoint, log), daemon=True, name="medlm-cut-off").start()
         for line in proc.stdout:
             tail.append(line.rstrip())
             log(tail[-1])
@@ -171,3 +238,49 @@ def _run(job: Launch, log: Callable[[str], None]) -> None:
                 reporter(*step, tail[-1])
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with status {proc.returncode}; last lines:\n" + "\n".join(tail))
+
+
+CUT_OFF_S = 60  # how long a launcher whose workers have ended may go without reaching the rendezvous host
+
+
+def _stop_when_cut_off(proc: subprocess.Popen, endpoint: str, log: Callable[[str], None]) -> None:
+    """Stop the launcher ``proc`` once its workers have ended and the rendezvous host ``endpoint``
+    has not taken a connection for CUT_OFF_S. Not before its workers end: a slow rank 0 (saving the
+    model) keeps the others' launchers waiting, rightly, at torchrun's exit barrier."""
+    host, port = endpoint.rsplit(":", 1)
+    had_workers, unreachable_since = False, None
+    while proc.poll() is None:
+        workers = _children(proc.pid)
+        had_workers |= bool(workers)
+        if had_workers and not workers:
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+                unreachable_since = None
+            except OSError:
+                unreachable_since = unreachable_since or time.time()
+                if time.time() - unreachable_since > CUT_OFF_S:
+                    log(f"stopping torchrun: its workers have ended and the rendezvous host {endpoint} has not answered for {CUT_OFF_S} s")
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:  # blocked in the store's receive, which retries on EINTR
+                        proc.kill()
+                    return
+        time.sleep(1)
+
+
+def _children(pid: int) -> list[int]:
+    """``pid``'s child processes still running: not those that have ended and wait to be reaped
+    (the launcher reaps its workers only between its calls to the store)."""
+    try:
+        children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return [child for child in children if _state(child) not in ("Z", "X", None)]
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

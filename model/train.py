@@ -22,6 +22,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, ClassVar, Literal, Protocol
 
@@ -101,9 +102,10 @@ class RunConfig:
     nodes: int = Field(1, ge=1, le=4096, description="Machines training together (each runs `devices` processes); the others join with `medlm join RDZV_ID`.")
     rdzv_endpoint: RendezvousEndpoint | None = Field(None, description="With nodes > 1: the torchrun rendezvous, HOST:PORT, reachable from every node (its host in MEDLM_RENDEZVOUS_HOSTS).")
     rdzv_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="With nodes > 1: this job's name, the same on every node (e.g. $SLURM_JOB_ID).")
+    timeout_s: int = Field(600, ge=10, description="With several processes: seconds one waits for the others (a collective, a checkpoint's barrier) before the run fails; a node cut off stops the job within it.")
 
-    # How often to log and checkpoint, and where the nodes meet, change how the work is done, not what it makes.
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "keep_last", "rdzv_endpoint", "rdzv_id")
+    # How often to log and checkpoint, where the nodes meet and how long they wait change how the work is done, not what it makes.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "keep_last", "rdzv_endpoint", "rdzv_id", "timeout_s")
 
     @model_validator(mode="after")
     def _nodes(self):
@@ -194,7 +196,7 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         die_with_parent()  # a launcher killed alone (the out-of-memory killer) takes its workers with it; their peers then fail
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s))
     return Runtime(rank, local_rank, world_size, device, torch.bfloat16 if use_cuda and cfg.dtype != "fp32" else None)
 
 

@@ -74,9 +74,10 @@ def test_the_tuner_stays_off_on_one_thread_and_when_the_count_is_pinned(monkeypa
 
 
 def test_torchrun_processes_get_their_share_of_the_cores_unless_the_count_is_pinned(monkeypatch):
-    from model.distributed import launch_env
+    from model.distributed import Launch, launch_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert launch_env(2)["OMP_NUM_THREADS"] == str(max(1, usable_cores() // 2))
+    job = Launch("model.train", (), devices=2)
+    assert launch_env(job)["OMP_NUM_THREADS"] == str(max(1, usable_cores() // 2))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert launch_env(2)["OMP_NUM_THREADS"] == "3"
+    assert launch_env(job)["OMP_NUM_THREADS"] == "3"
