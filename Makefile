@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PORT ?= 4200
 HOST ?= 127.0.0.1
+WORKERS ?= yes
 CONFIG ?=
 DB ?= postgres
 DEPLOY_ARGS ?=
@@ -54,7 +55,7 @@ bench: venv
 # parameters from CONFIG, a run configuration, if given; DEPLOY_ARGS for the rest of
 # `python -m deployments.deploy --help`), and a worker per work pool.
 up: venv
-	$(PY) -m deployments.serve up --host $(HOST) --port $(PORT) --database $(DB) $(if $(CONFIG),--config $(CONFIG)) $(DEPLOY_ARGS)
+	$(PY) -m deployments.serve up --host $(HOST) --port $(PORT) $(if $(filter no,$(WORKERS)),--no-workers) --database $(DB) $(if $(CONFIG),--config $(CONFIG)) $(DEPLOY_ARGS)
 
 # Stops exactly the processes `make up` started (recorded in .medlm/run/), and the PostgreSQL cluster.
 down:

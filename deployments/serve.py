@@ -141,7 +141,7 @@ def stop_all(grace_s: float = 15) -> list[str]:
 # -- up and down ----------------------------------------------------------------------------------------
 
 
-def up(host: str, port: int, database: str, deploy_args: list[str]) -> None:
+def up(host: str, port: int, database: str, deploy_args: list[str], workers: bool = True) -> None:
     apply_prefect_defaults()
     run_dir().mkdir(parents=True, exist_ok=True)
     auth, api = api_auth(), f"http://{check_host(host)}:{port}/api"
@@ -164,7 +164,7 @@ def up(host: str, port: int, database: str, deploy_args: list[str]) -> None:
     print(f"waiting for the Prefect server on {host}:{port} ...", flush=True)
     wait_healthy(api, server, run_dir() / "server.log")
     subprocess.run(register, env=client_env, check=True)
-    for pool in POOLS:
+    for pool in POOLS if workers else ():
         start(f"worker-{pool}", [str(PREFECT), "worker", "start", "--pool", pool, "--type", "process"], client_env)
     where = "PREFECT_SERVER_API_AUTH_STRING" if os.environ.get("PREFECT_SERVER_API_AUTH_STRING") else auth_file()
     print(f"API and UI: http://{host}:{port} (the server listens on {host}:{port}; store {client_env['MEDLM_STORE']}; logs and PIDs in {run_dir()})")
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     start_parser = sub.add_parser("up", help="Start the server, register the deployments, start the workers.")
     start_parser.add_argument("--port", type=int, default=4200)
+    start_parser.add_argument("--workers", action=argparse.BooleanOptionalAction, default=True,
+                              help="Start a worker per pool here too (--no-workers: this machine only serves; workers join with `medlm worker`).")
     start_parser.add_argument("--host", default="127.0.0.1", help="The address to serve the API and UI on: this machine's, as other hosts reach it [default: 127.0.0.1, this machine only].")
     start_parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres",
                               help="The server's database (PREFECT_SERVER_DATABASE_CONNECTION_URL, if set, wins) [default: postgres].")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser(action, help=text).add_argument("--grace", type=float, default=15, help="Seconds between SIGINT and SIGTERM.")
     args, deploy_args = parser.parse_known_args(argv)  # the rest goes to deployments.deploy (--config, --gpu-slots, ...)
     if args.action == "up":
-        up(args.host, args.port, args.database, deploy_args)
+        up(args.host, args.port, args.database, deploy_args, args.workers)
     else:
         {"down": down, "clean": clean}[args.action](args.grace)
 
