@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from storage.access import readable, readable_files
 from storage.remote import Remote, RemoteCorrupt
@@ -467,6 +467,7 @@ class Store:
         resume: bool = False,
         label: str | None = None,
         also_reads: Sequence[str] = (),
+        roles: Mapping[str, Sequence[str]] | None = None,
     ) -> Artifact:
         """Return the artifact for ``spec``, building it with ``build(work_dir)`` if needed.
 
@@ -476,7 +477,9 @@ class Store:
         left by a killed run is handed back to ``build`` as it is (downloads keep their ``.part``,
         training its checkpoints); otherwise it is removed first. ``label`` names the artifact
         for people in lineage listings. ``also_reads``: artifacts the build reads that are not
-        parents (they only make it faster), verified the same way. The published artifact's files
+        parents (they only make it faster), verified the same way. ``roles``: the parents by the
+        role the build read them in (a stage's input names), kept in the manifest for lineage's
+        readers (a release's card tells data trained on from data held out). The published artifact's files
         and folders are read-only; a file that is a hard link to a verified input's file is not
         hashed again.
         """
@@ -512,6 +515,7 @@ class Store:
                 "version": spec.version,
                 "params": spec.params,
                 "parents": list(spec.parents),
+                **({"roles": {role: list(refs) for role, refs in roles.items()}} if roles else {}),
                 "label": label,
                 "summary": summary,
                 "created": time.time(),
