@@ -522,14 +522,18 @@ class Store:
                 "build_seconds": round(time.time() - started, 3),
                 "files": {str(p.relative_to(work)): {"size": p.stat().st_size, "sha256": _digest(p, known)} for p in files},
             }
-            write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            write_text_atomic(work / MANIFEST, text)
             _make_read_only(work)
             os.rename(work, final)
             # The bytes were hashed just now: remember them, so the first reader hashes nothing.
             self._verified_cache(spec.kind, spec.key).save(
                 {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
             )
-            return self._push(Artifact(spec.kind, spec.key, final, manifest))
+            # The manifest as any later read gives it, none of its objects shared with the inputs':
+            # Prefect links a task's inputs to upstream tasks by object identity, and an interned
+            # role name ("download") would link a parse artifact to the download task's result.
+            return self._push(Artifact(spec.kind, spec.key, final, json.loads(text)))
 
     # -- the remote ------------------------------------------------------------------------------
 
