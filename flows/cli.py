@@ -235,8 +235,9 @@ def _demo(argv: list[str]) -> None:
         from model.chat import DISCLAIMER, Chat
 
         question = "Does aspirin lower the risk of stroke?"
-        answer = "".join(Chat(store.require(model).path, max_tokens=24).reply(question)).strip()
-        print(f'\nmedlm chat {model} --message "{question}" --max-tokens 24  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n{answer}')
+        notes: list[str] = []
+        answer = "".join(Chat(store.require(model).path, notify=notes.append).reply(question)).strip()
+        print(f'\nmedlm chat {model} --message "{question}"  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n' + "".join(n + "\n" for n in notes) + answer)
 
 
 # -- the store ----------------------------------------------------------------------------------------
