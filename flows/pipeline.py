@@ -37,6 +37,7 @@ from tasks.qa import QASources
 from tasks.release import ReleaseConfig
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
+from tasks.trainset import TrainsetConfig
 
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
@@ -56,6 +57,7 @@ def pipeline(
     finetune_optim: OptimConfig = OptimConfig(),
     finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
+    trainset: TrainsetConfig = TrainsetConfig(),
     dpo: DPOConfig = DPOConfig(),
     dpo_optim: OptimConfig = OptimConfig(),
     release: ReleaseConfig = ReleaseConfig(),
@@ -69,7 +71,7 @@ def pipeline(
     checkpoint_ref = retrain.fn(shape, optim, run, shards_ref=shards_ref)
     if curriculum.sources or curriculum.preference_sources:
         evaluations = finetune_flow.fn(finetune, finetune_optim, finetune_run, replace(curriculum, evaluate_base=True), qa, evaluation, dpo, dpo_optim,
-                                       base_ref=checkpoint_ref)
+                                       trainset, base_ref=checkpoint_ref)
     else:
         evaluations = [evaluate.fn(evaluation, qa, model_ref=checkpoint_ref)]
     return [*evaluations, release_flow.fn(release, evaluation_ref=evaluations[-1])]

@@ -490,6 +490,8 @@ def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each
     assert evaluated[0] == pretrained.ref
     first, second = store.require(evaluated[1]), store.require(evaluated[2])
     assert first.kind == second.kind == "finetune" and first.parents[0] == pretrained.ref and second.parents[0] == first.ref
+    trainset = store.require(second.parents[1])  # the instruction files' train split, cleaned against the evaluated QA data
+    assert trainset.kind == "trainset" and len(trainset.parents) == 3 and trainset.summary["train"] == {"before": 8, "after": 8}
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. instructions", "baseline"]
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
