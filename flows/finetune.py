@@ -39,7 +39,7 @@ from tasks.dpo import DPO, DPORun
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
 from tasks.finetune import FINETUNE, FinetuneRun
 from tasks.qa import QASources
-from tasks.trainset import REPORT_MD, TRAINSET, TrainsetConfig
+from tasks.trainset import REMOVING, REPORT_MD, TRAINSET, TrainsetConfig
 
 
 @config_dataclass
@@ -72,6 +72,10 @@ def cleaned(source: str, data: list[Artifact], evaluated: list[Artifact], config
     evaluated QA artifact (tasks/trainset.py); its report a markdown artifact of the run."""
     trainset = run_stage(TRAINSET, {"data": data, "held_out": [a for a in evaluated if a not in data] or None}, config, label=source)
     create_markdown_artifact(key=f"trainset-{source}", markdown=trainset.file(REPORT_MD).read_text(), description=f"{trainset.ref}: what fine-tuning on {source} does not train on")
+    train = trainset.summary["train"]
+    if train["before"] and not train["after"]:
+        removed = ", ".join(f"{rule} {n}" for rule, n in trainset.summary.items() if rule in REMOVING and n)
+        raise ValueError(f"curriculum source {source!r}: the trainset stage removed all {train['before']} train records ({removed}); see {trainset.ref}/{REPORT_MD}, or switch a rule off (medlm finetune --help: trainset)")
     return trainset
 
 
