@@ -1,6 +1,6 @@
 """pipeline: the whole DAG: ingest -> tokenize (hygiene, tokenizer, shards) -> retrain -> finetune (a curriculum of QA
-sources, then preference tuning, the model evaluated after each stage, when the curriculum
-names any sources) or evaluate ->
+sources, each cleaned first by the trainset stage, then preference tuning, the model evaluated after each stage, when
+the curriculum names any sources) or evaluate ->
 release (the last model evaluated, packaged with its card).
 
 Each step is one of the flows the CLI and deployments run on their own, called here through
