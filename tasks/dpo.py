@@ -1,6 +1,7 @@
 """DPO: a fine-tuned model + QA records -> a preference-tuned checkpoint artifact (model/dpo.py's work).
 
-Pairs come from the ``data`` artifacts' train questions with options; no question that the
+Pairs come from the ``data`` artifacts' train questions with options (qa artifacts, or the cleaned
+training sets of tasks/trainset.py, which the flows give it); no question that the
 ``held_out`` artifacts (the other QA data the evaluation scores) or the data itself ask in a
 validation or test split becomes a pair, and the held-out artifacts are the stage's parents in
 the role ``held_out``, so the lineage names what was guarded and a release's card does not count
@@ -53,7 +54,7 @@ DPO = Stage(
     name="dpo",
     version="2",  # 2: a share of the train questions held out for validation (DPOConfig.val_fraction)
     config=DPORun,
-    inputs={"base": Input(("finetune", "dpo")), "data": Input("qa", many=True), "held_out": Input("qa", many=True, optional=True)},
+    inputs={"base": Input(("finetune", "dpo")), "data": Input(("qa", "trainset"), many=True), "held_out": Input("qa", many=True, optional=True)},
     build=build_dpo,
     resume=True,  # the run folder's checkpoints survive a crash and training continues from them
     label=lambda inputs, config: f"DPO on {' + '.join(a.label or a.ref for a in inputs['data'])}",

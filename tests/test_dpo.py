@@ -265,9 +265,10 @@ def test_the_finetune_flow_preference_tunes_after_the_curriculum_and_evaluates_b
     tuned = store.require(store.require(refs[2]).parents[0])
     sft_model = store.require(store.require(refs[1]).parents[0])
     assert tuned.kind == "dpo" and tuned.parents[0] == sft_model.ref and sft_model.kind == "finetune"
-    qa_refs = {a.ref: a.label for a in map(store.require, tuned.parents[1:])}
-    assert sorted(qa_refs.values()) == ["medqa", "pubmedqa"]  # pairs from PubMedQA; MedQA's test questions guarded, in the lineage
-    assert {n.ref for n in lineage(store, tuned.ref).parents} == {sft_model.ref, *qa_refs}
+    data, *held_out = map(store.require, tuned.parents[1:])
+    assert data.kind == "trainset" and data.label == "pubmedqa" and data.ref == sft_model.parents[1]  # pairs from PubMedQA's cleaned train split, as fine-tuning's
+    assert sorted(a.label for a in held_out) == ["medqa", "pubmedqa"]  # every evaluated QA artifact's test questions guarded, in the lineage
+    assert {n.ref for n in lineage(store, tuned.ref).parents} == {sft_model.ref, data.ref, *(a.ref for a in held_out)}
     assert tuned.summary["pairs"] == 2 * tuned.summary["questions"] and tuned.summary["questions"] + tuned.summary["validation_questions"] == 26
     assert tuned.summary["validation_questions"] > 0 and tuned.summary["held_out_questions_skipped"] == 0
     assert (tuned.path / "tokenizer_config.json").read_text() == (sft_model.path / "tokenizer_config.json").read_text()  # the chat template goes on

@@ -474,7 +474,7 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each(base, store):
+def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each(base, store, tmp_path):
     from flows.finetune import Curriculum, comparison, finetune as finetune_flow
     from tasks.evaluate import EvaluationConfig
     from tasks.qa import QASources
@@ -490,11 +490,19 @@ def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each
     assert evaluated[0] == pretrained.ref
     first, second = store.require(evaluated[1]), store.require(evaluated[2])
     assert first.kind == second.kind == "finetune" and first.parents[0] == pretrained.ref and second.parents[0] == first.ref
+    trainset = store.require(second.parents[1])  # the instruction files' train split, cleaned against the evaluated QA data
+    assert trainset.kind == "trainset" and len(trainset.parents) == 3 and trainset.summary["train"] == {"before": 8, "after": 8}
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. instructions", "baseline"]
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
     with pytest.raises(ValueError, match=r"curriculum source 'medmcqa' has no data: set qa.medmcqa"):
         finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
+    # Instruction data that is nothing but MedQA test questions: nothing left to train on, said before any training.
+    exam = [json.loads(line) for line in (DATA / "medqa" / "US_test.jsonl").read_text().splitlines()[:3]]
+    (tmp_path / "exam.json").write_text(json.dumps([{"instruction": r["question"], "output": r["answer"]} for r in exam]))
+    leaky = QASources(medqa=str(DATA / "medqa"), instructions=(str(tmp_path / "exam.json"),))
+    with pytest.raises(ValueError, match=r"curriculum source 'instructions': the trainset stage removed all 3 train records \(evaluation 13-gram 3\); see trainset/"):
+        finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("instructions",)), leaky, evaluation, base_ref=pretrained.ref)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
