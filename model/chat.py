@@ -25,6 +25,7 @@ would be a prompt the model never saw in training.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -55,7 +56,7 @@ class Chat:
 
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        if temperature < 0:
+        if not temperature >= 0 or math.isinf(temperature):
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         self.template = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if not self.template.chat_template:
@@ -163,12 +164,24 @@ def converse(chat: Chat, message: str | None, out=sys.stdout, err=sys.stderr, re
         print(file=out, flush=True)
 
 
+def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (``low`` excluded if ``low_open``)."""
+    def parse(text: str) -> float:
+        value = float(text)  # argparse words a ValueError as "invalid parse value"
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            wanted = f"{'>' if low_open else '>='} {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {wanted}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 def add_chat_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--message", help="Answer this one message and exit (without it: a conversation, ended by an empty line or Ctrl-D).")
     parser.add_argument("--max-tokens", type=int, default=256,
                         help="Tokens per answer at most; fewer when the prompt leaves less of the model's context (a note says so) [default: 256].")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 is greedy, the same answer every time [default: 0].")
-    parser.add_argument("--top-p", type=float, help="Sample from the smallest set of tokens whose probability reaches this (with --temperature > 0).")
+    parser.add_argument("--temperature", type=_number(0.0), default=0.0, help="Sampling temperature; 0 is greedy, the same answer every time [default: 0].")
+    parser.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), help="Sample from the smallest set of tokens whose probability reaches this (with --temperature > 0).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling [default: 0].")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -604,7 +605,28 @@ def test_medlm_chat_streams_the_answer_and_keeps_the_conversation_as_the_model_w
     assert "".join(hf_chat.reply(question)) == load_causal_lm(from_hf.path).generate(prompt, 8, until=()).removeprefix(hf_chat.lead)
 
     plain = chat_command(base, session_store, tmp_path, "--message", question)
-    assert plain.returncode == 2 and "has no chat template" in plain.stderr and "chat with a finetune artifact" in plain.stderr
+    assert plain.returncode == 2 and plain.stderr.splitlines()[-1] == f"error: {base.ref} is a pretrain, not a model to chat with: give a finetune or dpo ref (medlm ls finetune)"
+
+
+@pytest.mark.parametrize("model, args, error", [
+    ("qa", [], "{ref} is a qa, not a model to chat with"),
+    ("../../etc", [], "../../etc: not a model folder with a chat template"),
+    ("nowhere/at/all", [], "invalid artifact ref nowhere/at/all: expected KIND/HEXKEY"),
+    ("./missing", [], "./missing: no such folder or artifact"),
+    ("finetune/0", ["--temperature", "nan"], "argument --temperature: nan is not a finite number >= 0"),
+    ("finetune/0", ["--top-p", "0"], "argument --top-p: 0 is not a finite number in (0, 1]"),
+])
+def test_medlm_chat_refuses_what_is_not_a_model_or_a_setting_in_one_line_before_loading_anything(model, args, error, session_store, tmp_path):
+    from tasks.qa import QA
+
+    qa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
+    env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
+    model = qa.ref if model == "qa" else model
+    (tmp_path / "etc").mkdir()
+    (here := tmp_path / "a" / "b").mkdir(parents=True)  # ../../etc is a folder, not a model's
+    refused = subprocess.run([str(Path(sys.executable).parent / "medlm"), "chat", model, *args, "--message", "Why?"], env=env, cwd=here,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and error.format(ref=qa.ref) in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
 
 
 def test_a_message_too_long_for_the_context_is_cut_at_a_token_boundary_and_earlier_turns_make_room(chat_model):
