@@ -12,7 +12,16 @@ CONFIG ?=
 DB ?= postgres
 DEPLOY_ARGS ?=
 WHEELS ?= $(HOME)/.cache/medlm-wheels
-LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP := llama-cpp-python==$(LLAMA_CPP_VERSION)
+# Built once per machine, outside the clone and keyed by version: every clone, worktree and
+# `make clean` after the first reuses it.
+LLAMA_CPP_WHEELS := $(WHEELS)/llama-cpp-python-$(LLAMA_CPP_VERSION)
+LLAMA_CPP_INSTALLED := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+# Left out of its build (benchmarks/llama_cpp_wheel.py measures the difference): llava/mtmd, the
+# multimodal library the bindings load only for images, and llama.cpp's common library, which they
+# never load (.ci/llama_cpp_wheel.cmake says how).
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/.ci/llama_cpp_wheel.cmake
 
 .PHONY: venv demo test test-fast bench up down clean llama-cpp-wheel
 
@@ -24,26 +33,29 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)' 2>/dev/null \
-		|| echo "no $(LLAMA_CPP) wheel in $(WHEELS): the test that runs GGUF files in llama.cpp is skipped (make llama-cpp-wheel builds one, 4-7 min)"
 	touch $@
 
-# llama-cpp-python has no wheel for this Python on the registry: build one from its sdist (4-7 min
-# measured on 2 cores), cached outside the repository, where `make venv` finds it.
-llama-cpp-wheel: venv
-	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl 2>/dev/null || $(PY) -m pip wheel -q --no-deps -w $(WHEELS) '$(LLAMA_CPP)'
-	$(PY) -m pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)'
+# llama.cpp itself, which the tests run our GGUF files in: llama-cpp-python has no wheel for this
+# Python on the registry, so its sdist is built (a C++ compiler; cmake and ninja come from the
+# registry when missing), once, into LLAMA_CPP_WHEELS.
+$(LLAMA_CPP_INSTALLED): $(INSTALLED)
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 \
+		|| CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps -w $(LLAMA_CPP_WHEELS) '$(LLAMA_CPP)'
+	$(PY) -m pip install -q --find-links $(LLAMA_CPP_WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)'
+	touch $@
+
+llama-cpp-wheel: $(LLAMA_CPP_INSTALLED)
 
 demo: venv
 	$(VENV)/bin/medlm demo
 
 # Two worker processes (pytest-xdist), one per core of the machine we measure on; each starts
 # its own Prefect server when a test needs one.
-test: venv
+test: venv $(LLAMA_CPP_INSTALLED)
 	$(PY) -m pytest -q -n 2
 
 # The inner loop: every test but those marked slow (servers, stacks, clusters, long training).
-test-fast: venv
+test-fast: venv $(LLAMA_CPP_INSTALLED)
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 # Every benchmark, small (results under benchmarks/results/quick/; the recorded figures come from full runs).

@@ -235,8 +235,9 @@ def _demo(argv: list[str]) -> None:
         from model.chat import DISCLAIMER, Chat
 
         question = "Does aspirin lower the risk of stroke?"
-        answer = "".join(Chat(store.require(model).path, max_tokens=24).reply(question)).strip()
-        print(f'\nmedlm chat {model} --message "{question}" --max-tokens 24  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n{answer}')
+        notes: list[str] = []
+        answer = "".join(Chat(store.require(model).path, notify=notes.append).reply(question)).strip()
+        print(f'\nmedlm chat {model} --message "{question}"  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n' + "".join(n + "\n" for n in notes) + answer)
 
 
 # -- the store ----------------------------------------------------------------------------------------
@@ -379,11 +380,27 @@ def _push_release(argv: list[str]) -> None:
 
 
 def _model_folder(model: str, args) -> Path:
-    """A folder given as a path, or an artifact's folder given as its ref (fetched from the remote if need be)."""
+    """A folder given as a path, or an artifact's folder given as its ref (fetched from the remote if
+    need be), checked to hold a model with a chat template before anything loads it."""
     folder = Path(model)
     if not folder.is_dir() and "/" in model and not model.startswith((".", "/")):
-        return _open_store(args).require(model).path
+        artifact = _open_store(args).require(model)
+        if artifact.kind not in ("finetune", "dpo", "hf_model"):
+            raise UsageError(f"{artifact.ref} is a {artifact.kind}, not a model to chat with: give a finetune or dpo ref (medlm ls finetune)")
+        folder = artifact.path
+    if not folder.is_dir():
+        raise UsageError(f"{model}: no such folder or artifact; give a finetune or dpo ref (medlm ls finetune) or a model folder")
+    if not (folder / "config.json").is_file() or "chat_template" not in _json_or_empty(folder / "tokenizer_config.json"):
+        raise UsageError(f"{model}: not a model folder with a chat template (config.json, and tokenizer_config.json's chat_template); "
+                         "give a finetune or dpo ref (medlm ls finetune) or a folder fine-tuning wrote")
     return folder
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _join(argv: list[str]) -> None:

@@ -5,13 +5,15 @@ by side (the GPU work pool runs this).
     medlm finetune --sources pubmedqa medmcqa medqa --method lora --pubmedqa DIR --medmcqa FILE --medqa DIR
     medlm finetune --sources pubmedqa --preference-sources pubmedqa --beta 0.1 --dpo-optim.lr 5e-6 --pubmedqa DIR
 
-Each source's fine-tuning trains on its train split, starting from the model the previous one
-made, and is a finetune artifact of its own; so a curriculum stopped half-way, or extended by a
-source, redoes only what is new. Preference tuning (tasks/dpo.py) then starts from the last
-fine-tuned model, the reference, on pairs from the preference sources' train questions; no
-question any of the evaluated QA data asks outside its train split becomes a pair. The table (a
-Prefect table and markdown artifact of the run) puts the base model, the model after each stage
-and the baseline of every benchmark side by side.
+Each source's train split is cleaned first (tasks/trainset.py: records sharing a 13-gram with an
+evaluation item of any of the QA data dropped, PII masked, exact and near-duplicates dropped; its
+report a markdown artifact of the run). Each source's fine-tuning trains on that, starting from
+the model the previous one made, and is a finetune artifact of its own; so a curriculum stopped
+half-way, or extended by a source, redoes only what is new. Preference tuning (tasks/dpo.py) then
+starts from the last fine-tuned model, the reference, on pairs from the preference sources'
+cleaned train questions; no question any of the evaluated QA data asks outside its train split
+becomes a pair. The table (a Prefect table and markdown artifact of the run) puts the base model,
+the model after each stage and the baseline of every benchmark side by side.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tasks.dpo import DPO, DPORun
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
 from tasks.finetune import FINETUNE, FinetuneRun
 from tasks.qa import QASources
+from tasks.trainset import REMOVING, REPORT_MD, TRAINSET, TrainsetConfig
 
 
 @config_dataclass
@@ -64,6 +67,18 @@ def source_data(source: str, converted: dict[str, Artifact], qa: QASources) -> l
     return found
 
 
+def cleaned(source: str, data: list[Artifact], evaluated: list[Artifact], config: TrainsetConfig) -> Artifact:
+    """The training set of a curriculum's source: its data's train split cleaned against every
+    evaluated QA artifact (tasks/trainset.py); its report a markdown artifact of the run."""
+    trainset = run_stage(TRAINSET, {"data": data, "held_out": [a for a in evaluated if a not in data] or None}, config, label=source)
+    create_markdown_artifact(key=f"trainset-{source}", markdown=trainset.file(REPORT_MD).read_text(), description=f"{trainset.ref}: what fine-tuning on {source} does not train on")
+    train = trainset.summary["train"]
+    if train["before"] and not train["after"]:
+        removed = ", ".join(f"{rule} {n}" for rule, n in trainset.summary.items() if rule in REMOVING and n)
+        raise ValueError(f"curriculum source {source!r}: the trainset stage removed all {train['before']} train records ({removed}); see {trainset.ref}/{REPORT_MD}, or switch a rule off (medlm finetune --help: trainset)")
+    return trainset
+
+
 def columns(store: Store, evaluation_refs: list[str]) -> list[tuple[str, Artifact]]:
     """(column label, evaluation) for evaluations of a base and the models fine-tuned from it, in order."""
     out = []
@@ -73,7 +88,7 @@ def columns(store: Store, evaluation_refs: list[str]) -> list[tuple[str, Artifac
         if model is None or model.kind not in ("finetune", "dpo"):
             label = "base"
         else:
-            data = model.label if model.kind == "dpo" else " + ".join(store.require(p).label or p for p in model.parents if p.startswith("qa/"))
+            data = model.label if model.kind == "dpo" else " + ".join(store.require(p).label or p for p in model.parents if p.split("/")[0] in ("qa", "trainset"))
             label = f"{sum(label != 'base' for label, _ in out) + 1}. {data}"
         out.append((label, evaluation))
     return out
@@ -94,6 +109,7 @@ def finetune(
     evaluation: EvaluationConfig = EvaluationConfig(),
     dpo: DPOConfig = DPOConfig(),
     dpo_optim: OptimConfig = OptimConfig(),
+    trainset: TrainsetConfig = TrainsetConfig(),
     base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain, finetune or dpo checkpoint; not used with hf_base).")] = None,
     hf_base: Annotated[DataPath | None, Field(description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint: taken into the store as an hf_model artifact.")] = None,
 ) -> list[str]:
@@ -103,25 +119,26 @@ def finetune(
         raise ValueError("curriculum.sources is empty: name the QA sources to fine-tune on, in order, e.g. --sources pubmedqa medmcqa medqa")
     store = Store()
     converted = convert(qa)
-    data = {source: source_data(source, converted, qa) for source in curriculum.sources}
-    preference_data = [a for source in curriculum.preference_sources for a in source_data(source, converted, qa)]
     everything = list(converted.values())
     model = model_artifact(store, base_ref, hf_base, "--hf-base")
-    if preference_data and not curriculum.sources and model.kind not in ("finetune", "dpo"):
+    if curriculum.preference_sources and not curriculum.sources and model.kind not in ("finetune", "dpo"):
         raise ValueError(f"preference tuning starts from a fine-tuned model, not {model.ref}: name --sources to fine-tune it first, or give --base-ref finetune/KEY")
     log = get_run_logger()
+    data = {source: cleaned(source, source_data(source, converted, qa), everything, trainset)
+            for source in dict.fromkeys((*curriculum.sources, *curriculum.preference_sources))}
+    preference_data = [data[source] for source in curriculum.preference_sources]
 
     evaluations = []
     if curriculum.evaluate_base:
         evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label="base"))
     config = FinetuneRun(finetune, finetune_optim, finetune_run)
     for i, source in enumerate(curriculum.sources, 1):
-        model = run_stage(FINETUNE, {"base": model, "data": data[source]}, config, label=f"{i}/{len(curriculum.sources)} {source}")
+        model = run_stage(FINETUNE, {"base": model, "data": [data[source]]}, config, label=f"{i}/{len(curriculum.sources)} {source}")
         log.info("fine-tuned on %s (%d of %d): %s, final loss %s", source, i, len(curriculum.sources), model.ref, model.summary.get("final_loss"))
         evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after {source}"))
     if preference_data:
         names = " + ".join(curriculum.preference_sources)
-        model = run_stage(DPO, {"base": model, "data": preference_data, "held_out": [a for a in everything if a not in preference_data] or None}, DPORun(finetune, dpo, dpo_optim, finetune_run), label=f"DPO on {names}")
+        model = run_stage(DPO, {"base": model, "data": preference_data, "held_out": everything}, DPORun(finetune, dpo, dpo_optim, finetune_run), label=f"DPO on {names}")
         log.info("preference-tuned on %s: %s, reward accuracy %s", names, model.ref, model.summary.get("val_reward_accuracy"))
         evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after DPO on {names}"))
 

@@ -1,6 +1,6 @@
 """pipeline: the whole DAG: ingest -> tokenize (hygiene, tokenizer, shards) -> retrain -> finetune (a curriculum of QA
-sources, then preference tuning, the model evaluated after each stage, when the curriculum
-names any sources) or evaluate ->
+sources, each cleaned first by the trainset stage, then preference tuning, the model evaluated after each stage, when
+the curriculum names any sources) or evaluate ->
 release (the last model evaluated, packaged with its card).
 
 Each step is one of the flows the CLI and deployments run on their own, called here through
@@ -44,6 +44,7 @@ from tasks.qa import QASources
 from tasks.release import ReleaseConfig
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
+from tasks.trainset import TrainsetConfig
 
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
@@ -63,6 +64,7 @@ def pipeline(
     finetune_optim: OptimConfig = OptimConfig(),
     finetune_run: RunConfig = RunConfig(),
     curriculum: Curriculum = Curriculum(),
+    trainset: TrainsetConfig = TrainsetConfig(),
     dpo: DPOConfig = DPOConfig(),
     dpo_optim: OptimConfig = OptimConfig(),
     release: ReleaseConfig = ReleaseConfig(),
@@ -76,7 +78,7 @@ def pipeline(
     checkpoint_ref = retrain.fn(shape=shape, optim=optim, run=run, shards_ref=shards_ref)
     if curriculum.sources or curriculum.preference_sources:
         evaluations = finetune_flow.fn(finetune=finetune, finetune_optim=finetune_optim, finetune_run=finetune_run, curriculum=replace(curriculum, evaluate_base=True),
-                                       qa=qa, evaluation=evaluation, dpo=dpo, dpo_optim=dpo_optim, base_ref=checkpoint_ref)
+                                       qa=qa, evaluation=evaluation, dpo=dpo, dpo_optim=dpo_optim, trainset=trainset, base_ref=checkpoint_ref)
     else:
         evaluations = [evaluate.fn(evaluation=evaluation, qa=qa, model_ref=checkpoint_ref)]
     return [*evaluations, step("release", release=release, evaluation_ref=evaluations[-1])]

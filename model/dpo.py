@@ -12,7 +12,10 @@ likeliest wrong answers: every option scored by the fine-tuned model, judged by 
 (model/sft.py, the base's template and completion), without the explanation: it argues for the
 gold answer, so a pair differs in the answer alone. A question that any held-out record (the
 validation and test splits of the QA data evaluation scores) also asks never becomes a pair,
-whichever dataset it came from; the pairs dropped so are counted.
+whichever dataset it came from; the pairs dropped so are counted. A share of the train questions
+(``val_fraction``, chosen by a stable hash of the record id, so a question stays on its side
+however the data grows or is ordered) is held out: their pairs are the validation pairs, never
+trained on.
 
 The loss is DPO's sigmoid loss, as TRL's DPOTrainer computes it (``loss_type="sigmoid"``):
 -log σ(β((log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)))), each log-probability the sum
@@ -21,7 +24,9 @@ the base, the model fine-tuning made: its log-probabilities are computed once, b
 (eval mode, no dropout), which is TRL's ``precompute_ref_log_probs``; a resumed run computes the
 same numbers again from the same base. Validation reports the loss, the reward accuracy (how
 often the chosen answer's implicit reward β(log π - log π_ref) beats the rejected one's) and the
-mean reward margin, on pairs of the validation split (else the first training pairs).
+mean reward margin, on the held-out questions' pairs; where none is held out (``val_fraction`` 0,
+or data so small that no question falls in it), on the first training pairs, and the summary's
+``val_on`` says which.
 
 The run folder is fine-tuning's: checkpoints, metrics.jsonl, loss.png, summary.json and, at the
 end, the trained network as it is published in ``RUN_DIR/model/`` (model/finetune.py ``write_model``).
@@ -61,6 +66,9 @@ class DPOConfig:
     rejected: Literal["random", "model"] = Field(
         "random", description="Which distractors are rejected: random (drawn from the seed), or model: the fine-tuned model's own likeliest wrong answers (every option scored by it, judged by the gold answer)."
     )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of the train questions held out, by a stable hash of the record id: their pairs are the validation pairs, never trained on (0: validate on training pairs, which the summary's val_on says)."
+    )
 
 
 # -- pairs ------------------------------------------------------------------------------------------------
@@ -71,15 +79,26 @@ def question_key(record: dict) -> str:
     return " ".join(record["question"].split()).casefold()
 
 
+def for_validation(record_id: str, fraction: float) -> bool:
+    """Whether a train question is held out for validation: a stable hash of its id, below ``fraction``."""
+    return int(hashlib.sha256(f"dpo-validation:{record_id}".encode()).hexdigest()[:15], 16) < fraction * 16**15
+
+
+Pairs = list[tuple[dict, dict]]
+
+
 def preference_pairs(
-    records: Sequence[dict], held_out: Sequence[dict], per_question: int, seed: int, split: str = "train"
-) -> tuple[list[tuple[dict, dict]], dict]:
-    """(chosen, rejected) records of every ``split`` record with options whose question no held-out
-    record outside the train split asks, and a report of what was paired and what was left out."""
+    records: Sequence[dict], held_out: Sequence[dict], per_question: int, seed: int, val_fraction: float = 0.0
+) -> tuple[Pairs, Pairs, dict]:
+    """(chosen, rejected) records of every train record with options whose question no held-out
+    record outside the train split asks: the training pairs, and the validation pairs of the
+    questions ``for_validation`` holds out; and a report of what was paired and what was left out."""
     guarded = {question_key(r) for r in held_out if r["split"] != "train"}
-    pairs, report = [], {"questions": 0, "pairs": 0, "held_out_questions_skipped": 0, "without_options_skipped": 0}
+    pairs: Pairs = []
+    validation: Pairs = []
+    report = {"questions": 0, "pairs": 0, "validation_questions": 0, "held_out_questions_skipped": 0, "without_options_skipped": 0}
     for record in records:
-        if record["split"] != split:
+        if record["split"] != "train":
             continue
         if len(record["options"]) < 2:
             report["without_options_skipped"] += 1
@@ -90,12 +109,13 @@ def preference_pairs(
         gold = {**record, "explanation": None}
         distractors = [i for i in range(len(record["options"])) if i != record["answer_idx"]]
         rng = np.random.default_rng([seed, int(hashlib.sha256(record["id"].encode()).hexdigest()[:15], 16)])
+        held = for_validation(record["id"], val_fraction)
         for i in sorted(rng.choice(distractors, size=min(per_question, len(distractors)), replace=False).tolist()):
             pair_id = f"{record['id']}>{i}"
-            pairs.append(({**gold, "id": pair_id}, {**gold, "id": pair_id, "answer_idx": i}))
-        report["questions"] += 1
+            (validation if held else pairs).append(({**gold, "id": pair_id}, {**gold, "id": pair_id, "answer_idx": i}))
+        report["validation_questions" if held else "questions"] += 1
     report["pairs"] = len(pairs)
-    return pairs, report
+    return pairs, validation, report
 
 
 @dataclass(frozen=True)
@@ -241,16 +261,11 @@ def dpo(
     if max_length > base.context_length:
         raise ValueError(f"max_length {max_length} is longer than the model's context of {base.context_length} tokens; lower finetune.max_length")
     per_question = MAX_OPTIONS if cfg.rejected == "model" else cfg.rejected_per_question  # model: all, the likeliest kept below
-    train_pairs, report = preference_pairs(records, held_out, per_question, optim.seed)
+    train_pairs, held_pairs, report = preference_pairs(records, held_out, per_question, optim.seed, cfg.val_fraction)
     if not train_pairs:
         raise ValueError(f"no preference pairs: the QA data has no train questions with options that evaluation does not ask ({report})")
     pairs, encoding = encode_pairs(train_pairs, base, ft, max_length)
-    validation = [r for r in records if r["split"] == "validation"]
-    if validation:
-        val_pairs, _ = encode_pairs(preference_pairs(validation, [], 1, optim.seed, "validation")[0], base, ft, max_length)
-        val_pairs, val_on = val_pairs[: ft.val_examples], "validation split"
-    else:
-        val_pairs, val_on = [], "training pairs (the data has no validation split)"
+    val_pairs = encode_pairs(held_pairs, base, ft, max_length)[0] if held_pairs else []
 
     rt = setup_runtime(run)
     try:
@@ -267,9 +282,15 @@ def dpo(
         if cfg.rejected == "model":
             pairs, reference, report["questions_answered_wrong"] = likeliest_wrong(pairs, reference, cfg.rejected_per_question)
             report["pairs"] = len(pairs)
-        if not val_pairs:
+        held = bool(val_pairs)
+        if not held:  # nothing held out: the first training pairs, which val_on says
             val_pairs = sorted(pairs, key=lambda p: p.id)[: ft.val_examples]
         val_reference = policy_logps(policy, val_pairs, optim.batch_size, pad_id, rt.device, rt.autocast)
+        if held and cfg.rejected == "model":
+            val_pairs, val_reference, _ = likeliest_wrong(val_pairs, val_reference, cfg.rejected_per_question)
+        val_pairs, val_reference = val_pairs[: ft.val_examples], val_reference[: ft.val_examples]
+        val_on = (f"{report['validation_questions']} held-out train questions (val_fraction {cfg.val_fraction:g}, by a hash of the record id), never trained on"
+                  if held else f"training pairs: no held-out train question to validate on (val_fraction {cfg.val_fraction:g})")
         batches = PairBatches(pairs, reference, optim.batch_size, ft.grad_accum, optim.seed, max_length=max_length, pad_id=pad_id,
                               device=rt.device, rank=rt.rank, world_size=rt.world_size)
 

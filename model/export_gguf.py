@@ -1,7 +1,7 @@
 """Export a checkpoint of ours (llama arch) as a GGUF file, the format llama.cpp and Ollama run,
 written with llama.cpp's own ``gguf`` package: f16, or q8_0 (about half the bytes).
 
-    python -m model.export_gguf CHECKPOINT_DIR OUT.gguf [--type q8_0]
+    python -m model.export_gguf CHECKPOINT_DIR OUT.gguf [--type q8_0] [--name medlm] [--license apache-2.0]
 
 The folder needs the tokenizer files (a pretrain or finetune artifact has them): the vocabulary,
 merges and special tokens go into the file, and a fine-tuned model's chat template too.
@@ -35,8 +35,9 @@ def rope_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def export_gguf(checkpoint_dir: str | Path, out_file: str | Path, type: str = "q8_0") -> Path:
-    """Write the checkpoint in ``checkpoint_dir`` (weights, config.json, tokenizer files) as a GGUF file."""
+def export_gguf(checkpoint_dir: str | Path, out_file: str | Path, type: str = "q8_0", name: str | None = None, license: str | None = None) -> Path:
+    """Write the checkpoint in ``checkpoint_dir`` (weights, config.json, tokenizer files) as a GGUF
+    file; ``general.name`` is ``name`` (default: the folder's name), ``general.license`` ``license`` if given."""
     import gguf
 
     folder, out = Path(checkpoint_dir), Path(out_file)
@@ -50,7 +51,9 @@ def export_gguf(checkpoint_dir: str | Path, out_file: str | Path, type: str = "q
         raise ValueError(f"{folder} is a {cfg.arch} model; GGUF export writes llama-arch models (RoPE, RMSNorm, SwiGLU)")
 
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(folder.name)
+    writer.add_name(name or folder.name)
+    if license:
+        writer.add_license(license)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.d_model)
@@ -104,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a pretrain or finetune artifact folder (weights, config.json, tokenizer files)")
     parser.add_argument("out", help="the .gguf file to write")
     parser.add_argument("--type", choices=TYPES, default="q8_0", help="f16, or q8_0: 8-bit blocks of 32 with an f16 scale [default: q8_0]")
+    parser.add_argument("--name", help="general.name, the model's name runtimes show [default: the folder's name]")
+    parser.add_argument("--license", help="general.license, e.g. apache-2.0 [default: none]")
     args = parser.parse_args(argv)
-    print(export_gguf(args.checkpoint, args.out, args.type))
+    print(export_gguf(args.checkpoint, args.out, args.type, args.name, args.license))
 
 
 if __name__ == "__main__":

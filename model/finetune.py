@@ -205,7 +205,7 @@ def read_data(paths: Sequence[str | Path], names: Sequence[str] = ()) -> tuple[l
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="checkpoint folder (a pretrain or finetune artifact, or a ckpt_NNNNNNN folder with the tokenizer files) or a Hugging Face causal-LM folder")
-    parser.add_argument("--data", nargs="+", required=True, help="qa artifact folders or records.parquet files (their train split is trained on)")
+    parser.add_argument("--data", nargs="+", required=True, help="qa or trainset artifact folders, or records.parquet files (their train split is trained on)")
     parser.add_argument("--out", required=True, help="run folder (resumed if it has checkpoints)")
     parser.add_argument("--config", help='JSON file: {"finetune": {...}, "optim": {...}, "run": {...}}')
     args = parser.parse_args(argv)

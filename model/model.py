@@ -133,24 +133,6 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def expand(self, batch: int, max_len: int) -> "KVCache":
-        """A new cache with this one-row cache's tokens in each of ``batch`` rows, room for max_len.
-
-        Scoring shares one prompt among several continuations: the prompt runs once, then all
-        continuations run as one batch on top of its keys and values.
-        """
-        if self.k is None or self.k.size(1) != 1:
-            raise ValueError("expand needs a filled cache of batch size 1; run the shared prefix through it first")
-        if max_len < self.length:
-            raise ValueError(f"max_len {max_len} is shorter than the {self.length} cached tokens")
-        out = KVCache(self.n_layer, max_len)
-        out.length = self.length
-        shape = (self.n_layer, batch, self.k.size(2), max_len, self.k.size(4))
-        out.k, out.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        out.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]  # broadcast over the batch
-        out.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
-        return out
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -286,6 +268,8 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         logit_positions: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ):
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets != -100.
 
@@ -296,25 +280,33 @@ class Transformer(nn.Module):
         segments (B, T), for rows packed with several examples (fine-tuning): the example each token
         belongs to, in runs. A token attends only to earlier tokens of its own run, and positions
         restart at 0 where a run starts, so each example is computed exactly as if it were alone.
+        positions (B, T) and attn_mask (B, 1, T, cached + T, True where a token may look), given
+        together, lay out rows that are not one sequence from position 0: several answers after one
+        shared context (scoring), or prompts padded on the left (batched generation).
         """
         if targets is not None and logit_positions is not None:
             raise ValueError("pass targets or logit_positions, not both: the loss needs every position's logits")
         if segments is not None and kv_cache is not None:
             raise ValueError("segments are for packed training rows; generation with a KV cache takes one sequence per row")
+        if (positions is None) != (attn_mask is None) or (positions is not None and segments is not None):
+            raise ValueError("pass positions and attn_mask together, and not with segments")
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.context_length:
+        if positions is not None:
+            if int(positions.max()) >= self.config.context_length:
+                raise ValueError(f"position {int(positions.max())} is past the model's context_length ({self.config.context_length})")
+        elif start + T > self.config.context_length:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's context_length "
                 f"({self.config.context_length}); crop the input"
             )
-        positions = torch.arange(start, start + T, device=idx.device)
-        # Several new tokens after cached ones: each sees the cache and the new ones up to itself.
-        attn_mask = None
-        if start > 0 and T > 1:
-            attn_mask = torch.arange(start + T, device=idx.device)[None, :] <= positions[:, None]
-        if segments is not None:
-            positions, attn_mask = packed_positions_and_mask(segments)
+        else:
+            positions = torch.arange(start, start + T, device=idx.device)
+            # Several new tokens after cached ones: each sees the cache and the new ones up to itself.
+            if start > 0 and T > 1:
+                attn_mask = torch.arange(start + T, device=idx.device)[None, :] <= positions[:, None]
+            if segments is not None:
+                positions, attn_mask = packed_positions_and_mask(segments)
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)

@@ -1,4 +1,5 @@
-"""Log-likelihoods of text under a causal LM, computed the way lm-evaluation-harness's HFLM does.
+"""Log-likelihoods of text under a causal LM, computed the way lm-evaluation-harness's HFLM does,
+and greedy generation.
 
 One interface, ``CausalLM``, for our ``Transformer`` with a ``tokenizers.Tokenizer``
 (``TransformerLM``) and for a local Hugging Face model folder (``HFCausalLM``). The scoring rules
@@ -18,15 +19,23 @@ agree to float rounding:
   windows of max_length tokens; with the default stride (= max_length) windows are disjoint, as in
   HFLM, and the last window is filled up with earlier tokens as context. A smaller stride gives
   every scored token at least max_length - stride tokens of context.
+- Generation (generate_until): greedy, the context left-truncated to leave room for the new
+  tokens, the text cut before the first stop string; EOS ends it too.
 
 The prefix token: HFLM uses [BOS] (else EOS). Our pretraining separates documents with [EOS] and
 never shows [BOS], so ``TransformerLM`` conditions on [EOS]; compare with lm-eval by passing
 ``prefix_token_id=3`` to HFLM (the tests and benchmarks/evaluate.py do).
 
-Speed, beyond HFLM: the context of a multiple-choice item runs once and all its options are scored
-from its cached keys/values (expanded over the options batch); items whose options are all one
-token long (" A", " yes") need only the context's last position and are batched together; and
-vocabulary logits are computed only at the positions that are scored.
+Speed, beyond HFLM, none of it changing a number beyond float rounding:
+
+- each context is encoded once; with GPT-2's byte-level pre-tokenizer (ours) a continuation is
+  encoded with the context's last line only, which gives the same tokens (``splits_at_line_starts``);
+- a multiple-choice item is one row: its context once, then every option's tokens, each option
+  seeing the context and itself (positions and an attention mask say so), instead of one row per
+  option; rows of similar length are batched;
+- vocabulary logits are computed only at the positions that are scored;
+- generation runs many prompts as one batch, padded on the left, each new token from the key/value
+  cache of those before.
 """
 
 from __future__ import annotations
@@ -40,13 +49,45 @@ import torch
 from model.model import KVCache, Transformer, next_token
 
 Score = tuple[float, bool]  # (sum of log-probabilities of the continuation, is_greedy)
-PAD = 0  # filler id for right padding; padded positions are never read
+PAD = 0  # filler id for padding; padded positions are never read
+
+
+def splits_at_line_starts(tokenizer) -> bool:
+    """Whether a ``tokenizers.Tokenizer`` encodes text from a line start on the same whatever text
+    came before it: then a continuation's tokens follow from the context's last line alone.
+
+    True for GPT-2's byte-level BPE without a normalizer (ours): its pre-tokenizer regex has no
+    look-behind and never joins a newline to a printable character after it, so a line that starts
+    with one starts a pre-token, and BPE works within pre-tokens. Added tokens must hold no newline,
+    and special tokens may only be added in front.
+    """
+    from tokenizers import pre_tokenizers
+
+    pre = tokenizer.pre_tokenizer
+    if tokenizer.normalizer is not None or not isinstance(pre, pre_tokenizers.ByteLevel) or not pre.use_regex or pre.add_prefix_space:
+        return False
+    if any("\n" in token.content for token in tokenizer.get_added_tokens_decoder().values()):
+        return False
+    special, plain = tokenizer.encode("a\nb").ids, tokenizer.encode("a\nb", add_special_tokens=False).ids
+    return special[len(special) - len(plain) :] == plain
+
+
+def last_line_start(text: str) -> int:
+    """Where text's last line that starts with a printable ASCII character other than space
+    starts (0: no such line after the first)."""
+    newline = text.rfind("\n")
+    while newline >= 0:
+        if "!" <= text[newline + 1 : newline + 2] <= "~":
+            return newline + 1
+        newline = text.rfind("\n", 0, newline)
+    return 0
 
 
 class CausalLM:
     """Scoring for any causal LM; a back end supplies encode/decode and the network calls below."""
 
-    def __init__(self, max_length: int, prefix_token_id: int, eos_token_id: int | None, device: torch.device, batch_tokens: int = 2048):
+    def __init__(self, max_length: int, prefix_token_id: int, eos_token_id: int | None, device: torch.device, batch_tokens: int = 2048,
+                 line_split: bool = False):
         self.max_length = max_length
         self.prefix_token_id = prefix_token_id
         self.eos_token_id = eos_token_id
@@ -54,6 +95,7 @@ class CausalLM:
         # Tokens per forward pass. Perplexity scores every position: its logits take about
         # batch_tokens x vocab x 4 bytes (262 MB at 2048 x 32k), twice that with their log-softmax.
         self.batch_tokens = batch_tokens
+        self.line_split = line_split  # the tokenizer splits at line starts (splits_at_line_starts)
 
     # -- what a back end implements ----------------------------------------------------------
 
@@ -64,33 +106,43 @@ class CausalLM:
         raise NotImplementedError
 
     def new_cache(self, max_len: int) -> Any:
-        """An empty key/value cache for one sequence of up to max_len tokens."""
+        """An empty key/value cache for sequences of up to max_len tokens."""
         raise NotImplementedError
 
-    def expand_cache(self, cache: Any, batch: int, max_len: int) -> Any:
-        """The one-row ``cache`` repeated over ``batch`` rows, with room for max_len tokens."""
-        raise NotImplementedError
-
-    def logits(self, ids: torch.Tensor, cache: Any = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, cache: Any = None, at: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits of ids (B, T), after the cached tokens if a cache is given (which it then
-        extends); at positions (B, P) only, else at every position."""
+        extends); at positions ``at`` (B, P) only, else at every position. ``positions`` (B, T) and
+        ``mask`` (B, 1, T, cached + T; True where a token may look) lay out rows that are not one
+        plain sequence (model/model.py ``Transformer.forward``)."""
         raise NotImplementedError
 
     # -- tokenisation, as lm-eval's HFLM does it ---------------------------------------------
 
+    def encode_request(self, context: str, continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) token ids per continuation, split the way lm-eval splits them,
+        the context encoded once (see the module doc)."""
+        if context == "":
+            conts = [self.encode(c, add_special_tokens=False) for c in continuations]
+            return [([self.prefix_token_id], c) if c[:1] != [self.prefix_token_id] else (c[:1], c[1:]) for c in conts]
+        stripped = context.rstrip()
+        spaces = context[len(stripped) :]
+        ctx = self.encode(stripped)
+        # lm-eval encodes context + continuation whole; from a line start on, the same tokens come
+        # from that line alone, when the tokenizer splits there.
+        line = last_line_start(stripped) if self.line_split else 0
+        tail = self.encode(stripped[line:], add_special_tokens=False) if line else ctx
+        pairs = []
+        for continuation in continuations:
+            cont = self.encode(stripped[line:] + spaces + continuation, add_special_tokens=not line)[len(tail) :]
+            if not ctx or not cont:
+                raise ValueError(f"context {stripped[-40:]!r} or continuation {continuation[:40]!r} encodes to no tokens")
+            pairs.append((ctx, cont))
+        return pairs
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation token ids, split the way lm-eval splits them."""
-        if context == "":
-            cont = self.encode(continuation, add_special_tokens=False)
-            return ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        ctx = self.encode(context)
-        cont = self.encode(context + continuation)[len(ctx) :]
-        if not ctx or not cont:
-            raise ValueError(f"context {context[-40:]!r} or continuation {continuation[:40]!r} encodes to no tokens")
-        return ctx, cont
+        return self.encode_request(context, [continuation])[0]
 
     def truncate(self, ctx: list[int], cont: list[int]) -> list[int]:
         """The context tokens that fit: lm-eval keeps the last max_length + 1 of context + continuation."""
@@ -105,56 +157,68 @@ class CausalLM:
     def loglikelihoods(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[Score]]:
         """For each (context, continuations) item, (log P(continuation | context), is_greedy) per continuation."""
         results: list[list[Score | None]] = [[None] * len(conts) for _, conts in requests]
-        one_token: list[tuple[int, list[int], list[tuple[int, list[int]]]]] = []
+        # A row per context as the model reads it, with every distinct continuation after it: an
+        # item's options share one unless truncation cuts longer ones' contexts shorter, and items
+        # that ask with the same context (a prompt zero-shot letters and cloze share) share one.
+        rows: dict[tuple[int, ...], dict[tuple[int, ...], list[tuple[int, int]]]] = {}
         for i, (context, continuations) in enumerate(requests):
-            # Options that keep the same context tokens share one run of it (they differ only
-            # when truncation cuts longer options' contexts shorter).
-            groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-            for j, continuation in enumerate(continuations):
-                ctx, cont = self.encode_pair(context, continuation)
-                groups.setdefault(tuple(self.truncate(ctx, cont)), []).append((j, cont))
-            for ctx, members in groups.items():
-                if all(len(cont) == 1 for _, cont in members):
-                    one_token.append((i, list(ctx), members))
-                else:
-                    for j, score in self._score_shared_context(list(ctx), members):
-                        results[i][j] = score
-        for i, j, score in self._score_last_positions(one_token):
-            results[i][j] = score
+            for j, (ctx, cont) in enumerate(self.encode_request(context, continuations)):
+                rows.setdefault(tuple(self.truncate(ctx, cont)), {}).setdefault(tuple(cont), []).append((i, j))
+        length = lambda row: len(row[0]) + sum(len(cont) - 1 for cont in row[1])  # noqa: E731
+        # Rows of one-token continuations are plain causal sequences, which attention runs faster
+        # without a mask: they are batched apart.
+        for plain in (True, False):
+            pool = [row for row in rows.items() if (length(row) == len(row[0])) == plain]
+            for batch in self._batches(pool, length):
+                for (_, conts), scores in zip(batch, self._score_rows([(list(ctx), [list(c) for c in conts]) for ctx, conts in batch])):
+                    for asked, score in zip(conts.values(), scores):
+                        for i, j in asked:
+                            results[i][j] = score
         return results  # type: ignore[return-value]
 
-    def _score_last_positions(self, groups):
-        """Groups of one-token continuations need only their context's last logits: batch many contexts."""
-        for batch in self._batches(groups, lambda g: len(g[1])):
-            ids, lengths = self._right_pad([ctx for _, ctx, _ in batch])
-            positions = torch.tensor([[n - 1] for n in lengths], device=self.device)
-            logprobs = torch.log_softmax(self.logits(ids, positions=positions)[:, 0], dim=-1)
-            greedy = logprobs.argmax(dim=-1)
-            for row, (i, _, members) in enumerate(batch):
-                for j, (token,) in members:
-                    yield i, j, (float(logprobs[row, token]), bool(greedy[row] == token))
+    def _score_rows(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[Score]]:
+        """One forward pass for a batch of (context, continuations) rows.
 
-    def _score_shared_context(self, ctx: list[int], members: list[tuple[int, list[int]]]):
-        """Run ctx once, then every continuation as one batch on its cached keys/values."""
-        longest = max(len(cont) for _, cont in members)
-        max_len = len(ctx) + longest - 1
-        cache = self.new_cache(max_len)
-        last = self.logits(self._tensor([ctx]), cache, positions=self._tensor([[len(ctx) - 1]]))
-        first = torch.log_softmax(last[0, 0], dim=-1)  # predicts every continuation's first token
-        rest = None
-        if longest > 1:
-            cache = self.expand_cache(cache, len(members), max_len)
-            ids, _ = self._right_pad([cont[:-1] for _, cont in members], width=longest - 1)
-            rest = torch.log_softmax(self.logits(ids, cache), dim=-1)  # (options, longest - 1, vocab)
-        for row, (j, cont) in enumerate(members):
-            logprob = first[cont[0]]
-            greedy = bool(first.argmax() == cont[0])
-            if len(cont) > 1:
-                targets = self._tensor(cont[1:])
-                steps = rest[row, : len(cont) - 1]
-                logprob = logprob + steps.gather(1, targets[:, None]).sum()
-                greedy = greedy and bool((steps.argmax(dim=-1) == targets).all())
-            yield j, (float(logprob), greedy)
+        A row is the context, then each continuation but its last token; a continuation's tokens
+        sit at the positions after the context and see the context and themselves only, so each is
+        computed as if it alone followed the context. Its first token is predicted at the context's
+        last position, the others at its own. The scored positions of one continuation are
+        contiguous, and its log-probabilities are summed in fp32 as lm-eval sums them.
+        """
+        ids, positions, segments, at, targets = [], [], [], [], []
+        for ctx, conts in rows:
+            ids.append(list(ctx))
+            positions.append(list(range(len(ctx))))
+            segments.append([0] * len(ctx))
+            at.append([])
+            targets.append([])
+            for s, cont in enumerate(conts, 1):
+                start = len(ids[-1])
+                at[-1] += [len(ctx) - 1] + list(range(start, start + len(cont) - 1))
+                targets[-1] += cont
+                ids[-1] += cont[:-1]
+                positions[-1] += range(len(ctx), len(ctx) + len(cont) - 1)
+                segments[-1] += [s] * (len(cont) - 1)
+        ids_t = self._padded(ids, PAD)
+        layout = {}
+        if any(len(cont) > 1 for _, conts in rows for cont in conts):
+            segments_t = self._padded(segments, -1)  # padding: its own segment, seeing the context (never read)
+            causal = torch.ones(ids_t.size(1), ids_t.size(1), dtype=torch.bool, device=self.device).tril()
+            mask = causal & ((segments_t[:, None, :] == 0) | (segments_t[:, None, :] == segments_t[:, :, None]))
+            layout = {"positions": self._padded(positions, 0), "mask": mask[:, None]}
+        logits = self.logits(ids_t, at=self._padded(at, 0), **layout)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets_t = self._padded(targets, 0)
+        chosen = logprobs.gather(2, targets_t[:, :, None])[:, :, 0]
+        greedy = logprobs.argmax(dim=-1) == targets_t
+        scores = []
+        for r, (_, conts) in enumerate(rows):
+            scores.append([])
+            end = 0
+            for cont in conts:
+                start, end = end, end + len(cont)
+                scores[-1].append((float(chosen[r, start:end].sum()), bool(greedy[r, start:end].all())))
+        return scores
 
     @torch.no_grad()
     def rolling_loglikelihoods(self, documents: Sequence[Sequence[int]], stride: int | None = None) -> list[float]:
@@ -166,31 +230,58 @@ class CausalLM:
         ]
         totals = [0.0] * len(documents)
         for batch in self._batches(windows, lambda w: len(w[1]) - 1):
-            ids, lengths = self._right_pad([window[:-1] for _, window, _ in batch])
+            ids = self._padded([window[:-1] for _, window, _ in batch], PAD)
+            lengths = [len(window) - 1 for _, window, _ in batch]
             width = max(scored for _, _, scored in batch)
             # Per row, the last `width` positions (clamped at 0: duplicates there are never read).
-            positions = torch.stack([torch.arange(n - width, n, device=self.device).clamp(min=0) for n in lengths])
-            logprobs = torch.log_softmax(self.logits(ids, positions=positions), dim=-1)
+            at = torch.stack([torch.arange(n - width, n, device=self.device).clamp(min=0) for n in lengths])
+            logprobs = torch.log_softmax(self.logits(ids, at=at), dim=-1)
             for row, (d, window, scored) in enumerate(batch):
                 targets = self._tensor(window[-scored:])
                 totals[d] += float(logprobs[row, width - scored :].gather(1, targets[:, None]).sum())
         return totals
 
-    @torch.no_grad()
-    def generate(self, context: str, max_new_tokens: int, until: Sequence[str] = ("\n\n",)) -> str:
-        """Greedy continuation of context, cut before the first stop string; stops at EOS too.
+    # -- generation ------------------------------------------------------------------------------
 
-        As lm-eval's generate_until: the context is left-truncated to leave room for max_new_tokens.
+    def generate(self, context: str, max_new_tokens: int, until: Sequence[str] = ("\n\n",)) -> str:
+        """Greedy continuation of context, cut before the first stop string; stops at EOS too."""
+        return self.generate_many([context], max_new_tokens, until)[0]
+
+    def generate_many(self, contexts: Sequence[str], max_new_tokens: int, until: Sequence[str] = ("\n\n",)) -> list[str]:
+        """``generate`` for each context: the text of its ``greedy`` tokens, cut before the first stop string."""
+        texts = []
+        for ids in self.greedy(contexts, max_new_tokens, until):
+            text = self.decode(ids)
+            for stop in until:
+                text = text.split(stop)[0]
+            texts.append(text)
+        return texts
+
+    @torch.no_grad()
+    def greedy(self, contexts: Sequence[str], max_new_tokens: int, until: Sequence[str] = ()) -> list[list[int]]:
+        """The greedy tokens after each context (left-truncated to leave room for them): up to
+        EOS (left out), the token that completes a stop string, or max_new_tokens.
+
+        Contexts of similar length run as one batch: each gets the tokens it gets alone
+        (tests/test_scoring.py), in a fraction of the forward passes.
         """
-        new: list[int] = []
-        for token in self.continuation(context, max_new_tokens):
-            new.append(token)
-            if any(stop in self.decode(new) for stop in until):
-                break
-        text = self.decode(new)
-        for stop in until:
-            text = text.split(stop)[0]
-        return text
+        prompts = [self._prompt(context, max_new_tokens) for context in contexts]
+        new: list[list[int]] = [[] for _ in contexts]
+        for batch in self._batches(list(range(len(contexts))), lambda i: len(prompts[i]) + max_new_tokens):
+            running = set(batch)
+            for tokens in self._steps([prompts[i] for i in batch], max_new_tokens):
+                for i, token in zip(batch, tokens.tolist()):
+                    if i not in running:
+                        continue
+                    if token == self.eos_token_id:
+                        running.discard(i)
+                        continue
+                    new[i].append(token)
+                    if any(stop in self.decode(new[i]) for stop in until):
+                        running.discard(i)
+                if not running:
+                    break
+        return new
 
     @torch.no_grad()
     def stream(self, context: str, max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None,
@@ -212,20 +303,40 @@ class CausalLM:
                      generator: torch.Generator | None = None) -> Iterator[int]:
         """Token ids after context (left-truncated to leave room for them), each computed from the
         key/value cache of those before, until EOS (not yielded) or max_new_tokens."""
-        if not 0 < max_new_tokens < self.max_length:
-            raise ValueError(f"max_new_tokens must be in [1, {self.max_length}), got {max_new_tokens}")
-        ctx = self.encode(context)[-(self.max_length - max_new_tokens) :]
-        history = self._tensor([ctx])
-        cache = self.new_cache(len(ctx) + max_new_tokens)
-        logits = self.logits(history, cache, positions=self._tensor([[len(ctx) - 1]]))
-        for i in range(max_new_tokens):
-            if i:
-                logits = self.logits(history[:, -1:], cache)
-            token = next_token(logits[:, -1], history, temperature, None, top_p, 1.0, generator)
+        for (token,) in self._steps([self._prompt(context, max_new_tokens)], max_new_tokens, temperature, top_p, generator):
             if int(token) == self.eos_token_id:
                 return
-            history = torch.cat((history, token), dim=1)
             yield int(token)
+
+    def _prompt(self, context: str, max_new_tokens: int) -> list[int]:
+        """The context's tokens that leave room for max_new_tokens (the last ones)."""
+        if not 0 < max_new_tokens < self.max_length:
+            raise ValueError(f"max_new_tokens must be in [1, {self.max_length}), got {max_new_tokens}")
+        return self.encode(context)[-(self.max_length - max_new_tokens) :]
+
+    def _steps(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """The next token of every prompt (B,), step after step, max_new_tokens times.
+
+        The prompts are padded on the left into one batch: every row's next token goes in the same
+        cache slot. Each row's positions count from its own first token, and no real token sees
+        padding, so a row computes as it would alone. A padded slot sees itself only (a row of its
+        attention that is never read, and never all masked).
+        """
+        width = max(len(p) for p in prompts)
+        slots = torch.arange(width + max_new_tokens, device=self.device)
+        pad = self._tensor([width - len(p) for p in prompts])[:, None]
+        ids = self._tensor([[PAD] * (width - len(p)) + p for p in prompts])
+        real = slots[None, :] >= pad  # (B, slots): the slots that hold a row's own tokens
+        prefill = (slots[:width, None] >= slots[None, :width]) & (real[:, None, :width] | torch.eye(width, dtype=torch.bool, device=self.device))
+        cache = self.new_cache(width + max_new_tokens)
+        logits = self.logits(ids, cache, at=torch.full_like(pad, width - 1), positions=(slots[None, :width] - pad).clamp(min=0), mask=prefill[:, None])
+        for step in range(max_new_tokens):
+            if step:
+                slot = width + step - 1
+                logits = self.logits(token, cache, positions=slot - pad, mask=real[:, None, None, : slot + 1])
+            token = next_token(logits[:, -1], None, temperature, None, top_p, 1.0, generator)
+            yield token[:, 0]
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -241,14 +352,10 @@ class CausalLM:
             batches[-1].append(item)
         return [b for b in batches if b]
 
-    def _right_pad(self, rows: Sequence[Sequence[int]], width: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        """A (B, width) batch, each row padded at the end: causal attention never looks right."""
-        lengths = [len(r) for r in rows]
-        width = width or max(lengths)
-        ids = torch.full((len(rows), width), PAD, dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return ids, lengths
+    def _padded(self, rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+        """A (B, longest) batch, each row padded at the end with ``fill``: causal attention never looks right."""
+        width = max(len(r) for r in rows)
+        return self._tensor([list(r) + [fill] * (width - len(r)) for r in rows])
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_length: int, stride: int) -> list[tuple[list[int], int]]:
@@ -284,7 +391,7 @@ class TransformerLM(CausalLM):
         self.model = model.eval()
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
-        super().__init__(model.config.context_length, prefix_token_id, eos_token_id, device, batch_tokens)
+        super().__init__(model.config.context_length, prefix_token_id, eos_token_id, device, batch_tokens, splits_at_line_starts(tokenizer))
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, tokenizer, device: str = "cpu", **kwargs) -> "TransformerLM":
@@ -303,11 +410,8 @@ class TransformerLM(CausalLM):
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.model.config.n_layer, max_len)
 
-    def expand_cache(self, cache: KVCache, batch: int, max_len: int) -> KVCache:
-        return cache.expand(batch, max_len)
-
-    def logits(self, ids, cache=None, positions=None):
-        return self.model(ids, kv_cache=cache, logit_positions=positions)[0].float()
+    def logits(self, ids, cache=None, at=None, positions=None, mask=None):
+        return self.model(ids, kv_cache=cache, logit_positions=at, positions=positions, attn_mask=mask)[0].float()
 
 
 class HFCausalLM(CausalLM):
@@ -325,7 +429,8 @@ class HFCausalLM(CausalLM):
             max_length = found[0]
         # transformers renamed past_key_values to cache (5.x); use whichever this version takes.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        super().__init__(max_length, prefix_token_id, tokenizer.eos_token_id, model.device, batch_tokens)
+        line_split = tokenizer.is_fast and splits_at_line_starts(tokenizer.backend_tokenizer)
+        super().__init__(max_length, prefix_token_id, tokenizer.eos_token_id, model.device, batch_tokens, line_split)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> "HFCausalLM":
@@ -346,13 +451,12 @@ class HFCausalLM(CausalLM):
 
         return DynamicCache(config=self.model.config)
 
-    def expand_cache(self, cache, batch: int, max_len: int):
-        cache.batch_repeat_interleave(batch)
-        return cache
-
-    def logits(self, ids, cache=None, positions=None):
+    def logits(self, ids, cache=None, at=None, positions=None, mask=None):
+        if mask is not None:  # transformers takes a 4D mask as it is; additive, so that eager attention takes it too
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(self.model.dtype).min)
         out = self.model(
-            input_ids=ids, use_cache=cache is not None, logits_to_keep=0 if positions is None else positions, **{self._cache_arg: cache}
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=cache is not None,
+            logits_to_keep=0 if at is None else at, **{self._cache_arg: cache},
         )
         return out.logits.float()
 

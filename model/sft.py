@@ -89,20 +89,26 @@ def render(record: dict, template: str = "eval", completion: str = "letter") -> 
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
+def _turns(template: str, content: str, if_input) -> tuple[str, str, str]:
+    """(a user message, the answer's opening, what comes between the opening and the answer) of
+    ``template``, in a template language: ``content`` is its expression for the message's text,
+    ``if_input(text)`` its text shown only when the message has an input (context)."""
+    if template == "eval":  # Context: ...\nQuestion: ...\nAnswer: (model/prompts.py for a free-text item)
+        return if_input("Context: {{ message['input'] }}\n") + f"Question: {content}\n", "Answer:", TARGET_DELIMITER
+    if template == "instruction":
+        user = ALPACA.format(if_input(ALPACA_INPUT)) + f"### Instruction:\n{content}\n\n" + if_input("### Input:\n{{ message['input'] }}\n\n")
+        return user, RESPONSE, ""
+    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
 def chat_template(template: str) -> str:
     """Jinja for a tokenizer_config.json: a user message (its "content", and an optional "input":
     context) renders the training prompt of ``template``, the generation prompt opens the answer,
     and an assistant message is the answer then [EOS], so apply_chat_template(...,
     add_generation_prompt=True) gives exactly the prompt the model was fine-tuned on."""
-    if template == "eval":  # Context: ...\nQuestion: ...\nAnswer: (model/prompts.py for a free-text item)
-        user = "{% if message['input'] is defined and message['input'] %}Context: {{ message['input'] }}\n{% endif %}Question: {{ message['content'] }}\n"
-        opening, before_answer = "Answer:", TARGET_DELIMITER
-    elif template == "instruction":
-        header = ALPACA.replace("{}", "{% if message['input'] is defined and message['input'] %}" + ALPACA_INPUT + "{% endif %}")
-        user = header + "### Instruction:\n{{ message['content'] }}\n\n{% if message['input'] is defined and message['input'] %}### Input:\n{{ message['input'] }}\n\n{% endif %}"
-        opening, before_answer = RESPONSE, ""
-    else:
-        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    user, opening, before_answer = _turns(
+        template, "{{ message['content'] }}", lambda text: "{% if message['input'] is defined and message['input'] %}" + text + "{% endif %}"
+    )
     return (
         "{% for message in messages %}"
         "{% if message['role'] == 'user' %}" + user
@@ -111,6 +117,25 @@ def chat_template(template: str) -> str:
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}" + opening + "{% endif %}"
     )
+
+
+def ollama_template(template: str, eos: str) -> str:
+    """The chat template as an Ollama Modelfile's TEMPLATE (Go text/template over .Messages, as
+    Ollama's own templates are written): the same text for user and assistant messages (Ollama's
+    messages have no input), the answer's opening after the last user message, and ``eos`` after
+    every answer but a last one, which Ollama continues."""
+    user, opening, before_answer = _turns(template, "{{ .Content }}", lambda text: "")
+    return (
+        "{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+        '{{- if eq .Role "user" }}' + user + "{{ if $last }}" + opening + "{{ end }}"
+        '{{- else if eq .Role "assistant" }}' + opening + before_answer + "{{ .Content }}{{ if not $last }}" + eos + "{{ end }}"
+        "{{- end }}{{- end }}"
+    )
+
+
+def template_name(saved: str | None) -> str | None:
+    """Which of TEMPLATES a tokenizer_config.json's chat template is (None: none of ours)."""
+    return next((name for name in TEMPLATES if saved == chat_template(name)), None)
 
 
 def write_chat_template(tokenizer_config: Path, template: str) -> None:

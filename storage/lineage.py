@@ -24,6 +24,11 @@ class Node:
     created: float | None = None
     parents: list["Node"] = field(default_factory=list)
     missing: bool = False
+    roles: dict[str, list[str]] = field(default_factory=dict)  # parents' refs by the role the stage read them in
+
+    def role_of(self, parent: "Node") -> str | None:
+        """The role ``parent`` was read in (None in a manifest written before roles were kept)."""
+        return next((role for role, refs in self.roles.items() if parent.ref in refs), None)
 
     @property
     def kind(self) -> str:
@@ -36,7 +41,7 @@ class Node:
     def as_dict(self) -> dict:
         return {
             "ref": self.ref, "label": self.label, "params": self.params, "summary": self.summary,
-            "created": self.created, "missing": self.missing, "parents": [p.as_dict() for p in self.parents],
+            "created": self.created, "missing": self.missing, "roles": self.roles, "parents": [p.as_dict() for p in self.parents],
         }
 
 
@@ -52,7 +57,8 @@ def lineage(store: Store, ref: str) -> Node:
                 nodes[ref] = Node(ref, missing=True)
             else:
                 parents = [node(p) for p in m.get("parents", [])]
-                nodes[ref] = Node(ref, m.get("label"), dict(m.get("params", {})), dict(m.get("summary", {})), m.get("created"), parents)
+                nodes[ref] = Node(ref, m.get("label"), dict(m.get("params", {})), dict(m.get("summary", {})), m.get("created"), parents,
+                                  roles=dict(m.get("roles", {})))
         return nodes[ref]
 
     return node(ref)

@@ -117,7 +117,7 @@ class Stage(Generic[ConfigT]):
                 ) from e
 
         unkeyed = [a.ref for role, input_ in self.inputs.items() if not input_.keyed for a in _artifacts(inputs.get(role))]
-        return store.get_or_build(spec, build, resume=self.resume, label=label, also_reads=unkeyed)
+        return store.get_or_build(spec, build, resume=self.resume, label=label, also_reads=unkeyed, roles=self._roles(inputs))
 
     def previous(self, store: Store, inputs: Inputs, config: ConfigT) -> Artifact | None:
         """The newest stored artifact of this stage, version and content config whose parents are
@@ -132,12 +132,13 @@ class Stage(Generic[ConfigT]):
         ]
         return max(fits, key=lambda a: (len(a.parents), a.manifest.get("created", 0)), default=None)
 
+    def _roles(self, inputs: Inputs) -> dict[str, list[str]]:
+        """The parents' refs by role, in the declaration's order; a list input is a set: the same
+        artifacts in any order make the same key."""
+        return {role: sorted(a.ref for a in _artifacts(inputs.get(role))) for role, spec in self.inputs.items() if spec.keyed and inputs.get(role)}
+
     def _refs(self, inputs: Inputs) -> list[str]:
-        refs = []
-        for role, spec in self.inputs.items():
-            if spec.keyed:  # a list input is a set: the same artifacts in any order make the same key
-                refs += sorted(a.ref for a in _artifacts(inputs.get(role)))
-        return refs
+        return [ref for refs in self._roles(inputs).values() for ref in refs]
 
     def _check(self, inputs: Inputs, config: ConfigT) -> None:
         if not isinstance(config, self.config):

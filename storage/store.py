@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from storage.access import readable, readable_files
 from storage.remote import Remote, RemoteCorrupt
@@ -526,6 +526,7 @@ class Store:
         resume: bool = False,
         label: str | None = None,
         also_reads: Sequence[str] = (),
+        roles: Mapping[str, Sequence[str]] | None = None,
     ) -> Artifact:
         """Return the artifact for ``spec``, building it with ``build(work_dir)`` if needed.
 
@@ -535,7 +536,9 @@ class Store:
         left by a killed run is handed back to ``build`` as it is (downloads keep their ``.part``,
         training its checkpoints); otherwise it is removed first. ``label`` names the artifact
         for people in lineage listings. ``also_reads``: artifacts the build reads that are not
-        parents (they only make it faster), verified the same way. The published artifact's files
+        parents (they only make it faster), verified the same way. ``roles``: the parents by the
+        role the build read them in (a stage's input names), kept in the manifest for lineage's
+        readers (a release's card tells data trained on from data held out). The published artifact's files
         and folders are read-only; a file that is a hard link to a verified input's file is not
         hashed again.
         """
@@ -579,20 +582,25 @@ class Store:
                 "version": spec.version,
                 "params": spec.params,
                 "parents": list(spec.parents),
+                **({"roles": {role: list(refs) for role, refs in roles.items()}} if roles else {}),
                 "label": label,
                 "summary": summary,
                 "created": time.time(),
                 "build_seconds": round(time.time() - started, 3),
                 "files": {str(p.relative_to(work)): {"size": p.stat().st_size, "sha256": _digest(p, known)} for p in files},
             }
-            write_text_atomic(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+            write_text_atomic(work / MANIFEST, text)
             _make_read_only(work)
             os.rename(work, final)
             # The bytes were hashed just now: remember them, so the first reader hashes nothing.
             self._verified_cache(spec.kind, spec.key).save(
                 {name: _file_state(final / name, entry["sha256"]) for name, entry in manifest["files"].items()}
             )
-            return self._push(Artifact(spec.kind, spec.key, final, manifest), locked=True)
+            # The manifest as any later read gives it, none of its objects shared with the inputs':
+            # Prefect links a task's inputs to upstream tasks by object identity, and an interned
+            # role name ("download") would link a parse artifact to the download task's result.
+            return self._push(Artifact(spec.kind, spec.key, final, json.loads(text)), locked=True)
 
     # -- the remote ------------------------------------------------------------------------------
 

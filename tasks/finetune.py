@@ -1,4 +1,5 @@
-"""Finetune: a checkpoint (pretrain, finetune or hf_model artifact) + QA records -> a fine-tuned checkpoint artifact.
+"""Finetune: a checkpoint (pretrain, finetune or hf_model artifact) + QA records (qa artifacts, or
+the cleaned training sets of tasks/trainset.py, which the flows give it) -> a fine-tuned checkpoint artifact.
 
 The work is model/finetune.py's; this module declares it as a stage. The run folder lives in the
 artifact's work folder, which the store keeps across a crash (``resume=True``): a killed
@@ -57,7 +58,7 @@ FINETUNE = Stage(
     name="finetune",
     version="2",  # 2: the config in sections (finetune, optim, run)
     config=FinetuneRun,
-    inputs={"base": Input(MODEL_KINDS), "data": Input("qa", many=True)},
+    inputs={"base": Input(MODEL_KINDS), "data": Input(("qa", "trainset"), many=True)},
     build=build_finetune,
     resume=True,  # the run folder's checkpoints survive a crash and fine-tuning continues from them
     label=finetune_label,

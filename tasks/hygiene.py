@@ -171,16 +171,23 @@ class Screen:
 
     @classmethod
     def of(cls, records: Iterable[dict], config: HygieneConfig) -> Screen:
-        from tasks.evaluate.contamination import ngrams
-
         records = list(records)
         pmids = {int(r["id"].split(":", 1)[1]) for r in records if r["source"] == "pubmedqa"} if config.evaluation_pmids else set()
-        grams: set[str] = set()
-        if config.evaluation_ngrams:
-            for r in records:
-                for text in (r["question"], *r["context"], *r["options"]):
-                    grams |= ngrams(text)
+        grams = item_ngrams(records) if config.evaluation_ngrams else {}
         return cls(config, frozenset(pmids), frozenset(grams))
+
+
+def item_ngrams(records: Iterable[dict]) -> dict[str, str]:
+    """Every 13-gram of the items' questions, contexts and options, normalised as the evaluation's
+    contamination check normalises (``tasks.evaluate.contamination.ngrams``) -> the first item's id."""
+    from tasks.evaluate.contamination import ngrams
+
+    grams: dict[str, str] = {}
+    for r in records:
+        for text in (r["question"], *r["context"], *r["options"]):
+            for gram in ngrams(text):
+                grams.setdefault(gram, r["id"])
+    return grams
 
 
 def stripped(text: str, config: HygieneConfig) -> tuple[str, list[str], list[int]]:

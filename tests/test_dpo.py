@@ -19,7 +19,7 @@ from conftest import kill_once_written
 from eval_records import DATA, load_records
 
 from model.checkpoint import load_model
-from model.dpo import DPOConfig, PairBatches, dpo, encode_pairs, likeliest_wrong, preference_pairs, question_key
+from model.dpo import DPOConfig, PairBatches, dpo, dpo_loss, encode_pairs, for_validation, likeliest_wrong, policy_logps, preference_pairs, question_key
 from model.export_hf import to_hf_model
 from model.base import load_base
 from model.finetune import FinetuneConfig, finetune
@@ -54,8 +54,8 @@ def test_pairs_are_the_gold_answer_against_distractors_of_train_questions_evalua
     train = [dict(r, split="train") for r in medmcqa]
     # Five of them are also asked, reworded only in spacing and case, by another dataset's test split.
     asked = [dict(r, id=f"other:{i}", source="medqa", split="test", question="  " + r["question"].upper().replace(" ", "\n ")) for i, r in enumerate(medmcqa[:5])]
-    pairs, report = preference_pairs(train, asked, per_question=2, seed=3)
-    assert report["held_out_questions_skipped"] == 5 and report["questions"] == len(train) - 5 and len(pairs) == 2 * (len(train) - 5)
+    pairs, validation, report = preference_pairs(train, asked, per_question=2, seed=3)
+    assert validation == [] and report["held_out_questions_skipped"] == 5 and report["questions"] == len(train) - 5 and len(pairs) == 2 * (len(train) - 5)
     assert not {question_key(c) for c, _ in pairs} & {question_key(r) for r in asked}
     by_question: dict[str, set[int]] = {}
     for chosen, rejected in pairs:
@@ -68,17 +68,52 @@ def test_pairs_are_the_gold_answer_against_distractors_of_train_questions_evalua
     assert preference_pairs(train, asked, 2, seed=4)[0] != pairs
     # The test split itself never pairs, and a record without options (instruction data) neither.
     assert preference_pairs(medmcqa, [], 1, 0)[0] == []
-    assert preference_pairs([dict(train[0], options=[], answer_idx=None)], [], 1, 0)[1]["without_options_skipped"] == 1
+    assert preference_pairs([dict(train[0], options=[], answer_idx=None)], [], 1, 0)[2]["without_options_skipped"] == 1
+
+
+def questions(pairs) -> set[str]:
+    return {chosen["id"].split(">")[0] for chosen, _ in pairs}
+
+
+def test_validation_questions_are_held_out_by_a_hash_of_the_record_id_and_never_trained_on():
+    pairs, validation, report = preference_pairs(PAIRED, [], 2, seed=0, val_fraction=0.25)
+    held = {r["id"] for r in PAIRED if for_validation(r["id"], 0.25)}
+    assert questions(validation) == held and not questions(pairs) & held and questions(pairs) | held == {r["id"] for r in PAIRED}
+    assert 0 < report["validation_questions"] == len(held) < report["questions"] == len(PAIRED) - len(held) and len(validation) == 2 * len(held)
+    # A question keeps its side whatever the seed, the order, or the other records: data that grows moves nothing.
+    assert questions(preference_pairs(PAIRED[::-1], [], 1, seed=5, val_fraction=0.25)[1]) == held
+    assert questions(preference_pairs(PAIRED[:20], [], 1, seed=0, val_fraction=0.25)[1]) == held & {r["id"] for r in PAIRED[:20]}
+    assert held < {r["id"] for r in PAIRED if for_validation(r["id"], 0.5)}  # a larger share holds out more, the same ones first
+    assert preference_pairs(PAIRED, [], 1, seed=0)[1] == []  # val_fraction 0: none
+
+
+def test_the_validation_loss_is_dpo_s_loss_on_the_held_out_pairs(sft, tmp_path):
+    """What the summary reports as validation is the loss, by the published model against the
+    reference, on the pairs of the held-out questions: pairs it never trained on."""
+    from model.train import setup_runtime
+
+    cfg = DPOConfig(beta=0.5, val_fraction=0.25)
+    summary = dpo(FT, cfg, *small(max_steps=3), sft, PAIRED, [], tmp_path)
+    _, held, report = preference_pairs(PAIRED, [], 1, seed=small()[0].seed, val_fraction=0.25)
+    assert summary["validation_questions"] == report["validation_questions"] == summary["val_pairs"] > 0
+    assert summary["val_on"] == f"{report['validation_questions']} held-out train questions (val_fraction 0.25, by a hash of the record id), never trained on"
+    base = load_base(sft)
+    encoded, _ = encode_pairs(held, base, FT, 256)
+    autocast = setup_runtime(RunConfig(device="cpu")).autocast
+    policy, reference = (policy_logps(load_model(folder), encoded, 8, base.encoder.pad_id, "cpu", autocast) for folder in (tmp_path / "model", sft))
+    losses, _, _ = dpo_loss(policy.T.reshape(-1), reference.T.reshape(-1), cfg.beta)
+    assert summary["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5) and summary["val_loss"] != pytest.approx(math.log(2))
 
 
 @pytest.mark.parametrize("method, lr, at_most, at_least", [("full", 3e-3, 0.5, 0.9), ("lora", 1e-2, 0.95, 0.6)])
 def test_the_first_loss_is_log_2_and_training_prefers_the_gold_answers(sft, tmp_path, method, lr, at_most, at_least):
     """Before the first update the policy is the reference (full: the same weights; LoRA: adapters
     at zero), so every pair's loss is log 2 and no reward is ahead; 30 steps on the pairs bring the
-    loss down and put the chosen answer's reward ahead on most pairs (the adapters of a 2-layer
-    model of width 32 move less)."""
+    loss down and put the chosen answer's reward ahead on most of the pairs trained on (the
+    adapters of a 2-layer model of width 32 move less)."""
     ft = FinetuneConfig(method=method, max_length=256, completion="letter+text")
-    summary = dpo(ft, DPOConfig(beta=0.5), *small(max_steps=30, lr=lr), sft, PAIRED, [], tmp_path)
+    summary = dpo(ft, DPOConfig(beta=0.5, val_fraction=0), *small(max_steps=30, lr=lr), sft, PAIRED, [], tmp_path)
+    assert summary["val_on"] == "training pairs: no held-out train question to validate on (val_fraction 0)"
     assert metrics(tmp_path, "loss")[1] == pytest.approx(math.log(2), abs=1e-6)
     assert summary["val_loss"] < at_most * math.log(2) and summary["val_reward_accuracy"] > at_least and summary["val_reward_margin"] > 0, summary
     assert "val_ppl" not in summary and "val_ppl" not in (tmp_path / "metrics.jsonl").read_text()
@@ -88,10 +123,9 @@ def test_the_first_loss_is_log_2_and_training_prefers_the_gold_answers(sft, tmp_
 def test_model_rejected_answers_are_the_reference_s_likeliest_wrong_options(sft, tmp_path):
     """rejected="model": every distractor scored by the fine-tuned model, the likeliest kept, so
     the rejected answer is the one the model would give where it answers wrong."""
-    from model.dpo import policy_logps
     from model.train import setup_runtime
 
-    summary = dpo(FT, DPOConfig(rejected="model"), *small(max_steps=1), sft, PAIRED, [], tmp_path)
+    summary = dpo(FT, DPOConfig(rejected="model", val_fraction=0), *small(max_steps=1), sft, PAIRED, [], tmp_path)
     base = load_base(sft)
     every, _ = encode_pairs(preference_pairs(PAIRED, [], 25, seed=0)[0], base, FT, 256)
     scores = policy_logps(load_model(sft), every, 8, base.encoder.pad_id, "cpu", setup_runtime(RunConfig(device="cpu")).autocast)
@@ -137,16 +171,17 @@ def test_the_first_losses_equal_trl_dpo_trainer_s(sft, tmp_path):
     from trl import DPOConfig as TRLConfig, DPOTrainer
 
     base = load_base(sft)
-    pairs, _ = preference_pairs(PAIRED, [], 1, seed=7)
+    cfg = DPOConfig(beta=0.1)
+    pairs, _, _ = preference_pairs(PAIRED, [], 1, seed=7, val_fraction=cfg.val_fraction)
     uncut, _ = encode_pairs(pairs, base, FT, max_length=10_000)
     fits = {p.id for p in uncut if max(p.chosen.length, p.rejected.length) <= FT.max_length}  # TRL would not cut a prompt as we do
     records = [r for r in PAIRED if any(i.startswith(r["id"] + ">") for i in fits)]
     optim, run = small(max_steps=PEER_STEPS, batch_size=2, warmup_steps=2, weight_decay=0.1, seed=7, lr=1e-3)
     ft = FinetuneConfig(method="full", max_length=256, completion="letter+text", grad_accum=2)
-    dpo(ft, DPOConfig(beta=0.1), optim, run, sft, records, [], tmp_path / "ours")
+    dpo(ft, cfg, optim, run, sft, records, [], tmp_path / "ours")
     ours = metrics(tmp_path / "ours", "loss")
 
-    pairs, _ = preference_pairs(records, [], 1, seed=7)
+    pairs, _, _ = preference_pairs(records, [], 1, seed=7, val_fraction=cfg.val_fraction)
     encoded, report = encode_pairs(pairs, base, ft, ft.max_length)
     assert report["prompts_cut"] == 0 and len(encoded) == len(pairs)
     order = [row[0] for row in PairBatches(encoded, torch.zeros(len(encoded), 2), 2, 2, seed=optim.seed).epoch_rows(0)]
@@ -230,10 +265,12 @@ def test_the_finetune_flow_preference_tunes_after_the_curriculum_and_evaluates_b
     tuned = store.require(store.require(refs[2]).parents[0])
     sft_model = store.require(store.require(refs[1]).parents[0])
     assert tuned.kind == "dpo" and tuned.parents[0] == sft_model.ref and sft_model.kind == "finetune"
-    qa_refs = {a.ref: a.label for a in map(store.require, tuned.parents[1:])}
-    assert sorted(qa_refs.values()) == ["medqa", "pubmedqa"]  # pairs from PubMedQA; MedQA's test questions guarded, in the lineage
-    assert {n.ref for n in lineage(store, tuned.ref).parents} == {sft_model.ref, *qa_refs}
-    assert tuned.summary["pairs"] == 2 * tuned.summary["questions"] == 2 * 26 and tuned.summary["held_out_questions_skipped"] == 0
+    data, *held_out = map(store.require, tuned.parents[1:])
+    assert data.kind == "trainset" and data.label == "pubmedqa" and data.ref == sft_model.parents[1]  # pairs from PubMedQA's cleaned train split, as fine-tuning's
+    assert sorted(a.label for a in held_out) == ["medqa", "pubmedqa"]  # every evaluated QA artifact's test questions guarded, in the lineage
+    assert {n.ref for n in lineage(store, tuned.ref).parents} == {sft_model.ref, data.ref, *(a.ref for a in held_out)}
+    assert tuned.summary["pairs"] == 2 * tuned.summary["questions"] and tuned.summary["questions"] + tuned.summary["validation_questions"] == 26
+    assert tuned.summary["validation_questions"] > 0 and tuned.summary["held_out_questions_skipped"] == 0
     assert (tuned.path / "tokenizer_config.json").read_text() == (sft_model.path / "tokenizer_config.json").read_text()  # the chat template goes on
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. DPO on pubmedqa", "baseline"]

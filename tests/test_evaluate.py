@@ -241,8 +241,8 @@ class FixedAnswerLM(CausalLM):
         super().__init__(max_length=2048, prefix_token_id=3, eos_token_id=3, device=torch.device("cpu"))
         self.answers = answers
 
-    def generate(self, context, max_new_tokens, until=("\n\n",)):
-        return next(a for q, a in self.answers.items() if q in context)
+    def generate_many(self, contexts, max_new_tokens, until=("\n\n",)):
+        return [next(a for q, a in self.answers.items() if q in context) for context in contexts]
 
 
 def test_generation_metrics_by_hand():
@@ -280,8 +280,8 @@ class UniformLM(CausalLM):
     def new_cache(self, max_len):
         return None
 
-    def logits(self, ids, cache=None, positions=None):
-        return torch.zeros(ids.size(0), ids.size(1) if positions is None else positions.size(1), 16)
+    def logits(self, ids, cache=None, at=None, positions=None, mask=None):
+        return torch.zeros(ids.size(0), ids.size(1) if at is None else at.size(1), 16)
 
 
 def test_bits_per_byte_on_a_tiny_stream_by_hand(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -474,7 +475,7 @@ def test_the_stage_publishes_a_checkpoint_the_evaluate_stage_reads_and_an_hf_mod
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each(base, store):
+def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each(base, store, tmp_path):
     from flows.finetune import Curriculum, comparison, finetune as finetune_flow
     from tasks.evaluate import EvaluationConfig
     from tasks.qa import QASources
@@ -490,11 +491,19 @@ def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each
     assert evaluated[0] == pretrained.ref
     first, second = store.require(evaluated[1]), store.require(evaluated[2])
     assert first.kind == second.kind == "finetune" and first.parents[0] == pretrained.ref and second.parents[0] == first.ref
+    trainset = store.require(second.parents[1])  # the instruction files' train split, cleaned against the evaluated QA data
+    assert trainset.kind == "trainset" and len(trainset.parents) == 3 and trainset.summary["train"] == {"before": 8, "after": 8}
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. instructions", "baseline"]
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
     with pytest.raises(ValueError, match=r"curriculum source 'medmcqa' has no data: set qa.medmcqa"):
         finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
+    # Instruction data that is nothing but MedQA test questions: nothing left to train on, said before any training.
+    exam = [json.loads(line) for line in (DATA / "medqa" / "US_test.jsonl").read_text().splitlines()[:3]]
+    (tmp_path / "exam.json").write_text(json.dumps([{"instruction": r["question"], "output": r["answer"]} for r in exam]))
+    leaky = QASources(medqa=str(DATA / "medqa"), instructions=(str(tmp_path / "exam.json"),))
+    with pytest.raises(ValueError, match=r"curriculum source 'instructions': the trainset stage removed all 3 train records \(evaluation 13-gram 3\); see trainset/"):
+        finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("instructions",)), leaky, evaluation, base_ref=pretrained.ref)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -523,42 +532,127 @@ def test_fine_tuning_under_torchrun_equals_one_process_with_the_same_global_batc
 # -- chat ------------------------------------------------------------------------------------------
 
 
-def test_medlm_chat_streams_the_answer_the_chat_template_s_prompt_gets_and_keeps_the_conversation(base, hf_llama, session_store, tmp_path):
+@pytest.fixture(scope="module")
+def chat_model(base, session_store):
+    """conftest's tiny checkpoint (a 256-token context) fine-tuned on PubMedQA with the eval chat
+    template, long enough to answer " yes" or " no" after "Answer:", as it was trained to."""
+    from tasks.finetune import FINETUNE, FinetuneRun
+    from tasks.qa import QA
+
+    pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
+    return FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]},
+                        FinetuneRun(FinetuneConfig(method="full", max_length=256), *small(max_steps=30, batch_size=8, lr=3e-3)))
+
+
+def chat_command(tuned, session_store, tmp_path, *args, input=None):
     import subprocess
 
-    from model.chat import DISCLAIMER, Chat
+    env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
+    return subprocess.run([str(Path(sys.executable).parent / "medlm"), "chat", tuned.ref, *args], input=input, env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_medlm_chat_keeps_the_whole_prompt_and_caps_the_answer_at_what_the_context_leaves(chat_model, session_store, tmp_path):
+    """The default --max-tokens 256 on a 256-token model: the answer is the greedy continuation of
+    the whole prompt, as long as the context leaves (was: of the prompt's last token, 255 long)."""
+    from model.chat import DISCLAIMER
+    from model.scoring import load_causal_lm
+    from transformers import AutoTokenizer
+
+    question = "Does aspirin lower the risk of stroke?"
+    prompt = AutoTokenizer.from_pretrained(chat_model.path).apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    assert prompt == f"Question: {question}\nAnswer:"  # the eval template fine-tuning trained on
+    lm = load_causal_lm(chat_model.path)
+    used = len(lm.encode(prompt))
+    one = chat_command(chat_model, session_store, tmp_path, "--message", question)
+    assert one.returncode == 0, one.stderr
+    answer = lm.generate(prompt, 256 - used, until=())
+    assert one.stdout == answer.strip() + "\n" and answer != lm.generate(prompt, 255, until=())  # that one reads the prompt's last token only
+    assert DISCLAIMER in one.stderr and f"note: the answer is capped at {256 - used} tokens: the prompt takes {used} of the model's 256" in one.stderr
+
+    empty = chat_command(chat_model, session_store, tmp_path, "--message", "  ")
+    assert empty.returncode == 2 and empty.stderr.splitlines()[-1] == "error: the message is empty: ask something (in a conversation, an empty line ends it)"
+
+
+def test_medlm_chat_streams_the_answer_and_keeps_the_conversation_as_the_model_wrote_it(base, hf_llama, chat_model, session_store, tmp_path):
+    from model.chat import Chat
     from model.scoring import load_causal_lm
     from tasks.finetune import FINETUNE, FinetuneRun
     from tasks.hf_model import HF_MODEL, HFModelConfig
     from tasks.qa import QA
-    from transformers import AutoTokenizer
+
+    question, follow_up = "Does aspirin lower the risk of stroke?", "And of a heart attack?"
+    prompt = f"Question: {question}\nAnswer:"
+    greedy = load_causal_lm(chat_model.path).generate(prompt, 12, until=())
+    assert greedy.startswith(" ")  # the model writes the space after "Answer:" itself
+
+    chat = Chat(chat_model.path, max_tokens=12)
+    first, second = list(chat.reply(question)), list(chat.reply(follow_up))
+    assert "".join(first) == greedy[1:] and len(first) > 1  # streamed: a piece per token that completes text
+    assert chat.messages[1] == {"role": "assistant", "content": greedy[1:]} and len(chat.messages) == 4  # the answer is the next turn's context
+    # The second turn's prompt holds the first exactly as the model read and wrote it (one space after "Answer:", not two).
+    assert chat.render(chat.messages[:3]) == prompt + greedy + "[EOS]" + f"Question: {follow_up}\nAnswer:"
+    talk = chat_command(chat_model, session_store, tmp_path, "--max-tokens", "12", input=f"{question}\n{follow_up}\n")
+    assert talk.returncode == 0 and talk.stdout == "".join(first) + "\n" + "".join(second) + "\n"
+
+    sampled = [list(Chat(chat_model.path, max_tokens=12, temperature=1.0, seed=seed).reply(question)) for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # a seed decides a sampled answer
 
     pubmedqa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
     config = FinetuneRun(FinetuneConfig(max_length=256), *small(max_steps=2, batch_size=4))
-    tuned = FINETUNE.run(session_store, {"base": base, "data": [pubmedqa]}, config)
-    question, follow_up = "Does aspirin lower the risk of stroke?", "And of a heart attack?"
-    prompt = AutoTokenizer.from_pretrained(tuned.path).apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    assert prompt == f"Question: {question}\nAnswer:"  # the eval template fine-tuning trained on
-    greedy = load_causal_lm(tuned.path).generate(prompt, 12, until=())
-
-    medlm = [str(Path(sys.executable).parent / "medlm"), "chat", tuned.ref, "--max-tokens", "12"]
-    env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
-    one = subprocess.run([*medlm, "--message", question], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr
-    assert one.stdout == greedy.strip() + "\n" and DISCLAIMER in one.stderr
-
-    chat = Chat(tuned.path, max_tokens=12)
-    first, second = list(chat.reply(question)), list(chat.reply(follow_up))
-    assert "".join(first) == greedy and len(first) > 1  # streamed: a piece per token that completes text
-    assert chat.messages[1] == {"role": "assistant", "content": greedy} and len(chat.messages) == 4  # the answer is the next turn's context
-    talk = subprocess.run(medlm, input=f"{question}\n{follow_up}\n", env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert talk.returncode == 0 and talk.stdout == "".join(first) + "\n" + "".join(second) + "\n"
-
-    sampled = [list(Chat(tuned.path, max_tokens=12, temperature=1.0, seed=seed).reply(question)) for seed in (1, 1, 2)]
-    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # a seed decides a sampled answer
-
     from_hf = FINETUNE.run(session_store, {"base": HF_MODEL.run(session_store, {}, HFModelConfig(folder=str(hf_llama))), "data": [pubmedqa]}, config)
-    assert "".join(Chat(from_hf.path, max_tokens=8).reply(question)) == load_causal_lm(from_hf.path).generate(prompt, 8, until=())
+    hf_chat = Chat(from_hf.path, max_tokens=8)
+    assert "".join(hf_chat.reply(question)) == load_causal_lm(from_hf.path).generate(prompt, 8, until=()).removeprefix(hf_chat.lead)
 
-    plain = subprocess.run([*medlm[:2], base.ref, "--message", question], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert plain.returncode == 2 and "has no chat template" in plain.stderr and "chat with a finetune artifact" in plain.stderr
+    plain = chat_command(base, session_store, tmp_path, "--message", question)
+    assert plain.returncode == 2 and plain.stderr.splitlines()[-1] == f"error: {base.ref} is a pretrain, not a model to chat with: give a finetune or dpo ref (medlm ls finetune)"
+
+
+@pytest.mark.parametrize("model, args, error", [
+    ("qa", [], "{ref} is a qa, not a model to chat with"),
+    ("../../etc", [], "../../etc: not a model folder with a chat template"),
+    ("nowhere/at/all", [], "invalid artifact ref nowhere/at/all: expected KIND/HEXKEY"),
+    ("./missing", [], "./missing: no such folder or artifact"),
+    ("finetune/0", ["--temperature", "nan"], "argument --temperature: nan is not a finite number >= 0"),
+    ("finetune/0", ["--top-p", "0"], "argument --top-p: 0 is not a finite number in (0, 1]"),
+])
+def test_medlm_chat_refuses_what_is_not_a_model_or_a_setting_in_one_line_before_loading_anything(model, args, error, session_store, tmp_path):
+    from tasks.qa import QA
+
+    qa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
+    env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
+    model = qa.ref if model == "qa" else model
+    (tmp_path / "etc").mkdir()
+    (here := tmp_path / "a" / "b").mkdir(parents=True)  # ../../etc is a folder, not a model's
+    refused = subprocess.run([str(Path(sys.executable).parent / "medlm"), "chat", model, *args, "--message", "Why?"], env=env, cwd=here,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and error.format(ref=qa.ref) in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
+
+
+def test_a_message_too_long_for_the_context_is_cut_at_a_token_boundary_and_earlier_turns_make_room(chat_model):
+    """The prompt may take 256 - min(max_tokens, 256 // 4) tokens: the longest run of the message's
+    first tokens that fits is kept, the rest dropped and counted; the next turn leaves the first out."""
+    from model.chat import Chat
+
+    records = [r for r in RECORDS if r["source"] == "pubmedqa"]
+    message = " ".join(" ".join(r["context"]) for r in records[:3])
+    notes: list[str] = []
+    chat = Chat(chat_model.path, max_tokens=16, notify=notes.append)
+    ids = chat.lm.encode(message, add_special_tokens=False)
+    assert len(ids) > 256
+    list(chat.reply(message))
+    kept = chat.messages[0]["content"]
+    kept_ids = chat.lm.encode(kept, add_special_tokens=False)
+    assert kept == chat.lm.decode(ids[: len(kept_ids)]) and message.startswith(kept)  # the message's own first tokens
+    fits = 256 - 16
+    assert chat.tokens(chat.render([{"role": "user", "content": kept}])) <= fits
+    assert chat.tokens(chat.render([{"role": "user", "content": chat.lm.decode(ids[: len(kept_ids) + 1])}])) > fits  # one more would not fit
+    assert notes == [  # the answer keeps its 16 tokens: no note of a cap
+        f"note: the message is {len(ids):,} tokens, more than the model's 256-token context holds with room for an answer: "
+        f"cut after its first {len(kept_ids):,} tokens ({len(ids) - len(kept_ids):,} tokens, {len(message) - len(kept):,} characters dropped)"
+    ]
+    notes.clear()
+    list(chat.reply("And of a heart attack?"))
+    assert notes == ["note: 1 earlier turn(s) left out of the model's 256-token context, to leave room for this message and an answer (0 kept)"]
+    with pytest.raises(ValueError, match="the message is empty"):
+        list(chat.reply(" \n"))

@@ -30,8 +30,11 @@ def test_the_demo_configuration_runs_the_whole_pipeline(store):
     assert store.require(release).parents == [evaluated[-1].ref, refs[-1]]  # the last model released, with its evaluation
     root = lineage(store, evaluated[-1].ref)  # the final model, down to the XML files
     built = table(root)
-    for kind in ("download/", "parse/", "corpus/", "hygiene/", "tokenizer/", "shards/", "pretrain/", "finetune/", "dpo/", "qa/"):
+    for kind in ("download/", "parse/", "corpus/", "hygiene/", "tokenizer/", "shards/", "pretrain/", "finetune/", "dpo/", "qa/", "trainset/"):
         assert kind in built
+    for tuned in evaluated[1:]:  # fine-tuning and DPO train on cleaned training sets, screened against every QA artifact evaluated
+        [data] = [store.require(p) for p in tuned.parents if p.startswith("trainset/")]
+        assert {store.require(p).kind for p in data.parents} == {"qa"} and len(data.parents) == 4 and data.summary["train"]["after"] > 0
     [cleaned] = store.ls("hygiene")  # on by default, of the QA data's evaluation items: the evaluation finds none in the corpus
     assert {store.require(ref).kind for ref in cleaned.parents} == {"corpus", "qa"}
     for ref in refs:

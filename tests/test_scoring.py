@@ -8,6 +8,7 @@ checkpoint and exported to a Hugging Face folder by model/export_hf.py; lm-eval'
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ from eval_records import LM_EVAL_TASKS, LOCAL_TASKS, REPO, load_records
 
 from model.export_hf import export_hf
 from model.model import ModelConfig, Transformer
-from model.prompts import doc_to_text
+from model.prompts import doc_to_text, fewshot_context
 from model.scoring import HFCausalLM, TransformerLM, rolling_windows
 from model.checkpoint import save_checkpoint
 from storage.formats import load_tokenizer
@@ -143,16 +144,94 @@ def naive_loglikelihood(lm: TransformerLM, context: str, continuation: str) -> t
     return float(logprobs.gather(1, targets[:, None]).sum()), bool((logprobs.argmax(-1) == targets).all())
 
 
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lively(request, ours) -> TransformerLM:
+    """A seeded model of each architecture with its weights times 4: at its initial scale a random
+    model repeats one token, so a batch that mixed up its rows would still give every row the same answer."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(ours.model) if request.param == "llama" else Transformer(
+        ModelConfig(vocab_size=ours.model.config.vocab_size, n_layer=2, n_head=4, d_model=64, context_length=256, arch="gpt2")
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    return TransformerLM(model, ours.tokenizer)
+
+
 @pytest.mark.parametrize("batch_tokens", [8192, 300])
-def test_shared_context_scoring_equals_full_sequence_scoring(ours, batch_tokens):
-    lm = TransformerLM(ours.model, ours.tokenizer, batch_tokens=batch_tokens)  # 300: many small batches
+def test_batched_scoring_equals_one_option_at_a_time(lively, batch_tokens):
+    """Every option of many items in few forward passes (each item's context once, its options
+    after it) against one full forward pass per option, alone: within 1e-5, or 2 float32 steps
+    of a sum whose magnitude passes 64 (where one step is 7.6e-6)."""
+    lm = TransformerLM(lively.model, lively.tokenizer, batch_tokens=batch_tokens)  # 300: many small batches
     records = [r for r in load_records() if r["split"] != "train"][::9]
     requests = [(doc_to_text(r), [" " + o for o in r["options"]] + [" " + o[0] for o in r["options"][:2]]) for r in records]
     requests.append(("Question: " + "very long " * 200 + "\nAnswer:", [" A", " " + "long option text " * 10]))
+    requests.append(("", [" yes", " no at all"]))
     for (context, continuations), scores in zip(requests, lm.loglikelihoods(requests)):
         expected = [naive_loglikelihood(lm, context, c) for c in continuations]
-        assert [s[0] for s in scores] == pytest.approx([e[0] for e in expected], abs=1e-4)
+        assert [s[0] for s in scores] == pytest.approx([e[0] for e in expected], abs=1e-5, rel=2.4e-7)
         assert [s[1] for s in scores] == [e[1] for e in expected]
+
+
+def test_continuations_encoded_from_the_last_line_are_lm_evals_tokens(ours, hf_dir):
+    """A continuation's tokens come from the context's last line alone (our byte-level BPE splits
+    at a line start): the same as lm-eval's tail of encode(context + continuation), on every bundled
+    prompt, zero- and few-shot, and on texts built to trip the rule."""
+    from tokenizers import Tokenizer, normalizers
+
+    records = load_records()
+    contexts = [doc_to_text(r) for r in records]
+    contexts += [fewshot_context(r, records[i + 1 : i + 4], "cloze") for i, r in enumerate(records[:40]) if r["options"]]
+    contexts += ["a\n\nb", "x  \nAnswer:", "x\r\nAnswer:", "Q\n's\nA:", "\n Answer:", "one line", "Answer:  ", "é\nü\nAnswer:", "[EOS]\nA"]
+    continuations = [" yes", " A", "no", " 's", "\n\nB", " Hérnia", "  two spaces"]
+    normalized = Tokenizer.from_str(ours.tokenizer.to_str())
+    normalized.normalizer = normalizers.Lowercase()  # the rule is not known to hold: the whole text each time
+    lms = [ours, HFCausalLM.from_folder(hf_dir, prefix_token_id=3), TransformerLM(ours.model, normalized)]
+    assert [lm.line_split for lm in lms] == [True, True, False]
+    for lm in lms:
+        for context in contexts:
+            stripped = context.rstrip()
+            ctx = lm.encode(stripped)
+            expected = [(ctx, lm.encode(stripped + context[len(stripped) :] + c)[len(ctx) :]) for c in continuations]
+            assert lm.encode_request(context, continuations) == expected, context
+
+
+@torch.no_grad()
+def textbook_greedy(lm: TransformerLM, context: str, max_new_tokens: int) -> list[int]:
+    """Greedy decoding the textbook way: the whole sequence through the model for every token."""
+    ids = lm.encode(context)[-(lm.max_length - max_new_tokens) :]
+    new = []
+    for _ in range(max_new_tokens):
+        token = int(lm.model(torch.tensor([ids + new]))[0][0, -1].argmax())
+        if token == lm.eos_token_id:
+            break
+        new.append(token)
+    return new
+
+
+@pytest.mark.parametrize("batch_tokens", [8192, 600])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(lively, batch_tokens):
+    """Prompts of many lengths (some longer than the context, so left-truncated) padded into
+    batches: every prompt gets the tokens it gets alone, with and without the key/value cache."""
+    lm = TransformerLM(lively.model, lively.tokenizer, batch_tokens=batch_tokens)  # 600: several batches
+    records = [r for r in load_records() if r["split"] != "train"][::11]
+    prompts = [doc_to_text(r) for r in records] + ["Question: Is it?\nAnswer:", "Hi"]
+    assert len({len(lm.encode(p)) for p in prompts}) > 5 and max(len(lm.encode(p)) for p in prompts) > lm.max_length
+    alone = [textbook_greedy(lm, p, 12) for p in prompts]
+    assert len({tuple(new) for new in alone}) == len(prompts) and all(len(set(new)) > 4 for new in alone)
+    assert lm.greedy(prompts, 12) == alone == [lm.greedy([p], 12)[0] for p in prompts]
+    # EOS ends a row (it is left out) while the others go on: make a token that a row first
+    # generates 4th or later the EOS.
+    row, eos = next((r, new[k]) for r, new in enumerate(alone) for k in range(3, len(new)) if new[k] not in new[:k])
+    stopping = TransformerLM(lm.model, lm.tokenizer, eos_token_id=eos, batch_tokens=batch_tokens)
+    expected = [new[: new.index(eos)] if eos in new else new for new in alone]
+    assert stopping.greedy(prompts, 12) == expected and 3 <= len(expected[row]) < 12
+    # A stop string ends a row after the token that completes it; generate_many cuts the text before it.
+    stop = lm.decode(alone[1][:5])[-2:]
+    texts = lm.generate_many(prompts, 12, until=(stop,))
+    assert texts == [lm.generate(p, 12, until=(stop,)) for p in prompts] and stop not in "".join(texts)
+    assert texts[1] == lm.decode(alone[1]).split(stop)[0]
 
 
 def test_encode_pair_moves_trailing_spaces_and_uses_the_prefix_for_an_empty_context(ours):

@@ -21,7 +21,7 @@ from tasks.evaluate.contamination import NGRAM, clean_score, contamination
 from tasks.evaluate.generation import generation, normalize_answer, token_f1
 from tasks.evaluate.kinds import Kind
 from tasks.evaluate.language_modelling import newer_abstracts, shard_documents, shards_perplexity, text_bits_per_byte
-from tasks.evaluate.multiple_choice import BENCHMARKS, Benchmark, benchmark_records, multiple_choice, multiple_choice_suite
+from tasks.evaluate.multiple_choice import BENCHMARKS, Benchmark, benchmark_records, multiple_choice, multiple_choice_styles, multiple_choice_suite
 from tasks.evaluate.report import REPORT_FILE, comparison_rows, evaluation_rows, render_markdown, rows_markdown
 from tasks.evaluate.results import KINDS, RESULTS_FILE, headline_metric, kind_of, score_subset
 from tasks.evaluate.stage import EVALUATE, EvaluationConfig, evaluate_model, load_lm
@@ -31,6 +31,6 @@ __all__ = [
     "BENCHMARKS", "BOOTSTRAP_RESAMPLES", "EVALUATE", "KINDS", "NGRAM", "REPORT_FILE", "RESULTS_FILE", "Benchmark", "EvaluationConfig",
     "Kind", "benchmark_records", "bootstrap_interval", "clean_score", "comparison_rows", "contamination", "evaluate_model",
     "evaluation_rows", "format_value", "generation", "headline_metric", "kind_of", "load_lm", "mean", "multiple_choice",
-    "multiple_choice_suite", "newer_abstracts", "normalize_answer", "proportion", "ratio", "render_markdown", "rows_markdown",
+    "multiple_choice_styles", "multiple_choice_suite", "newer_abstracts", "normalize_answer", "proportion", "ratio", "render_markdown", "rows_markdown",
     "score_subset", "shard_documents", "shards_perplexity", "text_bits_per_byte", "token_f1", "wilson_interval",
 ]

@@ -52,42 +52,52 @@ def benchmark_records(records: Iterable[dict], name: str) -> tuple[list[dict], l
 
 def multiple_choice(lm: CausalLM, records: Sequence[dict], benchmark: str, style: str, num_fewshot: int = 0) -> dict:
     """Accuracy on one benchmark by log-likelihood of each choice, as the harness scores it."""
+    return multiple_choice_styles(lm, records, benchmark, (style,), num_fewshot)[style]
+
+
+def multiple_choice_styles(lm: CausalLM, records: Sequence[dict], benchmark: str, styles: Sequence[str], num_fewshot: int = 0) -> dict[str, dict]:
+    """``multiple_choice`` in each of several styles, scored in one call: a prompt the styles share
+    (zero-shot, letters and cloze ask the same question) is read once for all their choices."""
     items, pool = benchmark_records(records, benchmark)
     spec = BENCHMARKS[benchmark]
     if not items:
         raise ValueError(f"no {spec.source} records of split {spec.split!r} with options among the {len(records)} given")
-    if style not in spec.styles:
-        raise ValueError(f"{benchmark} is scored in styles {spec.styles}, not {style!r}")
-    requests, shots_from = [], Counter()
-    for record in items:
-        shots, source = select_shots(record, pool, num_fewshot)
-        shots_from[source] += 1
-        requests.append((fewshot_context(record, shots, style), [TARGET_DELIMITER + c for c in choices(record, style)]))
+    if unknown := [s for s in styles if s not in spec.styles]:
+        raise ValueError(f"{benchmark} is scored in styles {spec.styles}, not {unknown[0]!r}")
+    shots = [select_shots(record, pool, num_fewshot) for record in items]
+    requests = [
+        (fewshot_context(record, chosen, style), [TARGET_DELIMITER + c for c in choices(record, style)])
+        for style in styles
+        for record, (chosen, _) in zip(items, shots)
+    ]
     scores = lm.loglikelihoods(requests)
-    per_item = []
-    for record, item_scores in zip(items, scores):
-        logprobs = np.array([s[0] for s in item_scores])
-        chars = np.array([len(c) for c in choices(record, style)], dtype=float)
-        per_item.append({
-            "id": record["id"],
-            "gold": gold_index(record),
-            "pred": int(np.argmax(logprobs)),  # np.argmax: the first of tied options, as the harness
-            "pred_norm": int(np.argmax(logprobs / chars)),
-            "logprobs": logprobs.tolist(),
-            "is_greedy": [s[1] for s in item_scores],
-            "n_options": len(record["options"]),
-        })
-    result = {
-        "kind": MULTIPLE_CHOICE.name,
-        "name": benchmark,
-        "split": spec.split,
-        "style": style,
-        "num_fewshot": num_fewshot,
-        "shots_from": dict(shots_from),
-        "baseline_rule": _baseline_rule(spec, items, pool),
-        "per_item": per_item,
-    }
-    return result | MULTIPLE_CHOICE.summarise(result)
+    results = {}
+    for n, style in enumerate(styles):
+        per_item = []
+        for record, item_scores in zip(items, scores[n * len(items) : (n + 1) * len(items)]):
+            logprobs = np.array([s[0] for s in item_scores])
+            chars = np.array([len(c) for c in choices(record, style)], dtype=float)
+            per_item.append({
+                "id": record["id"],
+                "gold": gold_index(record),
+                "pred": int(np.argmax(logprobs)),  # np.argmax: the first of tied options, as the harness
+                "pred_norm": int(np.argmax(logprobs / chars)),
+                "logprobs": logprobs.tolist(),
+                "is_greedy": [s[1] for s in item_scores],
+                "n_options": len(record["options"]),
+            })
+        result = {
+            "kind": MULTIPLE_CHOICE.name,
+            "name": benchmark,
+            "split": spec.split,
+            "style": style,
+            "num_fewshot": num_fewshot,
+            "shots_from": dict(Counter(source for _, source in shots)),
+            "baseline_rule": _baseline_rule(spec, items, pool),
+            "per_item": per_item,
+        }
+        results[style] = result | MULTIPLE_CHOICE.summarise(result)
+    return results
 
 
 def _baseline_rule(spec: Benchmark, items: list[dict], pool: list[dict]) -> dict:
@@ -104,7 +114,8 @@ def multiple_choice_suite(lm: CausalLM, records: Sequence[dict], shots: Sequence
     results = []
     for name, spec in BENCHMARKS.items():
         if benchmark_records(records, name)[0]:
-            results += [multiple_choice(lm, records, name, style, k) for style in spec.styles for k in shots]
+            by_shots = {k: multiple_choice_styles(lm, records, name, spec.styles, k) for k in shots}
+            results += [by_shots[k][style] for style in spec.styles for k in shots]
     return results
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
@@ -19,7 +19,7 @@ from storage.progress import Progress
 from tasks.evaluate.contamination import clean_score, contamination
 from tasks.evaluate.generation import generation
 from tasks.evaluate.language_modelling import newer_abstracts, shards_perplexity, text_bits_per_byte
-from tasks.evaluate.multiple_choice import BENCHMARKS, benchmark_records, multiple_choice
+from tasks.evaluate.multiple_choice import BENCHMARKS, benchmark_records, multiple_choice_styles
 from tasks.evaluate.report import REPORT_FILE, evaluation_rows, render_markdown
 from tasks.evaluate.results import RESULTS_FILE, headline_metric, kind_of
 from tasks.evaluate.statistics import format_value
@@ -76,17 +76,19 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
     corpus, shards, newer = inputs.get("corpus"), inputs.get("shards"), inputs.get("newer")
     overlaps = contamination(records, corpus.path) if corpus is not None else None
 
-    def scored(name: str, chosen: list[dict], style: str, k: int) -> dict:
-        result = multiple_choice(lm, chosen, name, style, k)
+    @cache
+    def scored(name: str, k: int) -> dict[str, dict]:
+        """Every style of a benchmark at k shots, scored together (they share zero-shot prompts)."""
+        results = multiple_choice_styles(lm, _first(records, name, config.max_items), name, BENCHMARKS[name].styles, k)
         if overlaps is not None:
-            result["contamination"] = clean_score(result, overlaps)
-        return result
+            for result in results.values():
+                result["contamination"] = clean_score(result, overlaps)
+        return results
 
     plan: list[tuple[str, Callable[[], dict | None]]] = []  # (what is measured, how), in report order
     for name in config.benchmarks:
         if benchmark_records(records, name)[0]:
-            chosen = _first(records, name, config.max_items)
-            plan += [(f"{name} {style} {k}-shot", partial(scored, name, chosen, style, k)) for style in BENCHMARKS[name].styles for k in config.shots]
+            plan += [(f"{name} {style} {k}-shot", lambda name=name, style=style, k=k: scored(name, k)[style]) for style in BENCHMARKS[name].styles for k in config.shots]
     if shards is not None:
         plan.append(("test split", lambda: shards_perplexity(lm, shards.path, "test", config.perplexity_documents, name=f"test split of {shards.ref}")))
     if newer is not None and corpus is not None:
