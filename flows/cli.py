@@ -362,7 +362,7 @@ def _chat(argv: list[str]) -> None:
 
     add_chat_options(parser)
     args = parser.parse_args(argv)
-    chat_from(_model_folder(args.model, args), args)
+    chat_from(_chat_folder(args.model, args), args)
 
 
 def _push_release(argv: list[str]) -> None:
@@ -380,15 +380,22 @@ def _push_release(argv: list[str]) -> None:
 
 
 def _model_folder(model: str, args) -> Path:
-    """A folder given as a path, or an artifact's folder given as its ref (fetched from the remote if
-    need be), checked to hold a model with a chat template before anything loads it."""
-    folder = Path(model)
-    if not folder.is_dir() and "/" in model and not model.startswith((".", "/")):
+    """A folder given as a path, or an artifact's folder given as its ref (fetched from the remote if need be)."""
+    return _open_store(args).require(model).path if _names_an_artifact(model) else Path(model)
+
+
+def _names_an_artifact(model: str) -> bool:
+    return not Path(model).is_dir() and "/" in model and not model.startswith((".", "/"))
+
+
+def _chat_folder(model: str, args) -> Path:
+    """``_model_folder``, checked to hold a model with a chat template before anything loads it."""
+    if _names_an_artifact(model):
         artifact = _open_store(args).require(model)
         if artifact.kind not in ("finetune", "dpo", "hf_model"):
             raise UsageError(f"{artifact.ref} is a {artifact.kind}, not a model to chat with: give a finetune or dpo ref (medlm ls finetune)")
         folder = artifact.path
-    if not folder.is_dir():
+    elif not (folder := Path(model)).is_dir():
         raise UsageError(f"{model}: no such folder or artifact; give a finetune or dpo ref (medlm ls finetune) or a model folder")
     if not (folder / "config.json").is_file() or "chat_template" not in _json_or_empty(folder / "tokenizer_config.json"):
         raise UsageError(f"{model}: not a model folder with a chat template (config.json, and tokenizer_config.json's chat_template); "

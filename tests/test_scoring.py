@@ -161,8 +161,9 @@ def lively(request, ours) -> TransformerLM:
 @pytest.mark.parametrize("batch_tokens", [8192, 300])
 def test_batched_scoring_equals_one_option_at_a_time(lively, batch_tokens):
     """Every option of many items in few forward passes (each item's context once, its options
-    after it) against one full forward pass per option, alone: within 1e-5, or 2 float32 steps
-    of a sum whose magnitude passes 64 (where one step is 7.6e-6)."""
+    after it) against one full forward pass per option, alone: within 1e-5, or 1e-6 relative for a
+    sum past 64 (8 float32 steps: the two ways multiply in other orders, so each token's
+    log-probability rounds apart, and the sum adds those roundings; 3 steps seen at -166)."""
     lm = TransformerLM(lively.model, lively.tokenizer, batch_tokens=batch_tokens)  # 300: many small batches
     records = [r for r in load_records() if r["split"] != "train"][::9]
     requests = [(doc_to_text(r), [" " + o for o in r["options"]] + [" " + o[0] for o in r["options"][:2]]) for r in records]
@@ -170,7 +171,7 @@ def test_batched_scoring_equals_one_option_at_a_time(lively, batch_tokens):
     requests.append(("", [" yes", " no at all"]))
     for (context, continuations), scores in zip(requests, lm.loglikelihoods(requests)):
         expected = [naive_loglikelihood(lm, context, c) for c in continuations]
-        assert [s[0] for s in scores] == pytest.approx([e[0] for e in expected], abs=1e-5, rel=2.4e-7)
+        assert [s[0] for s in scores] == pytest.approx([e[0] for e in expected], abs=1e-5, rel=1e-6)
         assert [s[1] for s in scores] == [e[1] for e in expected]
 
 
