@@ -288,6 +288,34 @@ def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_
         if signal_sent == signal.SIGTERM:
             assert rest.strip().splitlines()[-1] == "error: stopped by SIGTERM", rest[-2000:]
 
+    # Two qa runs, the killed ingest (marked by the next command: it could not say so itself), the stopped one.
+    assert _flow_run_states(tmp_path, env) == ["COMPLETED", "COMPLETED", "CRASHED", "CRASHED"]
+
+
+def test_a_training_stopped_by_sigterm_ends_with_its_flow_run_crashed(session_store, tiny_checkpoint, tmp_path):
+    """Training runs on in a task's thread, which Prefect waits for while the command unwinds: the
+    command marks its run Crashed and exits 143 within its grace, not when training ends."""
+    from conftest import TINY
+    from flows.cli import STOP_GRACE_S
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
+    shards = next(ref for ref in tiny_checkpoint.parents if ref.startswith("shards/"))
+    log = tmp_path / "retrain.log"
+    with open(log, "w") as err:
+        run = subprocess.Popen([str(MEDLM), "retrain", "--shards-ref", shards, "--preset", "tiny", "--model", json.dumps(TINY), "--optim.max-steps", "1000000",
+                                "--optim.batch-size", "2", "--run.eval-every", "1000000", "--run.checkpoint-every", "1000000"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    while "training: " not in log.read_text():  # under way: its steps run in a thread of the flow
+        assert run.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=STOP_GRACE_S + 45) == 143, log.read_text()[-2000:]
+    assert log.read_text().strip().splitlines()[-1] == "error: stopped by SIGTERM"
+    assert _flow_run_states(tmp_path, env) == ["CRASHED"]
+
+
+def _flow_run_states(cwd: Path, env: dict) -> list[str]:
+    """The states of the flow runs on ``cwd``'s home, oldest first, as the next command there sees them."""
     script = (
         "import asyncio\n"
         "from flows.settings import apply_prefect_defaults, temporary_server\n"
@@ -300,10 +328,10 @@ def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_
         "with temporary_server():\n"
         "    asyncio.run(main())\n"
     )
-    state = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
+    state = subprocess.run([sys.executable, "-c", script], cwd=cwd, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
                            capture_output=True, text=True, timeout=120)
-    # Two qa runs, the killed ingest (marked by the next command: it could not say so itself), the stopped one.
-    assert state.stdout.split() == ["COMPLETED", "COMPLETED", "CRASHED", "CRASHED"], state.stderr[-2000:]
+    assert state.returncode == 0, state.stderr[-2000:]
+    return state.stdout.split()
 
 
 @pytest.mark.usefixtures("prefect_server")
