@@ -232,7 +232,10 @@ def _run_flow(command: str, argv: list[str]):
     """Every option and configuration value is checked (types, bounds, the data paths a run may
     read) before a Prefect server starts: a wrong value costs the imports, not a server start."""
     flow = _load_flow(command)
-    kwargs = flow_arguments(flow, _flow_parser(command, flow).parse_args(argv))
+    args = _flow_parser(command, flow).parse_args(argv)
+    kwargs = flow_arguments(flow, args)
+    if before_start := getattr(sys.modules[flow.fn.__module__], "before_start", None):  # checks of a flow that need the store or the machine
+        before_start(kwargs, read_run_config(args.config) if args.config else {}, args.config)
     _watch_for_sigterm()
     with temporary_server():
         crash_orphaned_runs()

@@ -41,7 +41,7 @@ from flows.stage import read_result
 from flows.tokenizing import clean
 from model.dpo import DPOConfig
 from model.finetune import FinetuneConfig
-from model.train import ModelShape, OptimConfig, RunConfig
+from model.train import ModelShape, OptimConfig, RunConfig, TrainConfig, require_training_fits
 from storage import Store
 from storage.config import config_dataclass
 from tasks.corpus import CorpusConfig
@@ -93,8 +93,7 @@ def pipeline(
     """Ingest, tokenize, pretrain, fine-tune and preference-tune through the curriculum (if it names sources), evaluate and
     release; returns the refs of the evaluations (the pretrained model's, then the model's after
     each source), then the release's."""
-    if both := set(held_out.held_out_folders) & set(source.folders):
-        raise ValueError(f"held_out.held_out_folders {sorted(both)} are also in source.folders: the corpus would hold what is held out; remove them from one")
+    check_held_out(source, held_out)
     converted = convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = step("ingest", source=source, corpus=corpus, parse=parse)
     shards_ref = step("tokenize", tokenizer=tokenizer, shards=shards, hygiene=hygiene, qa=qa, corpus_ref=corpus_ref)
@@ -110,6 +109,21 @@ def pipeline(
     else:
         evaluations = [evaluate.fn(evaluation=evaluation, qa=qa, model_ref=checkpoint_ref, held_out_ref=held_out_ref)]
     return [*evaluations, step("release", release=release, evaluation_ref=evaluations[-1])]
+
+
+def before_start(kwargs: dict, tables: dict[str, dict], config: str | None) -> None:
+    """What `medlm pipeline` refuses before a Prefect server starts: a hold-out the corpus would
+    hold, a batch that does not divide the step, and a pretraining that cannot fit in this
+    machine's memory (estimated at the vocabulary the tokenizer table builds)."""
+    check_held_out(kwargs.get("source", SourceConfig()), kwargs.get("held_out", HeldOut()))
+    require_training_fits(TrainConfig(kwargs.get("shape", ModelShape()), kwargs.get("optim", OptimConfig()), kwargs.get("run", RunConfig())),
+                          kwargs.get("tokenizer", TokenizerConfig()).vocab_size)
+
+
+def check_held_out(source: SourceConfig, held_out: HeldOut) -> None:
+    """A one-line error when the corpus's folders include a held-out one."""
+    if both := set(held_out.held_out_folders) & set(source.folders):
+        raise ValueError(f"held_out.held_out_folders {sorted(both)} are also in source.folders: the corpus would hold what is held out; remove them from one")
 
 
 def step(command: str, **parameters) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -312,6 +313,23 @@ def test_a_training_stopped_by_sigterm_ends_with_its_flow_run_crashed(session_st
     assert run.wait(timeout=STOP_GRACE_S + 45) == 143, log.read_text()[-2000:]
     assert log.read_text().strip().splitlines()[-1] == "error: stopped by SIGTERM"
     assert _flow_run_states(tmp_path, env) == ["CRASHED"]
+
+
+def test_retrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
+    """`retrain --config full` on a store whose newest shards are another tokenizer's; then on
+    those shards named, at a batch no machine holds: one line each, and no server started."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
+    shards = session_store.newest("shards")
+    for args, expected in (
+        ([], rf"error: the newest shards, {shards.ref}, have a 1,000-token vocabulary and full's \[tokenizer\] 32,000: "
+             r"build its shards first \(`medlm tokenize --config full`\), or give --shards-ref shards/KEY"),
+        (["--shards-ref", shards.ref, "--optim.batch-size", "256"],
+         r"error: training 86M parameters at batch_size 256 x 2048 tokens needs about [0-9.]+ GB \(.*\) and cpu has [0-9.]+ GB \(MemAvailable\); lower batch_size .*"),
+    ):
+        run = subprocess.run([str(MEDLM), "retrain", "--config", "full", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
+        assert re.fullmatch(expected, run.stderr.strip()), run.stderr
+    assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # refused before a server started
 
 
 def _flow_run_states(cwd: Path, env: dict) -> list[str]:
