@@ -13,6 +13,7 @@ MEDLM_DEBUG=1) shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ def _terminate(signum, frame) -> None:
 
 
 _sigterm_watch: tuple[socket.socket, socket.socket] | None = None
+# The running flow command's context: Prefect's settings (which server, its credentials) live in
+# context variables, which a thread does not inherit; without them a client starts a server of its own.
+_command_context: contextvars.Context | None = None
 
 
 def _watch_for_sigterm() -> None:
@@ -81,7 +85,8 @@ def _stop_after_grace(signals: socket.socket) -> None:
         return
     time.sleep(STOP_GRACE_S)
     try:
-        settle_leases(f"the medlm command running it was stopped by SIGTERM and had not ended the run {STOP_GRACE_S} s later")
+        if _command_context is not None:  # else no flow run has started
+            _command_context.run(settle_leases, f"the medlm command running it was stopped by SIGTERM and had not ended the run {STOP_GRACE_S} s later")
     finally:  # with the server gone too, the next command marks them (crash_orphaned_runs)
         print(STOPPED, file=sys.stderr, flush=True)
         os._exit(143)
@@ -237,7 +242,9 @@ def _run_flow(command: str, argv: list[str]):
     if before_start := getattr(sys.modules[flow.fn.__module__], "before_start", None):  # checks of a flow that need the store or the machine
         before_start(kwargs, read_run_config(args.config) if args.config else {}, args.config)
     _watch_for_sigterm()
+    global _command_context
     with temporary_server():
+        _command_context = contextvars.copy_context()
         crash_orphaned_runs()
         try:
             result = leased(flow)(**kwargs)

@@ -312,7 +312,17 @@ def test_a_training_stopped_by_sigterm_ends_with_its_flow_run_crashed(session_st
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=STOP_GRACE_S + 45) == 143, log.read_text()[-2000:]
     assert log.read_text().strip().splitlines()[-1] == "error: stopped by SIGTERM"
+    home = f"PREFECT_HOME={tmp_path / '.medlm' / 'prefect'}".encode()
+    assert _gone([int(e.parent.name) for e in Path("/proc").glob("[0-9]*/environ") if _reads(e) and home in _reads(e).split(b"\0")]), "a Prefect server outlived the command"
     assert _flow_run_states(tmp_path, env) == ["CRASHED"]
+
+
+def _reads(path: Path) -> bytes:
+    """A /proc file's bytes, or none for a process that ended or is not ours to read."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def test_retrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
