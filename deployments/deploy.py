@@ -6,7 +6,7 @@ PREFECT_API_URL points at.
 
 Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
 (cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, `evaluate/evaluate`,
-`pipeline/pipeline`, `join/join` (a multi-node run's other machines) and `store-gc/nightly-gc`
+`release/release`, `pipeline/pipeline`, `join/join` (a multi-node run's other machines) and `store-gc/nightly-gc`
 (its schedule registered off), to run from the UI or `prefect deployment run`.
 A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
 mirror as the nightly source: that file is the place for changes you want to keep.
@@ -155,6 +155,7 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
             continue
         configs, _ = flow_parameters(flow)
         parameters = {name: tables[name] for name in configs if name in tables}
+        changed = changed_defaults(flow, configs, parameters)
         if d.cron == NIGHTLY_CRON:  # once the baseline is in, a night lists and fetches only the new update files
             parameters["source"] = {"new_files_only": True, **parameters.get("source", {})}
         schedule = cron if d.cron == NIGHTLY_CRON else d.cron
@@ -165,9 +166,19 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
                 description=d.description, print_next_steps=False,
             )
         asyncio.run(_stamp(deployment_id))
-        report.append(f"deployed {full_name}")
+        report.append(f"deployed {full_name}" + (f" with defaults changed: {', '.join(changed)}" if changed else ""))
     asyncio.run(_follow_ups(retrain_after_ingest))
     return report
+
+
+def changed_defaults(flow, configs: dict[str, type], parameters: dict[str, dict]) -> list[str]:
+    """The parameters whose run-configuration tables differ from the flow's own defaults."""
+    import inspect
+
+    from storage.config import make_config
+
+    defaults = inspect.signature(flow.fn).parameters
+    return [name for name, values in parameters.items() if make_config(configs[name], values, where=name) != defaults[name].default]
 
 
 def main() -> None:
@@ -185,14 +196,19 @@ def main() -> None:
 
 def summary(report: list[str], run_config: str | None, cron: str) -> list[str]:
     """What `make up` registered, one line per deployment: where it runs, when, where its defaults
-    come from, and whether it was registered now or kept as changed in the UI."""
-    defaults = Path(run_config).name if run_config else "the code"
+    come from (the run configuration where it changed any), and whether it was registered now, with
+    which defaults changed, or kept as changed in the UI."""
     lines = [f"{'deployment':<24} {'pool':<4}  {'schedule':<22} {'defaults from':<16} status"]
     for d, line in zip(DEPLOYMENTS, report):
-        name, kept = line.split()[1], line.startswith("kept")
+        name, kept, changed = line.split()[1], line.startswith("kept"), line.partition(" with defaults changed: ")[2]
         when = "-" if not d.cron else f"{cron if d.cron == NIGHTLY_CRON else d.cron} UTC ({'on' if d.schedule_on else 'off'})"
-        status = "kept as changed in the UI (--reset registers it again)" if kept else "registered"
-        lines.append(f"{name:<24} {d.pool:<4}  {when:<22} {'the UI' if kept else defaults:<16} {status}")
+        if kept:
+            defaults, status = "the UI", "kept as changed in the UI (--reset registers it again)"
+        elif changed:
+            defaults, status = Path(run_config).name, f"registered, {changed} changed"
+        else:
+            defaults, status = "the code", "registered"
+        lines.append(f"{name:<24} {d.pool:<4}  {when:<22} {defaults:<16} {status}")
     if not run_config:
         lines.append("No CONFIG: the forms' defaults are the code's (NCBI's PubMed, which needs the internet; a 32k vocabulary). "
                      "`make up CONFIG=demo` gives the bundled sample's.")

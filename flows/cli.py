@@ -13,16 +13,19 @@ MEDLM_DEBUG=1) shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
 
-from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, release_leases, send_prefect_backlog, temporary_server
+from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
 from flows.registry import COMMANDS
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
 from storage.store import release_holds
@@ -48,8 +51,45 @@ class Terminated(BaseException):
     Running; the temporary server stops), then exits at once with 143, whatever threads still run."""
 
 
+STOPPED = "error: stopped by SIGTERM"
+STOP_GRACE_S = 15  # what unwinding may take after SIGTERM (Slurm waits 30 s before SIGKILL)
+
+
 def _terminate(signum, frame) -> None:
     raise Terminated()
+
+
+_sigterm_watch: tuple[socket.socket, socket.socket] | None = None
+# The running flow command's context: Prefect's settings (which server, its credentials) live in
+# context variables, which a thread does not inherit; without them a client starts a server of its own.
+_command_context: contextvars.Context | None = None
+
+
+def _watch_for_sigterm() -> None:
+    """Unwinding after SIGTERM can stall: during a flow run Prefect's handler takes the signal, and
+    its engine then waits for the task threads, where training runs on. A thread of ours sees every
+    signal through the wakeup fd, whichever handler runs, and ``STOP_GRACE_S`` after a SIGTERM
+    marks this command's unfinished runs Crashed and exits 143 (its children die with it)."""
+    global _sigterm_watch
+    if _sigterm_watch is None:
+        _sigterm_watch = socket.socketpair()
+        _sigterm_watch[1].setblocking(False)
+        signal.set_wakeup_fd(_sigterm_watch[1].fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=_stop_after_grace, args=(_sigterm_watch[0],), name="sigterm-watch", daemon=True).start()
+
+
+def _stop_after_grace(signals: socket.socket) -> None:
+    while (received := signals.recv(1)) and received[0] != signal.SIGTERM:
+        pass
+    if not received:
+        return
+    time.sleep(STOP_GRACE_S)
+    try:
+        if _command_context is not None:  # else no flow run has started
+            _command_context.run(settle_leases, f"the medlm command running it was stopped by SIGTERM and had not ended the run {STOP_GRACE_S} s later")
+    finally:  # with the server gone too, the next command marks them (crash_orphaned_runs)
+        print(STOPPED, file=sys.stderr, flush=True)
+        os._exit(143)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Terminated:
-        print("error: stopped by SIGTERM", file=sys.stderr, flush=True)
+        print(STOPPED, file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(143)  # a task's thread may still wait on a child (which the parent-death signal ends)
     except Exception as error:
@@ -197,13 +237,19 @@ def _run_flow(command: str, argv: list[str]):
     """Every option and configuration value is checked (types, bounds, the data paths a run may
     read) before a Prefect server starts: a wrong value costs the imports, not a server start."""
     flow = _load_flow(command)
-    kwargs = flow_arguments(flow, _flow_parser(command, flow).parse_args(argv))
+    args = _flow_parser(command, flow).parse_args(argv)
+    kwargs = flow_arguments(flow, args)
+    if before_start := getattr(sys.modules[flow.fn.__module__], "before_start", None):  # checks of a flow that need the store or the machine
+        before_start(kwargs, read_run_config(args.config) if args.config else {}, args.config)
+    _watch_for_sigterm()
+    global _command_context
     with temporary_server():
+        _command_context = contextvars.copy_context()
         crash_orphaned_runs()
         try:
             result = leased(flow)(**kwargs)
         finally:
-            release_leases()
+            settle_leases("the medlm command running it stopped before the run ended (SIGTERM or Ctrl-C)")
             release_holds()
             send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from flows.evaluate import lineage_inputs, model_artifact
+from flows.evaluate import HELD_OUT_HELP, held_out_snapshot, lineage_inputs, model_artifact
 from flows.qa import convert
 from flows.stage import publish_lineage, run_stage
 from model.dpo import DPOConfig
@@ -112,12 +112,14 @@ def finetune(
     trainset: TrainsetConfig = TrainsetConfig(),
     base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain, finetune or dpo checkpoint; not used with hf_base).")] = None,
     hf_base: Annotated[DataPath | None, Field(description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint: taken into the store as an hf_model artifact.")] = None,
+    held_out_ref: Annotated[str | None, Field(description=HELD_OUT_HELP)] = None,
 ) -> list[str]:
     """Fine-tune through the curriculum's sources, then preference-tune, evaluating the base and the
     model after each stage; returns the evaluations' refs, base first (each names the model it evaluated)."""
     if not curriculum.sources and not curriculum.preference_sources:
         raise ValueError("curriculum.sources is empty: name the QA sources to fine-tune on, in order, e.g. --sources pubmedqa medmcqa medqa")
     store = Store()
+    held_out = held_out_snapshot(store, held_out_ref)
     converted = convert(qa)
     everything = list(converted.values())
     model = model_artifact(store, base_ref, hf_base, "--hf-base")
@@ -130,17 +132,17 @@ def finetune(
 
     evaluations = []
     if curriculum.evaluate_base:
-        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label="base"))
+        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model, held_out)}, evaluation, label="base"))
     config = FinetuneRun(finetune, finetune_optim, finetune_run)
     for i, source in enumerate(curriculum.sources, 1):
         model = run_stage(FINETUNE, {"base": model, "data": [data[source]]}, config, label=f"{i}/{len(curriculum.sources)} {source}")
         log.info("fine-tuned on %s (%d of %d): %s, final loss %s", source, i, len(curriculum.sources), model.ref, model.summary.get("final_loss"))
-        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after {source}"))
+        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model, held_out)}, evaluation, label=f"after {source}"))
     if preference_data:
         names = " + ".join(curriculum.preference_sources)
         model = run_stage(DPO, {"base": model, "data": preference_data, "held_out": everything}, DPORun(finetune, dpo, dpo_optim, finetune_run), label=f"DPO on {names}")
         log.info("preference-tuned on %s: %s, reward accuracy %s", names, model.ref, model.summary.get("val_reward_accuracy"))
-        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model)}, evaluation, label=f"after DPO on {names}"))
+        evaluations.append(run_stage(EVALUATE, {"model": model, "qa": everything, **lineage_inputs(store, model, held_out)}, evaluation, label=f"after DPO on {names}"))
 
     refs = [e.ref for e in evaluations]
     rows = comparison(store, refs)

@@ -3,6 +3,10 @@ sources, each cleaned first by the trainset stage, then preference tuning, the m
 the curriculum names any sources) or evaluate ->
 release (the last model evaluated, packaged with its card).
 
+With ``held_out.held_out_folders``, a second snapshot (the corpus's files and those folders', cleaned
+like the corpus) is built after the corpus, and every evaluation measures its new abstracts: a
+temporal hold-out named once, at this run's start, so what else the store holds changes no input.
+
 Each step is one of the flows the CLI and deployments run on their own, called here through
 ``.fn``: its tasks run in this one flow run, not in a subflow run per step (each flow run costs
 Prefect about a second of bookkeeping, which a cached rerun would notice). Run as a deployment,
@@ -18,11 +22,13 @@ and a changed parameter reruns its stage and what is downstream of it, nothing u
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 from pydantic_core import to_jsonable_python
 
 from flows.evaluate import evaluate
@@ -32,9 +38,12 @@ from flows.qa import convert
 from flows.registry import COMMANDS
 from flows.retrain import retrain
 from flows.stage import read_result
+from flows.tokenizing import clean
 from model.dpo import DPOConfig
 from model.finetune import FinetuneConfig
-from model.train import ModelShape, OptimConfig, RunConfig
+from model.train import ModelShape, OptimConfig, RunConfig, TrainConfig, require_training_fits
+from storage import Store
+from storage.config import config_dataclass
 from tasks.corpus import CorpusConfig
 from tasks.download import SourceConfig
 from tasks.evaluate import EvaluationConfig
@@ -45,6 +54,17 @@ from tasks.release import ReleaseConfig
 from tasks.shards import ShardsConfig
 from tasks.tokenizer import TokenizerConfig
 from tasks.trainset import TrainsetConfig
+
+
+@config_dataclass
+class HeldOut:
+    """PubMed folders kept out of the corpus for a temporal hold-out: after the corpus, a snapshot of
+    its files and theirs is built and cleaned like it, and every evaluation of the run measures
+    (bits per byte) its abstracts the corpus never had: the articles a model trained on it meets next."""
+
+    held_out_folders: tuple[Literal["baseline", "updatefiles"], ...] = Field(
+        (), description="Source folders the corpus leaves out (not in source.folders) whose new abstracts are held out, e.g. updatefiles. Empty: no temporal hold-out.",
+    )
 
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
@@ -68,20 +88,42 @@ def pipeline(
     dpo: DPOConfig = DPOConfig(),
     dpo_optim: OptimConfig = OptimConfig(),
     release: ReleaseConfig = ReleaseConfig(),
+    held_out: HeldOut = HeldOut(),
 ) -> list[str]:
     """Ingest, tokenize, pretrain, fine-tune and preference-tune through the curriculum (if it names sources), evaluate and
     release; returns the refs of the evaluations (the pretrained model's, then the model's after
     each source), then the release's."""
-    convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
+    check_held_out(source, held_out)
+    converted = convert(qa)  # the QA files are read first: a bad one fails in seconds, not after pretraining
     corpus_ref = step("ingest", source=source, corpus=corpus, parse=parse)
     shards_ref = step("tokenize", tokenizer=tokenizer, shards=shards, hygiene=hygiene, qa=qa, corpus_ref=corpus_ref)
+    held_out_ref = None
+    if held_out.held_out_folders:
+        store = Store()
+        later_ref = step("ingest", source=replace(source, folders=(*source.folders, *held_out.held_out_folders)), corpus=corpus, parse=parse)
+        held_out_ref = clean(store, store.require(later_ref), list(converted.values()), hygiene, report="hygiene-report-held-out").ref
     checkpoint_ref = retrain.fn(shape=shape, optim=optim, run=run, shards_ref=shards_ref)
     if curriculum.sources or curriculum.preference_sources:
         evaluations = finetune_flow.fn(finetune=finetune, finetune_optim=finetune_optim, finetune_run=finetune_run, curriculum=replace(curriculum, evaluate_base=True),
-                                       qa=qa, evaluation=evaluation, dpo=dpo, dpo_optim=dpo_optim, trainset=trainset, base_ref=checkpoint_ref)
+                                       qa=qa, evaluation=evaluation, dpo=dpo, dpo_optim=dpo_optim, trainset=trainset, base_ref=checkpoint_ref, held_out_ref=held_out_ref)
     else:
-        evaluations = [evaluate.fn(evaluation=evaluation, qa=qa, model_ref=checkpoint_ref)]
+        evaluations = [evaluate.fn(evaluation=evaluation, qa=qa, model_ref=checkpoint_ref, held_out_ref=held_out_ref)]
     return [*evaluations, step("release", release=release, evaluation_ref=evaluations[-1])]
+
+
+def before_start(kwargs: dict, tables: dict[str, dict], config: str | None) -> None:
+    """What `medlm pipeline` refuses before a Prefect server starts: a hold-out the corpus would
+    hold, a batch that does not divide the step, and a pretraining that cannot fit in this
+    machine's memory (estimated at the vocabulary the tokenizer table builds)."""
+    check_held_out(kwargs.get("source", SourceConfig()), kwargs.get("held_out", HeldOut()))
+    require_training_fits(TrainConfig(kwargs.get("shape", ModelShape()), kwargs.get("optim", OptimConfig()), kwargs.get("run", RunConfig())),
+                          kwargs.get("tokenizer", TokenizerConfig()).vocab_size)
+
+
+def check_held_out(source: SourceConfig, held_out: HeldOut) -> None:
+    """A one-line error when the corpus's folders include a held-out one."""
+    if both := set(held_out.held_out_folders) & set(source.folders):
+        raise ValueError(f"held_out.held_out_folders {sorted(both)} are also in source.folders: the corpus would hold what is held out; remove them from one")
 
 
 def step(command: str, **parameters) -> str:

@@ -8,9 +8,9 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows.stage import publish_lineage, run_stage
-from model.train import ModelShape, OptimConfig, RunConfig, TrainConfig
+from model.train import ModelShape, OptimConfig, RunConfig, TrainConfig, require_training_fits
 from storage import Store
-from tasks.pretrain import PRETRAIN, shards_tokenizer
+from tasks.pretrain import PRETRAIN, shards_tokenizer, shards_vocab
 
 
 @flow(name="retrain")
@@ -28,3 +28,17 @@ def retrain(
     get_run_logger().info("checkpoint %s: %s", checkpoint.ref, checkpoint.summary)
     publish_lineage(checkpoint.ref)
     return checkpoint.ref
+
+
+def before_start(kwargs: dict, tables: dict[str, dict], config: str | None) -> None:
+    """What `medlm retrain` refuses before a Prefect server starts: the newest shards when the run
+    configuration's tokenizer would have built others, a batch that does not divide the step, and
+    a training that cannot fit in this machine's memory (estimated on the shards it would train on)."""
+    store = Store()
+    shards = store.require(kwargs["shards_ref"]) if kwargs.get("shards_ref") else store.newest("shards")
+    vocab = shards_vocab(shards)
+    wanted = tables.get("tokenizer", {}).get("vocab_size")
+    if not kwargs.get("shards_ref") and wanted is not None and wanted != vocab:
+        raise ValueError(f"the newest shards, {shards.ref}, have a {vocab:,}-token vocabulary and {config}'s [tokenizer] {wanted:,}: "
+                         f"build its shards first (`medlm tokenize --config {config}`), or give --shards-ref shards/KEY")
+    require_training_fits(TrainConfig(kwargs.get("shape", ModelShape()), kwargs.get("optim", OptimConfig()), kwargs.get("run", RunConfig())), vocab)

@@ -164,37 +164,43 @@ def leased(flow):
     return flow.with_options(on_running=[note])
 
 
-def release_leases() -> None:
-    """This process's notes, once its flow runs have ended (as they have when the flow call returns)."""
-    for lease in _leases().glob("*.json"):
-        if json.loads(lease.read_text())["pid"] == os.getpid():
-            lease.unlink(missing_ok=True)
+def settle_leases(message: str) -> list[str]:
+    """Once this process's flow calls have returned or raised: mark Crashed, with ``message``,
+    those of its runs that are not final (a run Prefect could not end on the way out: SIGTERM
+    during training, say), and drop its notes; the ids marked."""
+    return _crash([lease for lease in _leases().glob("*.json") if json.loads(lease.read_text())["pid"] == os.getpid()], message)
 
 
 def crash_orphaned_runs() -> list[str]:
     """Mark Crashed the runs of this server that a command on this machine left Running when it was
     killed (its process is gone); their ids."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
-
     orphans = []
     for lease in _leases().glob("*.json"):
         note = json.loads(lease.read_text())
         if note["server"] == _server() and process_start_time(note["pid"]) != note["start_time"]:
             orphans.append(lease)
+    return _crash(orphans, "the medlm command running it ended without a word (killed by SIGKILL or the out-of-memory killer?)")
+
+
+def _crash(leases: list[Path], message: str) -> list[str]:
+    """Mark Crashed the flow runs of these notes that are not in a final state, and remove the notes; their ids."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    crashed = []
 
     async def crash() -> None:
         async with get_client() as client:
-            for lease in orphans:
+            for lease in leases:
                 run = await client.read_flow_run(lease.stem)
                 if run.state is not None and not run.state.is_final():
-                    message = "the medlm command running it ended without a word (killed by SIGKILL or the out-of-memory killer?)"
                     await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                    crashed.append(lease.stem)
 
-    if orphans:
+    if leases:
         asyncio.run(crash())
-        for lease in orphans:
+        for lease in leases:
             lease.unlink(missing_ok=True)
-    return [lease.stem for lease in orphans]
+    return crashed

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from flows.qa import convert
 from flows.stage import publish_lineage, publish_result, run_stage, submit
-from storage import Store
+from storage import Artifact, Store
 from tasks.hygiene import HYGIENE, REPORT_MD, HygieneConfig, previous_cleaning
 from tasks.qa import QASources
 from tasks.shards import SHARDS, ShardsConfig
@@ -43,12 +43,19 @@ def tokenize(
     evaluation = list(convert(qa).values()) if qa.configs() else []
     if not evaluation:
         log.warning("no QA data given: the corpus is cleaned of no evaluation item (give the benchmarks' data, e.g. --pubmedqa DIR)")
-    inputs = {"corpus": corpus, "qa": evaluation or None}
-    cleaned = run_stage(HYGIENE, inputs | {"previous": previous_cleaning(store, inputs, hygiene)}, hygiene)
-    create_markdown_artifact(key="hygiene-report", markdown=cleaned.file(REPORT_MD).read_text(), description=f"{cleaned.ref} {cleaned.label}")
-    log.info("hygiene %s: %s", cleaned.ref, cleaned.summary)
+    cleaned = clean(store, corpus, evaluation, hygiene)
     fitted = store.require(tokenizer_ref) if tokenizer_ref else submit(TOKENIZER, {"corpus": cleaned}, tokenizer)
     written = run_stage(SHARDS, {"corpus": cleaned, "tokenizer": fitted}, shards)
     log.info("shards %s: %s", written.ref, written.summary)
     publish_lineage(written.ref)
     return publish_result(written.ref)
+
+
+def clean(store: Store, corpus: Artifact, evaluation: list[Artifact], hygiene: HygieneConfig, report: str = "hygiene-report") -> Artifact:
+    """The hygiene stage's cleaning of a snapshot, of the ``evaluation`` QA data's items among the
+    rest, started from an earlier cleaning when one fits; its report the run's markdown artifact ``report``."""
+    inputs = {"corpus": corpus, "qa": evaluation or None}
+    cleaned = run_stage(HYGIENE, inputs | {"previous": previous_cleaning(store, inputs, hygiene)}, hygiene)
+    create_markdown_artifact(key=report, markdown=cleaned.file(REPORT_MD).read_text(), description=f"{cleaned.ref} {cleaned.label}")
+    get_run_logger().info("hygiene %s: %s", cleaned.ref, cleaned.summary)
+    return cleaned

@@ -333,20 +333,20 @@ def training_memory(model: ModelConfig, params: int, trainable: int, batch_size:
     }
 
 
-def available_memory(device: torch.device) -> tuple[int, str]:
+def available_memory(device: torch.device, processes: int | None = None) -> tuple[int, str]:
     """Bytes one process of this machine's training may use, and where the figure comes from: the
-    GPU's free memory, or MemAvailable shared by this machine's processes."""
+    GPU's free memory, or MemAvailable shared by this machine's ``processes`` (unset: torchrun's LOCAL_WORLD_SIZE)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return int(info["MemAvailable"].split()[0]) * 1024 // processes, "MemAvailable" + (f" / {processes} processes" if processes > 1 else "")
 
 
-def require_memory(model: ModelConfig, params: int, trainable: int, batch_size: int, context: int, rt: "Runtime") -> None:
+def require_memory(model: ModelConfig, params: int, trainable: int, batch_size: int, context: int, rt: "Runtime", processes: int | None = None) -> None:
     """A one-line error, before anything is allocated, when training as configured cannot fit."""
     needed = training_memory(model, params, trainable, batch_size, context, rt.autocast_dtype is not None)
-    have, where = available_memory(rt.device)
+    have, where = available_memory(rt.device, processes)
     if sum(needed.values()) > have:
         parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in needed.items())
         raise NotEnoughMemory(
@@ -354,6 +354,21 @@ def require_memory(model: ModelConfig, params: int, trainable: int, batch_size: 
             f"{sum(needed.values()) / 1e9:.1f} GB ({parts}) and {rt.device.type} has {have / 1e9:.1f} GB ({where}); "
             f"lower batch_size (tokens_per_step keeps the global batch by accumulating) or the context length, use a smaller preset, or train on a GPU"
         )
+
+
+def require_training_fits(config: TrainConfig, vocab_size: int) -> None:
+    """``train``'s checks of the batch and of memory, made before anything starts (no process
+    group, no shards read): the model the shape gives at ``vocab_size``, on the device, precision
+    and processes per machine the run configuration picks."""
+    shape, optim, run = config.shape, config.optim, config.run
+    model = ModelConfig.preset(shape.preset, **{**shape.model, "vocab_size": vocab_size})
+    context = shape.context_length or model.context_length
+    resolve_grad_accum(shape.tokens_per_step, optim.batch_size, context, run.devices * run.nodes)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(model).parameters())
+    cuda = torch.cuda.is_available() and run.device != "cpu"
+    rt = Runtime(0, 0, 1, torch.device("cuda:0" if cuda else "cpu"), torch.bfloat16 if cuda and run.dtype != "fp32" else None)
+    require_memory(model, params, params, optim.batch_size, context, rt, processes=run.devices)
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -566,7 +566,7 @@ class Store:
                 with _rehashed(self, trusted, work):
                     summary = build(work) or {}
             except BaseException:
-                if not resume and work.exists():  # nothing to resume from: leave no half-built folder behind
+                if work.exists() and (not resume or not any(work.iterdir())):  # nothing to resume from: leave no half-built folder behind
                     remove_tree(work)
                 raise
             for stale in [work / MANIFEST, *work.glob(f".{MANIFEST}*.tmp")]:  # from a build killed while writing them

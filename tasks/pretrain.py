@@ -30,6 +30,11 @@ def shards_tokenizer(shards: Artifact) -> str:
     return ref
 
 
+def shards_vocab(shards: Artifact) -> int:
+    """The vocabulary size the shards were encoded with, as their meta.json says."""
+    return json.loads(shards.file(META_FILE).read_text())["vocab_size"]
+
+
 def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     shards, tokenizer = inputs["shards"], inputs["tokenizer"]
     expected = json.loads(shards.file(META_FILE).read_text()).get("tokenizer", {}).get("sha256")

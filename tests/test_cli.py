@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,6 +289,61 @@ def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_
         if signal_sent == signal.SIGTERM:
             assert rest.strip().splitlines()[-1] == "error: stopped by SIGTERM", rest[-2000:]
 
+    # Two qa runs, the killed ingest (marked by the next command: it could not say so itself), the stopped one.
+    assert _flow_run_states(tmp_path, env) == ["COMPLETED", "COMPLETED", "CRASHED", "CRASHED"]
+
+
+def test_a_training_stopped_by_sigterm_ends_with_its_flow_run_crashed(session_store, tiny_checkpoint, tmp_path):
+    """Training runs on in a task's thread, which Prefect waits for while the command unwinds: the
+    command marks its run Crashed and exits 143 within its grace, not when training ends."""
+    from conftest import TINY
+    from flows.cli import STOP_GRACE_S
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
+    shards = next(ref for ref in tiny_checkpoint.parents if ref.startswith("shards/"))
+    log = tmp_path / "retrain.log"
+    with open(log, "w") as err:
+        run = subprocess.Popen([str(MEDLM), "retrain", "--shards-ref", shards, "--preset", "tiny", "--model", json.dumps(TINY), "--optim.max-steps", "1000000",
+                                "--optim.batch-size", "2", "--run.eval-every", "1000000", "--run.checkpoint-every", "1000000"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    while "training: " not in log.read_text():  # under way: its steps run in a thread of the flow
+        assert run.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=STOP_GRACE_S + 45) == 143, log.read_text()[-2000:]
+    assert log.read_text().strip().splitlines()[-1] == "error: stopped by SIGTERM"
+    home = f"PREFECT_HOME={tmp_path / '.medlm' / 'prefect'}".encode()
+    assert _gone([int(e.parent.name) for e in Path("/proc").glob("[0-9]*/environ") if _reads(e) and home in _reads(e).split(b"\0")]), "a Prefect server outlived the command"
+    assert _flow_run_states(tmp_path, env) == ["CRASHED"]
+
+
+def _reads(path: Path) -> bytes:
+    """A /proc file's bytes, or none for a process that ended or is not ours to read."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def test_retrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
+    """`retrain --config full` on a store whose newest shards are another tokenizer's; then on
+    those shards named, at a batch no machine holds: one line each, and no server started."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
+    shards = session_store.newest("shards")
+    for args, expected in (
+        ([], rf"error: the newest shards, {shards.ref}, have a 1,000-token vocabulary and full's \[tokenizer\] 32,000: "
+             r"build its shards first \(`medlm tokenize --config full`\), or give --shards-ref shards/KEY"),
+        (["--shards-ref", shards.ref, "--optim.batch-size", "256"],
+         r"error: training 86M parameters at batch_size 256 x 2048 tokens needs about [0-9.]+ GB \(.*\) and cpu has [0-9.]+ GB \(MemAvailable\); lower batch_size .*"),
+    ):
+        run = subprocess.run([str(MEDLM), "retrain", "--config", "full", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
+        assert re.fullmatch(expected, run.stderr.strip()), run.stderr
+    assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # refused before a server started
+
+
+def _flow_run_states(cwd: Path, env: dict) -> list[str]:
+    """The states of the flow runs on ``cwd``'s home, oldest first, as the next command there sees them."""
     script = (
         "import asyncio\n"
         "from flows.settings import apply_prefect_defaults, temporary_server\n"
@@ -300,10 +356,10 @@ def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_
         "with temporary_server():\n"
         "    asyncio.run(main())\n"
     )
-    state = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
+    state = subprocess.run([sys.executable, "-c", script], cwd=cwd, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
                            capture_output=True, text=True, timeout=120)
-    # Two qa runs, the killed ingest (marked by the next command: it could not say so itself), the stopped one.
-    assert state.stdout.split() == ["COMPLETED", "COMPLETED", "CRASHED", "CRASHED"], state.stderr[-2000:]
+    assert state.returncode == 0, state.stderr[-2000:]
+    return state.stdout.split()
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import PrefectHTTPStatusError
 
 from conftest import BASELINE_SAMPLE, UPDATE_SAMPLE
-from deployments.deploy import NIGHTLY_CRON, register
+from deployments.deploy import NIGHTLY_CRON, register, summary
 from deployments.serve import worker_env
 from ncbi_server import NcbiServer, make_mirror
 from storage import Store
@@ -121,6 +122,11 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"optim": {"max_steps": 3}}
     assert register(reset=True)[2] == "deployed retrain/retrain"
     assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {}
+    # A run configuration's tables: the deployments whose defaults it changed say which, the others the code's.
+    table = "\n".join(summary(register("demo"), "demo", NIGHTLY_CRON))
+    assert re.search(r"^retrain/retrain +gpu +- +demo +registered, optim changed$", table, re.M), table  # its shape, the tiny preset, is the code's
+    assert re.search(r"^store-gc/nightly-gc +cpu +0 8 \* \* \* UTC \(off\) +the code +registered$", table, re.M), table
+    assert [line for line in register(reset=True) if "changed" in line] == []  # the code's defaults again, for the tests below
     assert asyncio.run(_read_work_pool("gpu")).concurrency_limit == 1  # one run per GPU
     follow_ups = asyncio.run(_read_automations())
     assert {a.name: a.enabled for a in follow_ups} == {"medlm://corpus -> tokenize/tokenize": False, "medlm://shards -> retrain/retrain": False}

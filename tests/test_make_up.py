@@ -274,6 +274,22 @@ def test_twenty_runs_at_once_on_postgresql_lock_nothing_and_are_all_served(stack
     assert not re.search(r"(?<![\d.:])503\b", logs + run.stderr)  # an HTTP 503 (not a timestamp's milliseconds)
 
 
+def test_make_up_again_registers_the_deployments_again_and_says_what_a_configuration_changed(stack):
+    """The README's promise: `make up` while up registers again (here with CONFIG=demo), and the
+    table says, deployment by deployment, which defaults the configuration changed."""
+    port = stack["api"].rsplit(":", 1)[1].split("/")[0]
+
+    def up_again(*config: str) -> str:
+        again = subprocess.run([*SERVE, "up", "--port", port, *config], cwd=stack["cwd"], env=stack["env"], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and "already up: registering the deployments again" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+        return again.stdout
+
+    table = up_again("--config", "demo")
+    assert re.search(r"^retrain/retrain +gpu +- +demo +registered, optim changed$", table, re.M), table
+    assert re.search(r"^release/release +cpu +- +the code +registered$", table, re.M), table  # nothing of it in demo.toml
+    assert re.search(r"^retrain/retrain +gpu +- +the code +registered$", up_again(), re.M)  # and the code's defaults again
+
+
 def test_make_down_stops_exactly_what_make_up_started(stack):
     run = stack["home"] / "run"
     bystander = subprocess.Popen(["sleep", "60"])  # a stale record now names this unrelated process's PID

@@ -35,12 +35,17 @@ def test_the_demo_configuration_runs_the_whole_pipeline(store):
     for tuned in evaluated[1:]:  # fine-tuning and DPO train on cleaned training sets, screened against every QA artifact evaluated
         [data] = [store.require(p) for p in tuned.parents if p.startswith("trainset/")]
         assert {store.require(p).kind for p in data.parents} == {"qa"} and len(data.parents) == 4 and data.summary["train"]["after"] > 0
-    [cleaned] = store.ls("hygiene")  # on by default, of the QA data's evaluation items: the evaluation finds none in the corpus
+    cleaned, held_out = store.ls("hygiene")  # on by default, of the QA data's evaluation items: the evaluation finds none in the corpus
     assert {store.require(ref).kind for ref in cleaned.parents} == {"corpus", "qa"}
+    # The corpus is the baseline file's; the update file's new abstracts, cleaned alike, are held out in every evaluation.
+    snapshots = [store.require(next(p for p in a.parents if p.startswith("corpus/"))) for a in (cleaned, held_out)]
+    assert [s.summary["records"] for s in snapshots] == [1_500, 3_000]
     for ref in refs:
-        results = json.loads(store.require(ref).file("results.json").read_text())
+        evaluation = store.require(ref)
+        results = json.loads(evaluation.file("results.json").read_text())
         assert all(r["contamination"]["overlapping_items"] == 0 for r in results if "contamination" in r)
-    tree = "\n".join(tree_lines(root))
-    for md5_file in MIRROR.glob("*/*.md5"):
+        assert evaluation.parents[-1] == held_out.ref and f"abstracts new since its corpus (in {held_out.ref})" in [r["name"] for r in results]
+    trained, evaluated = ("\n".join(tree_lines(lineage(store, ref))) for ref in (evaluated[-1].ref, refs[-1]))
+    for md5_file in MIRROR.glob("*/*.md5"):  # the model down to the baseline file; its evaluation to the update file too
         name, md5 = md5_file.read_text().removeprefix("MD5(").strip().split(")= ")
-        assert f"{name} md5={md5}" in tree
+        assert (f"{name} md5={md5}" in trained) == (md5_file.parent.name == "baseline") and f"{name} md5={md5}" in evaluated

@@ -95,6 +95,24 @@ def test_resume_keeps_the_work_folder_of_a_killed_run(store):
     assert artifact.file("x.xml.gz").read_bytes() == b"first half second half"
 
 
+def test_a_resumable_build_that_fails_before_writing_leaves_no_work_folder(store):
+    spec = ArtifactSpec("pretrain", "1")
+
+    def refuse(work: Path) -> dict:
+        raise RuntimeError("needs about 42.4 GB and cpu has 20.9 GB")
+
+    def fail_after_a_checkpoint(work: Path) -> dict:
+        (work / "ckpt_0000010").mkdir()
+        raise RuntimeError("killed at step 12")
+
+    with pytest.raises(RuntimeError, match="42.4 GB"):
+        store.get_or_build(spec, refuse, resume=True)
+    assert not store.work_dir(spec).exists()  # no empty KEY.partial to resume from
+    with pytest.raises(RuntimeError, match="step 12"):
+        store.get_or_build(spec, fail_after_a_checkpoint, resume=True)
+    assert (store.work_dir(spec) / "ckpt_0000010").is_dir()  # what there is to resume from stays
+
+
 def test_corrupted_artifact_fails_verification_and_is_rebuilt(store):
     spec = ArtifactSpec("corpus", "1")
     artifact = store.get_or_build(spec, write_files({"a.bin": b"0123456789"}))

@@ -37,7 +37,7 @@ class EvaluationConfig:
     shots: tuple[int, ...] = Field((0, 5), description="Worked examples in the prompt; one run per number (0: zero-shot).")
     max_items: int | None = Field(None, ge=1, description="Score at most this many items per benchmark, the first by id (unset: all).")
     perplexity_documents: int | None = Field(None, ge=1, description="Documents of the checkpoint's test.bin for perplexity (unset: all).")
-    held_out_documents: int | None = Field(None, ge=1, description="Abstracts new since the model's corpus (from a newer snapshot in the store) for bits per byte (unset: all).")
+    held_out_documents: int | None = Field(None, ge=1, description="Abstracts new since the model's corpus (in the snapshot held_out_ref names) for bits per byte (unset: all).")
     generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
     max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: one per core this process may use, model/threads.py).")
@@ -114,6 +114,8 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
                 results.append(result)
                 metric = headline_metric(result)
                 what += f": {format_value(metric, result['metrics'][metric]['value'])}"
+            else:
+                what += ": none"
             progress.update(done, what)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / REPORT_FILE).write_text(render_markdown(results))
@@ -129,7 +131,7 @@ EVALUATE = Stage(
         "qa": Input("qa", many=True),
         "shards": Input("shards", optional=True),  # test.bin: perplexity
         "corpus": Input(CORPUS_KINDS, optional=True),  # contamination, and what "newer" holds that it did not
-        "newer": Input(CORPUS_KINDS, optional=True),  # a snapshot built after the model's: articles it never saw
+        "newer": Input(CORPUS_KINDS, optional=True),  # the temporal hold-out the flow names (held_out_ref): articles the model never saw
     },
     build=evaluate_model,
     label=lambda inputs, config: f"of {inputs['model'].ref}",
