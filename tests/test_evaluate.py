@@ -8,6 +8,7 @@ numbers is tests/test_scoring.py; the few-shot prompt text is compared with its 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -393,7 +394,7 @@ def test_the_evaluate_stage_scores_a_checkpoint_with_its_baselines_and_clean_sub
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_evaluate_flow_holds_out_the_snapshot_it_is_given_and_none_the_store_builds_later(session_store, tiny_checkpoint, monkeypatch, capfd):
+def test_the_evaluate_flow_holds_out_the_snapshot_it_is_given_and_none_the_store_builds_later(session_store, tiny_checkpoint, monkeypatch, caplog):
     from flows.evaluate import evaluate
     from tasks.corpus import CORPUS, CorpusConfig
     from tasks.evaluate import EvaluationConfig
@@ -409,9 +410,13 @@ def test_the_evaluate_flow_holds_out_the_snapshot_it_is_given_and_none_the_store
     assert evaluate(config, qa, model_ref=tiny_checkpoint.ref) == first.ref  # the same inputs, found in the store
     assert later.ref not in first.parents
 
-    capfd.readouterr()
-    held = session_store.require(evaluate(config, qa, model_ref=tiny_checkpoint.ref, held_out_ref=later.ref))
+    progress = logging.getLogger("medlm.evaluate")  # its lines, read where they are logged (Prefect's logging setup stops them propagating)
+    progress.addHandler(caplog.handler)
+    try:
+        held = session_store.require(evaluate(config, qa, model_ref=tiny_checkpoint.ref, held_out_ref=later.ref))
+    finally:
+        progress.removeHandler(caplog.handler)
     assert held.parents[-1] == later.ref  # named, so keyed and in its lineage
-    assert "new abstracts: none" in capfd.readouterr().err  # measured, and there are none: said so
+    assert "new abstracts: none" in caplog.text  # measured, and there are none: said so
     with pytest.raises(ValueError, match=rf"held_out_ref {tiny_checkpoint.ref} is a pretrain artifact; give a corpus snapshot, hygiene/KEY or corpus/KEY"):
         evaluate(config, qa, model_ref=tiny_checkpoint.ref, held_out_ref=tiny_checkpoint.ref)
