@@ -134,7 +134,8 @@ def main() -> None:
         print(f"  {file}: {sum(f.file == file for f in found)} figures, measured at {provenance(file)}")
     refreshed = refresh()
     print(f"refreshed {len(refreshed)} figures in README.md" + (":" if refreshed else " (every one already as recorded)"))
-    print("\n".join(f"  {line}" for line in refreshed))
+    for line in refreshed:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":
