@@ -30,17 +30,15 @@ venv: $(DEMO_INSTALLED)
 
 # What the demo runs, nothing more. torch first: the CPU wheel on local disk satisfies the
 # project's torch range, so `-e .` adds nothing to it (a bare `torch` would pull a multi-GB CUDA build).
-# --no-compile: Python compiles a module when it is first imported, so the ~3,000 the demo imports
-# are compiled, not all ~20,000 installed (compiling them all took 56 CPU-seconds here).
 $(DEMO_INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e .
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
 	touch $@
 
 # pyproject's `test` extra: the test runner and the peers and servers the tests compare us with.
 $(TEST_INSTALLED): $(DEMO_INSTALLED)
-	$(PY) -m pip install -q --no-compile -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 # llama.cpp itself, which the tests run our GGUF files in: llama-cpp-python has no wheel for this
