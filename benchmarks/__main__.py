@@ -26,7 +26,7 @@ QUICK = {  # module -> arguments for a small run
     "train_memory": [],
     "verify": ["--copies", "2", "--repeats", "3"],
     "finetune": ["--steps", "6", "--max-lengths", "256", "--repeats", "1"],
-    "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "2", "--harness-batch-sizes", "8", "--generation-items", "8"],
+    "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "1", "--harness-batch-sizes", "8", "--generation-items", "8", "--hf-batch-sizes", "8"],
     "prefect_database": ["--flows", "5", "--tasks", "5", "--repeats", "1"],
     "pii": [],  # the bundled QA rows (the recorded figures: shared/data's fuller copies)
     "demo": [],  # already small: the whole demo, then its cached rerun
