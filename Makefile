@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+# One stamp per extra installed: `make test` after `make demo` only adds the test extra.
+DEMO_INSTALLED := $(VENV)/.installed-demo
+TEST_INSTALLED := $(VENV)/.installed-test
 PORT ?= 4200
 HOST ?= 127.0.0.1
 WORKERS ?= yes
@@ -25,20 +27,25 @@ LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/.ci/
 
 .PHONY: venv demo test test-fast bench up down clean llama-cpp-wheel
 
-venv: $(INSTALLED)
+venv: $(DEMO_INSTALLED)
 
-# torch first: the CPU wheel on local disk satisfies the project's torch range, so `-e .[dev]`
-# adds nothing to it (a bare `torch` would pull a multi-GB CUDA build).
-$(INSTALLED): pyproject.toml
+# What the demo runs, nothing more. torch first: the CPU wheel on local disk satisfies the
+# project's torch range, so `-e .` adds nothing to it (a bare `torch` would pull a multi-GB CUDA build).
+$(DEMO_INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# pyproject's `test` extra: the test runner and the peers and servers the tests compare us with.
+$(TEST_INSTALLED): $(DEMO_INSTALLED)
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 # llama.cpp itself, which the tests run our GGUF files in: llama-cpp-python has no wheel for this
 # Python on the registry, so its sdist is built (a C++ compiler; cmake and ninja come from the
 # registry when missing), once, into LLAMA_CPP_WHEELS.
-$(LLAMA_CPP_INSTALLED): $(INSTALLED)
+$(LLAMA_CPP_INSTALLED): $(DEMO_INSTALLED)
 	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 \
 		|| CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps -w $(LLAMA_CPP_WHEELS) '$(LLAMA_CPP)'
 	$(PY) -m pip install -q --find-links $(LLAMA_CPP_WHEELS) --only-binary llama-cpp-python '$(LLAMA_CPP)'
@@ -51,15 +58,15 @@ demo: venv
 
 # Two worker processes (pytest-xdist), one per core of the machine we measure on; each starts
 # its own Prefect server when a test needs one.
-test: venv $(LLAMA_CPP_INSTALLED)
+test: $(TEST_INSTALLED) $(LLAMA_CPP_INSTALLED)
 	$(PY) -m pytest -q -n 2
 
 # The inner loop: every test but those marked slow (servers, stacks, clusters, long training).
-test-fast: venv $(LLAMA_CPP_INSTALLED)
+test-fast: $(TEST_INSTALLED) $(LLAMA_CPP_INSTALLED)
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 # Every benchmark, small (results under benchmarks/results/quick/; the recorded figures come from full runs).
-bench: venv
+bench: $(TEST_INSTALLED)
 	$(PY) -m benchmarks
 
 # A Prefect server on $(HOST):$(PORT) (127.0.0.1 unless told; credentials required, UI origin only, CSRF on) on PostgreSQL (a cluster of

@@ -3,7 +3,8 @@
 Each runs at a fraction of its recorded size, in a process of its own, and writes its JSON under
 benchmarks/results/quick/ (not over the recorded figures, which the README quotes and which come
 from the full runs: `python -m benchmarks.NAME` with its defaults). A check that every benchmark
-still runs and prints its figures at this commit, in minutes.
+still runs and prints its figures at this commit, in minutes. Then the README's figures are
+refreshed from the recorded results (benchmarks/figures.py), and it says which changed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks import figures
 from benchmarks.common import REPO
 
 QUICK = {  # module -> arguments for a small run
@@ -24,9 +26,10 @@ QUICK = {  # module -> arguments for a small run
     "train_memory": [],
     "verify": ["--copies", "2", "--repeats", "3"],
     "finetune": ["--steps", "6", "--max-lengths", "256", "--repeats", "1"],
-    "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "2", "--harness-batch-sizes", "8", "--generation-items", "8"],
+    "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "1", "--harness-batch-sizes", "8", "--generation-items", "8", "--hf-batch-sizes", "8"],
     "prefect_database": ["--flows", "5", "--tasks", "5", "--repeats", "1"],
     "pii": [],  # the bundled QA rows (the recorded figures: shared/data's fuller copies)
+    "demo": [],  # already small: the whole demo, then its cached rerun
 }
 
 
@@ -40,6 +43,7 @@ def main() -> None:
         print(f"== benchmarks.{module}: {'ok' if done.returncode == 0 else f'FAILED ({done.returncode})'} in {time.time() - started:.0f} s", flush=True)
         if done.returncode:
             failed.append(module)
+    figures.main()
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 

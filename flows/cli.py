@@ -259,10 +259,13 @@ def _run_flow(command: str, argv: list[str]):
 def _demo(argv: list[str]) -> None:
     parser = ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
     parser.parse_args(argv)
+    started = time.time()
     *evaluations, release = _run_flow("pipeline", ["--config", "demo"])
+    pipeline_seconds = time.time() - started
     from flows.finetune import comparison
     from storage import Store
-    from storage.lineage import lineage, table, tree_lines
+    from storage.lineage import lineage, stage_times, table, tree_lines
+    from storage.processes import process_age
     from tasks.evaluate import rows_markdown
     from storage.formats import MODEL_KINDS
 
@@ -284,6 +287,10 @@ def _demo(argv: list[str]) -> None:
         notes: list[str] = []
         answer = "".join(Chat(store.require(model).path, notify=notes.append).reply(question)).strip()
         print(f'\nmedlm chat {model} --message "{question}"  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n' + "".join(n + "\n" for n in notes) + answer)
+    print("\nWhere the time went: each stage's build seconds in this run (the downloads and parses overlap), or cached:\n")
+    print(stage_times(*(lineage(store, ref) for ref in [*evaluations, release]), since=started))
+    print(f"\nmedlm demo: {process_age():.1f} s in all, of which the pipeline {pipeline_seconds:.1f} s (Prefect's temporary server and the flow run);"
+          " the rest is starting Python, the imports, the tables above and the chat answer")
 
 
 # -- the store ----------------------------------------------------------------------------------------

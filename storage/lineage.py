@@ -22,6 +22,7 @@ class Node:
     params: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     created: float | None = None
+    build_seconds: float | None = None  # how long its build ran (None in a manifest without it)
     parents: list["Node"] = field(default_factory=list)
     missing: bool = False
     roles: dict[str, list[str]] = field(default_factory=dict)  # parents' refs by the role the stage read them in
@@ -57,8 +58,8 @@ def lineage(store: Store, ref: str) -> Node:
                 nodes[ref] = Node(ref, missing=True)
             else:
                 parents = [node(p) for p in m.get("parents", [])]
-                nodes[ref] = Node(ref, m.get("label"), dict(m.get("params", {})), dict(m.get("summary", {})), m.get("created"), parents,
-                                  roles=dict(m.get("roles", {})))
+                nodes[ref] = Node(ref, m.get("label"), dict(m.get("params", {})), dict(m.get("summary", {})), m.get("created"),
+                                  m.get("build_seconds"), parents, roles=dict(m.get("roles", {})))
         return nodes[ref]
 
     return node(ref)
@@ -126,6 +127,27 @@ def table(*roots: Node) -> str:
     nodes = list(ancestors_first(*roots))
     width = max(len(n.ref) for n in nodes)
     return "\n".join(f"{n.ref:<{width}}  {summary_line(n.summary, numbers_only=True)}" for n in nodes)
+
+
+def stage_times(*roots: Node, since: float) -> str:
+    """One line per stage (artifact kind) behind ``roots``, in pipeline order: how many of its
+    artifacts were built after ``since`` and the seconds their builds took, or ``cached`` when the
+    store already had them all (the demo's closing table: where a run's time went)."""
+    by_kind: dict[str, list[Node]] = {}
+    for node in ancestors_first(*roots):
+        by_kind.setdefault(node.kind, []).append(node)
+    width = max(len(kind) for kind in by_kind)
+    lines = []
+    for kind, nodes in by_kind.items():
+        built = [n for n in nodes if n.created is not None and n.created >= since]
+        cached = len(nodes) - len(built)
+        if built:
+            seconds = sum(n.build_seconds or 0.0 for n in built)
+            counts = f"{len(built)} built" + (f", {cached} cached" if cached else "")
+            lines.append(f"{kind:<{width}}  {seconds:7.1f} s  {counts}")
+        else:
+            lines.append(f"{kind:<{width}}   cached    ({cached} in the store)")
+    return "\n".join(lines)
 
 
 def summary_line(summary: dict, numbers_only: bool = False) -> str:

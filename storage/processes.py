@@ -44,6 +44,13 @@ def process_start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)"; the 22nd overall
 
 
+def process_age() -> float:
+    """Seconds since this process started (its start time and the machine's uptime, from /proc):
+    the interpreter's start and every import included."""
+    started = process_start_time(os.getpid()) / os.sysconf("SC_CLK_TCK")
+    return float(Path("/proc/uptime").read_text().split()[0]) - started
+
+
 CORES_SETTING = "MEDLM_CORES"
 
 

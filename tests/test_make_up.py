@@ -166,7 +166,7 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
     lineage artifact, down to the source XML files."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test installs it: pip install -e .[test])")
 
     # Shards in the workers' store (./.medlm/store where `make up` ran), built by the real stages.
     from tasks.shards import SHARDS, ShardsConfig

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from storage import ArtifactError, ArtifactSpec, Store, remove_tree
-from storage.lineage import lineage, tree_lines
+from storage.lineage import lineage, stage_times, tree_lines
 from storage.store import MANIFEST
 
 
@@ -207,6 +208,27 @@ def test_lineage_tree_reaches_the_source_files(store):
     assert download.ref in lines[2] and label in lines[2]
     tree = lineage(store, corpus.ref).as_dict()
     assert tree["parents"][0]["parents"][0]["params"]["name"] == "pubmed25n0001.xml.gz"
+
+
+def test_stage_times_show_what_a_run_built_and_what_it_found_cached(store):
+    download = store.get_or_build(ArtifactSpec("download", "1", {"name": "pubmed25n0001.xml.gz"}), write_files({"f": b"x"}))
+    run_started = time.time()  # the download above is an earlier run's: this run finds it in the store
+
+    def slow_parse(work: Path) -> dict:
+        time.sleep(0.3)
+        (work / "p").write_bytes(b"y")
+        return {}
+
+    parsed = [store.get_or_build(ArtifactSpec("parse", "1", {"n": n}, (download.ref,)), slow_parse) for n in range(2)]
+    corpus = store.get_or_build(ArtifactSpec("corpus", "1", {}, tuple(p.ref for p in parsed)), lambda w: {"documents": 7})
+    lines = stage_times(lineage(store, corpus.ref), since=run_started).splitlines()
+    assert [line.split()[0] for line in lines] == ["download", "parse", "corpus"]
+    assert lines[0].split()[1:] == ["cached", "(1", "in", "the", "store)"]
+    parse_seconds, unit, *counts = lines[1].split()[1:]
+    assert 0.6 <= float(parse_seconds) < 5 and unit == "s" and counts == ["2", "built"]  # the two builds' seconds, added
+    assert lines[2].split()[2:] == ["s", "1", "built"]
+    rerun = stage_times(lineage(store, corpus.ref), since=time.time()).splitlines()
+    assert [line.split()[1] for line in rerun] == ["cached"] * 3
 
 
 def test_bad_refs_are_explained(store):
