@@ -1,4 +1,4 @@
-"""The figures README.md prints, each read from a recorded result under benchmarks/results/.
+"""The figures README.md and docs/*.md print, each read from a recorded result under benchmarks/results/.
 
 A figure is the printed number followed at once by a comment that says where it comes from: a
 result file and a dotted path into it (list items by index; `min` or `max` of a list of rounds,
@@ -25,6 +25,7 @@ from pathlib import Path
 from benchmarks.common import REPO
 
 README = REPO / "README.md"
+DOCUMENTS = [README, *sorted((REPO / "docs").glob("*.md"))]  # every page that prints figures
 RECORDED = REPO / "benchmarks" / "results"
 REDUCERS = {"min": min, "max": max}  # a path's step into a list of rounds: its slowest or fastest
 FIGURE = re.compile(r"(?P<number>\d[\d,]*(?:\.\d+)?)<!-- (?P<file>[\w.-]+\.json) (?P<path>[^\s*]+(?: / [^\s*]+)?)(?: \* (?P<scale>\d+))? -->")
@@ -36,7 +37,8 @@ class Figure:
     file: str  # a result file under benchmarks/results/
     path: str  # dotted, list items by index; "P / Q" a ratio
     scale: int  # the README prints the value this many times over
-    line: int  # in the README, from 1
+    line: int  # in its document, from 1
+    document: str = "README.md"  # the page that prints it, relative to the repository
 
     @property
     def source(self) -> str:
@@ -45,7 +47,7 @@ class Figure:
     def value(self, results: Path = RECORDED) -> float:
         """The recorded value (a ratio when the path is ``P / Q``); an error that names the
         figure, the file and what is missing."""
-        where = f"README.md line {self.line}: {self.source}"
+        where = f"{self.document} line {self.line}: {self.source}"
         try:
             record = json.loads((results / self.file).read_text())
         except FileNotFoundError:
@@ -87,14 +89,18 @@ def _number_at(record: dict, path: str, where: str) -> float:
     return value
 
 
-def figures(text: str) -> list[Figure]:
-    """Every figure in ``text`` (README.md's), in order."""
-    return [_figure(match, text) for match in FIGURE.finditer(text)]
+def figures(text: str, document: str = "README.md") -> list[Figure]:
+    """Every figure in ``text`` (``document``'s), in order."""
+    return [_figure(match, text, document) for match in FIGURE.finditer(text)]
 
 
-def _figure(match: re.Match, text: str) -> Figure:
+def _figure(match: re.Match, text: str, document: str) -> Figure:
     line = text.count("\n", 0, match.start()) + 1
-    return Figure(match["number"], match["file"], match["path"], int(match["scale"] or 1), line)
+    return Figure(match["number"], match["file"], match["path"], int(match["scale"] or 1), line, document)
+
+
+def _name(document: Path) -> str:
+    return str(document.relative_to(REPO)) if document.is_relative_to(REPO) else document.name
 
 
 def provenance(file: str, results: Path = RECORDED) -> str:
@@ -107,16 +113,16 @@ def provenance(file: str, results: Path = RECORDED) -> str:
 
 
 def refresh(readme: Path = README, results: Path = RECORDED) -> list[str]:
-    """Rewrite the README's figures that differ from their results; one line per figure refreshed."""
+    """Rewrite the figures of the page ``readme`` that differ from their results; one line per figure refreshed."""
     text = readme.read_text()
     refreshed = []
 
     def rewritten(match: re.Match) -> str:
-        figure = _figure(match, text)
+        figure = _figure(match, text, _name(readme))
         expected = figure.stale(results)
         if expected is None:
             return match[0]
-        refreshed.append(f"README.md line {figure.line}: {figure.printed} -> {expected}  ({figure.source}, {provenance(figure.file, results)})")
+        refreshed.append(f"{figure.document} line {figure.line}: {figure.printed} -> {expected}  ({figure.source}, {provenance(figure.file, results)})")
         return expected + match[0][len(figure.printed):]
 
     new = FIGURE.sub(rewritten, text)
@@ -126,14 +132,13 @@ def refresh(readme: Path = README, results: Path = RECORDED) -> list[str]:
 
 
 def main() -> None:
-    text = README.read_text()
-    found = figures(text)
+    found = [f for document in DOCUMENTS for f in figures(document.read_text(), _name(document))]
     files = sorted({f.file for f in found})
-    print(f"README.md prints {len(found)} figures from {len(files)} recorded results:")
+    print(f"README.md and docs/ print {len(found)} figures from {len(files)} recorded results:")
     for file in files:
         print(f"  {file}: {sum(f.file == file for f in found)} figures, measured at {provenance(file)}")
-    refreshed = refresh()
-    print(f"refreshed {len(refreshed)} figures in README.md" + (":" if refreshed else " (every one already as recorded)"))
+    refreshed = [line for document in DOCUMENTS for line in refresh(document)]
+    print(f"refreshed {len(refreshed)} figures" + (":" if refreshed else " (every one already as recorded)"))
     for line in refreshed:
         print(f"  {line}")
 

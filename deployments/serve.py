@@ -170,7 +170,7 @@ def up(host: str, port: int, database: str, deploy_args: list[str], workers: boo
     print(f"API and UI: http://{host}:{port} (the server listens on {host}:{port}; store {client_env['MEDLM_STORE']}; logs and PIDs in {run_dir()})")
     print(f"The UI asks for a password once: {auth}  (kept in {where}; `medlm` commands here send it themselves)")
     if not ipaddress.ip_address(host).is_loopback:
-        print(f"On another machine: PREFECT_API_URL={api} PREFECT_API_AUTH_STRING=... medlm worker --pool gpu (README: Running on a cluster)")
+        print(f"On another machine: PREFECT_API_URL={api} PREFECT_API_AUTH_STRING=... medlm worker --pool gpu (docs/cluster.md)")
 
 
 def down(grace_s: float) -> None:

@@ -1,5 +1,5 @@
-"""The README's figures are its recorded results' (benchmarks/figures.py): a printed number that
-differs from its JSON fails here, and `make bench` rewrites it."""
+"""The figures of the README and docs/ are their recorded results' (benchmarks/figures.py): a
+printed number that differs from its JSON fails here, and `make bench` rewrites it."""
 
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ import shutil
 
 import pytest
 
-from benchmarks.figures import README, RECORDED, figures, provenance, refresh
+from benchmarks.figures import DOCUMENTS, REPO, RECORDED, figures, provenance, refresh
 
 
-def test_every_figure_the_readme_prints_is_its_recorded_result():
-    found = figures(README.read_text())
-    assert len(found) >= 100  # the benchmark table's figures, the demo's times
-    stale = [f"line {f.line}: prints {f.printed}, {f.source} says {expected}" for f in found if (expected := f.stale())]
-    assert not stale, "README figures differ from benchmarks/results (python -m benchmarks.figures rewrites them):\n" + "\n".join(stale)
+def _printed() -> list:
+    return [f for document in DOCUMENTS for f in figures(document.read_text(), str(document.relative_to(REPO)))]
 
 
-def test_every_result_the_readme_quotes_records_its_commit_and_machine():
-    for file in {f.file for f in figures(README.read_text())}:
+def test_every_figure_the_readme_and_the_docs_print_is_its_recorded_result():
+    found = _printed()
+    assert len(found) >= 100 and {"README.md", "docs/benchmarks.md"} <= {f.document for f in found}  # the demo's times, the benchmark table
+    stale = [f"{f.document} line {f.line}: prints {f.printed}, {f.source} says {expected}" for f in found if (expected := f.stale())]
+    assert not stale, "figures differ from benchmarks/results (python -m benchmarks.figures rewrites them):\n" + "\n".join(stale)
+
+
+def test_every_result_the_pages_quote_records_its_commit_and_machine():
+    for file in {f.file for f in _printed()}:
         assert provenance(file).startswith("commit ")
 
 
