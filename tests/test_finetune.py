@@ -544,11 +544,10 @@ def chat_model(base, session_store):
                         FinetuneRun(FinetuneConfig(method="full", max_length=256), *small(max_steps=30, batch_size=8, lr=3e-3)))
 
 
-def chat_command(tuned, session_store, tmp_path, *args, input=None):
-    import subprocess
-
+def chat_command(model: str, session_store, cwd, *args, input=None):
+    """`medlm chat MODEL ARGS` run in ``cwd`` on the session's store."""
     env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
-    return subprocess.run([str(Path(sys.executable).parent / "medlm"), "chat", tuned.ref, *args], input=input, env=env, cwd=tmp_path,
+    return subprocess.run([str(Path(sys.executable).parent / "medlm"), "chat", model, *args], input=input, env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -564,13 +563,13 @@ def test_medlm_chat_keeps_the_whole_prompt_and_caps_the_answer_at_what_the_conte
     assert prompt == f"Question: {question}\nAnswer:"  # the eval template fine-tuning trained on
     lm = load_causal_lm(chat_model.path)
     used = len(lm.encode(prompt))
-    one = chat_command(chat_model, session_store, tmp_path, "--message", question)
+    one = chat_command(chat_model.ref, session_store, tmp_path, "--message", question)
     assert one.returncode == 0, one.stderr
     answer = lm.generate(prompt, 256 - used, until=())
     assert one.stdout == answer.strip() + "\n" and answer != lm.generate(prompt, 255, until=())  # that one reads the prompt's last token only
     assert DISCLAIMER in one.stderr and f"note: the answer is capped at {256 - used} tokens: the prompt takes {used} of the model's 256" in one.stderr
 
-    empty = chat_command(chat_model, session_store, tmp_path, "--message", "  ")
+    empty = chat_command(chat_model.ref, session_store, tmp_path, "--message", "  ")
     assert empty.returncode == 2 and empty.stderr.splitlines()[-1] == "error: the message is empty: ask something (in a conversation, an empty line ends it)"
 
 
@@ -592,7 +591,7 @@ def test_medlm_chat_streams_the_answer_and_keeps_the_conversation_as_the_model_w
     assert chat.messages[1] == {"role": "assistant", "content": greedy[1:]} and len(chat.messages) == 4  # the answer is the next turn's context
     # The second turn's prompt holds the first exactly as the model read and wrote it (one space after "Answer:", not two).
     assert chat.render(chat.messages[:3]) == prompt + greedy + "[EOS]" + f"Question: {follow_up}\nAnswer:"
-    talk = chat_command(chat_model, session_store, tmp_path, "--max-tokens", "12", input=f"{question}\n{follow_up}\n")
+    talk = chat_command(chat_model.ref, session_store, tmp_path, "--max-tokens", "12", input=f"{question}\n{follow_up}\n")
     assert talk.returncode == 0 and talk.stdout == "".join(first) + "\n" + "".join(second) + "\n"
 
     sampled = [list(Chat(chat_model.path, max_tokens=12, temperature=1.0, seed=seed).reply(question)) for seed in (1, 1, 2)]
@@ -604,7 +603,7 @@ def test_medlm_chat_streams_the_answer_and_keeps_the_conversation_as_the_model_w
     hf_chat = Chat(from_hf.path, max_tokens=8)
     assert "".join(hf_chat.reply(question)) == load_causal_lm(from_hf.path).generate(prompt, 8, until=()).removeprefix(hf_chat.lead)
 
-    plain = chat_command(base, session_store, tmp_path, "--message", question)
+    plain = chat_command(base.ref, session_store, tmp_path, "--message", question)
     assert plain.returncode == 2 and plain.stderr.splitlines()[-1] == f"error: {base.ref} is a pretrain, not a model to chat with: give a finetune or dpo ref (medlm ls finetune)"
 
 
@@ -620,12 +619,10 @@ def test_medlm_chat_refuses_what_is_not_a_model_or_a_setting_in_one_line_before_
     from tasks.qa import QA
 
     qa = QA.run(session_store, {}, QAConfig(source=str(DATA / "pubmedqa")))
-    env = {**os.environ, "MEDLM_STORE": str(session_store.root)}
     model = qa.ref if model == "qa" else model
     (tmp_path / "etc").mkdir()
     (here := tmp_path / "a" / "b").mkdir(parents=True)  # ../../etc is a folder, not a model's
-    refused = subprocess.run([str(Path(sys.executable).parent / "medlm"), "chat", model, *args, "--message", "Why?"], env=env, cwd=here,
-                             capture_output=True, text=True, timeout=120)
+    refused = chat_command(model, session_store, here, *args, "--message", "Why?")
     assert refused.returncode == 2 and error.format(ref=qa.ref) in refused.stderr.splitlines()[-1] and "Traceback" not in refused.stderr
 
 
