@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +67,7 @@ class Faults:
     wrong_md5: set[str] = field(default_factory=set)  # data-file paths whose .md5 is wrong, forever
     extra_listing: dict[str, list[str]] = field(default_factory=dict)  # folder path -> hrefs added to its index
     redirect: dict[str, str] = field(default_factory=dict)  # path -> URL answered with 302 Found
+    trickle: set[str] = field(default_factory=set)  # data-file paths sent 1 KiB a second: a download that stays under way
 
 
 class NcbiServer:
@@ -180,12 +182,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         drop_after = self.ncbi._take(self.ncbi.faults.drop_after_bytes, path)
         to_send = length if drop_after is None else min(drop_after, length)
+        trickle = path in self.ncbi.faults.trickle
         with open(target, "rb") as f:
             f.seek(start)
             try:
-                while to_send > 0 and (chunk := f.read(min(_CHUNK, to_send))):
+                while to_send > 0 and (chunk := f.read(min(1024 if trickle else _CHUNK, to_send))):
                     self.wfile.write(chunk)
+                    self.wfile.flush()
                     to_send -= len(chunk)
+                    time.sleep(1 if trickle else 0)
             except ConnectionError:  # the client went away; nothing to answer
                 pass
         self.close_connection = True

@@ -262,8 +262,10 @@ def test_a_command_killed_while_parsing_in_worker_processes_leaves_none_of_them(
 
 def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_and_no_running_run(tmp_path):
     """Two first starts on one home at once (they would race on the SQLite migration); then a
-    command killed with SIGKILL, and one stopped with SIGTERM, while they ingest."""
+    command killed with SIGKILL, and one stopped with SIGTERM, while they download (from a server
+    that sends the file 1 KiB a second, so the signal always finds the download under way)."""
     from conftest import MIRROR, PUBMED
+    from ncbi_server import NcbiServer
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}
     both = [subprocess.Popen([str(MEDLM), "qa", "--pubmedqa", str(PUBMED.parent / "pubmedqa")], cwd=tmp_path, env=env,
@@ -272,22 +274,27 @@ def test_commands_share_a_new_home_and_a_killed_or_stopped_one_leaves_no_server_
         _, err = run.communicate(timeout=300)
         assert run.returncode == 0, err[-3000:]
 
-    for signal_sent, status in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143)):
-        run = subprocess.Popen([str(MEDLM), "ingest", "--source", str(MIRROR), "--workers", "1"], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        leases = tmp_path / ".medlm" / "prefect" / "command-runs"
-        while not [x for x in leases.glob("*.json") if json.loads(x.read_text())["pid"] == run.pid]:  # its flow run is under way
-            assert run.poll() is None, run.stderr.read()[-2000:]
-            time.sleep(0.05)
-        servers = _servers_of(run.pid)
-        assert len(servers) == 1
-        run.send_signal(signal_sent)
-        assert run.wait(timeout=60) == status
-        rest = run.stderr.read()
-        assert _gone(servers), f"the temporary server outlived its command ({signal_sent.name})"
-        assert signal_sent == signal.SIGKILL or not list(leases.glob("*.json"))  # the killed one's, swept; the stopped one's, cleared
-        if signal_sent == signal.SIGTERM:
-            assert rest.strip().splitlines()[-1] == "error: stopped by SIGTERM", rest[-2000:]
+    with NcbiServer(MIRROR) as server:
+        baseline = "/baseline/pubmed20n0014.xml.gz"
+        server.faults.trickle.add(baseline)
+        for signal_sent, status in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143)):
+            run = subprocess.Popen([str(MEDLM), "ingest", "--source", server.url, "--folders", "baseline", "--workers", "1"], cwd=tmp_path,
+                                   env=env | {"MEDLM_SOURCES": server.url}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            gets = len(server.requests_for(baseline))
+            while len(server.requests_for(baseline)) == gets:  # its download is under way
+                assert run.poll() is None, run.stderr.read()[-2000:]
+                time.sleep(0.05)
+            leases = tmp_path / ".medlm" / "prefect" / "command-runs"
+            assert [x for x in leases.glob("*.json") if json.loads(x.read_text())["pid"] == run.pid]
+            servers = _servers_of(run.pid)
+            assert len(servers) == 1
+            run.send_signal(signal_sent)
+            assert run.wait(timeout=60) == status
+            rest = run.stderr.read()
+            assert _gone(servers), f"the temporary server outlived its command ({signal_sent.name})"
+            assert signal_sent == signal.SIGKILL or not list(leases.glob("*.json"))  # the killed one's, swept; the stopped one's, cleared
+            if signal_sent == signal.SIGTERM:
+                assert rest.strip().splitlines()[-1] == "error: stopped by SIGTERM", rest[-2000:]
 
     # Two qa runs, the killed ingest (marked by the next command: it could not say so itself), the stopped one.
     assert _flow_run_states(tmp_path, env) == ["COMPLETED", "COMPLETED", "CRASHED", "CRASHED"]
