@@ -93,6 +93,35 @@ def send_prefect_backlog(timeout_s: float = 30) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
+SERVER_APP = "flows.settings:server_app"  # what uvicorn serves, for our temporary servers and `make up`'s
+
+
+def server_app():
+    """Prefect's server app, answering 503 (try again) where no database connection came free in
+    time. Prefect answers that with a 500, which its clients do not retry: a flow run's engine then
+    exits, and its worker marks the run Crashed (1 of 20 runs at once, at load average 20-38 on 2
+    cores). Its clients retry a 503 with backoff, as for the busy-database errors Prefect already
+    answers with one."""
+    import sqlalchemy
+    from prefect.server.api.server import create_app
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    def answer_503_when_no_connection_is_free(app) -> None:
+        otherwise = app.exception_handlers.get(Exception)
+
+        async def internal_error(request, exc: Exception):
+            if isinstance(exc, sqlalchemy.exc.TimeoutError):
+                return JSONResponse({"exception_message": "Service Unavailable: no database connection came free in time"}, status_code=503)
+            return await otherwise(request, exc) if otherwise else PlainTextResponse("Internal Server Error", status_code=500)
+
+        app.add_exception_handler(Exception, internal_error)
+
+    app = create_app()
+    answer_503_when_no_connection_is_free(app)  # its CSRF middleware reads the database
+    answer_503_when_no_connection_is_free(app.api_app)  # the routes
+    return app
+
+
 @contextmanager
 def temporary_server() -> Iterator[str | None]:
     """A Prefect server for this command's flow runs, on PREFECT_HOME's database, when
@@ -116,7 +145,7 @@ def temporary_server() -> Iterator[str | None]:
         port = free_port()
         ephemeral = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", "--factory", SERVER_APP, "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, **ephemeral, "PREFECT_SERVER_API_AUTH_STRING": auth}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
