@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     source = sdist()
-    variants = {"make llama-cpp-wheel": makefile_value("LLAMA_CPP_CMAKE_ARGS"), "sdist defaults": ""}
+    variants = {"make_llama_cpp_wheel": makefile_value("LLAMA_CPP_CMAKE_ARGS"), "sdist_defaults": ""}  # names a figure's path can hold
     found = rounds({name: (lambda cmake_args=cmake_args: build(source, cmake_args)) for name, cmake_args in variants.items()}, args.repeats)
     results = {
         name: {"cmake_args": variants[name], "median_wall_s": statistics.median(b["wall_s"] for b in builds),
