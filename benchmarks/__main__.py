@@ -1,6 +1,8 @@
 """Every benchmark, small: `make bench` (python -m benchmarks).
 
-Each runs at a fraction of its recorded size, in a process of its own, and writes its JSON under
+Each runs at a fraction of its recorded size, in a process of its own (all but
+benchmarks.llama_cpp_wheel, a build of llama.cpp from scratch twice over: half an hour at any
+size), and writes its JSON under
 benchmarks/results/quick/ (not over the recorded figures, which the README quotes and which come
 from the full runs: `python -m benchmarks.NAME` with its defaults). A check that every benchmark
 still runs and prints its figures at this commit, in minutes. Then the README's figures are
@@ -23,11 +25,13 @@ QUICK = {  # module -> arguments for a small run
     "corpus": ["--records", "30000", "--result", "corpus"],
     "tokenize": ["--vocab", "4096", "--repeats", "2"],
     "train_throughput": ["--steps", "3", "--repeats", "1"],
-    "train_memory": [],
+    "train_memory": ["--shapes", "2"],  # the tiny model's: the small preset's take minutes
+    "threads": ["--steps", "12", "--repeats", "1"],
     "verify": ["--copies", "2", "--repeats", "3"],
     "finetune": ["--steps", "6", "--max-lengths", "256", "--repeats", "1"],
     "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "1", "--harness-batch-sizes", "8", "--generation-items", "8", "--hf-batch-sizes", "8"],
     "prefect_database": ["--flows", "5", "--tasks", "5", "--repeats", "1"],
+    "hygiene": ["--records", "60000"],  # its smallest: two files of 20 copies of the samples
     "pii": [],  # the bundled QA rows (the recorded figures: shared/data's fuller copies)
     "demo": [],  # already small: the whole demo, then its cached rerun
 }

@@ -1,6 +1,6 @@
 """The training memory estimate (model/train.py ``training_memory``) against what training holds.
 
-    python -m benchmarks.train_memory
+    python -m benchmarks.train_memory [--shapes 5]
 
 For each shape below, two optimizer steps of ``model.train.train`` on CPU (fp32), each in a
 process of its own: what it holds is its peak RSS less its RSS just before training (Python,
@@ -11,6 +11,7 @@ be at or above every measurement, and not far above. Writes benchmarks/results/t
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -49,8 +50,11 @@ print(json.dumps({"measured": peak - before, "estimate": training_memory(shape, 
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="measure only the first N shapes (the smallest)")
+    args = parser.parse_args()
     rows = []
-    for preset, context, batch, vocab in SHAPES:
+    for preset, context, batch, vocab in SHAPES[: args.shapes]:
         with tempfile.TemporaryDirectory() as tmp:
             out = subprocess.run([sys.executable, "-c", CHILD, preset, str(context), str(batch), str(vocab), str(Path(tmp) / "shards")],
                                  cwd=REPO, capture_output=True, text=True, check=True)
