@@ -28,7 +28,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from flows.settings import project_home
+from flows.prefect_env import project_home
 from storage.processes import free_port
 
 MIN_VERSION = (14, 9)

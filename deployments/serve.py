@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from deployments import postgres
-from flows.settings import apply_prefect_defaults, auth_file, project_home, wait_healthy
+from flows.prefect_env import apply_prefect_defaults, auth_file, project_home, wait_healthy
 from storage import default_root
 from storage.config import ArgumentParser
 from storage.processes import process_start_time

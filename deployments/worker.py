@@ -26,7 +26,7 @@ from pathlib import Path
 from deployments import code
 from deployments.deploy import POOLS
 from deployments.serve import worker_env
-from flows.settings import apply_prefect_defaults, project_home
+from flows.prefect_env import apply_prefect_defaults, project_home
 from storage import default_root
 from storage.access import data_roots
 from storage.config import ArgumentParser

@@ -25,7 +25,7 @@ import time
 import typing
 from pathlib import Path
 
-from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
+from flows.prefect_env import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
 from flows.registry import COMMANDS
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
 from storage.store import release_holds
