@@ -40,7 +40,7 @@ OTHER_COMMANDS = {
     "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
     "chat": "Chat with a fine-tuned model (a finetune ref or folder): its chat template, streamed answers.",
     "worker": "Join a served stack (make up HOST=... on the head) from this machine, as a worker of one pool.",
-    "settings": "Show this machine's MEDLM_* settings: each value, where it came from, and what it sets.",
+    "settings": "Show the MEDLM_* settings medlm reads here: each value, where it came from, and what it sets.",
 }
 
 

@@ -123,22 +123,28 @@ def test_a_value_that_does_not_parse_is_one_line_naming_the_variable(variable, v
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
-def _run_settings(folder: Path, **variables: str) -> subprocess.CompletedProcess:
-    """The installed `medlm settings`, in ``folder``, with no MEDLM_* variable but ``variables``."""
+def _run_settings(folder: Path, *args: str, **variables: str) -> subprocess.CompletedProcess:
+    """The installed `medlm settings` (or `medlm ARGS`), in ``folder``, with no MEDLM_* variable but ``variables``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))} | variables
-    return subprocess.run([str(MEDLM), "settings"], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(MEDLM), *(args or ["settings"])], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_medlm_settings_shows_each_value_and_where_it_came_from(tmp_path):
     run = _run_settings(tmp_path)
     assert run.returncode == 0 and run.stderr == "", run.stderr
-    shown = {line.split("=", 1)[0]: line for line in run.stdout.splitlines() if line.startswith("MEDLM_")}
+    shown, said = {}, {}  # each variable's line; the description below it
+    for line in run.stdout.splitlines():
+        if line.startswith("MEDLM_"):
+            variable = line.split("=", 1)[0]
+            shown[variable], said[variable] = line, []
+        elif line.startswith("    "):
+            said[variable].append(line.strip())
     assert list(shown) == list(VARIABLES.values())  # every setting, in the order of its class
+    assert all(" ".join(said[VARIABLES[name]]) == field.description for name, field in Settings.model_fields.items())
     assert shown["MEDLM_HOME"] == "MEDLM_HOME=.medlm  (default)"
     assert shown["MEDLM_STORE"] == "MEDLM_STORE=.medlm/store  (derived: MEDLM_HOME/store)"
     assert shown["MEDLM_REMOTE"] == "MEDLM_REMOTE=  (unset)"
     assert shown["MEDLM_CONNECT_TIMEOUT"] == "MEDLM_CONNECT_TIMEOUT=120  (default)"
-    assert Settings.model_fields["cores"].description.split()[0] in run.stdout  # and what each sets
     assert not any(tmp_path.iterdir())  # it only looks: nothing made in the folder
 
     home = tmp_path / "my home"
@@ -150,7 +156,10 @@ def test_medlm_settings_shows_each_value_and_where_it_came_from(tmp_path):
     assert lines[-1] == "set, but not settings of medlm (misspelt?): MEDLM_STOER"
 
 
-def test_medlm_settings_refuses_a_bad_value_in_one_line_and_status_2(tmp_path):
+def test_a_bad_value_is_one_line_and_status_2_before_any_command_runs(tmp_path):
     run = _run_settings(tmp_path, MEDLM_CORES="two")
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == "error: MEDLM_CORES='two': expected a valid integer, unable to parse string as an integer\n"
+    run = _run_settings(tmp_path, "store", "ls", MEDLM_CONNECT_TIMEOUT="soon")
+    assert run.returncode == 2 and run.stdout == "" and run.stderr == "error: MEDLM_CONNECT_TIMEOUT='soon': expected a valid number, unable to parse string as a number\n"
+    assert not any(tmp_path.iterdir())
