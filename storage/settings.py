@@ -3,8 +3,8 @@
 A setting belongs to the process that runs (the `medlm` command, a worker and the runs it starts),
 never to a run. ``settings()`` reads the environment when asked, since tests and our own code
 change it at run time (a benchmark widens MEDLM_DATA_ROOTS, a stage passes MEDLM_PARENT_PID to
-the processes it starts); a parse is kept per set of MEDLM_* values, so asking costs a scan of the
-environment. A value that does not parse is one line naming the variable, the value and what is
+the processes it starts); a parse is kept per set of MEDLM_* values, so asking costs a lookup per
+variable. A value that does not parse is one line naming the variable, the value and what is
 expected. `medlm settings` prints them all, with where each came from; docs/running.md's tables
 are checked against the descriptions below (tests/test_docs.py).
 
@@ -60,6 +60,7 @@ def remote_url(url: str) -> str:
     return url
 
 
+# A default derived from something else: its docstring is what `medlm settings` and the docs say it is.
 def _store_under_home(values: dict) -> Path:
     """MEDLM_HOME/store"""
     return values["home"] / "store"
