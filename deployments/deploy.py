@@ -32,7 +32,7 @@ from pathlib import Path
 
 from deployments import code
 from flows.registry import DEPLOYMENTS, NIGHTLY_CRON
-from flows.settings import apply_prefect_defaults
+from flows.prefect_env import apply_prefect_defaults
 from storage.config import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]

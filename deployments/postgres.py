@@ -28,8 +28,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from flows.settings import project_home
+from flows.prefect_env import project_home
 from storage.processes import free_port
+from storage.settings import settings
 
 MIN_VERSION = (14, 9)
 DATABASE = "prefect"
@@ -41,8 +42,8 @@ class PostgresError(RuntimeError):
 
 
 def cluster_dir() -> Path:
-    if setting := os.environ.get("MEDLM_POSTGRES_DIR"):
-        return Path(setting).resolve()
+    if setting := settings().postgres_dir:
+        return setting.resolve()
     if os.geteuid() != 0:
         return project_home() / "postgres"
     project = hashlib.sha256(str(project_home()).encode()).hexdigest()[:16]
@@ -98,7 +99,7 @@ def _init(folder: Path, bins: Path) -> None:
     pwfile.write_text(password + "\n")
     if owner:
         ours = [folder, pwfile]
-        if not os.environ.get("MEDLM_POSTGRES_DIR"):  # the default, ~postgres/medlm/HASH: its parent is private to postgres too
+        if not settings().postgres_dir:  # the default, ~postgres/medlm/HASH: its parent is private to postgres too
             folder.parent.chmod(0o700)
             ours.append(folder.parent)
         for path in ours:

@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 
 from deployments import postgres
-from flows.settings import SERVER_APP, apply_prefect_defaults, auth_file, project_home, wait_healthy
+from flows.prefect_env import SERVER_APP, apply_prefect_defaults, auth_file, project_home, wait_healthy
 from storage import default_root
 from storage.config import ArgumentParser
 from storage.processes import process_start_time
+from storage.settings import settings
 
 PREFECT = Path(sys.executable).with_name("prefect")
 POOLS = ("cpu", "gpu")
@@ -183,7 +184,7 @@ def down(grace_s: float) -> None:
 def clean(grace_s: float) -> None:
     """`make down`, then the PostgreSQL cluster's folder deleted when it is ours (not MEDLM_POSTGRES_DIR's)."""
     down(grace_s)
-    if not os.environ.get("MEDLM_POSTGRES_DIR") and postgres.remove():
+    if not settings().postgres_dir and postgres.remove():
         print(f"removed PostgreSQL's folder {postgres.cluster_dir()}")
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 from deployments import code
 from deployments.deploy import POOLS
 from deployments.serve import worker_env
-from flows.settings import apply_prefect_defaults, project_home
+from flows.prefect_env import apply_prefect_defaults, project_home
 from storage import default_root
 from storage.access import data_roots
 from storage.config import ArgumentParser
 from storage.processes import usable_cores
-from storage.remote import CONNECT_SETTING
+from storage.settings import settings
 
 PREFECT = Path(sys.executable).with_name("prefect")
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="Runs at once on this machine [default: 1 for gpu, no limit for cpu].")
     args = parser.parse_args(argv)
     apply_prefect_defaults()  # PREFECT_HOME; the credentials `make up` made, when this is the head
-    timeout_s = float(os.environ.get(CONNECT_SETTING) or 120)  # as the remote's
+    timeout_s = settings().connect_timeout  # as the remote's
     here = code.record()
     api = check_api(args.pool, timeout_s)
     remote = check_remote()

@@ -1,5 +1,5 @@
 """Prefect flows that chain the stages. Stage code logs to "medlm.*" loggers; Prefect attaches its
-handlers to them (PREFECT_LOGGING_EXTRA_LOGGERS=medlm, see flows/settings.py), and this level lets
+handlers to them (PREFECT_LOGGING_EXTRA_LOGGERS=medlm, see flows/prefect_env.py), and this level lets
 their progress lines through to each run's logs."""
 
 import logging

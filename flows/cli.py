@@ -25,9 +25,10 @@ import time
 import typing
 from pathlib import Path
 
-from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
+from flows.prefect_env import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
 from flows.registry import COMMANDS
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
+from storage.settings import described, settings
 from storage.store import release_holds
 
 OTHER_COMMANDS = {
@@ -39,6 +40,7 @@ OTHER_COMMANDS = {
     "lineage": "Show where an artifact came from, down to the source XML files and their md5s.",
     "chat": "Chat with a fine-tuned model (a finetune ref or folder): its chat template, streamed answers.",
     "worker": "Join a served stack (make up HOST=... on the head) from this machine, as a worker of one pool.",
+    "settings": "Show the MEDLM_* settings medlm reads here: each value, where it came from, and what it sets.",
 }
 
 
@@ -94,10 +96,11 @@ def _stop_after_grace(signals: socket.socket) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("MEDLM_DEBUG", "") not in ("", "0")
+    debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        debug = debug or settings().debug  # a setting that does not parse is the one-line error below
         _dispatch(argv, debug)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -147,6 +150,8 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         return _lineage(argv[1:])
     if command == "chat":
         return _chat(argv[1:])
+    if command == "settings":
+        return _settings(argv[1:])
     if command == "worker":  # the served stack's side (deployments/), reached from the one command users have
         from deployments.worker import main as worker
 
@@ -293,11 +298,16 @@ def _demo(argv: list[str]) -> None:
           " the rest is starting Python, the imports, the tables above and the chat answer")
 
 
+def _settings(argv: list[str]) -> None:
+    ArgumentParser(prog="medlm settings", description=OTHER_COMMANDS["settings"] + " An empty variable counts as unset, but an empty list is a list.").parse_args(argv)
+    print("\n".join(described(settings())))
+
+
 # -- the store ----------------------------------------------------------------------------------------
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", type=Path, help="Artifact store root [default: $MEDLM_STORE or ./.medlm/store].")
+    parser.add_argument("--store", type=Path, help="Artifact store root [default: MEDLM_STORE; `medlm settings` shows it].")
 
 
 def _open_store(args):

@@ -3,20 +3,10 @@
 Anyone who can reach the Prefect API can start a run with parameters of their choosing. A run's
 parameters may still name data (a mirror folder, an exclusion list, a QA dataset, a Hugging Face
 model) and a download source, but only within what the worker that runs it allows, as the store's
-place is the worker's setting (``MEDLM_STORE``):
-
-``MEDLM_DATA_ROOTS``
-    Folders a run may read data from, separated by ``:`` (``os.pathsep``). Default: the
-    repository's bundled sample data (``tests/data``), so the demo runs anywhere.
-``MEDLM_SOURCES``
-    URLs a run may download PubMed from, separated by spaces or commas. Default: NCBI's
-    ``https://ftp.ncbi.nlm.nih.gov/pubmed``.
-``MEDLM_DASK_ADDRESS``
-    The Dask scheduler that ingest parses on (unset: worker processes on this machine). Dask
-    exchanges pickles, so which scheduler a worker talks to is never a run parameter.
-``MEDLM_RENDEZVOUS_HOSTS``
-    Hosts whose torchrun rendezvous a multi-node training run may join (``train.rdzv_endpoint``),
-    separated by spaces or commas. Default: this machine (127.0.0.1, localhost, its hostname).
+place is the worker's setting (``MEDLM_STORE``): ``MEDLM_DATA_ROOTS`` (by default the bundled
+sample data, so the demo runs anywhere), ``MEDLM_SOURCES``, ``MEDLM_DASK_ADDRESS`` (Dask exchanges
+pickles, so which scheduler a worker talks to is never a run parameter) and
+``MEDLM_RENDEZVOUS_HOSTS`` (for ``train.rdzv_endpoint``), described in storage/settings.py.
 
 A path is allowed when, with its symbolic links resolved, it lies in a data root: a link inside a
 root that points out of it is refused. A URL is allowed when its scheme, host and port equal an
@@ -31,8 +21,6 @@ no message quotes what a file holds.
 from __future__ import annotations
 
 import os
-import re
-import socket
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
@@ -40,12 +28,12 @@ from urllib.request import url2pathname
 
 from pydantic import AfterValidator
 
-NCBI_PUBMED = "https://ftp.ncbi.nlm.nih.gov/pubmed"
-BUNDLED_DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
-DATA_ROOTS_SETTING = "MEDLM_DATA_ROOTS"
-SOURCES_SETTING = "MEDLM_SOURCES"
-DASK_SETTING = "MEDLM_DASK_ADDRESS"
-RENDEZVOUS_SETTING = "MEDLM_RENDEZVOUS_HOSTS"
+from storage.settings import NCBI_PUBMED, settings, variable
+
+DATA_ROOTS_SETTING = variable("data_roots")
+SOURCES_SETTING = variable("sources")
+DASK_SETTING = variable("dask_address")
+RENDEZVOUS_SETTING = variable("rendezvous_hosts")
 
 
 class AccessError(PermissionError):
@@ -54,19 +42,12 @@ class AccessError(PermissionError):
 
 def data_roots() -> tuple[Path, ...]:
     """The folders runs in this process may read data from, resolved."""
-    value = os.environ.get(DATA_ROOTS_SETTING)
-    roots = [Path(p) for p in value.split(os.pathsep) if p.strip()] if value is not None else [BUNDLED_DATA]
-    return tuple(Path(os.path.realpath(root)) for root in roots)
-
-
-def allowed_sources() -> tuple[str, ...]:
-    value = os.environ.get(SOURCES_SETTING)
-    return tuple(s for s in re.split(r"[\s,]+", value) if s) if value is not None else (NCBI_PUBMED,)
+    return tuple(Path(os.path.realpath(root)) for root in settings().data_roots)
 
 
 def dask_address() -> str | None:
     """The Dask scheduler this worker parses on, if any."""
-    return os.environ.get(DASK_SETTING) or None
+    return settings().dask_address
 
 
 def check_rendezvous(endpoint: str) -> str:
@@ -74,8 +55,7 @@ def check_rendezvous(endpoint: str) -> str:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{endpoint!r} is not HOST:PORT, e.g. node01:29500")
-    value = os.environ.get(RENDEZVOUS_SETTING)
-    allowed = re.split(r"[\s,]+", value.strip()) if value is not None else ["127.0.0.1", "localhost", socket.gethostname()]
+    allowed = settings().rendezvous_hosts
     if host not in allowed:
         raise AccessError(
             f"{endpoint} is not a rendezvous this process may join ({RENDEZVOUS_SETTING}={' '.join(allowed)}); to allow it, "
@@ -136,10 +116,11 @@ def check_source(location: str, what: str = "") -> str:
     parts = urlsplit(location)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"{what} {location!r}".strip() + f": expected an http(s) URL like {NCBI_PUBMED}, a file:// URL or a folder")
-    if not any(_under(parts, urlsplit(source)) for source in allowed_sources()):
+    allowed = settings().sources
+    if not any(_under(parts, urlsplit(source)) for source in allowed):
         raise AccessError(
             f"{what} {location}".strip() + f" is not among the sources this process may download from ({SOURCES_SETTING}="
-            f"{' '.join(allowed_sources()) or '(none)'}); to allow it, add it to {SOURCES_SETTING} where the flow runs "
+            f"{' '.join(allowed) or '(none)'}); to allow it, add it to {SOURCES_SETTING} where the flow runs "
             f"(a deployment's: the worker's environment)"
         )
     return location

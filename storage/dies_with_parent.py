@@ -14,7 +14,9 @@ import os
 import threading
 import time
 
-_PARENT = int(os.environ.get("MEDLM_PARENT_PID") or os.getppid())
+from storage.settings import settings
+
+_PARENT = settings().parent_pid or os.getppid()
 
 
 def _watch() -> None:

@@ -10,6 +10,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+from storage.settings import settings
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
@@ -51,9 +53,6 @@ def process_age() -> float:
     return float(Path("/proc/uptime").read_text().split()[0]) - started
 
 
-CORES_SETTING = "MEDLM_CORES"
-
-
 def usable_cores() -> int:
     """The cores this process may really use: its CPU affinity, capped by its cgroup's CPU quota (a
     container's --cpus, v2 or v1) and by MEDLM_CORES (a worker's share of a machine it shares)."""
@@ -66,8 +65,6 @@ def usable_cores() -> int:
                 cores = min(cores, max(1, int(quota) // int(period[0])))
         except (OSError, ValueError, IndexError):
             pass
-    if setting := os.environ.get(CORES_SETTING, "").strip():
-        if not setting.isdigit() or int(setting) < 1:
-            raise ValueError(f"{CORES_SETTING}={setting!r}: expected a whole number of cores >= 1")
-        cores = min(cores, int(setting))
+    if share := settings().cores:
+        cores = min(cores, share)
     return cores

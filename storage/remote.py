@@ -35,8 +35,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
-REMOTE_SETTING = "MEDLM_REMOTE"
-CONNECT_SETTING = "MEDLM_CONNECT_TIMEOUT"  # seconds a request is retried, with back-off, before it fails
+from storage.settings import remote_url, settings, variable
+
+REMOTE_SETTING = variable("remote")
+CONNECT_SETTING = variable("connect_timeout")
 _CHUNK = 8 << 20
 
 
@@ -61,15 +63,11 @@ def _reported(method):
             endpoint = f" at {os.environ['AWS_ENDPOINT_URL']}" if os.environ.get("AWS_ENDPOINT_URL") else ""
             first = str(error).strip().splitlines()[0][:300]
             raise RemoteUnreachable(
-                f"the remote {self.url}{endpoint} failed ({first}); retried for up to {_retry_seconds():.0f} s. Check {REMOTE_SETTING}, "
+                f"the remote {self.url}{endpoint} failed ({first}); retried for up to {settings().connect_timeout:.0f} s. Check {REMOTE_SETTING}, "
                 f"AWS_ENDPOINT_URL and the AWS_* credentials where this runs (or raise {CONNECT_SETTING}); nothing was published half-way"
             ) from None
 
     return call
-
-
-def _retry_seconds() -> float:
-    return float(os.environ.get(CONNECT_SETTING) or 120)
 
 
 class RemoteCorrupt(Exception):
@@ -87,18 +85,20 @@ class Remote:
     def __init__(self, url: str):
         from obstore.store import from_url
 
-        if not url.startswith(("s3://", "file://")):
-            raise ValueError(f"{REMOTE_SETTING}={url}: expected s3://bucket/prefix or file:///path")
+        try:
+            remote_url(url)
+        except ValueError as error:
+            raise ValueError(f"{REMOTE_SETTING}={url}: {error}") from None
         if url.startswith("file://"):
             Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         self.url = url
         backoff = {"init_backoff": timedelta(seconds=1), "max_backoff": timedelta(seconds=15), "base": 2}
-        self._store = from_url(url, retry_config={"max_retries": 1000, "retry_timeout": timedelta(seconds=_retry_seconds()), "backoff": backoff})
+        self._store = from_url(url, retry_config={"max_retries": 1000, "retry_timeout": timedelta(seconds=settings().connect_timeout), "backoff": backoff})
         self._manifests: dict[str, dict] = {}  # a manifest never changes once written: read each once
 
     @classmethod
     def from_env(cls) -> "Remote | None":
-        url = os.environ.get(REMOTE_SETTING)
+        url = settings().remote
         return cls(url) if url else None
 
     def __repr__(self) -> str:

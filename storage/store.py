@@ -38,9 +38,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from storage.access import readable, readable_files
 from storage.remote import Remote, RemoteCorrupt
+from storage.settings import settings
 
 MANIFEST = "manifest.json"
-DEFAULT_ROOT = Path(".medlm") / "store"
 KEY_LENGTH = 20  # hex chars of sha256: 80 bits, no collisions at any corpus size we will see
 QUARANTINE = ".quarantine"
 VERIFIED = ".verified"
@@ -61,7 +61,7 @@ class ArtifactError(RuntimeError):
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("MEDLM_STORE", DEFAULT_ROOT))
+    return settings().store
 
 
 def file_digest(path: Path, algorithm: str = "sha256"):
@@ -205,7 +205,7 @@ class Store:
     def __init__(self, root: str | os.PathLike | None = None, remote: str | None = None):
         """``remote``: a URL (default: MEDLM_REMOTE, the process's setting; unset: no remote)."""
         self.root = Path(root) if root is not None else default_root()
-        url = remote if remote is not None else os.environ.get("MEDLM_REMOTE")
+        url = remote if remote is not None else settings().remote
         self.remote = (_REMOTES.get(url) or _REMOTES.setdefault(url, Remote(url))) if url else None
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import prefect_env, wait_healthy
+from flows.prefect_env import prefect_env, wait_healthy
 from storage.processes import die_with_parent, free_port, stop, usable_cores
 from ncbi_server import URL as NCBI_TEST_URL
 

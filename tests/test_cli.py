@@ -353,7 +353,7 @@ def _flow_run_states(cwd: Path, env: dict) -> list[str]:
     """The states of the flow runs on ``cwd``'s home, oldest first, as the next command there sees them."""
     script = (
         "import asyncio\n"
-        "from flows.settings import apply_prefect_defaults, temporary_server\n"
+        "from flows.prefect_env import apply_prefect_defaults, temporary_server\n"
         "apply_prefect_defaults()\n"
         "from prefect.client.orchestration import get_client\n"
         "async def main():\n"
@@ -418,7 +418,7 @@ def test_a_server_is_waited_for_while_it_lives_and_a_dead_or_hung_one_is_named_w
     """A loaded machine starts a Prefect server slowly: we wait while its process lives (not a fixed
     90 or 120 s), fail at once when it dies (its log in the error), and a hung one after
     MEDLM_SERVER_START_TIMEOUT seconds, naming that setting."""
-    from flows.settings import wait_healthy
+    from flows.prefect_env import wait_healthy
 
     slow = textwrap.dedent("""
         import http.server, sys, time

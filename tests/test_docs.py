@@ -1,5 +1,6 @@
 """The README, CONTRIBUTING.md and docs/ name only what exists: every `medlm` command (and `medlm
-store` action), `make` target and `python -m` module they quote, every page they link to."""
+store` action), `make` target, `python -m` module and MEDLM_* setting they quote, every page they
+link to; the settings' tables say what storage/settings.py says."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from flows.cli import OTHER_COMMANDS, main
 from flows.registry import COMMANDS
+from storage.settings import VARIABLES, table_row
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -62,3 +64,23 @@ def test_every_module_the_pages_run_with_python_m_exists():
     assert "benchmarks.demo" in modules
     missing = {name: pages for name, pages in modules.items() if importlib.util.find_spec(name) is None}
     assert not missing, f"modules quoted that do not exist: {missing}"
+
+
+def test_every_setting_the_pages_quote_exists():
+    read_by_the_tests = {"MEDLM_REQUIRE_NETNS"}  # tests/test_cluster.py's, not medlm's (CONTRIBUTING.md)
+    missing = {name: pages for name, pages in quoted(r"MEDLM_[A-Z_]+").items() if name not in {*VARIABLES.values(), *read_by_the_tests}}
+    assert not missing, f"MEDLM_* variables quoted that are no setting (storage/settings.py): {missing}"
+
+
+def test_the_settings_tables_are_the_settings_descriptions():
+    """Each table row of a setting is its generated row (storage/settings.py's table_row), and
+    docs/running.md has a row for every setting."""
+    generated = {f"`{variable}`": table_row(name) for name, variable in VARIABLES.items()}
+    rows = {}
+    for page in PAGES:
+        for row in re.findall(r"(?m)^\| `MEDLM_[A-Z_]+`.*$", page.read_text()):
+            rows.setdefault(row.split(" | ")[0].removeprefix("| "), []).append((page.name, row))
+    stale = [(page, row, generated.get(name)) for name, found in rows.items() for page, row in found if row != generated.get(name)]
+    assert not stale, "settings rows that are not their description (paste the third of each): " + "\n".join(map(str, stale))
+    in_running = {name for name, found in rows.items() if any(page == "running.md" for page, _ in found)}
+    assert in_running == set(generated), f"settings without a row in docs/running.md: {sorted(set(generated) - in_running)}"

@@ -26,7 +26,7 @@ def test_a_new_process_takes_the_cores_it_may_use_its_share_under_torchrun_or_th
     assert _threads_in_a_new_process(MEDLM_CORES="64") == str(usable_cores())  # never more than it has
     assert _threads_in_a_new_process(LOCAL_WORLD_SIZE="2") == str(max(1, usable_cores() // 2))
     assert _threads_in_a_new_process(OMP_NUM_THREADS="3", MEDLM_CORES="1") == "3"
-    assert "MEDLM_CORES='two': expected a whole number of cores >= 1" in _threads_in_a_new_process(MEDLM_CORES="two")
+    assert "MEDLM_CORES='two': expected a valid integer" in _threads_in_a_new_process(MEDLM_CORES="two")
     assert "OMP_NUM_THREADS='0': expected a whole number of threads >= 1" in _threads_in_a_new_process(OMP_NUM_THREADS="0")
 
 

@@ -1,4 +1,6 @@
-"""Environment every Prefect process of ours needs (server, worker, flow run, test).
+"""Environment every Prefect process of ours needs (server, worker, flow run, test): the PREFECT_*
+variables, and the temporary server a command runs its flows on. Our own MEDLM_* settings are
+storage/settings.py's.
 
 Measured on our machines (see the team's NOTES-prefect.md): telemetry lookups fail offline and
 have locked SQLite; a fresh database's migrations take ~25 s, over the 20 s default start-up
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Iterator
 
 from storage.processes import die_with_parent, free_port, process_start_time, stop
+from storage.settings import settings, variable
 
 
 def project_home() -> Path:
-    return Path(os.environ.get("MEDLM_HOME", ".medlm")).resolve()
+    return settings().home.resolve()
 
 
 def prefect_env(home: Path | None = None) -> dict[str, str]:
@@ -57,14 +60,11 @@ def apply_prefect_defaults() -> None:
         os.environ["PREFECT_API_AUTH_STRING"] = auth_file().read_text().strip()
 
 
-START_TIMEOUT_SETTING = "MEDLM_SERVER_START_TIMEOUT"  # seconds a Prefect server of ours may take to answer
-
-
 def wait_healthy(api: str, server: subprocess.Popen, log: Path) -> None:
     """Poll the API until it answers, for as long as the server process lives: on a loaded machine
     a fresh database's migration alone took over 90 s. A limit (MEDLM_SERVER_START_TIMEOUT, 600 s)
     only catches a server that hangs; the error says which setting to raise."""
-    limit = float(os.environ.get(START_TIMEOUT_SETTING) or 600)
+    limit = settings().server_start_timeout
     deadline = time.time() + limit
     while True:
         try:
@@ -76,7 +76,7 @@ def wait_healthy(api: str, server: subprocess.Popen, log: Path) -> None:
                 raise RuntimeError(f"the Prefect server ended (status {server.returncode}) before it answered; {log}:\n{tail or '(empty)'}") from None
             if time.time() > deadline:
                 raise RuntimeError(
-                    f"the Prefect server was still starting after {limit:.0f} s (a loaded machine? raise {START_TIMEOUT_SETTING}); "
+                    f"the Prefect server was still starting after {limit:.0f} s (a loaded machine? raise {variable('server_start_timeout')}); "
                     f"{log}:\n{tail or '(empty: nothing logged yet, no error)'}"
                 ) from None
             time.sleep(0.2)
@@ -93,7 +93,7 @@ def send_prefect_backlog(timeout_s: float = 30) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
-SERVER_APP = "flows.settings:server_app"  # what uvicorn serves, for our temporary servers and `make up`'s
+SERVER_APP = "flows.prefect_env:server_app"  # what uvicorn serves, for our temporary servers and `make up`'s
 
 
 def server_app():
