@@ -18,7 +18,6 @@ the model after each stage and the baseline of every benchmark side by side.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -39,6 +38,7 @@ from tasks.dpo import DPO, DPORun
 from tasks.evaluate import EVALUATE, REPORT_FILE, EvaluationConfig, comparison_rows, rows_markdown
 from tasks.finetune import FINETUNE, FinetuneRun
 from tasks.qa import QASources
+from tasks.qa.registry import PREFERRED, TRAINED
 from tasks.trainset import REMOVING, REPORT_MD, TRAINSET, TrainsetConfig
 
 
@@ -47,11 +47,11 @@ class Curriculum:
     """QA sources to fine-tune on in order, each on its train split, then those whose questions
     preference tuning pairs; the model evaluated after each stage."""
 
-    sources: tuple[Literal["pubmedqa", "medmcqa", "medqa", "instructions"], ...] = Field(
+    sources: tuple[Literal[TRAINED], ...] = Field(  # the datasets that train (tasks/qa/registry.py), an enum for the UI form
         (),
         description="QA sources to fine-tune on, in order, e.g. pubmedqa medmcqa medqa: each starts from the model the previous one made (instructions: every instruction file). Empty: no fine-tuning.",
     )
-    preference_sources: tuple[Literal["pubmedqa", "medmcqa", "medqa"], ...] = Field(
+    preference_sources: tuple[Literal[PREFERRED], ...] = Field(
         (),
         description="Multiple-choice QA sources whose train questions become DPO pairs (gold answer over a distractor), tuned after the fine-tuning, the last fine-tuned model as the reference. Empty: no preference tuning.",
     )
@@ -60,8 +60,7 @@ class Curriculum:
 
 def source_data(source: str, converted: dict[str, Artifact], qa: QASources) -> list[Artifact]:
     """The qa artifacts fine-tuning on a curriculum's source trains on: one source's, or every instruction file's."""
-    names = [Path(p).stem for p in qa.instructions] if source == "instructions" else [source]
-    found = [converted[name] for name in names if name in converted]
+    found = [converted[name] for name in qa.names(source) if name in converted]
     if not found:
         raise ValueError(f"curriculum source {source!r} has no data: set qa.{source} (a file or folder of it)")
     return found

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from tasks.qa.records import Prompting
 
 TARGET_DELIMITER = " "  # between a prompt and its answer (the harness's default)
 FEWSHOT_DELIMITER = "\n\n"  # after each worked example (the harness's default)
@@ -33,25 +36,36 @@ LETTERS = "ABCDEFGHIJ"
 STYLES = ("letters", "cloze")
 
 
+def prompting(record: dict) -> Prompting:
+    """How the dataset whose records have ``record``'s source is prompted (its ``Dataset``:
+    tasks/qa/registry.py); a record of no registered dataset (instruction data, a renamed source)
+    has the plain prompt."""
+    from tasks.qa.records import PLAIN  # tasks/qa declares the datasets; imported when first needed, so model/ loads without it
+    from tasks.qa.registry import BY_NAME
+
+    dataset = BY_NAME.get(record["source"])
+    return dataset.prompting if dataset else PLAIN
+
+
 def doc_to_text(record: dict) -> str:
     """The prompt for one record, ending in "Answer:" (no trailing space: the answer brings it)."""
-    source = record["source"]
+    how = prompting(record)
     lines = []
     if record["context"]:
-        lines.append(("Abstract: " if source == "pubmedqa" else "Context: ") + "\n".join(record["context"]))
+        lines.append(how.context_label + "\n".join(record["context"]))
     lines.append("Question: " + record["question"])
     options = option_lines(record)
-    if options and source == "medmcqa":
-        lines.append("Choices:")
+    if options and how.options_heading:
+        lines.append(how.options_heading)
     lines += options
     return "\n".join(lines) + "\nAnswer:"
 
 
 def option_lines(record: dict) -> list[str]:
-    """The lettered options as a prompt lists them ("A. Aspirin", ...); none for PubMedQA, whose
-    options are the answer words, never listed, and none for free-text items."""
+    """The lettered options as a prompt lists them ("A. Aspirin", ...); none where the options are
+    the answer words (PubMedQA's yes/no/maybe), never listed, and none for free-text items."""
     options = record["options"]
-    if not options or record["source"] == "pubmedqa":
+    if not options or prompting(record).answer_words:
         return []
     if len(options) > len(LETTERS):
         raise ValueError(f"record {record['id']}: {len(options)} options; at most {len(LETTERS)} have letters")
@@ -65,8 +79,8 @@ def choices(record: dict, style: str) -> list[str]:
         raise ValueError(f"record {record['id']} has no options; it is a free-text item, not multiple choice")
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    if record["source"] == "pubmedqa" and style == "letters":
-        raise ValueError("PubMedQA's harness choices are the words yes/no/maybe: use style='cloze'")
+    if style == "letters" and prompting(record).answer_words:
+        raise ValueError(f"record {record['id']}: its options are the answer words ({', '.join(options)}), without letters: use style='cloze'")
     return list(LETTERS[: len(options)]) if style == "letters" else list(options)
 
 
@@ -123,8 +137,9 @@ def select_shots(record: dict, pool: Sequence[dict], k: int) -> tuple[list[dict]
 
 
 def reference(record: dict) -> str:
-    """The free-text answer a generation is compared with: PubMedQA's long answer, else answer_text."""
-    text = record["explanation"] if record["source"] == "pubmedqa" else record["answer_text"]
+    """The free-text answer a generation is compared with: the explanation where the dataset's long
+    answers are its free-text set (PubMedQA's LONG_ANSWER), else answer_text."""
+    text = record["explanation"] if prompting(record).long_answers else record["answer_text"]
     if not text:
         raise ValueError(f"record {record['id']} has no reference answer (explanation/answer_text is empty)")
     return text

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from model.model import IGNORE_INDEX
-from model.prompts import TARGET_DELIMITER, doc_to_text, option_lines, target
+from model.prompts import TARGET_DELIMITER, doc_to_text, option_lines, prompting, target
 
 TEMPLATES = ("eval", "instruction")
 COMPLETIONS = ("letter", "letter+text", "letter+text+explanation")
@@ -60,9 +60,9 @@ def answer(record: dict, completion: str = "letter") -> str:
         raise ValueError(f"completion must be one of {COMPLETIONS}, got {completion!r}")
     if not record["options"]:
         return record["answer_text"].strip()
-    pubmedqa = record["source"] == "pubmedqa"  # its options are the answer words: no letters
-    text = target(record, "cloze" if pubmedqa else "letters")[len(TARGET_DELIMITER):]
-    if completion != "letter" and not pubmedqa:
+    words = prompting(record).answer_words  # PubMedQA's options are the answers: no letters
+    text = target(record, "cloze" if words else "letters")[len(TARGET_DELIMITER):]
+    if completion != "letter" and not words:
         text += ". " + record["options"][record["answer_idx"]]
     if completion == "letter+text+explanation" and (record["explanation"] or "").strip():
         text += "\nExplanation: " + record["explanation"].strip()

@@ -3,7 +3,7 @@ boilerplate, and a report of what each rule removed.
 
 Rules, in order; a document removed by one is counted there and not judged by the next:
 
-1. evaluation PMID: the document is the source of a PubMedQA item of the QA inputs (every split:
+1. evaluation PMID: the document is the article of a QA input's item (PubMedQA's, ``Dataset.pmid``; every split:
    lm-evaluation-harness scores all of PQA-L); the user's own PMID list is the corpus's
    ``exclude_pmids`` and counted in its statistics;
 2. evaluation 13-gram: it shares a 13-gram, normalised as the evaluation's contamination check
@@ -65,6 +65,7 @@ from storage.formats import CorpusPart, corpus_tables, read_records, rebatched, 
 from storage.processes import usable_cores
 from tasks.corpus import DOCUMENT_SCHEMA, LOW_CARDINALITY, ROW_GROUP_ROWS, STATS_FILE, size_in_bytes, write_parquet
 from tasks.corpus import STATE_FILE as CORPUS_STATE_FILE
+from tasks.qa.registry import item_pmid
 
 STATE_FILE = "documents.parquet"  # every document of the corpus: its text's md5, verdict, strips and band keys
 REPORT_JSON = "hygiene.json"
@@ -172,7 +173,7 @@ class Screen:
     @classmethod
     def of(cls, records: Iterable[dict], config: HygieneConfig) -> Screen:
         records = list(records)
-        pmids = {int(r["id"].split(":", 1)[1]) for r in records if r["source"] == "pubmedqa"} if config.evaluation_pmids else set()
+        pmids = {pmid for r in records if (pmid := item_pmid(r)) is not None} if config.evaluation_pmids else set()
         grams = item_ngrams(records) if config.evaluation_ngrams else {}
         return cls(config, frozenset(pmids), frozenset(grams))
 

@@ -34,6 +34,8 @@ from storage import Input, Stage
 from storage.config import config_dataclass
 from storage.formats import MODEL_KINDS
 from storage.lineage import Node, ancestors_first
+from tasks.qa.records import Provenance
+from tasks.qa.registry import BENCHMARKS, DATASETS
 
 CARD_FILE = "README.md"
 LINEAGE_FILE = "lineage.json"
@@ -154,43 +156,21 @@ def data_uses(model: Node, evaluation: Node) -> DataUses:
     )
 
 
-@dataclass(frozen=True)
-class Source:
-    """A dataset as the card names it: the Hub id (the YAML's datasets), its licence or terms, a
-    citation, and where its questions come from (for the card's limitations)."""
-
-    name: str
-    hub: str | None
-    terms: str
-    cite: str
-    scope: str = ""
-
-
-PUBMED = Source(
+PUBMED = Provenance(
     "PubMed/MEDLINE (U.S. National Library of Medicine)", "ncbi/pubmed",
     "NLM's terms for its downloaded data (https://www.nlm.nih.gov/databases/download.html): the citations are U.S. Government works, "
     "free of U.S. copyright, but abstracts may be under their publishers' copyright, and users answer for that; a product built on the "
     "data should say how it was derived and from which release, and must not suggest that NLM endorses it",
     "U.S. National Library of Medicine. MEDLINE/PubMed baseline and update files, https://ftp.ncbi.nlm.nih.gov/pubmed/",
 )
-# By the qa artifact's format (tasks/qa): the licences as each dataset's own repository states them.
-QA_SOURCES = {
-    "pubmedqa": Source("PubMedQA", "qiaojin/PubMedQA", "MIT (https://github.com/pubmedqa/pubmedqa, LICENSE)",
-                       "Jin, Dhingra, Liu, Cohen and Lu. PubMedQA: A Dataset for Biomedical Research Question Answering. EMNLP-IJCNLP 2019",
-                       "PubMed article titles, answered yes, no or maybe from the abstract"),
-    "medmcqa": Source("MedMCQA", "openlifescienceai/medmcqa", "MIT (https://github.com/medmcqa/medmcqa, LICENSE.md; the Hub copy's card says apache-2.0)",
-                      "Pal, Umapathi and Sankarasubbu. MedMCQA: A Large-scale Multi-Subject Multi-Choice Dataset for Medical domain Question Answering. CHIL 2022, PMLR 174:248-260",
-                      "Indian medical entrance exams (AIIMS, NEET PG), so Indian practice, drug names and epidemiology"),
-    "medqa": Source("MedQA (USMLE)", "GBaker/MedQA-USMLE-4-options-hf", "MIT (https://github.com/jind11/MedQA, LICENSE)",
-                    "Jin, Pan, Oufattole, Weng, Fang and Szolovits. What Disease does this Patient Have? A Large-scale Open Domain Question Answering Dataset from Medical Exams. arXiv:2009.13081",
-                    "US medical licensing exams (USMLE), so US practice"),
-}
+# By the qa artifact's format: each dataset's module declares its provenance (tasks/qa/registry.py).
+QA_SOURCES = {d.name: d.provenance for d in DATASETS if d.provenance}
 UNKNOWN_TERMS = "not known to medlm (instruction data in any layout): the terms of whoever published the files apply"
 
 
-def qa_source(node: Node) -> Source:
+def qa_source(node: Node) -> Provenance:
     fmt = str(node.summary.get("format", ""))
-    return QA_SOURCES.get(fmt) or Source(node.label or node.ref, None, UNKNOWN_TERMS, "")
+    return QA_SOURCES.get(fmt) or Provenance(node.label or node.ref, None, UNKNOWN_TERMS, "")
 
 
 def records(node: Node, split: str, outside: bool = False) -> str:
@@ -262,13 +242,10 @@ def standing_lines(found: list[Standing]) -> str:
 # -- the card ------------------------------------------------------------------------------------------------
 
 
-# The Hub datasets our benchmarks are (lm-evaluation-harness's tasks read these), for the model-index.
-HUB_DATASETS = {
-    "pubmedqa": ("qiaojin/PubMedQA", "PubMedQA"),
-    "medmcqa": ("openlifescienceai/medmcqa", "MedMCQA"),
-    "medqa_4options": ("GBaker/MedQA-USMLE-4-options-hf", "MedQA (USMLE, 4 options)"),
-    "medqa_5options": ("bigbio/med_qa", "MedQA (USMLE, 5 options)"),
-    "PubMedQA long answers": ("qiaojin/PubMedQA", "PubMedQA long answers"),
+# The Hub datasets our benchmarks are (lm-evaluation-harness's tasks read these), for the model-index:
+# result name -> (Hub id, name), each dataset's benchmarks and its long answers' set.
+HUB_DATASETS = {b.name: (b.hub, b.hub_title) for b in BENCHMARKS.values()} | {
+    d.prompting.long_answers: (d.provenance.hub, d.prompting.long_answers) for d in DATASETS if d.prompting.long_answers and d.provenance
 }
 
 

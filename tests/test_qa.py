@@ -382,7 +382,7 @@ def test_malformed_file_raises_naming_file_row_and_field(tmp_path):
     [
         ("a_test.jsonl", b'{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}\n{"question": \n', "line 2: not valid JSON"),
         ("b_test.json", b'[{"question": "q", "options": ["x"], "answer_idx": "A"}, 3]', "index 1: the record is a JSON number, not an object"),
-        ("c_test.jsonl", b'{"title": "q", "body": "x"}\n', "line 1: no field 'question' or 'sent1' or 'QUESTION' or 'opa' or 'instruction' (fields: body, title)"),
+        ("c_test.jsonl", b'{"title": "q", "body": "x"}\n', "line 1: no field 'question' or 'QUESTION' or 'sent1' or 'instruction' or 'Patient' or 'input' (fields: body, title); expected PubMedQA, MedMCQA, MedQA or instruction data records"),
         ("d.json", b'{"123": {"QUESTION": "q", "CONTEXTS": "not a list", "final_decision": "yes"}}', "key 123: field 'CONTEXTS' is not a list of text"),
         ("e_test.jsonl", b'{"question": "q", "options": {"A": "x"}, "answer_idx": 0}\n', "line 1: field 'answer_idx' is a JSON number; expected text"),
         ("f_test.jsonl", b"", "no records"),

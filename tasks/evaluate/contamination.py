@@ -19,15 +19,17 @@ def ngrams(text: str, n: int = NGRAM) -> set[str]:
 
 
 def contamination(records: Sequence[dict], corpus_dir: Path) -> dict[str, str]:
-    """id -> how an item overlaps the pretraining corpus, for the items that do: PubMedQA by its
-    PMID (its context is that abstract), the others by a 13-gram of the question found in the
-    corpus text (lower-cased, punctuation and articles dropped)."""
+    """id -> how an item overlaps the pretraining corpus, for the items that do: an item about a
+    PubMed article (PubMedQA's: its dataset's ``pmid``) by that PMID (its context is that abstract),
+    the others by a 13-gram of the question found in the corpus text (lower-cased, punctuation and
+    articles dropped)."""
     from storage.formats import iter_corpus, read_corpus
+    from tasks.qa.registry import item_pmid
 
-    pmids = {int(r["id"].split(":", 1)[1]): r["id"] for r in records if r["source"] == "pubmedqa"}
+    pmids = {pmid: r["id"] for r in records if (pmid := item_pmid(r)) is not None}
     by_gram: dict[str, list[str]] = {}
     for r in records:
-        if r["source"] != "pubmedqa":
+        if item_pmid(r) is None:
             for gram in ngrams(r["question"]):
                 by_gram.setdefault(gram, []).append(r["id"])
     found: dict[str, str] = {}

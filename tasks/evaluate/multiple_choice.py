@@ -1,8 +1,8 @@
-"""Accuracy by log-likelihood on PubMedQA (test), MedMCQA (validation) and MedQA (test, 4 and 5
-options), as lm-evaluation-harness 0.4.13 scores them: acc = argmax of the summed
-log-probabilities, acc_norm = argmax of log-probability / len(choice) in characters (the choice
-string without its leading space; the harness's ``acc_bytes`` would use UTF-8 bytes). Zero- or
-k-shot, "letters" or "cloze" style (model/prompts.py).
+"""Accuracy by log-likelihood on the benchmarks the datasets declare (tasks/qa: PubMedQA (test),
+MedMCQA (validation) and MedQA (test, 4 and 5 options)), as lm-evaluation-harness 0.4.13 scores
+them: acc = argmax of the summed log-probabilities, acc_norm = argmax of log-probability /
+len(choice) in characters (the choice string without its leading space; the harness's
+``acc_bytes`` would use UTF-8 bytes). Zero- or k-shot, "letters" or "cloze" style (model/prompts.py).
 
 Baseline: the best constant answer (always the same option position: its share of the gold
 answers, which beats chance, the mean of 1/options it names, wherever the answer key is
@@ -13,7 +13,6 @@ records have one, else from the evaluated items themselves (the result says whic
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -22,23 +21,8 @@ from model.prompts import TARGET_DELIMITER, choices, fewshot_context, gold_index
 from model.scoring import CausalLM
 from tasks.evaluate.kinds import Kind
 from tasks.evaluate.statistics import format_value, proportion
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    source: str
-    split: str  # the split that is scored
-    n_options: int | None  # records with this many options only (None: any)
-    styles: tuple[str, ...]
-    baseline: str  # "constant" (the best constant answer) or "majority"
-
-
-BENCHMARKS = {
-    "pubmedqa": Benchmark("pubmedqa", "test", None, ("cloze",), "majority"),
-    "medmcqa": Benchmark("medmcqa", "validation", None, ("letters", "cloze"), "constant"),  # test has no labels
-    "medqa_4options": Benchmark("medqa", "test", 4, ("letters", "cloze"), "constant"),
-    "medqa_5options": Benchmark("medqa", "test", 5, ("letters", "cloze"), "constant"),
-}
+from tasks.qa.records import Benchmark
+from tasks.qa.registry import BENCHMARKS  # each dataset's module declares its own (tasks/qa/)
 
 
 def benchmark_records(records: Iterable[dict], name: str) -> tuple[list[dict], list[dict]]:

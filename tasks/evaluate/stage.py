@@ -23,6 +23,7 @@ from tasks.evaluate.multiple_choice import BENCHMARKS, benchmark_records, multip
 from tasks.evaluate.report import REPORT_FILE, evaluation_rows, render_markdown
 from tasks.evaluate.results import RESULTS_FILE, headline_metric, kind_of
 from tasks.evaluate.statistics import format_value
+from tasks.qa.registry import long_answers
 
 log = logging.getLogger("medlm.evaluate")
 
@@ -31,7 +32,7 @@ log = logging.getLogger("medlm.evaluate")
 class EvaluationConfig:
     """What to measure, and how much of it."""
 
-    benchmarks: tuple[Literal["pubmedqa", "medmcqa", "medqa_4options", "medqa_5options"], ...] = Field(
+    benchmarks: tuple[Literal[tuple(BENCHMARKS)], ...] = Field(  # the registry's, as an enum for the UI form
         tuple(BENCHMARKS), description="Multiple-choice benchmarks to score (each where its QA data is given)."
     )
     shots: tuple[int, ...] = Field((0, 5), description="Worked examples in the prompt; one run per number (0: zero-shot).")
@@ -98,10 +99,7 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
 
         plan.append(("new abstracts", held_out))
     if config.generation_items:
-        free_text = {
-            "PubMedQA long answers": [r for r in records if r["source"] == "pubmedqa" and r["split"] == "test" and r["explanation"]],
-            "instruction answers": [r for r in records if not r["options"] and r["split"] != "train"],
-        }
+        free_text = {**long_answers(records), "instruction answers": [r for r in records if not r["options"] and r["split"] != "train"]}
         plan += [(name, partial(generation, lm, sorted(chosen, key=lambda r: r["id"])[: config.generation_items], name, config.max_new_tokens))
                  for name, chosen in free_text.items() if chosen]
     if not plan:

@@ -2,10 +2,10 @@
 
 - ``containers.py``: a file, a folder or a Hugging Face dataset -> units of rows with positions;
 - ``records.py``: the record, the skip reasons, the field helpers and ``Dataset``, what a dataset
-  module declares;
-- ``pubmedqa.py``, ``medmcqa.py``, ``medqa.py``, ``instructions.py``: one dataset each, its
-  detection and its normaliser;
-- ``registry.py``: the datasets, in detection order;
+  module declares (with its ``Prompting``, ``Benchmark``s and ``Provenance``);
+- ``pubmedqa.py``, ``medmcqa.py``, ``medqa.py``, ``instructions.py``: one dataset each, whole:
+  its detection, its normaliser, how it is prompted, scored, trained on and licensed;
+- ``registry.py``: the datasets, in detection order, and every list of them the rest derives;
 - ``stage.py``: ``QAConfig``, ``QASources``, ``convert_qa`` and the ``QA`` stage.
 """
 

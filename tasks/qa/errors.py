@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-EXPECTED = "MedQA, MedMCQA, PubMedQA or instruction records (see tasks/qa/)"
+EXPECTED = "the records of a dataset tasks/qa/registry.py lists"
 
 
 class QAFormatError(ValueError):

@@ -7,13 +7,13 @@ answer too: medAlpaca-style data asks the same question, e.g. "When to seek urge
 care?", with different answers per topic). Split: the file name's, else "train".
 
 Any record with a question and an answer fits, multiple-choice ones too: a record with a field
-that marks it as a multiple-choice dataset's is refused, so such a file given as instruction
+that marks it as another dataset's (``Dataset.marks``) is refused, so such a file given as instruction
 data is an error, never training rows.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from tasks.qa.containers import Pos, Unit
 from tasks.qa.errors import QAFormatError
@@ -31,31 +31,23 @@ def detect(row: dict) -> bool:
     return any(f in row for f in _QUESTION) and any(f in row for f in _ANSWER)
 
 
-def dataset(multiple_choice: Sequence[Dataset]) -> Dataset:
-    """Instruction data that refuses a record one of ``multiple_choice`` marks as its own."""
-    marks = [f for d in multiple_choice for f in d.marks]
-    titles = [d.title for d in multiple_choice]
+def normaliser(unit: Unit, config: QAConfig, info: dict) -> Normaliser:
+    from tasks.qa.registry import DATASETS  # the registry imports this module: read when a file is converted
+
+    marked = [d for d in DATASETS if d.marks]
+    marks = [f for d in marked for f in d.marks]
+    titles = [d.title for d in marked]
     give_as = f"{', '.join(titles[:-1])} or {titles[-1]}"
 
-    def normaliser(unit: Unit, config: QAConfig, info: dict) -> Normaliser:
-        def normalise(row: dict, pos: Pos) -> dict:
-            if mcq := [f for f in marks if f in row]:
-                raise QAFormatError(
-                    unit.name, pos, f"a multiple-choice record (fields: {', '.join(sorted(map(str, row)))}), not an instruction",
-                    f"instruction records; give this file as {give_as} (it has {mcq[0]!r})",
-                )
-            return _normalise(row, pos, unit, config)
+    def normalise(row: dict, pos: Pos) -> dict:
+        if mcq := [f for f in marks if f in row]:
+            raise QAFormatError(
+                unit.name, pos, f"a multiple-choice record (fields: {', '.join(sorted(map(str, row)))}), not an instruction",
+                f"instruction records; give this file as {give_as} (it has {mcq[0]!r})",
+            )
+        return _normalise(row, pos, unit, config)
 
-        return normalise
-
-    return Dataset(
-        name=NAME,
-        title="instruction data",
-        expected="instruction records: instruction, question, Patient or input, and output, answer or Doctor",
-        detect=detect,
-        normaliser=normaliser,
-        question_fields=_QUESTION,
-    )
+    return normalise
 
 
 def _normalise(row: dict, pos: Pos, unit: Unit, config: QAConfig) -> dict:
@@ -73,3 +65,15 @@ def _normalise(row: dict, pos: Pos, unit: Unit, config: QAConfig) -> dict:
         context=[given] if given else [], options=[], answer_idx=None, answer_text=answer,
         explanation=None, meta={"fields": [q_field, a_field]},
     )
+
+
+DATASET = Dataset(
+    name=NAME,
+    title="instruction data",
+    expected="instruction records: instruction, question, Patient or input, and output, answer or Doctor",
+    detect=detect,
+    normaliser=normaliser,
+    question_fields=_QUESTION,
+    data_help="Instruction data (Alpaca instruction/input/output, dialogue exports) for fine-tuning.",
+    many=True,
+)

@@ -19,8 +19,11 @@ from tasks.qa.records import (
     MISSING_OPTION,
     NO_ID,
     NOT_AMONG_OPTIONS,
+    Benchmark,
     Dataset,
     Normaliser,
+    Prompting,
+    Provenance,
     Skip,
     qualified_id,
     record,
@@ -144,5 +147,15 @@ DATASET = Dataset(
     detect=detect,
     normaliser=normaliser,
     question_fields=("question",),
+    data_help="MedMCQA: JSON lines, the CSV-derived array, or a Hugging Face copy (the validation split is scored).",
     marks=("opa",),
+    prompting=Prompting(options_heading="Choices:"),
+    # Its test split has no labels: the validation split is scored.
+    benchmarks=(Benchmark("medmcqa", NAME, "validation", None, ("letters", "cloze"), "constant", "openlifescienceai/medmcqa", "MedMCQA"),),
+    preference=True,
+    provenance=Provenance(
+        "MedMCQA", "openlifescienceai/medmcqa", "MIT (https://github.com/medmcqa/medmcqa, LICENSE.md; the Hub copy's card says apache-2.0)",
+        "Pal, Umapathi and Sankarasubbu. MedMCQA: A Large-scale Multi-Subject Multi-Choice Dataset for Medical domain Question Answering. CHIL 2022, PMLR 174:248-260",
+        "Indian medical entrance exams (AIIMS, NEET PG), so Indian practice, drug names and epidemiology",
+    ),
 )

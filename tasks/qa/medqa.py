@@ -18,8 +18,10 @@ from tasks.qa.errors import QAFormatError, json_type
 from tasks.qa.records import (
     DISAGREE,
     NOT_AMONG_OPTIONS,
+    Benchmark,
     Dataset,
     Normaliser,
+    Provenance,
     Skip,
     digest,
     qualified_id,
@@ -118,5 +120,16 @@ DATASET = Dataset(
     detect=detect,
     normaliser=normaliser,
     question_fields=("question", "sent1"),
+    data_help="MedQA (USMLE): JSON lines with 4 or 5 options, a folder of them, MultiMedQA's option_A..E array, or a Hugging Face copy.",
     marks=("options", "ending0", "option_A"),
+    benchmarks=(
+        Benchmark("medqa_4options", NAME, "test", 4, ("letters", "cloze"), "constant", "GBaker/MedQA-USMLE-4-options-hf", "MedQA (USMLE, 4 options)"),
+        Benchmark("medqa_5options", NAME, "test", 5, ("letters", "cloze"), "constant", "bigbio/med_qa", "MedQA (USMLE, 5 options)"),
+    ),
+    preference=True,
+    provenance=Provenance(
+        "MedQA (USMLE)", "GBaker/MedQA-USMLE-4-options-hf", "MIT (https://github.com/jind11/MedQA, LICENSE)",
+        "Jin, Pan, Oufattole, Weng, Fang and Szolovits. What Disease does this Patient Have? A Large-scale Open Domain Question Answering Dataset from Medical Exams. arXiv:2009.13081",
+        "US medical licensing exams (USMLE), so US practice",
+    ),
 )

@@ -17,8 +17,11 @@ from tasks.qa.errors import QAFormatError, json_type
 from tasks.qa.records import (
     GROUND_TRUTH_DISAGREES,
     NOT_AMONG_OPTIONS,
+    Benchmark,
     Dataset,
     Normaliser,
+    Prompting,
+    Provenance,
     Skip,
     qualified_id,
     record,
@@ -115,5 +118,16 @@ DATASET = Dataset(
     detect=detect,
     normaliser=normaliser,
     question_fields=("question", "QUESTION"),
+    data_help="PubMedQA: a folder with ori_pqal.json and test_ground_truth.json, or a Hugging Face copy.",
     marks=("QUESTION", "CONTEXTS"),
+    side_files=(GROUND_TRUTH_FILE,),
+    prompting=Prompting(context_label="Abstract: ", answer_words=True, long_answers="PubMedQA long answers"),
+    benchmarks=(Benchmark("pubmedqa", NAME, "test", None, ("cloze",), "majority", "qiaojin/PubMedQA", "PubMedQA"),),
+    preference=True,
+    provenance=Provenance(
+        "PubMedQA", "qiaojin/PubMedQA", "MIT (https://github.com/pubmedqa/pubmedqa, LICENSE)",
+        "Jin, Dhingra, Liu, Cohen and Lu. PubMedQA: A Dataset for Biomedical Research Question Answering. EMNLP-IJCNLP 2019",
+        "PubMed article titles, answered yes, no or maybe from the abstract",
+    ),
+    pmid=lambda record: int(record["id"].split(":", 1)[1]),  # the native id is the PMID; its context is that abstract
 )

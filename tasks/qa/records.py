@@ -53,16 +53,71 @@ Normaliser = Callable[[dict, Pos], dict]  # (row, pos) -> record, or Skip, or QA
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """One dataset the qa stage reads: a module in tasks/qa/ declares it, tasks/qa/registry.py lists it."""
+class Prompting:
+    """How a dataset's records are prompted (model/prompts.py reads it)."""
 
-    name: str  # QAConfig.format, the records' default source and id prefix
+    context_label: str = "Context: "  # before the context's lines
+    options_heading: str | None = None  # a line before the lettered options (MedMCQA's "Choices:")
+    answer_words: bool = False  # the options are the answers themselves (yes/no/maybe): never listed, no letters, cloze only
+    long_answers: str | None = None  # its explanation is the reference of a generated answer, in the free-text set of this name
+
+
+PLAIN = Prompting()  # the prompt of a record of no registered dataset (instruction data, a renamed source)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A multiple-choice benchmark of a dataset: which of its records are scored, how, and the Hub
+    dataset lm-evaluation-harness's task reads (the card's model-index names it)."""
+
+    name: str  # EvaluationConfig.benchmarks, the result's name
+    source: str  # the records' source (the dataset's name)
+    split: str  # the split that is scored
+    n_options: int | None  # records with this many options only (None: any)
+    styles: tuple[str, ...]  # model/prompts.py STYLES; "cloze" only where the options are the answer words
+    baseline: str  # "constant" (the best constant answer) or "majority"
+    hub: str
+    hub_title: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a dataset comes from, as the model card names it: the Hub id (the YAML's datasets),
+    its licence or terms, a citation, and where its questions come from (for the limitations)."""
+
+    name: str
+    hub: str | None
+    terms: str
+    cite: str
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset, whole: a module declares it (``DATASET``), tasks/qa/registry.py lists the
+    module, and every list of datasets (the qa sources, the curriculum's names, the benchmarks,
+    the card's Hub ids and licences) is derived from that registry."""
+
+    name: str  # QAConfig.format, the records' default source and id prefix, QASources' field
     title: str  # in messages
     expected: str  # what a file given as this dataset must hold, for errors
     detect: Callable[[dict], bool]  # whether a file whose first record is this one is this dataset
     normaliser: Callable[[Unit, QAConfig, dict], Normaliser]  # (unit, config, the file's report) -> Normaliser
     question_fields: tuple[str, ...]  # where a row's question is, for the report's examples
+    data_help: str  # QASources' description of the field that names its data
     marks: tuple[str, ...] = ()  # fields only its records have: a record with one is never instruction data
+    side_files: tuple[str, ...] = ()  # files beside the data that are not records (PubMedQA's test_ground_truth.json)
+    many: bool = False  # QASources takes several files, each converted on its own (named by its stem)
+    prompting: Prompting = PLAIN  # how its records are prompted (model/prompts.py)
+    benchmarks: tuple[Benchmark, ...] = ()  # what the evaluation scores of it
+    trains: bool = True  # a curriculum may fine-tune on its train split
+    preference: bool = False  # its train questions can become DPO pairs (gold answer over a distractor)
+    provenance: Provenance | None = None  # None: the card says its terms are not known to medlm
+    pmid: Callable[[dict], int] | None = None  # the PubMed article a record is about: its abstract is evaluation data
+
+    def __post_init__(self):
+        if wrong := [b.name for b in self.benchmarks if b.source != self.name]:
+            raise ValueError(f"dataset {self.name}: benchmark {wrong[0]} scores source records other than its own; set its source to {self.name!r}")
 
 
 def require(row: dict, unit: Unit, pos: Pos, *fields: str | tuple[str, ...]) -> None:

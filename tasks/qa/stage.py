@@ -43,7 +43,7 @@ from tasks.qa.containers import Unit, units, unwrap
 from tasks.qa.errors import EXPECTED, QAFormatError, json_type
 from tasks.qa.pubmedqa import GROUND_TRUTH_FILE
 from tasks.qa.records import DUPLICATE_ID, QA_SCHEMA, Skip
-from tasks.qa.registry import BY_NAME, FORMATS, QUESTION_FIELDS, detect
+from tasks.qa.registry import BY_NAME, DATASETS, FORMATS, QUESTION_FIELDS, SIDE_FILES, detect
 
 REPORT_FILE = "report.json"
 _BATCH_ROWS = 1000
@@ -101,21 +101,41 @@ class QAConfig:
         return self
 
 
-@config_dataclass
-class QASources:
-    """Where the QA datasets are: a file or folder each, in any layout the qa stage reads (unset: not used)."""
+def _configs(self) -> dict[str, QAConfig]:
+    """name -> the qa stage's config for each source given, read as the dataset it is given as:
+    a dataset's name, or for one given as several files (instruction data) each file's stem."""
+    return {name: QAConfig(source=path, format=dataset, clean_text=self.clean_text) for dataset in FORMATS for name, path in _given(self, dataset).items()}
 
-    pubmedqa: DataPath | None = Field(None, description="PubMedQA: a folder with ori_pqal.json and test_ground_truth.json, or a Hugging Face copy.")
-    medmcqa: DataPath | None = Field(None, description="MedMCQA: JSON lines, the CSV-derived array, or a Hugging Face copy (the validation split is scored).")
-    medqa: DataPath | None = Field(None, description="MedQA (USMLE): JSON lines with 4 or 5 options, a folder of them, MultiMedQA's option_A..E array, or a Hugging Face copy.")
-    instructions: tuple[DataPath, ...] = Field((), description="Instruction data (Alpaca instruction/input/output, dialogue exports) for fine-tuning.")
-    clean_text: bool = Field(False, description=CLEAN_TEXT)
 
-    def configs(self) -> dict[str, QAConfig]:
-        """name -> the qa stage's config for each source given, read as the dataset it is given as."""
-        named = {"pubmedqa": ("pubmedqa", self.pubmedqa), "medmcqa": ("medmcqa", self.medmcqa), "medqa": ("medqa", self.medqa)}
-        named |= {Path(p).stem: ("instructions", p) for p in self.instructions}
-        return {name: QAConfig(source=path, format=kind, clean_text=self.clean_text) for name, (kind, path) in named.items() if path}
+def _given(self, dataset: str) -> dict:
+    """name -> path of what is given of ``dataset`` (nothing when unset)."""
+    value = getattr(self, dataset)
+    return {Path(p).stem: p for p in value} if BY_NAME[dataset].many else {dataset: value} if value else {}
+
+
+def _names(self, dataset: str) -> list[str]:
+    """The names ``configs`` gives ``dataset``'s data (a curriculum's source -> the qa artifacts it trains on)."""
+    return list(_given(self, dataset))
+
+
+def _sources_class() -> type:
+    """QASources: one field per registered dataset, named as it (a path, or several for a dataset
+    given as many files), then clean_text; built from the registry, so the CLI's options, the run
+    configuration's [qa] table and the UI form follow a new dataset."""
+    fields = {d.name: (tuple[DataPath, ...], Field((), description=d.data_help)) if d.many else (DataPath | None, Field(None, description=d.data_help))
+              for d in DATASETS}
+    fields["clean_text"] = (bool, Field(False, description=CLEAN_TEXT))
+    namespace = {
+        "__doc__": "Where the QA datasets are: a file or folder each, in any layout the qa stage reads (unset: not used).",
+        "__module__": __name__, "__qualname__": "QASources",
+        "__annotations__": {name: kind for name, (kind, _) in fields.items()},
+        **{name: default for name, (_, default) in fields.items()},
+        "configs": _configs, "names": _names,
+    }
+    return config_dataclass(type("QASources", (), namespace))
+
+
+QASources = _sources_class()
 
 
 # -- output and report ---------------------------------------------------------------------------
@@ -187,7 +207,7 @@ def convert_qa(config: QAConfig, out_dir: Path) -> dict:
             seen: set[str] = set()
             for unit in units(
                 None if source is None else Path(source), Path(tmp),
-                hub_dataset=config.hub_dataset, hub_config=config.hub_config, side_files=(GROUND_TRUTH_FILE,),
+                hub_dataset=config.hub_dataset, hub_config=config.hub_config, side_files=SIDE_FILES,
             ):
                 _convert_unit(unit, config, output, seen, report)
         ok = True
