@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     cores: int | None = Field(None, ge=1, description="The cores this process may use (torch threads, worker processes), its share of a shared machine; unset: what the affinity mask and the cgroup's CPU quota allow.")
     server_start_timeout: Seconds = Field(600, description="Seconds a Prefect server we start may take to answer while its process lives.")
     postgres_dir: Path | None = Field(None, description="The PostgreSQL cluster of `make up`; unset: MEDLM_HOME/postgres, or as root ~postgres/medlm/HASH (its owner must reach it).")
+    datasets: Words = Field((), description="Dataset modules (space- or comma-separated) registered beside tasks/qa/registry.py's own: a plugin's, a test's; every process that runs medlm needs them.")
     debug: bool = Field(False, description="1: a failing command shows its traceback, as --debug does.")
     parent_pid: int | None = Field(None, description="Set by a stage for the processes it starts: the process they end with (storage/dies_with_parent.py).")
     bench_results: Path = Field(REPO / "benchmarks" / "results", description="Where benchmarks record their figures (`make bench`: a quick run's folder).")
@@ -155,7 +156,7 @@ def table_row(name: str) -> str:
     if field.default_factory:
         default = field.default_factory.__doc__
     else:
-        default = "unset" if field.default is None else f"`{shown(field.default).replace(f'{REPO}{os.sep}', '')}`"
+        default = "unset" if field.default in (None, ()) else f"`{shown(field.default).replace(f'{REPO}{os.sep}', '')}`"
     return f"| `{VARIABLES[name]}` | {field.description} | {default} |"
 
 

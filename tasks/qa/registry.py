@@ -11,9 +11,9 @@ registry when they are imported, so a dataset must be registered before that, no
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
+from storage.settings import settings
 from tasks.qa.containers import Pos, Unit
 from tasks.qa.errors import QAFormatError, json_type
 from tasks.qa.records import Benchmark, Dataset
@@ -34,8 +34,7 @@ def _load(module: str) -> Dataset:
 
 
 def _modules() -> list[str]:
-    extra = [m.strip() for m in os.environ.get(ENVIRONMENT, "").split(",") if m.strip()]
-    return list(dict.fromkeys([*MODULES, *extra, CATCH_ALL]))
+    return list(dict.fromkeys([*MODULES, *settings().datasets, CATCH_ALL]))
 
 
 DATASETS = tuple(_load(m) for m in _modules())
