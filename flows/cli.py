@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         _dispatch(argv, debug)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `medlm ... | head` has read what it wanted: no error, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Terminated:
         print(STOPPED, file=sys.stderr, flush=True)
         sys.stdout.flush()

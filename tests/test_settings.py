@@ -163,3 +163,14 @@ def test_a_bad_value_is_one_line_and_status_2_before_any_command_runs(tmp_path):
     run = _run_settings(tmp_path, "store", "ls", MEDLM_CONNECT_TIMEOUT="soon")
     assert run.returncode == 2 and run.stdout == "" and run.stderr == "error: MEDLM_CONNECT_TIMEOUT='soon': expected a valid number, unable to parse string as a number\n"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path):
+    """`medlm settings | head -1`: the pipe closes before the output is written; the command ends
+    as a shell expects of it (status 141, SIGPIPE's), not with "error: [Errno 32] Broken pipe"."""
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: the first write fails
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}
+    run = subprocess.run([str(MEDLM), "settings"], cwd=tmp_path, env=env, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(writer)
+    assert (run.returncode, run.stderr) == (141, "")
