@@ -68,6 +68,7 @@ HELD_OUT_HELP = ("A corpus snapshot built after the model's, e.g. corpus/3f9a...
 
 @flow(name="evaluate")
 def evaluate(
+    *,
     evaluation: EvaluationConfig = EvaluationConfig(),
     qa: QASources = QASources(),
     model_ref: Annotated[str | None, Field(description="Checkpoint to evaluate, e.g. finetune/3f9a... (unset: the newest; not used with hf_model).")] = None,

@@ -101,6 +101,7 @@ def comparison(store: Store, evaluation_refs: list[str]) -> list[dict]:
 
 @flow(name="finetune")
 def finetune(
+    *,
     finetune: FinetuneConfig = FinetuneConfig(),
     finetune_optim: OptimConfig = OptimConfig(),
     finetune_run: RunConfig = RunConfig(),

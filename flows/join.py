@@ -19,6 +19,7 @@ from model.distributed import join as join_launch
 
 @flow(name="join")
 def join(
+    *,
     rdzv_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The run's rdzv_id, as its stage was given it.")],
     timeout_s: Annotated[float, Field(ge=1, le=86400, description="Seconds to wait for the stage to announce the run.")] = 600,
 ) -> None:

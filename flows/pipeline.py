@@ -69,6 +69,7 @@ class HeldOut:
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
 def pipeline(
+    *,
     source: SourceConfig = SourceConfig(),
     corpus: CorpusConfig = CorpusConfig(),
     hygiene: HygieneConfig = HygieneConfig(),

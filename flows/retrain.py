@@ -15,6 +15,7 @@ from tasks.pretrain import PRETRAIN, shards_tokenizer, shards_vocab
 
 @flow(name="retrain")
 def retrain(
+    *,
     shape: ModelShape = ModelShape(),
     optim: OptimConfig = OptimConfig(),
     run: RunConfig = RunConfig(),

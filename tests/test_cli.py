@@ -414,6 +414,20 @@ def test_a_table_has_one_class_and_an_option_one_name_in_every_command():
     assert spellings["tokenizer.vocab_size"] == {("--vocab-size",)} and spellings["shape.preset"] == {("--preset",)}
 
 
+
+def test_every_flow_takes_its_parameters_by_name_only():
+    """A flow has several tables of one class (the pipeline's optim, finetune_optim and dpo_optim):
+    passed in a row, two swapped would pass every type check and train with the other's settings."""
+    import inspect
+
+    from flows.registry import FLOWS
+
+    for entry in FLOWS:
+        parameters = inspect.signature(entry.load().fn).parameters.values()
+        assert [p.name for p in parameters if p.kind is not p.KEYWORD_ONLY] == [], entry.entrypoint
+    with pytest.raises(TypeError, match="positional argument"):
+        FLOWS[0].load().fn(object())
+
 def test_a_server_is_waited_for_while_it_lives_and_a_dead_or_hung_one_is_named_with_the_setting(tmp_path, monkeypatch):
     """A loaded machine starts a Prefect server slowly: we wait while its process lives (not a fixed
     90 or 120 s), fail at once when it dies (its log in the error), and a hung one after

@@ -99,7 +99,7 @@ def asset_events(api_url: str, resource: str, flow_run_id, expect: int = 1, wait
 
 
 def ingest(source, **kwargs):
-    return ingest_flow(SourceConfig(source=str(source), **kwargs.pop("selection", {})), **kwargs)
+    return ingest_flow(source=SourceConfig(source=str(source), **kwargs.pop("selection", {})), **kwargs)
 
 
 def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, prefect_server):
