@@ -132,10 +132,10 @@ def _dispatch(argv: list[str], debug: bool) -> None:
             _console_without_tracebacks()
         return _run_flow(command, argv[1:]) if command in COMMANDS else _demo(argv[1:])
     if command == "train":
-        from model.train import main as train_main
+        from model.training_stages import PRETRAINING
 
         _refuse_output_in_store(_value_of("--out", argv[1:]))
-        train_main(argv[1:], prog="medlm train")
+        PRETRAINING.main(argv[1:], prog="medlm train")
         return
     if command == "export-hf":
         return _export_hf(argv[1:])
