@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 
 from flows.settings import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
-from flows.registry import COMMANDS
+from flows.registry import COMMANDS, current_name
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
 from storage.store import release_holds
 
@@ -123,7 +123,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _dispatch(argv: list[str], debug: bool) -> None:
-    command = argv[0] if argv and not argv[0].startswith("-") else None
+    command = current_name("command", argv[0]) if argv and not argv[0].startswith("-") else None
     if command == "release" and argv[1:2] == ["push"]:
         return _push_release(argv[2:])
     if command in COMMANDS or command == "demo":

@@ -1,7 +1,7 @@
 """join: this machine joins a multi-node training run that another machine's stage announced.
 
 The Prefect side of `medlm join` (model/distributed.py): deployed as `join/join` on the gpu pool,
-so a multi-node run can start from the UI: a `retrain` (or `finetune`) run with run.nodes = N,
+so a multi-node run can start from the UI: a `pretrain` (or `finetune`) run with run.nodes = N,
 rdzv_endpoint and rdzv_id, and N - 1 `join` runs with that rdzv_id. Prefect places each run on
 whichever worker takes it first and starts none together (it has no gang scheduling): with one
 gpu worker per machine, each started with `--limit 1`, N runs created at once land on N machines.

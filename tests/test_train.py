@@ -248,10 +248,10 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
 
 
 def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
-    from flows.retrain import retrain
+    from flows.pretrain import pretrain
 
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
-    ref = retrain(shape=ModelShape(preset="tiny"), optim=OptimConfig(max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
+    ref = pretrain(shape=ModelShape(preset="tiny"), optim=OptimConfig(max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
     checkpoint = store.require(ref)
     assert checkpoint.kind == "pretrain" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
     assert checkpoint.params["optim"]["max_steps"] == 3 and checkpoint.summary["steps"] == 3
