@@ -237,7 +237,7 @@ def _run_flow(command: str, argv: list[str]):
     """Every option and configuration value is checked (types, bounds, the data paths a run may
     read) before a Prefect server starts: a wrong value costs the imports, not a server start."""
     flow = _load_flow(command)
-    args = _flow_parser(command, flow).parse_args(argv)
+    args = _flow_parser(command, flow).parse_args([_current_option(arg) for arg in argv])
     kwargs = flow_arguments(flow, args)
     if before_start := getattr(sys.modules[flow.fn.__module__], "before_start", None):  # checks of a flow that need the store or the machine
         before_start(kwargs, read_run_config(args.config) if args.config else {}, args.config)
@@ -254,6 +254,12 @@ def _run_flow(command: str, argv: list[str]):
             send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)
     return result
+
+
+def _current_option(arg: str) -> str:
+    """An option given by an old name (flows/registry.py ALIASES) as its new one, a value given with = kept."""
+    option, equals, value = arg.partition("=")
+    return current_name("option", option) + equals + value if option.startswith("--") else arg
 
 
 def _demo(argv: list[str]) -> None:

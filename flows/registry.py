@@ -71,6 +71,7 @@ class Alias:
 ALIASES = (
     Alias("command", "retrain", "pretrain"),
     Alias("deployment", "flows/retrain.py:retrain", "flows/pretrain.py:pretrain"),  # retrain/retrain, as a stack registered before the rename has it
+    Alias("option", "--hf-base", "--hf-model"),  # finetune's: the store's kind for such a model is hf_model, and evaluate's option
     Alias("option", "--retrain-after-ingest", "--pretrain-after-ingest"),  # python -m deployments.deploy's (make up DEPLOY_ARGS=...)
 )
 

@@ -211,7 +211,7 @@ def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp
             "an exclusion list's content": ("ingest/nightly-ingest", {"source": {"source": server.url}, "corpus": {"exclude_pmids_file": str(allowed / "pmids.txt")}}, "line 2: not a PMID"),
             "QA data": ("evaluate/evaluate", {"qa": {"pubmedqa": str(secret / "pubmedqa")}}, "MEDLM_DATA_ROOTS="),
             "a model to evaluate": ("evaluate/evaluate", {"qa": qa, "hf_model": str(secret)}, "MEDLM_DATA_ROOTS="),
-            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"sources": ["pubmedqa"]}, "hf_base": str(secret)}, "MEDLM_DATA_ROOTS="),
+            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"sources": ["pubmedqa"]}, "hf_model": str(secret)}, "MEDLM_DATA_ROOTS="),
         }
         runs = {what: run_deployment(name, parameters=parameters, timeout=0) for what, (name, parameters, _) in attempts.items()}
         with pytest.raises(PrefectHTTPStatusError, match="dask_address"):  # no such parameter: refused before a run exists

@@ -79,7 +79,12 @@ def test_an_old_command_runs_its_new_name_and_says_so(capsys):
     assert err == "note: the command retrain is now pretrain; the old name still works for now, but use the new one\n"
 
 
-def test_an_old_option_is_taken_as_its_new_one_and_says_so():
+def test_an_old_option_is_taken_as_its_new_one_and_says_so(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--sources", "pubmedqa", "--hf-base", "/root"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "note: the option --hf-base is now --hf-model;" in err
+    assert "error: hf_model: /root is outside the folders this process may read" in err  # read as --hf-model, and checked as one
     deploy = subprocess.run([sys.executable, "-m", "deployments.deploy", "--retrain-after-ingest", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert deploy.returncode == 0 and "--pretrain-after-ingest" in deploy.stdout
     assert deploy.stderr == "note: the option --retrain-after-ingest is now --pretrain-after-ingest; the old name still works for now, but use the new one\n"
