@@ -136,7 +136,7 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
         run_deployment("pretrain/pretrain", parameters={"optim": {"max_steps": -5}}, timeout=120)
 
 
-def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, workers):
+def test_nightly_ingests_and_a_pretrain_at_the_same_time_on_one_store(tmp_path, workers):
     """Two nightly runs (a manual one beside the scheduled one) and a pretrain, all at once: every file
     is fetched once, every artifact built once, and the store verifies afterwards."""
     from prefect.deployments import run_deployment as start
