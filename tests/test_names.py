@@ -54,6 +54,15 @@ def test_every_name_medlm_takes_is_current_or_in_the_alias_table():
                   and node.left.id == "command" and isinstance(node.comparators[0], ast.Constant)}
     assert dispatched and dispatched <= commands, dispatched - commands
     options = {action.option_strings[0] for entry in COMMANDS.values() for action in _parser(entry)._actions if action.option_strings}
+    # The bundled run configurations' tables and settings are the pipeline's, by their current names.
+    from flows.cli import flow_parameters
+    from storage.config import CONFIG_DIR, make_config, read_run_config
+
+    tables = flow_parameters(COMMANDS["pipeline"].load())[0]
+    for config in sorted(CONFIG_DIR.glob("*.toml")):
+        for table, values in read_run_config(config).items():
+            assert table in tables, f"{config.name}: [{table}]"
+            make_config(tables[table], values, where=f"{config.name} [{table}]")  # an unknown setting is refused
     for alias in ALIASES:
         assert alias.old != alias.new and alias.new not in {a.old for a in ALIASES}, alias  # no chain: an old name says the current one
         current = {"command": commands, "deployment": {d.entrypoint for d in DEPLOYMENTS}, "option": options | _deploy_options()}[alias.kind]
