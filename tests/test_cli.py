@@ -332,7 +332,7 @@ def _reads(path: Path) -> bytes:
         return b""
 
 
-def test_retrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
+def test_pretrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
     """`pretrain --config full` on a store whose newest shards are another tokenizer's; then on
     those shards named, at a batch no machine holds: one line each, and no server started."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}

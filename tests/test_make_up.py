@@ -160,7 +160,7 @@ def _field(page, label: str):
     ).first
 
 
-def test_retrain_from_the_ui_then_read_its_lineage(stack):
+def test_pretrain_from_the_ui_then_read_its_lineage(stack):
     """A user in a real browser: the login page (the API's credentials `make up` printed) ->
     Deployments -> pretrain -> Run -> Custom run with other values -> Completed -> the run's
     lineage artifact, down to the source XML files."""

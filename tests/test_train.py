@@ -247,7 +247,7 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
     assert PRETRAIN.run(store, inputs, cfg.replace(log_every=2, keep_last=1)).reused  # how, not what: same artifact
 
 
-def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
+def test_pretrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
     from flows.pretrain import pretrain
 
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
