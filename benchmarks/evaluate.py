@@ -6,7 +6,7 @@ generation against transformers' ``generate``.
 
 Model: the ``tiny`` preset (4 layers, d_model 128, 256-token context), trained for --steps on the
 repository's two 1,500-article PubMed samples through the real stages (parse, corpus, tokenizer,
-binarize, train), then exported with model/export_hf.py. Everything is cached under --work, so a
+encode_corpus, train), then exported with model/export_hf.py. Everything is cached under --work, so a
 rerun only measures. Each --vocab is its own tokenizer and model: the vocabulary sets the size
 of the output layer, the largest share of a tiny model's work, and so the ratio between scorers.
 
@@ -64,7 +64,7 @@ from model.checkpoint import latest_checkpoint, load_checkpoint_config
 from model.train import TrainConfig, train
 from storage import Store
 from storage.formats import load_tokenizer
-from tasks.shards import binarize_corpus
+from tasks.shards import encode_corpus
 from model.prompts import doc_to_text
 from tasks.evaluate import benchmark_records, multiple_choice, shard_documents, shards_perplexity
 from tests.eval_records import LOCAL_TASKS, load_records
@@ -76,7 +76,7 @@ def build_model(work: Path, vocab: int, steps: int) -> tuple[Path, Path, Path, d
     corpus, tokenizer = prepare(SAMPLES, store, vocab)
     shards = work / "shards"
     if not (shards / "meta.json").is_file():
-        binarize_corpus(corpus.path, tokenizer.file("tokenizer.json"), shards, val_fraction=0.05, test_fraction=0.05)
+        encode_corpus(corpus.path, tokenizer.file("tokenizer.json"), shards, val_fraction=0.05, test_fraction=0.05)
     config = TrainConfig.of(preset="tiny", max_steps=steps, batch_size=8, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                             eval_every=steps, checkpoint_every=steps, eval_windows=16, device="cpu")
     summary = train(config, shards, work / "run")

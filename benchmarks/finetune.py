@@ -15,7 +15,7 @@ Runs, all the same number of optimizer steps from the same weights:
 - ours, padding: ``--batch`` examples a step, each micro-batch padded to its longest row;
 - ours, packing: rows of max_length tokens filled with several examples, as many rows a step as
   make about ``--batch`` examples, so both see the same examples per step and per epoch;
-- ours on the same network as a Hugging Face LlamaForCausalLM (``hf_base``), padding;
+- ours on the same network as a Hugging Face LlamaForCausalLM (``hf_model``), padding;
 - TRL's SFTTrainer on that LlamaForCausalLM: the same data order (our epochs' permutations
   in sequence, its sampler sequential), batch, optimizer, schedule and clipping; padding (its
   default), fp32, truncation keeping the end as ours does;

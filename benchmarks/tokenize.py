@@ -5,13 +5,13 @@
 The XML goes through the real parse and corpus stages, a tokenizer is fitted (32k vocab by
 default), all cached in a store under --work. Then, interleaved and repeated:
 
-- limit:     ``encode_batch_fast`` on the corpus texts already in memory, in batches as binarize
+- limit:     ``encode_batch_fast`` on the corpus texts already in memory, in batches as encode_corpus
              uses them (Rust threads on every core): the fastest the library encodes here;
-- binarize:  ``binarize_corpus`` end to end (Parquet in, split, [EOS], uint16 shards out);
-- alternatives binarize could have used: ``encode_batch`` (keeps offsets) and a process pool with
+- encode_corpus: ``encode_corpus`` end to end (Parquet in, split, [EOS], uint16 shards out);
+- alternatives encode_corpus could have used: ``encode_batch`` (keeps offsets) and a process pool with
              one single-threaded tokenizer per core.
 
-Prints tokens/s and binarize/limit (target >= 0.8), and writes benchmarks/results/tokenize.json.
+Prints tokens/s and encode_corpus/limit (target >= 0.8), and writes benchmarks/results/tokenize.json.
 Both per wall second and per CPU second: on a machine shared with other work the wall figures
 swing with the neighbours' load, the CPU figures much less.
 Without --xml it uses the repository's two 1,500-article samples (too small to time well); the
@@ -40,7 +40,7 @@ from storage.formats import CORPUS_BATCH, load_tokenizer, read_corpus
 from tasks.corpus import CORPUS, CorpusConfig
 from tasks.download import DOWNLOAD, RemoteFile, file_seq
 from tasks.parse import PARSE, ParseConfig
-from tasks.shards import binarize_corpus
+from tasks.shards import encode_corpus
 from tasks.tokenizer import TOKENIZER, TokenizerConfig
 
 SAMPLES = sorted((REPO / "tests" / "data" / "pubmed" / "mirror").glob("*/*.xml.gz"))
@@ -80,9 +80,9 @@ def time_encode(tokenizer, texts: list[str], method: str) -> tuple[int, Clock]:
     return tokens, clock
 
 
-def time_binarize(corpus_dir: Path, tokenizer_json: Path) -> tuple[int, Clock]:
+def time_encode_corpus(corpus_dir: Path, tokenizer_json: Path) -> tuple[int, Clock]:
     with tempfile.TemporaryDirectory() as out, Clock() as clock:
-        summary = binarize_corpus(corpus_dir, tokenizer_json, Path(out), val_fraction=0.005, test_fraction=0.005)
+        summary = encode_corpus(corpus_dir, tokenizer_json, Path(out), val_fraction=0.005, test_fraction=0.005)
     return sum(summary[f"{s}_tokens"] for s in ("train", "val", "test")), clock
 
 
@@ -104,7 +104,7 @@ def _worker_encode(texts: list[str]) -> tuple[bytes, float]:
 
 
 def time_process_pool(pool: ProcessPoolExecutor, texts: list[str]) -> tuple[int, Clock]:
-    """Encode in worker processes and ship the uint16 ids back, as a pooled binarize would.
+    """Encode in worker processes and ship the uint16 ids back, as a pooled encode_corpus would.
     Its CPU time is this process's plus what the workers report."""
     with Clock() as clock:
         results = list(pool.map(_worker_encode, batches(texts)))
@@ -124,7 +124,7 @@ def main() -> None:
     corpus_dir, tokenizer_json = corpus.path, tokenizer.file("tokenizer.json")
     texts = read_corpus(corpus_dir, ["text"])["text"].to_pylist()
     encoder = load_tokenizer(tokenizer_json)
-    runs: dict[str, list[float]] = {"limit": [], "binarize": [], "encode_batch": [], "process_pool": []}
+    runs: dict[str, list[float]] = {"limit": [], "encode_corpus": [], "encode_batch": [], "process_pool": []}
     cpu_runs: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, int] = {}
     with ProcessPoolExecutor(os.cpu_count(), mp.get_context("spawn"), _worker_init, (str(tokenizer_json),)) as pool:
@@ -132,7 +132,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so a noisy neighbour hurts every variant alike
             for name, measure in (
                 ("limit", lambda: time_encode(encoder, texts, "encode_batch_fast")),
-                ("binarize", lambda: time_binarize(corpus_dir, tokenizer_json)),
+                ("encode_corpus", lambda: time_encode_corpus(corpus_dir, tokenizer_json)),
                 ("encode_batch", lambda: time_encode(encoder, texts, "encode_batch")),
                 ("process_pool", lambda: time_process_pool(pool, texts)),
             ):
@@ -142,12 +142,12 @@ def main() -> None:
                 tokens[name] = count
                 print(f"{name:>13}: {count / clock.wall:10,.0f} tokens/s {count / clock.cpu:10,.0f} tokens/cpu-s",
                       file=sys.stderr)
-    # binarize also writes an [EOS] per document; compare like with like.
-    assert tokens["binarize"] == tokens["limit"] + len(texts), tokens
+    # encode_corpus also writes an [EOS] per document; compare like with like.
+    assert tokens["encode_corpus"] == tokens["limit"] + len(texts), tokens
     rate = {name: round(statistics.median(values)) for name, values in runs.items()}
     cpu_rate = {name: round(statistics.median(values)) for name, values in cpu_runs.items()}
     result = {
-        "benchmark": "binarize tokens/s vs encode_batch_fast alone on the same texts",
+        "benchmark": "encode_corpus tokens/s vs encode_batch_fast alone on the same texts",
         "input": {
             "xml": [p.name for p in args.xml],
             "documents": len(texts),
@@ -159,8 +159,8 @@ def main() -> None:
         "tokens_per_second_median": rate,
         "tokens_per_second_runs": {name: [round(v) for v in values] for name, values in runs.items()},
         "tokens_per_cpu_second_median": cpu_rate,
-        "binarize_over_limit": round(rate["binarize"] / rate["limit"], 3),
-        "binarize_over_limit_cpu": round(cpu_rate["binarize"] / cpu_rate["limit"], 3),
+        "encode_corpus_over_limit": round(rate["encode_corpus"] / rate["limit"], 3),
+        "encode_corpus_over_limit_cpu": round(cpu_rate["encode_corpus"] / cpu_rate["limit"], 3),
         "target": 0.8,
         "load_average_at_end": os.getloadavg(),
         # On a shared machine wall time swings with the neighbours' load; CPU time barely does.

@@ -4,7 +4,7 @@
 
 For each shape below, two optimizer steps of ``model.train.train`` on CPU (fp32), each in a
 process of its own: what it holds is its peak RSS less its RSS just before training (Python,
-torch and the shards already loaded), against the estimate. The estimate is what `medlm retrain`
+torch and the shards already loaded), against the estimate. The estimate is what `medlm pretrain`
 and `medlm finetune` refuse to start beyond (MemAvailable, or a GPU's free memory); it should
 be at or above every measurement, and not far above. Writes benchmarks/results/train_memory.json.
 """

@@ -2,10 +2,10 @@
 PREFECT_API_URL points at.
 
     python -m deployments.deploy [--config RUN_CONFIG] [--cron "0 6 * * *"] [--gpu-slots 1]
-                                 [--retrain-after-ingest] [--reset]
+                                 [--pretrain-after-ingest] [--reset]
 
 Deployments (their parameter forms come from the config dataclasses): `ingest/nightly-ingest`
-(cron), `tokenize/tokenize`, `retrain/retrain`, `finetune/finetune`, `evaluate/evaluate`,
+(cron), `tokenize/tokenize`, `pretrain/pretrain`, `finetune/finetune`, `evaluate/evaluate`,
 `release/release`, `pipeline/pipeline`, `join/join` (a multi-node run's other machines) and `store-gc/nightly-gc`
 (its schedule registered off), to run from the UI or `prefect deployment run`.
 A run configuration (flows/configs/*.toml, or your copy) sets their default parameters, e.g. a
@@ -28,10 +28,11 @@ import contextlib
 import hashlib
 import io
 import json
+import sys
 from pathlib import Path
 
 from deployments import code
-from flows.registry import DEPLOYMENTS, NIGHTLY_CRON
+from flows.registry import DEPLOYMENTS, NIGHTLY_CRON, current_name
 from flows.prefect_env import apply_prefect_defaults
 from storage.config import ArgumentParser
 
@@ -40,8 +41,8 @@ POOLS = {"cpu": "PubMed ingestion, tokenizing, evaluation", "gpu": "Pretraining 
 NIGHTLY_TIMEZONE = "UTC"
 
 
-# retrain follows the nightly data when --retrain-after-ingest: a new snapshot starts tokenize, new shards start retrain.
-FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "retrain/retrain"))
+# pretrain follows the nightly data when --pretrain-after-ingest: a new snapshot starts tokenize, new shards start pretrain.
+FOLLOW_UPS = (("medlm://corpus", "tokenize/tokenize"), ("medlm://shards", "pretrain/pretrain"))
 
 
 def fingerprint(deployment) -> str:
@@ -133,7 +134,7 @@ async def _follow_ups(enabled: bool) -> None:
 
 
 def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots: int = 1,
-             retrain_after_ingest: bool = False, reset: bool = False) -> list[str]:
+             pretrain_after_ingest: bool = False, reset: bool = False) -> list[str]:
     """Create the pools, deployments and automations; returns what was done, a line per deployment."""
     from prefect import Flow
     from prefect.schedules import Cron
@@ -167,7 +168,7 @@ def register(run_config: str | None = None, cron: str = NIGHTLY_CRON, gpu_slots:
             )
         asyncio.run(_stamp(deployment_id))
         report.append(f"deployed {full_name}" + (f" with defaults changed: {', '.join(changed)}" if changed else ""))
-    asyncio.run(_follow_ups(retrain_after_ingest))
+    asyncio.run(_follow_ups(pretrain_after_ingest))
     return report
 
 
@@ -186,11 +187,11 @@ def main() -> None:
     parser.add_argument("--config", help="Run configuration whose tables become the deployments' default parameters.")
     parser.add_argument("--cron", default=NIGHTLY_CRON, help=f"Schedule of nightly-ingest (default {NIGHTLY_CRON!r}, {NIGHTLY_TIMEZONE}).")
     parser.add_argument("--gpu-slots", type=int, default=1, help="Runs the gpu pool takes at once (one per GPU).")
-    parser.add_argument("--retrain-after-ingest", action="store_true", help="Enable the automations: new snapshot -> tokenize, new shards -> retrain.")
+    parser.add_argument("--pretrain-after-ingest", action="store_true", help="Enable the automations: new snapshot -> tokenize, new shards -> pretrain.")
     parser.add_argument("--reset", action="store_true", help="Register every deployment again, even one changed in the UI.")
-    args = parser.parse_args()
+    args = parser.parse_args([current_name("option", arg) for arg in sys.argv[1:]])
     apply_prefect_defaults()
-    report = register(args.config, args.cron, args.gpu_slots, args.retrain_after_ingest, args.reset)
+    report = register(args.config, args.cron, args.gpu_slots, args.pretrain_after_ingest, args.reset)
     print("\n".join(summary(report, args.config, args.cron)))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from uuid import UUID
 
 from deployments import code
-from flows.registry import DEPLOYMENTS, FlowEntry
+from flows.registry import DEPLOYMENTS, FlowEntry, current_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,10 @@ class Refused(Exception):
 
 
 def our_flow(deployment) -> FlowEntry:
-    """The registry's entry for a deployment, if it is one of ours as registered (deployments/deploy.py)."""
-    entry = next((d for d in DEPLOYMENTS if deployment is not None and d.entrypoint == deployment.entrypoint), None)
+    """The registry's entry for a deployment, if it is one of ours as registered (deployments/deploy.py),
+    under its name or a name it had (flows/registry.py ALIASES: a stack registered before a rename)."""
+    entrypoint = current_name("deployment", deployment.entrypoint) if deployment is not None else None
+    entry = next((d for d in DEPLOYMENTS if d.entrypoint == entrypoint), None)
     if entry is None:
         names = ", ".join(d.entrypoint for d in DEPLOYMENTS)
         raise Refused(f"this worker runs only medlm's flows ({names}); the deployment's entrypoint is "

@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 
 from flows.prefect_env import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
-from flows.registry import COMMANDS
+from flows.registry import COMMANDS, current_name
 from storage.config import ArgumentParser, ConfigError, add_config_options, config_values, make_config, read_run_config, shared_names
 from storage.settings import described, settings
 from storage.store import release_holds
@@ -129,7 +129,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _dispatch(argv: list[str], debug: bool) -> None:
-    command = argv[0] if argv and not argv[0].startswith("-") else None
+    command = current_name("command", argv[0]) if argv and not argv[0].startswith("-") else None
     if command == "release" and argv[1:2] == ["push"]:
         return _push_release(argv[2:])
     if command in COMMANDS or command == "demo":
@@ -138,10 +138,10 @@ def _dispatch(argv: list[str], debug: bool) -> None:
             _console_without_tracebacks()
         return _run_flow(command, argv[1:]) if command in COMMANDS else _demo(argv[1:])
     if command == "train":
-        from model.train import main as train_main
+        from model.training_stages import PRETRAINING
 
         _refuse_output_in_store(_value_of("--out", argv[1:]))
-        train_main(argv[1:], prog="medlm train")
+        PRETRAINING.main(argv[1:], prog="medlm train")
         return
     if command == "export-hf":
         return _export_hf(argv[1:])
@@ -245,7 +245,7 @@ def _run_flow(command: str, argv: list[str]):
     """Every option and configuration value is checked (types, bounds, the data paths a run may
     read) before a Prefect server starts: a wrong value costs the imports, not a server start."""
     flow = _load_flow(command)
-    args = _flow_parser(command, flow).parse_args(argv)
+    args = _flow_parser(command, flow).parse_args([_current_option(arg) for arg in argv])
     kwargs = flow_arguments(flow, args)
     if before_start := getattr(sys.modules[flow.fn.__module__], "before_start", None):  # checks of a flow that need the store or the machine
         before_start(kwargs, read_run_config(args.config) if args.config else {}, args.config)
@@ -262,6 +262,12 @@ def _run_flow(command: str, argv: list[str]):
             send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)
     return result
+
+
+def _current_option(arg: str) -> str:
+    """An option given by an old name (flows/registry.py ALIASES) as its new one, a value given with = kept."""
+    option, equals, value = arg.partition("=")
+    return current_name("option", option) + equals + value if option.startswith("--") else arg
 
 
 def _demo(argv: list[str]) -> None:

@@ -33,7 +33,7 @@ def model_artifact(store: Store, ref: str | None, hf_folder: str | None, flag: s
         return store.require(ref)
     found = [a for kind in CHECKPOINT_KINDS for a in store.ls(kind)]
     if not found:
-        raise ArtifactError(f"no checkpoint in the store at {store.root}; train one (`medlm retrain`) or give {flag} FOLDER (a Hugging Face model)")
+        raise ArtifactError(f"no checkpoint in the store at {store.root}; train one (`medlm pretrain`) or give {flag} FOLDER (a Hugging Face model)")
     return max(found, key=lambda a: a.manifest.get("created", 0))
 
 
@@ -68,6 +68,7 @@ HELD_OUT_HELP = ("A corpus snapshot built after the model's, e.g. corpus/3f9a...
 
 @flow(name="evaluate")
 def evaluate(
+    *,
     evaluation: EvaluationConfig = EvaluationConfig(),
     qa: QASources = QASources(),
     model_ref: Annotated[str | None, Field(description="Checkpoint to evaluate, e.g. finetune/3f9a... (unset: the newest; not used with hf_model).")] = None,

@@ -100,6 +100,7 @@ def comparison(store: Store, evaluation_refs: list[str]) -> list[dict]:
 
 @flow(name="finetune")
 def finetune(
+    *,
     finetune: FinetuneConfig = FinetuneConfig(),
     finetune_optim: OptimConfig = OptimConfig(),
     finetune_run: RunConfig = RunConfig(),
@@ -109,8 +110,8 @@ def finetune(
     dpo: DPOConfig = DPOConfig(),
     dpo_optim: OptimConfig = OptimConfig(),
     trainset: TrainsetConfig = TrainsetConfig(),
-    base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain, finetune or dpo checkpoint; not used with hf_base).")] = None,
-    hf_base: Annotated[DataPath | None, Field(description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint: taken into the store as an hf_model artifact.")] = None,
+    base_ref: Annotated[str | None, Field(description="Checkpoint to fine-tune, e.g. pretrain/3f9a... (unset: the newest pretrain, finetune or dpo checkpoint; not used with hf_model).")] = None,
+    hf_model: Annotated[DataPath | None, Field(description="A local Hugging Face causal-LM folder (inside MEDLM_DATA_ROOTS) to fine-tune instead of a checkpoint: taken into the store as an hf_model artifact.")] = None,
     held_out_ref: Annotated[str | None, Field(description=HELD_OUT_HELP)] = None,
 ) -> list[str]:
     """Fine-tune through the curriculum's sources, then preference-tune, evaluating the base and the
@@ -121,7 +122,7 @@ def finetune(
     held_out = held_out_snapshot(store, held_out_ref)
     converted = convert(qa)
     everything = list(converted.values())
-    model = model_artifact(store, base_ref, hf_base, "--hf-base")
+    model = model_artifact(store, base_ref, hf_model, "--hf-model")
     if curriculum.preference_sources and not curriculum.sources and model.kind not in ("finetune", "dpo"):
         raise ValueError(f"preference tuning starts from a fine-tuned model, not {model.ref}: name --sources to fine-tune it first, or give --base-ref finetune/KEY")
     log = get_run_logger()

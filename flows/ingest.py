@@ -44,7 +44,7 @@ list_remote = task(select_files, name="list-remote", retries=2, retry_delay_seco
 
 
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
-def ingest(source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig(), parse: ParseConfig = ParseConfig()) -> str:
+def ingest(*, source: SourceConfig = SourceConfig(), corpus: CorpusConfig = CorpusConfig(), parse: ParseConfig = ParseConfig()) -> str:
     """Bring the corpus snapshot up to date with the source (NCBI or a mirror); returns its ref."""
     log = get_run_logger()
     if excluded := corpus.excluded():  # the exclusion list is read now: a bad one fails before any download

@@ -1,7 +1,7 @@
 """join: this machine joins a multi-node training run that another machine's stage announced.
 
 The Prefect side of `medlm join` (model/distributed.py): deployed as `join/join` on the gpu pool,
-so a multi-node run can start from the UI: a `retrain` (or `finetune`) run with run.nodes = N,
+so a multi-node run can start from the UI: a `pretrain` (or `finetune`) run with run.nodes = N,
 rdzv_endpoint and rdzv_id, and N - 1 `join` runs with that rdzv_id. Prefect places each run on
 whichever worker takes it first and starts none together (it has no gang scheduling): with one
 gpu worker per machine, each started with `--limit 1`, N runs created at once land on N machines.
@@ -19,6 +19,7 @@ from model.distributed import join as join_launch
 
 @flow(name="join")
 def join(
+    *,
     rdzv_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The run's rdzv_id, as its stage was given it.")],
     timeout_s: Annotated[float, Field(ge=1, le=86400, description="Seconds to wait for the stage to announce the run.")] = 600,
 ) -> None:

@@ -1,4 +1,4 @@
-"""pipeline: the whole DAG: ingest -> tokenize (hygiene, tokenizer, shards) -> retrain -> finetune (a curriculum of QA
+"""pipeline: the whole DAG: ingest -> tokenize (hygiene, tokenizer, shards) -> pretrain -> finetune (a curriculum of QA
 sources, each cleaned first by the trainset stage, then preference tuning, the model evaluated after each stage, when
 the curriculum names any sources) or evaluate ->
 release (the last model evaluated, packaged with its card).
@@ -36,7 +36,7 @@ from flows.finetune import Curriculum, finetune as finetune_flow
 from flows.ingest import DOWNLOADS_AT_ONCE
 from flows.qa import convert
 from flows.registry import COMMANDS
-from flows.retrain import retrain
+from flows.pretrain import pretrain
 from flows.stage import read_result
 from flows.tokenizing import clean
 from model.dpo import DPOConfig
@@ -69,6 +69,7 @@ class HeldOut:
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=DOWNLOADS_AT_ONCE))
 def pipeline(
+    *,
     source: SourceConfig = SourceConfig(),
     corpus: CorpusConfig = CorpusConfig(),
     hygiene: HygieneConfig = HygieneConfig(),
@@ -102,7 +103,7 @@ def pipeline(
         store = Store()
         later_ref = step("ingest", source=replace(source, folders=(*source.folders, *held_out.held_out_folders)), corpus=corpus, parse=parse)
         held_out_ref = clean(store, store.require(later_ref), list(converted.values()), hygiene, report="hygiene-report-held-out").ref
-    checkpoint_ref = retrain.fn(shape=shape, optim=optim, run=run, shards_ref=shards_ref)
+    checkpoint_ref = pretrain.fn(shape=shape, optim=optim, run=run, shards_ref=shards_ref)
     if curriculum.sources or curriculum.preference_sources:
         evaluations = finetune_flow.fn(finetune=finetune, finetune_optim=finetune_optim, finetune_run=finetune_run, curriculum=replace(curriculum, evaluate_base=True),
                                        qa=qa, evaluation=evaluation, dpo=dpo, dpo_optim=dpo_optim, trainset=trainset, base_ref=checkpoint_ref, held_out_ref=held_out_ref)

@@ -31,6 +31,6 @@ def convert(sources: QASources) -> dict[str, Artifact]:
 
 
 @flow(name="qa")
-def qa(qa: QASources = QASources()) -> list[str]:  # named as the pipeline's table, so `medlm qa --config` reads [qa]
+def qa(*, qa: QASources = QASources()) -> list[str]:  # named as the pipeline's table, so `medlm qa --config` reads [qa]
     """Convert the QA datasets into canonical records; returns their refs."""
     return [artifact.ref for artifact in convert(qa).values()]

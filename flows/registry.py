@@ -8,7 +8,9 @@ neither Prefect nor torch.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
+from typing import Literal
 
 NIGHTLY_CRON = "0 6 * * *"  # NCBI posts the day's update files overnight (US Eastern); 06:00 UTC follows them
 GC_CRON = "0 8 * * *"  # after the nightly ingest
@@ -36,8 +38,8 @@ FLOWS = (
               command="ingest", deployment="nightly-ingest", tags=("ingest",), cron=NIGHTLY_CRON),
     FlowEntry("flows/tokenizing.py:tokenize", "Fit the tokenizer on a corpus snapshot and write uint16 token shards.",
               command="tokenize", deployment="tokenize", tags=("tokenize",)),
-    FlowEntry("flows/retrain.py:retrain", "Pretrain on token shards and register the checkpoint in the store.",
-              command="retrain", deployment="retrain", pool="gpu", tags=("pretrain",)),
+    FlowEntry("flows/pretrain.py:pretrain", "Pretrain on token shards and register the checkpoint in the store.",
+              command="pretrain", deployment="pretrain", pool="gpu", tags=("pretrain",)),
     FlowEntry("flows/qa.py:qa", "Convert QA datasets (PubMedQA, MedMCQA, MedQA, instruction data) into canonical records.", command="qa"),
     FlowEntry("flows/finetune.py:finetune", "Fine-tune a checkpoint or a local Hugging Face model (full or LoRA) through a curriculum of QA sources, evaluating every stage.",
               command="finetune", deployment="finetune", pool="gpu", tags=("finetune", "evaluate")),
@@ -54,3 +56,30 @@ FLOWS = (
 )
 COMMANDS = {entry.command: entry for entry in FLOWS if entry.command}
 DEPLOYMENTS = tuple(entry for entry in FLOWS if entry.deployment)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A name that was renamed and still works, with a one-line note saying the new one."""
+
+    kind: Literal["command", "deployment", "option"]  # `medlm OLD`; a deployment registered with the entrypoint OLD; an option OLD of a flow command or of deploy
+    old: str
+    new: str
+
+
+# Every old name medlm still accepts, and nowhere else (tests/test_names.py): one name per concept (docs/running.md, "Names").
+ALIASES = (
+    Alias("command", "retrain", "pretrain"),
+    Alias("deployment", "flows/retrain.py:retrain", "flows/pretrain.py:pretrain"),  # retrain/retrain, as a stack registered before the rename has it
+    Alias("option", "--hf-base", "--hf-model"),  # finetune's: the store's kind for such a model is hf_model, and evaluate's option
+    Alias("option", "--retrain-after-ingest", "--pretrain-after-ingest"),  # python -m deployments.deploy's (make up DEPLOY_ARGS=...)
+)
+
+
+def current_name(kind: str, name: str) -> str:
+    """``name``, or the name that replaced it (a one-line note on stderr says so)."""
+    alias = next((a for a in ALIASES if a.kind == kind and a.old == name), None)
+    if alias is None:
+        return name
+    print(f"note: the {kind} {alias.old} is now {alias.new}; the old name still works for now, but use the new one", file=sys.stderr)
+    return alias.new

@@ -21,6 +21,7 @@ from tasks.release import CARD_FILE, RELEASE, ReleaseConfig
 
 @flow(name="release")
 def release(
+    *,
     release: ReleaseConfig = ReleaseConfig(),
     evaluation_ref: Annotated[str | None, Field(description="The evaluation whose model to release, e.g. evaluate/3f9a... (unset: the newest evaluation).")] = None,
 ) -> str:

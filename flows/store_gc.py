@@ -19,6 +19,7 @@ from storage.retention import plan_removal, remove
 
 @flow(name="store-gc")
 def store_gc(
+    *,
     keep_last: Annotated[int, Field(ge=1, description="Keep the newest N artifacts of each kind, and everything they came from.")] = 3,
     min_age_hours: Annotated[float, Field(ge=0, description="Never remove an artifact younger than this.")] = 24,
     dry_run: Annotated[bool, Field(description="Only say what would be removed.")] = True,

@@ -29,6 +29,7 @@ from tasks.tokenizer import TOKENIZER, TokenizerConfig
 
 @flow(name="tokenize")
 def tokenize(
+    *,
     tokenizer: TokenizerConfig = TokenizerConfig(),
     shards: ShardsConfig = ShardsConfig(),
     hygiene: HygieneConfig = HygieneConfig(),

@@ -1,6 +1,6 @@
 """Training under torchrun: several processes on this machine, or one node of several.
 
-    train_distributed("model.train", config_dict, args, train_config, run_dir, log)  # a stage's launcher
+    train_stage(out_dir, PRETRAINING, config, {"shards": path}, published, log)  # a stage's build
     join("job-42")  # each other node: `medlm join job-42`
 
 One machine (``devices`` > 1, ``nodes`` 1): ``torchrun --standalone``. Several (``nodes`` > 1):
@@ -42,16 +42,16 @@ from storage.processes import die_with_parent, usable_cores
 from storage.progress import REPORTER, read_line
 
 if TYPE_CHECKING:
-    from model.train import RunConfig
+    from model.training_stages import TrainingStage
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("model.train", "model.finetune", "model.dpo")  # what a launch may run: a join runs nothing else
 RENDEZVOUS = ".rendezvous"
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One torchrun launch: ``python -m MODULE ARGS`` in ``devices`` processes on each of ``nodes`` machines."""
+    """One torchrun launch: ``python -m MODULE ARGS`` in ``devices`` processes on each of ``nodes`` machines;
+    MODULE a declared training stage's (model/training_stages.py), a join's too."""
 
     module: str
     args: tuple[str, ...]
@@ -61,8 +61,9 @@ class Launch:
     rdzv_id: str | None = None
 
     def command(self) -> list[str]:
-        if self.module not in MODULES:
-            raise ValueError(f"a launch runs one of {MODULES}, not {self.module!r}")
+        from model.training_stages import training_stage  # torch and the stages' modules: what the launch runs anyway
+
+        training_stage(self.module)  # refuses any other module
         where = (["--standalone"] if self.nodes == 1 else
                  [f"--nnodes={self.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}",
                   *([] if (host := hosts_here(self.rdzv_endpoint)) is None else [f"--rdzv-conf=is_host={int(host)}"]),
@@ -92,34 +93,31 @@ def hosts_here(endpoint: str) -> bool | None:
         return False
 
 
-def train_distributed(module: str, config: dict, args: tuple[str, ...], where: "RunConfig", run: Path, log: Callable[[str], None]) -> dict:
-    """A stage's training under torchrun: ``config`` (what the module's --config reads) written to
-    the run folder, ``python -m MODULE --config FILE ARGS --out RUN`` launched on ``where``'s
-    devices and nodes; the run's summary.json."""
-    run.mkdir(parents=True, exist_ok=True)
-    config_file = run / "launch_config.json"
-    config_file.write_text(json.dumps(config, indent=2))
-    launch(Launch(module, ("--config", str(config_file), *args, "--out", str(run)), where.devices, where.nodes, where.rdzv_endpoint, where.rdzv_id), log)
+def train_distributed(stage: "TrainingStage", config, folders: dict, run: Path, log: Callable[[str], None]) -> dict:
+    """A training stage under torchrun: ``python -m MODULE`` with the stage's arguments for ``config``
+    on ``folders`` (the config written to the run folder), launched on its run config's devices
+    and nodes; the run's summary.json."""
+    where = config.run
+    launch(Launch(stage.module, stage.arguments(config, run, folders), where.devices, where.nodes, where.rdzv_endpoint, where.rdzv_id), log)
     return json.loads((run / "summary.json").read_text())
 
 
 def train_stage(
-    out_dir: Path, where: "RunConfig", train_here: Callable[[Path], dict], module: str, config: dict, args: tuple[str, ...],
-    published: Callable[[Path, dict], list[Path]], log: Callable[[str], None],
+    out_dir: Path, stage: "TrainingStage", config, folders: dict, published: Callable[[Path, dict], list[Path]], log: Callable[[str], None],
 ) -> dict:
     """A training stage's build: its run in ``out_dir/RUN_DIR`` (resumed from its checkpoints),
-    trained in this process (``train_here(run)``) or under torchrun (``train_distributed``), then
-    the files ``published(run, summary)`` names published into ``out_dir``; returns the summary.
-    A build killed after publishing only finishes the clean-up."""
+    trained on ``folders`` in this process (``stage.train``) or under torchrun (``train_distributed``),
+    as ``config.run`` says, then the files ``published(run, summary)`` names published into
+    ``out_dir``; returns the summary. A build killed after publishing only finishes the clean-up."""
     from model.checkpoint import RUN_DIR, finished_summary, publish_checkpoint
 
     if (summary := finished_summary(out_dir)) is not None:
         return summary
     run = out_dir / RUN_DIR
-    if where.devices == 1 and where.nodes == 1:
-        summary = train_here(run)
-    else:  # torchrun, on this machine or as one of where.nodes
-        summary = train_distributed(module, config, args, where, run, log)
+    if config.run.devices == 1 and config.run.nodes == 1:
+        summary = stage.train(config, run, **folders)
+    else:  # torchrun, on this machine or as one of config.run.nodes
+        summary = train_distributed(stage, config, folders, run, log)
     return publish_checkpoint(run, out_dir, published(run, summary))
 
 

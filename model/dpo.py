@@ -34,10 +34,8 @@ end, the trained network as it is published in ``RUN_DIR/model/`` (model/finetun
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -54,7 +52,8 @@ from model.finetune import FinetuneConfig, read_data, trainable, write_model
 from model.model import IGNORE_INDEX
 from model.sft import Example, SFTBatches, chat_template, collate, encode_examples
 from model.train import OptimConfig, RunConfig, require_memory, setup_runtime, train_loop
-from storage.config import ArgumentParser, config_dataclass
+from storage.config import config_dataclass
+from storage.formats import read_records
 
 
 @config_dataclass
@@ -69,6 +68,17 @@ class DPOConfig:
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of the train questions held out, by a stable hash of the record id: their pairs are the validation pairs, never trained on (0: validate on training pairs, which the summary's val_on says)."
     )
+
+
+
+@config_dataclass
+class DPORun:
+    """One preference tuning: how the network trains (FinetuneConfig), DPO's own settings, the optimization and where it runs."""
+
+    finetune: FinetuneConfig = FinetuneConfig()
+    dpo: DPOConfig = DPOConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
 
 
 # -- pairs ------------------------------------------------------------------------------------------------
@@ -319,32 +329,15 @@ def dpo(
     return summary
 
 
-# -- command line -------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the fine-tuned model: a finetune artifact's folder (ours or a Hugging Face folder)")
-    parser.add_argument("--data", nargs="+", required=True, help="qa artifact folders or records.parquet files (their train questions with options become pairs)")
-    parser.add_argument("--held-out", nargs="*", default=(), help="qa artifact folders whose validation and test questions never become pairs (nor do those of --data)")
-    parser.add_argument("--out", required=True, help="run folder (resumed if it has checkpoints)")
-    parser.add_argument("--config", help='JSON file: {"finetune": {...}, "dpo": {...}, "optim": {...}, "run": {...}}')
-    args = parser.parse_args(argv)
-    tables = json.loads(Path(args.config).read_text()) if args.config else {}
-    ft, cfg = FinetuneConfig(**tables.get("finetune", {})), DPOConfig(**tables.get("dpo", {}))
-    optim, run = OptimConfig(**tables.get("optim", {})), RunConfig(**tables.get("run", {}))
-    from storage.formats import read_records
-
-    try:
-        train, validation = read_data(args.data)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    held_out = [r for p in (*args.held_out, *args.data) for r in read_records(Path(p))]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = dpo(ft, cfg, optim, run, args.base, train + validation, held_out, args.out)
-    print(json.dumps(summary), flush=True)
-    return summary
+def dpo_on(config: DPORun, out: Path, *, base: Path, data: Sequence[Path], held_out: Sequence[Path] = ()) -> dict:
+    """The preference-tuning stage in this process (model/training_stages.py): ``dpo`` on pairs from the
+    ``data`` folders' questions, none that the ``held_out`` folders or the data ask outside a train split."""
+    train, validation = read_data(data)
+    guarded = [r for path in (*held_out, *data) for r in read_records(Path(path))]
+    return dpo(config.finetune, config.dpo, config.optim, config.run, base, train + validation, guarded, out)
 
 
 if __name__ == "__main__":
-    main()
+    from model.training_stages import training_stage
+
+    training_stage("model.dpo").main()

@@ -30,9 +30,7 @@ that is its size per kept checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import shutil
 from collections import Counter
 from dataclasses import asdict
@@ -48,7 +46,8 @@ from model.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_checkpo
 from model.lora import ADAPTER_DIR, TARGETS, Lora, add_lora, save_adapter
 from model.sft import SFTBatches, completion_loss, encode_examples, eval_batches
 from model.train import OptimConfig, RunConfig, require_memory, setup_runtime, train_loop
-from storage.config import ArgumentParser, config_dataclass
+from storage.config import config_dataclass
+from storage.store import MANIFEST
 
 MODEL_DIR = "model"  # in the run folder: the fine-tuned model as it is published
 RUN_CONFIG_FILE = "finetune.json"  # the run's config of a model published as a Hugging Face folder
@@ -83,6 +82,16 @@ class FinetuneConfig:
     @property
     def lora(self) -> Lora:
         return Lora(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+
+
+@config_dataclass
+class FinetuneRun:
+    """One fine-tuning stage: how (FinetuneConfig), the optimization (OptimConfig) and where it runs (RunConfig)."""
+
+    finetune: FinetuneConfig = FinetuneConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -150,6 +159,13 @@ def finetune(
     return summary
 
 
+def finetune_on(config: FinetuneRun, out: Path, *, base: Path, data: Sequence[Path]) -> dict:
+    """The fine-tuning stage in this process (model/training_stages.py): ``finetune`` on the train
+    split of the ``data`` folders, validated on their validation split."""
+    records, validation = read_data(data)
+    return finetune(config.finetune, config.optim, config.run, base, records, out, validation)
+
+
 def write_model(model: torch.nn.Module, base: Base, cfg: FinetuneConfig, run: Path, final: Path) -> dict:
     """The trained network as it is published, into ``run/model`` (see the module docstring), from
     memory; ``final`` is the run's last checkpoint (its config and state go along). Returns what
@@ -183,9 +199,9 @@ def model_files(run: Path, summary: dict) -> list[Path]:
 # -- the data -----------------------------------------------------------------------------------------
 
 
-def read_data(paths: Sequence[str | Path], names: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
-    """(train, validation) records of qa artifact folders or records.parquet files (``names``: what
-    the error calls them); a one-line error when none is for training."""
+def read_data(paths: Sequence[str | Path]) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of qa artifact folders or records.parquet files; a one-line
+    error when none is for training."""
     from storage.formats import read_records
 
     records = [r for p in paths for r in read_records(Path(p))]
@@ -193,33 +209,19 @@ def read_data(paths: Sequence[str | Path], names: Sequence[str] = ()) -> tuple[l
     if not train:
         splits = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["split"] for r in records).items())) or "no records"
         raise ValueError(
-            f"no training examples: the QA data {', '.join(names or map(str, paths))} has no train split ({splits}); fine-tune on a "
+            f"no training examples: the QA data {', '.join(map(data_name, paths))} has no train split ({splits}); fine-tune on a "
             f"source with train records (the MedMCQA/MedQA validation and test rows are for evaluation only)"
         )
     return train, [r for r in records if r["split"] == "validation"]
 
 
-# -- command line -------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="checkpoint folder (a pretrain or finetune artifact, or a ckpt_NNNNNNN folder with the tokenizer files) or a Hugging Face causal-LM folder")
-    parser.add_argument("--data", nargs="+", required=True, help="qa or trainset artifact folders, or records.parquet files (their train split is trained on)")
-    parser.add_argument("--out", required=True, help="run folder (resumed if it has checkpoints)")
-    parser.add_argument("--config", help='JSON file: {"finetune": {...}, "optim": {...}, "run": {...}}')
-    args = parser.parse_args(argv)
-    tables = json.loads(Path(args.config).read_text()) if args.config else {}
-    cfg, optim, run = FinetuneConfig(**tables.get("finetune", {})), OptimConfig(**tables.get("optim", {})), RunConfig(**tables.get("run", {}))
-    try:
-        records, validation = read_data(args.data)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines, to the console (or the launching stage)
-    summary = finetune(cfg, optim, run, args.base, records, args.out, validation)
-    print(json.dumps(summary), flush=True)
-    return summary
+def data_name(path: str | Path) -> str:
+    """What an error calls a folder of QA data: its artifact's label (the source, e.g. medqa), else its path."""
+    manifest = Path(path) / MANIFEST
+    return (json.loads(manifest.read_text()).get("label") if manifest.is_file() else None) or str(path)
 
 
 if __name__ == "__main__":
-    main()
+    from model.training_stages import training_stage
+
+    training_stage("model.finetune").main()

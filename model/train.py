@@ -12,7 +12,6 @@ fine-tuning is the same loop with masked batches.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
@@ -48,7 +47,7 @@ from storage import write_text_atomic
 from storage.access import RendezvousEndpoint
 from storage.processes import die_with_parent
 from storage.progress import Progress
-from storage.config import ArgumentParser, add_config_options, config_dataclass, config_fields, config_values, make_config
+from storage.config import config_dataclass, config_fields
 
 METRICS = "metrics.jsonl"
 _log = logging.getLogger("medlm.train")
@@ -582,31 +581,7 @@ def train_loop(
     return summary
 
 
-# -- command line ------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[TrainConfig, str, str]:
-    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="shards artifact folder (meta.json + .bin files)")
-    parser.add_argument("--out", required=True, help="run folder for checkpoints and logs (resumed if it has some)")
-    parser.add_argument("--config", help='JSON file: {"shape": {...}, "optim": {...}, "run": {...}}; options given here override it')
-    sections = config_fields(TrainConfig)
-    for name, info in sections.items():  # named as medlm's commands name them: fine-tuning has optim and run tables too
-        add_config_options(parser, name, info.annotation, qualified=() if name == "shape" else config_fields(info.annotation))
-    args = parser.parse_args(argv)
-    tables = json.loads(Path(args.config).read_text()) if args.config else {}
-    config = TrainConfig(**{name: make_config(info.annotation, tables.get(name, {}) | config_values(args, name), where=name) for name, info in sections.items()})
-    return config, args.shards, args.out
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    config, shards_dir, out_dir = parse_args(argv, prog)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines, to the console (or the launching stage)
-    summary = train(config, shards_dir, out_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary), flush=True)
-    return summary
-
-
 if __name__ == "__main__":
-    main()
+    from model.training_stages import training_stage
+
+    training_stage("model.train").main()

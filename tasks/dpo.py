@@ -14,40 +14,21 @@ they read a finetune artifact. A killed run resumes from its last checkpoint, as
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from model.checkpoint import summary_report
 from model.distributed import train_stage
-from model.dpo import DPOConfig, dpo
-from model.finetune import FinetuneConfig, model_files, read_data
-from model.train import OptimConfig, RunConfig
+from model.dpo import DPORun
+from model.finetune import model_files
+from model.training_stages import PREFERENCE_TUNING
 from storage import Input, Stage
-from storage.config import config_dataclass
-from storage.formats import read_records
 
 log = logging.getLogger("medlm.dpo")
 
 
-@config_dataclass
-class DPORun:
-    """One preference tuning: how the network trains (FinetuneConfig), DPO's own settings, the optimization and where it runs."""
-
-    finetune: FinetuneConfig = FinetuneConfig()
-    dpo: DPOConfig = DPOConfig()
-    optim: OptimConfig = OptimConfig()
-    run: RunConfig = RunConfig()
-
-
 def build_dpo(inputs: dict, out_dir: Path, config: DPORun) -> dict:
-    train, validation = read_data([a.path for a in inputs["data"]], [a.label or a.ref for a in inputs["data"]])
-    guarded = inputs.get("held_out") or []
-    held_out = [r for a in guarded + inputs["data"] for r in read_records(a.path)]
-    args = ("--base", str(inputs["base"].path), "--data", *(str(a.path) for a in inputs["data"]), "--held-out", *(str(a.path) for a in guarded))
-    return train_stage(
-        out_dir, config.run, lambda run: dpo(config.finetune, config.dpo, config.optim, config.run, inputs["base"].path, train + validation, held_out, run),
-        "model.dpo", asdict(config), args, published=model_files, log=log.info,
-    )
+    folders = {"base": inputs["base"].path, "data": [a.path for a in inputs["data"]], "held_out": [a.path for a in inputs.get("held_out") or []]}
+    return train_stage(out_dir, PREFERENCE_TUNING, config, folders, published=model_files, log=log.info)
 
 
 DPO = Stage(

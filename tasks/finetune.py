@@ -9,7 +9,7 @@ with a chat template, metrics), LoRA merged, plus ``adapter/`` (PEFT format) for
 Hugging Face base it is a Hugging Face folder. Evaluation, ``medlm export-hf`` and a
 curriculum's next fine-tuning read it as they read a pretrain artifact.
 
-Its config (``FinetuneRun``) is three tables: ``FinetuneConfig`` (method, LoRA, template, packing),
+Its config (``FinetuneRun``, model/finetune.py) is three tables: ``FinetuneConfig`` (method, LoRA, template, packing),
 and pretraining's ``OptimConfig`` (optimizer, schedule, steps) and ``RunConfig`` (cadence, device,
 processes): one definition of each, and none of pretraining's shape, which the base decides.
 """
@@ -17,36 +17,21 @@ processes): one definition of each, and none of pretraining's shape, which the b
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from model.checkpoint import summary_report
 from model.distributed import train_stage
-from model.finetune import FinetuneConfig, finetune, model_files, read_data
-from model.train import OptimConfig, RunConfig
+from model.finetune import FinetuneRun, model_files
+from model.training_stages import FINETUNING
 from storage import Input, Stage
-from storage.config import config_dataclass
 from storage.formats import MODEL_KINDS
 
 log = logging.getLogger("medlm.finetune")
 
 
-@config_dataclass
-class FinetuneRun:
-    """One fine-tuning stage: how (FinetuneConfig), the optimization (OptimConfig) and where it runs (RunConfig)."""
-
-    finetune: FinetuneConfig = FinetuneConfig()
-    optim: OptimConfig = OptimConfig()
-    run: RunConfig = RunConfig()
-
-
 def build_finetune(inputs: dict, out_dir: Path, config: FinetuneRun) -> dict:
-    train, validation = read_data([a.path for a in inputs["data"]], [a.label or a.ref for a in inputs["data"]])
-    return train_stage(
-        out_dir, config.run, lambda run: finetune(config.finetune, config.optim, config.run, inputs["base"].path, train, run, validation),
-        "model.finetune", asdict(config), ("--base", str(inputs["base"].path), "--data", *(str(a.path) for a in inputs["data"])),
-        published=model_files, log=log.info,
-    )
+    folders = {"base": inputs["base"].path, "data": [a.path for a in inputs["data"]]}
+    return train_stage(out_dir, FINETUNING, config, folders, published=model_files, log=log.info)
 
 
 def finetune_label(inputs: dict, config: FinetuneRun) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from model.checkpoint import CHECKPOINT_FILES, summary_report
 from model.distributed import train_stage
-from model.train import TrainConfig, train
+from model.train import TrainConfig
+from model.training_stages import PRETRAINING
 from storage import Artifact, ArtifactError, Input, Stage, sha256_file
 from storage.formats import META_FILE, TOKENIZER_FILE, TOKENIZER_FILES
 
@@ -41,7 +41,7 @@ def build_pretrain(inputs: dict, out_dir: Path, config: TrainConfig) -> dict:
     if expected and expected != sha256_file(tokenizer.file(TOKENIZER_FILE)):
         raise ArtifactError(f"{shards.ref} was encoded with a different tokenizer than {tokenizer.ref}; pass {shards_tokenizer(shards)}")
     return train_stage(
-        out_dir, config.run, lambda run: train(config, shards.path, run), "model.train", asdict(config), ("--shards", str(shards.path)),
+        out_dir, PRETRAINING, config, {"shards": shards.path},
         published=lambda run, summary: [run / summary["checkpoint"] / name for name in CHECKPOINT_FILES] + [tokenizer.file(name) for name in TOKENIZER_FILES],
         log=log.info,
     )

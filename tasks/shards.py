@@ -120,7 +120,7 @@ def _check_vocab(tokenizer: Tokenizer, tokenizer_json: Path) -> int:
     return vocab_size
 
 
-def binarize_corpus(
+def encode_corpus(
     corpus_dir: Path,
     tokenizer_json: Path,
     out_dir: Path,
@@ -180,7 +180,7 @@ def binarize_corpus(
     for split in SPLITS:
         summary[f"{split}_tokens"] = sum(f.tokens for s, f in files if s == split)
         summary[f"{split}_documents"] = sum(f.documents for s, f in files if s == split)
-    log.info("binarized %d documents into %d tokens in %.1f s", documents, total_tokens, time.time() - started)
+    log.info("encode_corpusd %d documents into %d tokens in %.1f s", documents, total_tokens, time.time() - started)
     return summary
 
 
@@ -189,7 +189,7 @@ def binarize_corpus(
 
 def build_shards(inputs: dict, out_dir: Path, config: ShardsConfig) -> dict:
     corpus, tokenizer = inputs["corpus"], inputs["tokenizer"]
-    return binarize_corpus(
+    return encode_corpus(
         corpus.path, tokenizer.file(TOKENIZER_FILE), out_dir, shard_tokens=config.shard_tokens,
         val_fraction=tokenizer.params["val_fraction"], test_fraction=tokenizer.params["test_fraction"], tokenizer_ref=tokenizer.ref,
     )

@@ -98,13 +98,13 @@ MEDLM = Path(sys.executable).with_name("medlm")
 # Errors found before any flow runs (options, configurations, the paths and URLs a run may use).
 REFUSED_AT_ONCE = [
         (["lineage", "corpus"], "invalid artifact ref 'corpus': expected KIND/KEY"),
-        (["retrain", "--optim.max-steps", "0"], "optim: max_steps: Input should be greater than or equal to 1"),
-        (["retrain", "--optim.batch-size", "-3"], "optim: batch_size: Input should be greater than or equal to 1"),
-        (["retrain", "--run.devices", "0"], "run: devices: Input should be greater than or equal to 1"),
-        (["retrain", "--run.nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
+        (["pretrain", "--optim.max-steps", "0"], "optim: max_steps: Input should be greater than or equal to 1"),
+        (["pretrain", "--optim.batch-size", "-3"], "optim: batch_size: Input should be greater than or equal to 1"),
+        (["pretrain", "--run.devices", "0"], "run: devices: Input should be greater than or equal to 1"),
+        (["pretrain", "--run.nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
         (["finetune", "--finetune-run.nodes", "2"], "nodes 2 needs rdzv_endpoint (HOST:PORT every node reaches) and rdzv_id"),
         (["finetune", "--preset", "base"], "medlm finetune: unrecognized arguments: --preset base"),  # the base decides the shape
-        (["retrain", "--run.nodes", "2", "--run.rdzv-endpoint", "10.9.8.7:29500", "--run.rdzv-id", "j"], "10.9.8.7:29500 is not a rendezvous this process may join (MEDLM_RENDEZVOUS_HOSTS="),
+        (["pretrain", "--run.nodes", "2", "--run.rdzv-endpoint", "10.9.8.7:29500", "--run.rdzv-id", "j"], "10.9.8.7:29500 is not a rendezvous this process may join (MEDLM_RENDEZVOUS_HOSTS="),
         (["ingest", "--baseline-limit", "-1"], "source: baseline_limit: Input should be greater than or equal to 0"),
         (["tokenize", "--vocab-size", "3"], "tokenizer: vocab_size: Input should be greater than or equal to 260"),
         (["tokenize", "--vocab-size", "70000"], "tokenizer: vocab_size: Input should be less than or equal to 65536"),
@@ -115,14 +115,14 @@ REFUSED_AT_ONCE = [
         (["ingest", "--exclude-pmids-file", "/etc/passwd"], "corpus: exclude_pmids_file: /etc/passwd is outside the folders this process may read"),
         (["evaluate", "--hf-model", "/root"], "hf_model: /root is outside the folders this process may read"),
         (["pipeline", "--config", "no-such-config"], "no run configuration 'no-such-config'"),
-        (["retrain", "--preset", "huge"], "medlm retrain: argument --preset: invalid choice: 'huge'"),
+        (["pretrain", "--preset", "huge"], "medlm pretrain: argument --preset: invalid choice: 'huge'"),
         (["store", "verify"], "medlm store verify: the following arguments are required: ref"),
 ]
 # Errors a flow run or the store finds: the installed command, as a user runs it.
 USER_ERRORS = [
         (["lineage", "corpus/0123456789abcdef0123"], "corpus/0123456789abcdef0123 is not in the store"),
-        (["retrain", "--shards-ref", "shards/0123456789abcdef0123"], "shards/0123456789abcdef0123 is not in the store"),
-        (["retrain", "--shards-ref", "../../etc/passwd"], "invalid artifact ref"),
+        (["pretrain", "--shards-ref", "shards/0123456789abcdef0123"], "shards/0123456789abcdef0123 is not in the store"),
+        (["pretrain", "--shards-ref", "../../etc/passwd"], "invalid artifact ref"),
         (["ingest", "--source", str(DATA / "pubmed")], f"{DATA / 'pubmed' / 'baseline'} is not a folder"),
         (["qa", "--pubmedqa", str(DATA / "medmcqa" / "medmcqa_val.json"), "--medqa", str(DATA / "medqa")], "index 0: no field 'QUESTION' or 'pubid' (fields: choice_type, cop, exp, id, opa,"),
         (["store", "verify", "corpus/0123456789abcdef0123"], "artifact corpus/0123456789abcdef0123 is not in the store"),
@@ -154,7 +154,7 @@ def test_a_user_error_is_one_line_and_status_2(prefect_server, tmp_path):
 
 def test_a_wrong_value_is_refused_before_a_prefect_server_starts(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    for args in (["tokenize", "--vocab-size", "70000"], ["ingest", "--exclude-pmids-file", "/etc/passwd"], ["retrain", "--optim.lr", "x"]):
+    for args in (["tokenize", "--vocab-size", "70000"], ["ingest", "--exclude-pmids-file", "/etc/passwd"], ["pretrain", "--optim.lr", "x"]):
         run = subprocess.run([str(MEDLM), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1, run.stderr
     assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # no server was started for them
@@ -308,9 +308,9 @@ def test_a_training_stopped_by_sigterm_ends_with_its_flow_run_crashed(session_st
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
     shards = next(ref for ref in tiny_checkpoint.parents if ref.startswith("shards/"))
-    log = tmp_path / "retrain.log"
+    log = tmp_path / "pretrain.log"
     with open(log, "w") as err:
-        run = subprocess.Popen([str(MEDLM), "retrain", "--shards-ref", shards, "--preset", "tiny", "--model", json.dumps(TINY), "--optim.max-steps", "1000000",
+        run = subprocess.Popen([str(MEDLM), "pretrain", "--shards-ref", shards, "--preset", "tiny", "--model", json.dumps(TINY), "--optim.max-steps", "1000000",
                                 "--optim.batch-size", "2", "--run.eval-every", "1000000", "--run.checkpoint-every", "1000000"],
                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
     while "training: " not in log.read_text():  # under way: its steps run in a thread of the flow
@@ -332,8 +332,8 @@ def _reads(path: Path) -> bytes:
         return b""
 
 
-def test_retrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
-    """`retrain --config full` on a store whose newest shards are another tokenizer's; then on
+def test_pretrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
+    """`pretrain --config full` on a store whose newest shards are another tokenizer's; then on
     those shards named, at a batch no machine holds: one line each, and no server started."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
     shards = session_store.newest("shards")
@@ -343,7 +343,7 @@ def test_retrain_refuses_before_a_server_starts_what_the_run_configuration_would
         (["--shards-ref", shards.ref, "--optim.batch-size", "256"],
          r"error: training 86M parameters at batch_size 256 x 2048 tokens needs about [0-9.]+ GB \(.*\) and cpu has [0-9.]+ GB \(MemAvailable\); lower batch_size .*"),
     ):
-        run = subprocess.run([str(MEDLM), "retrain", "--config", "full", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        run = subprocess.run([str(MEDLM), "pretrain", "--config", "full", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
         assert re.fullmatch(expected, run.stderr.strip()), run.stderr
     assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # refused before a server started
@@ -413,6 +413,20 @@ def test_a_table_has_one_class_and_an_option_one_name_in_every_command():
     assert spellings["optim.lr"] == {("--optim.lr",)} and spellings["finetune_optim.lr"] == {("--finetune-optim.lr",)}
     assert spellings["tokenizer.vocab_size"] == {("--vocab-size",)} and spellings["shape.preset"] == {("--preset",)}
 
+
+
+def test_every_flow_takes_its_parameters_by_name_only():
+    """A flow has several tables of one class (the pipeline's optim, finetune_optim and dpo_optim):
+    passed in a row, two swapped would pass every type check and train with the other's settings."""
+    import inspect
+
+    from flows.registry import FLOWS
+
+    for entry in FLOWS:
+        parameters = inspect.signature(entry.load().fn).parameters.values()
+        assert [p.name for p in parameters if p.kind is not p.KEYWORD_ONLY] == [], entry.entrypoint
+    with pytest.raises(TypeError, match="positional argument"):
+        FLOWS[0].load().fn(object())
 
 def test_a_server_is_waited_for_while_it_lives_and_a_dead_or_hung_one_is_named_with_the_setting(tmp_path, monkeypatch):
     """A loaded machine starts a Prefect server slowly: we wait while its process lives (not a fixed

@@ -159,19 +159,19 @@ def test_two_hosts_train_as_one_of_their_world_size_and_a_cut_cable_stops_the_jo
              "--context-length", "16", "--optim.batch-size", "2", "--eval-windows", "2", "--run.eval-every", "100", "--run.checkpoint-every", "2",
              "--run.keep-last", "10", "--run.timeout-s", "30"]
 
-    def retrain(steps: int, job: str | None = None, cut_at: str | None = None) -> tuple[int, int | None]:
+    def pretrain(steps: int, job: str | None = None, cut_at: str | None = None) -> tuple[int, int | None]:
         """The stage on the GPU host: two processes there, or, with a job, one there and one on the CPU
         host (`medlm join`), meeting at the GPU host's address; the CPU host's cable pulled once
         ``cut_at`` appears in the shared store. Their exit statuses."""
         where = ["--run.nodes", "2", "--run.rdzv-endpoint", f"{gpu_address}:{free_port()}", "--run.rdzv-id", job] if job else ["--run.devices", "2"]
-        command = [MEDLM, "retrain", *small, "--optim.max-steps", str(steps), *where]
+        command = [MEDLM, "pretrain", *small, "--optim.max-steps", str(steps), *where]
         joined = net.start("cpu", [MEDLM, "join", job, "--timeout", "300"], env=env["cpu"], log=cluster["root"] / f"join-{job}.log") if job else None
-        stage = net.start("gpu", command, env=env["gpu"], log=cluster["root"] / f"retrain-{job or 'one'}.log")
+        stage = net.start("gpu", command, env=env["gpu"], log=cluster["root"] / f"pretrain-{job or 'one'}.log")
         try:
             if cut_at:
                 deadline = time.time() + 300
                 while not list(shared.glob(cut_at)):
-                    assert stage.poll() is None and time.time() < deadline, (cluster["root"] / f"retrain-{job}.log").read_text()[-3000:]
+                    assert stage.poll() is None and time.time() < deadline, (cluster["root"] / f"pretrain-{job}.log").read_text()[-3000:]
                     time.sleep(0.1)
                 net.cut("cpu")
                 cut = time.time()
@@ -189,27 +189,27 @@ def test_two_hosts_train_as_one_of_their_world_size_and_a_cut_cable_stops_the_jo
     def newest():
         return max(store.ls("pretrain", local=True), key=lambda a: a.manifest["created"])
 
-    assert retrain(6) == (0, None), _tail(cluster, "one")
+    assert pretrain(6) == (0, None), _tail(cluster, "one")
     reference = newest()
-    assert retrain(6, job="across") == (0, 0), _tail(cluster, "across")
+    assert pretrain(6, job="across") == (0, 0), _tail(cluster, "across")
     two = newest()
     assert two.ref != reference.ref and two.summary["world_size"] == reference.summary["world_size"] == 2 and two.params["run"]["nodes"] == 2
     _same_weights(two, reference)
 
     # Another key (more steps): the CPU host's cable pulled once the fourth step's checkpoint is written.
-    assert retrain(10) == (0, None), _tail(cluster, "one")
+    assert pretrain(10) == (0, None), _tail(cluster, "one")
     reference, before = newest(), len(store.ls("pretrain", local=True))
-    stage, joined = retrain(10, job="cut", cut_at="pretrain/*.partial/run/ckpt_0000004")
+    stage, joined = pretrain(10, job="cut", cut_at="pretrain/*.partial/run/ckpt_0000004")
     assert stage != 0 and joined != 0, _tail(cluster, "cut")  # both stopped, neither waits for ever
     assert len(store.ls("pretrain", local=True)) == before  # nothing published
-    assert retrain(10, job="cut-again") == (0, 0), _tail(cluster, "cut-again")
+    assert pretrain(10, job="cut-again") == (0, 0), _tail(cluster, "cut-again")
     resumed = newest()
     assert resumed.summary["resumed_from_step"] >= 4
     _same_weights(resumed, reference)
 
 
 def _tail(cluster, job: str) -> str:
-    return "\n".join(p.read_text()[-2500:] for p in (cluster["root"] / f"retrain-{job}.log", cluster["root"] / f"join-{job}.log") if p.exists())
+    return "\n".join(p.read_text()[-2500:] for p in (cluster["root"] / f"pretrain-{job}.log", cluster["root"] / f"join-{job}.log") if p.exists())
 
 
 def _same_weights(a, b) -> None:

@@ -65,7 +65,7 @@ def workers(prefect_server, tmp_path):
         yield store
 
 
-DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "retrain/retrain", "finetune/finetune", "evaluate/evaluate", "release/release", "pipeline/pipeline", "join/join", "store-gc/nightly-gc")
+DEPLOYED = ("ingest/nightly-ingest", "tokenize/tokenize", "pretrain/pretrain", "finetune/finetune", "evaluate/evaluate", "release/release", "pipeline/pipeline", "join/join", "store-gc/nightly-gc")
 
 
 def worker_logs(tmp_path) -> str:
@@ -102,9 +102,9 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
     assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [(NIGHTLY_CRON, "UTC")]
     gc = asyncio.run(_read_deployment("store-gc/nightly-gc"))
     assert [(s.schedule.cron, s.active) for s in gc.schedules] == [("0 8 * * *", False)]  # off until a user switches it on
-    retrain = asyncio.run(_read_deployment("retrain/retrain"))
-    assert retrain.work_pool_name == "gpu" and not retrain.schedules
-    sections = retrain.parameter_openapi_schema["definitions"]
+    pretrain = asyncio.run(_read_deployment("pretrain/pretrain"))
+    assert pretrain.work_pool_name == "gpu" and not pretrain.schedules
+    sections = pretrain.parameter_openapi_schema["definitions"]
     assert sections["ModelShape"]["properties"]["preset"]["enum"] == ["tiny", "small", "base", "gpt2"] and sections["OptimConfig"]["properties"]["max_steps"]["minimum"] == 1
     assert sections["OptimConfig"]["properties"]["warmup_steps"]["description"] and "devices" in sections["RunConfig"]["properties"]
     finetune = asyncio.run(_read_deployment("finetune/finetune"))
@@ -117,27 +117,27 @@ def test_deployments_are_registered_with_typed_forms_and_a_change_made_in_the_ui
         assert "store_root" not in asyncio.run(_read_deployment(name)).parameter_openapi_schema["properties"]
 
     # A change made in the UI survives the next `make up` (which says so), unless reset.
-    asyncio.run(_edit_parameters(retrain.id, {"optim": {"max_steps": 3}}))
-    assert register()[2] == "kept retrain/retrain as changed in the UI (--reset to register it again from the code and the run configuration)"
-    assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {"optim": {"max_steps": 3}}
-    assert register(reset=True)[2] == "deployed retrain/retrain"
-    assert asyncio.run(_read_deployment("retrain/retrain")).parameters == {}
+    asyncio.run(_edit_parameters(pretrain.id, {"optim": {"max_steps": 3}}))
+    assert register()[2] == "kept pretrain/pretrain as changed in the UI (--reset to register it again from the code and the run configuration)"
+    assert asyncio.run(_read_deployment("pretrain/pretrain")).parameters == {"optim": {"max_steps": 3}}
+    assert register(reset=True)[2] == "deployed pretrain/pretrain"
+    assert asyncio.run(_read_deployment("pretrain/pretrain")).parameters == {}
     # A run configuration's tables: the deployments whose defaults it changed say which, the others the code's.
     table = "\n".join(summary(register("demo"), "demo", NIGHTLY_CRON))
-    assert re.search(r"^retrain/retrain +gpu +- +demo +registered, optim changed$", table, re.M), table  # its shape, the tiny preset, is the code's
+    assert re.search(r"^pretrain/pretrain +gpu +- +demo +registered, optim changed$", table, re.M), table  # its shape, the tiny preset, is the code's
     assert re.search(r"^store-gc/nightly-gc +cpu +0 8 \* \* \* UTC \(off\) +the code +registered$", table, re.M), table
     assert [line for line in register(reset=True) if "changed" in line] == []  # the code's defaults again, for the tests below
     assert asyncio.run(_read_work_pool("gpu")).concurrency_limit == 1  # one run per GPU
     follow_ups = asyncio.run(_read_automations())
-    assert {a.name: a.enabled for a in follow_ups} == {"medlm://corpus -> tokenize/tokenize": False, "medlm://shards -> retrain/retrain": False}
+    assert {a.name: a.enabled for a in follow_ups} == {"medlm://corpus -> tokenize/tokenize": False, "medlm://shards -> pretrain/pretrain": False}
 
     # The form's bounds are the server's too: a run with steps = -5 is refused before it exists.
     with pytest.raises(PrefectHTTPStatusError, match="optim.max_steps'. Failure reason: -5 is less than the minimum of 1"):
-        run_deployment("retrain/retrain", parameters={"optim": {"max_steps": -5}}, timeout=120)
+        run_deployment("pretrain/pretrain", parameters={"optim": {"max_steps": -5}}, timeout=120)
 
 
-def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, workers):
-    """Two nightly runs (a manual one beside the scheduled one) and a retrain, all at once: every file
+def test_nightly_ingests_and_a_pretrain_at_the_same_time_on_one_store(tmp_path, workers):
+    """Two nightly runs (a manual one beside the scheduled one) and a pretrain, all at once: every file
     is fetched once, every artifact built once, and the store verifies afterwards."""
     from prefect.deployments import run_deployment as start
 
@@ -146,7 +146,7 @@ def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, w
     from tasks.tokenizer import TOKENIZER, TokenizerConfig
 
     store = workers
-    corpus = build_corpus(store)  # last week's snapshot, tokenized: what the retrain trains on
+    corpus = build_corpus(store)  # last week's snapshot, tokenized: what the pretrain trains on
     tokenizer = TOKENIZER.run(store, {"corpus": corpus}, TokenizerConfig(vocab_size=600, val_fraction=0.05, test_fraction=0.05))
     SHARDS.run(store, {"corpus": corpus, "tokenizer": tokenizer}, ShardsConfig())
     register()
@@ -156,7 +156,7 @@ def test_nightly_ingests_and_a_retrain_at_the_same_time_on_one_store(tmp_path, w
     with NcbiServer(mirror) as server:
         source = {"source": {"source": server.url}}
         runs = [start("ingest/nightly-ingest", parameters=source, timeout=0) for _ in range(2)]
-        runs.append(start("retrain/retrain", parameters={"optim": {"max_steps": 3, "batch_size": 2}}, timeout=0))
+        runs.append(start("pretrain/pretrain", parameters={"optim": {"max_steps": 3, "batch_size": 2}}, timeout=0))
         states = asyncio.run(_wait_for([r.id for r in runs], timeout_s=300))
         assert all(s.is_completed() for s in states), f"{states}; worker logs:\n{worker_logs(tmp_path)}"
         assert len(server.requests_for("/updatefiles/pubmed21n1299.xml.gz")) == 1  # fetched once, not twice
@@ -211,7 +211,7 @@ def test_a_run_reads_and_reaches_only_what_its_worker_allows(prefect_server, tmp
             "an exclusion list's content": ("ingest/nightly-ingest", {"source": {"source": server.url}, "corpus": {"exclude_pmids_file": str(allowed / "pmids.txt")}}, "line 2: not a PMID"),
             "QA data": ("evaluate/evaluate", {"qa": {"pubmedqa": str(secret / "pubmedqa")}}, "MEDLM_DATA_ROOTS="),
             "a model to evaluate": ("evaluate/evaluate", {"qa": qa, "hf_model": str(secret)}, "MEDLM_DATA_ROOTS="),
-            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"sources": ["pubmedqa"]}, "hf_base": str(secret)}, "MEDLM_DATA_ROOTS="),
+            "a model to fine-tune": ("finetune/finetune", {"qa": qa, "curriculum": {"sources": ["pubmedqa"]}, "hf_model": str(secret)}, "MEDLM_DATA_ROOTS="),
         }
         runs = {what: run_deployment(name, parameters=parameters, timeout=0) for what, (name, parameters, _) in attempts.items()}
         with pytest.raises(PrefectHTTPStatusError, match="dask_address"):  # no such parameter: refused before a run exists

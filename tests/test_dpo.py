@@ -259,7 +259,8 @@ def test_the_finetune_flow_preference_tunes_after_the_curriculum_and_evaluates_b
     evaluation = EvaluationConfig(benchmarks=("pubmedqa", "medqa_4options"), shots=(0,), max_items=4, generation_items=0)
     curriculum = Curriculum(sources=("pubmedqa",), preference_sources=("pubmedqa",))
     optim, run = small(max_steps=2)
-    refs = finetune_flow(FT, optim, run, curriculum, qa, evaluation, DPOConfig(beta=0.2, rejected_per_question=2), optim, base_ref=pretrained.ref)
+    refs = finetune_flow(finetune=FT, finetune_optim=optim, finetune_run=run, curriculum=curriculum, qa=qa, evaluation=evaluation,
+                         dpo=DPOConfig(beta=0.2, rejected_per_question=2), dpo_optim=optim, base_ref=pretrained.ref)
 
     assert len(refs) == 3  # the base, after fine-tuning, after DPO
     tuned = store.require(store.require(refs[2]).parents[0])
@@ -275,9 +276,11 @@ def test_the_finetune_flow_preference_tunes_after_the_curriculum_and_evaluates_b
     rows = comparison(store, refs)
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. DPO on pubmedqa", "baseline"]
     with pytest.raises(ValueError, match=rf"preference tuning starts from a fine-tuned model, not {pretrained.ref}: name --sources to fine-tune it first"):
-        finetune_flow(FT, optim, run, Curriculum(preference_sources=("pubmedqa",)), qa, evaluation, DPOConfig(), optim, base_ref=pretrained.ref)
+        finetune_flow(finetune=FT, finetune_optim=optim, finetune_run=run, curriculum=Curriculum(preference_sources=("pubmedqa",)), qa=qa, evaluation=evaluation,
+                      dpo_optim=optim, base_ref=pretrained.ref)
     # Run again: every stage is in the store.
-    assert finetune_flow(FT, optim, run, curriculum, qa, evaluation, DPOConfig(beta=0.2, rejected_per_question=2), optim, base_ref=pretrained.ref) == refs
+    assert finetune_flow(finetune=FT, finetune_optim=optim, finetune_run=run, curriculum=curriculum, qa=qa, evaluation=evaluation,
+                         dpo=DPOConfig(beta=0.2, rejected_per_question=2), dpo_optim=optim, base_ref=pretrained.ref) == refs
 
 
 def test_the_stage_under_torchrun_equals_one_process_with_the_same_global_batch(tiny_checkpoint, session_store):

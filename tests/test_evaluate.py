@@ -403,20 +403,20 @@ def test_the_evaluate_flow_holds_out_the_snapshot_it_is_given_and_none_the_store
     monkeypatch.setenv("MEDLM_STORE", str(session_store.root))  # the flow's store: the checkpoint and its lineage
     qa = QASources(pubmedqa=str(DATA / "pubmedqa"))
     config = EvaluationConfig(benchmarks=("pubmedqa",), shots=(0,), max_items=3, perplexity_documents=2, held_out_documents=2, generation_items=0, threads=1)
-    first = session_store.require(evaluate(config, qa, model_ref=tiny_checkpoint.ref))
+    first = session_store.require(evaluate(evaluation=config, qa=qa, model_ref=tiny_checkpoint.ref))
     # A snapshot built after the model's (of the baseline file alone: its abstracts are all in the model's corpus).
     baseline = [p for p in session_store.ls("parse") if p.label == "pubmed20n0014.xml.gz"]
     later = CORPUS.run(session_store, {"parsed": baseline}, CorpusConfig(min_abstract_chars=1, languages=()))
-    assert evaluate(config, qa, model_ref=tiny_checkpoint.ref) == first.ref  # the same inputs, found in the store
+    assert evaluate(evaluation=config, qa=qa, model_ref=tiny_checkpoint.ref) == first.ref  # the same inputs, found in the store
     assert later.ref not in first.parents
 
     progress = logging.getLogger("medlm.evaluate")  # its lines, read where they are logged (Prefect's logging setup stops them propagating)
     progress.addHandler(caplog.handler)
     try:
-        held = session_store.require(evaluate(config, qa, model_ref=tiny_checkpoint.ref, held_out_ref=later.ref))
+        held = session_store.require(evaluate(evaluation=config, qa=qa, model_ref=tiny_checkpoint.ref, held_out_ref=later.ref))
     finally:
         progress.removeHandler(caplog.handler)
     assert held.parents[-1] == later.ref  # named, so keyed and in its lineage
     assert "new abstracts: none" in caplog.text  # measured, and there are none: said so
     with pytest.raises(ValueError, match=rf"held_out_ref {tiny_checkpoint.ref} is a pretrain artifact; give a corpus snapshot, hygiene/KEY or corpus/KEY"):
-        evaluate(config, qa, model_ref=tiny_checkpoint.ref, held_out_ref=tiny_checkpoint.ref)
+        evaluate(evaluation=config, qa=qa, model_ref=tiny_checkpoint.ref, held_out_ref=tiny_checkpoint.ref)

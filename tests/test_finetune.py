@@ -484,7 +484,9 @@ def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each
     pretrained = store.get_or_build(ArtifactSpec("pretrain", "test"), lambda work: [shutil.copy2(p, work) for p in base.path.iterdir() if p.name != "manifest.json"] and None)
     qa = QASources(pubmedqa=str(DATA / "pubmedqa"), medqa=str(DATA / "medqa"), instructions=(str(DATA / "instructions"),))
     evaluation = EvaluationConfig(benchmarks=("pubmedqa", "medqa_4options"), shots=(0,), max_items=4, generation_items=0)
-    refs = finetune_flow(FinetuneConfig(max_length=256), *small(max_steps=2), Curriculum(sources=("pubmedqa", "instructions")), qa, evaluation, base_ref=pretrained.ref)
+    optim, run = small(max_steps=2)
+    refs = finetune_flow(finetune=FinetuneConfig(max_length=256), finetune_optim=optim, finetune_run=run, curriculum=Curriculum(sources=("pubmedqa", "instructions")), qa=qa,
+                         evaluation=evaluation, base_ref=pretrained.ref)
 
     assert len(refs) == 3
     evaluated = [store.require(ref).parents[0] for ref in refs]
@@ -497,13 +499,13 @@ def test_the_finetune_flow_runs_a_curriculum_of_two_sources_evaluated_after_each
     assert list(rows[0]) == ["benchmark", "how", "metric", "base", "1. pubmedqa", "2. instructions", "baseline"]
     assert {r["benchmark"] for r in rows} == {"pubmedqa", "medqa_4options"} and "majority class 'yes'" in rows[0]["baseline"]
     with pytest.raises(ValueError, match=r"curriculum source 'medmcqa' has no data: set qa.medmcqa"):
-        finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("medmcqa",)), qa, evaluation, base_ref=pretrained.ref)
+        finetune_flow(finetune_optim=optim, finetune_run=run, curriculum=Curriculum(sources=("medmcqa",)), qa=qa, evaluation=evaluation, base_ref=pretrained.ref)
     # Instruction data that is nothing but MedQA test questions: nothing left to train on, said before any training.
     exam = [json.loads(line) for line in (DATA / "medqa" / "US_test.jsonl").read_text().splitlines()[:3]]
     (tmp_path / "exam.json").write_text(json.dumps([{"instruction": r["question"], "output": r["answer"]} for r in exam]))
     leaky = QASources(medqa=str(DATA / "medqa"), instructions=(str(tmp_path / "exam.json"),))
     with pytest.raises(ValueError, match=r"curriculum source 'instructions': the trainset stage removed all 3 train records \(evaluation 13-gram 3\); see trainset/"):
-        finetune_flow(FinetuneConfig(), *small(), Curriculum(sources=("instructions",)), leaky, evaluation, base_ref=pretrained.ref)
+        finetune_flow(finetune_optim=optim, finetune_run=run, curriculum=Curriculum(sources=("instructions",)), qa=leaky, evaluation=evaluation, base_ref=pretrained.ref)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -99,7 +99,7 @@ def asset_events(api_url: str, resource: str, flow_run_id, expect: int = 1, wait
 
 
 def ingest(source, **kwargs):
-    return ingest_flow(SourceConfig(source=str(source), **kwargs.pop("selection", {})), **kwargs)
+    return ingest_flow(source=SourceConfig(source=str(source), **kwargs.pop("selection", {})), **kwargs)
 
 
 def test_ingest_builds_the_snapshot_then_a_rerun_fetches_nothing(mirror, store, prefect_server):
@@ -265,12 +265,12 @@ def test_a_corrupted_parsed_file_is_caught_before_the_snapshot_reads_it_then_reb
         f.write(b"\x00\xff")
 
     stricter = CorpusConfig(min_abstract_chars=300)  # a snapshot that must read the parsed files again
-    state = ingest_flow(SourceConfig(source=str(mirror)), stricter, return_state=True)
+    state = ingest_flow(source=SourceConfig(source=str(mirror)), corpus=stricter, return_state=True)
     assert state.is_failed() and f"{articles}: sha256 differs from the manifest" in state.message
     assert [item["ref"] for item in store.quarantined()] == [update.ref]
     assert len(store.ls("corpus")) == 1  # nothing was built from the bad bytes
 
-    rebuilt = store.require(ingest_flow(SourceConfig(source=str(mirror)), stricter))  # parses the file again
+    rebuilt = store.require(ingest_flow(source=SourceConfig(source=str(mirror)), corpus=stricter))  # parses the file again
     assert rebuilt.ref != first.ref and store.problems(update.ref) == []
     assert rebuilt.summary["documents"] < first.summary["documents"]
 

@@ -160,9 +160,9 @@ def _field(page, label: str):
     ).first
 
 
-def test_retrain_from_the_ui_then_read_its_lineage(stack):
+def test_pretrain_from_the_ui_then_read_its_lineage(stack):
     """A user in a real browser: the login page (the API's credentials `make up` printed) ->
-    Deployments -> retrain -> Run -> Custom run with other values -> Completed -> the run's
+    Deployments -> pretrain -> Run -> Custom run with other values -> Completed -> the run's
     lineage artifact, down to the source XML files."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
@@ -186,9 +186,9 @@ def test_retrain_from_the_ui_then_read_its_lineage(stack):
         page.goto(stack["ui"] + "/deployments")  # the API wants credentials: the UI asks for them first
         page.get_by_placeholder("admin:pass").fill(stack["auth"])
         page.get_by_role("button", name="Login").click()
-        page.get_by_role("link", name="retrain").first.wait_for(timeout=60_000)
+        page.get_by_role("link", name="pretrain").first.wait_for(timeout=60_000)
         refused.clear()  # the 401s of the pages before the login
-        page.get_by_role("link", name="retrain").first.click()
+        page.get_by_role("link", name="pretrain").first.click()
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
         _field(page, "Max Steps (Optional)").fill("3")
@@ -320,9 +320,9 @@ def test_make_up_again_registers_the_deployments_again_and_says_what_a_configura
         return again.stdout
 
     table = up_again("--config", "demo")
-    assert re.search(r"^retrain/retrain +gpu +- +demo +registered, optim changed$", table, re.M), table
+    assert re.search(r"^pretrain/pretrain +gpu +- +demo +registered, optim changed$", table, re.M), table
     assert re.search(r"^release/release +cpu +- +the code +registered$", table, re.M), table  # nothing of it in demo.toml
-    assert re.search(r"^retrain/retrain +gpu +- +the code +registered$", up_again(), re.M)  # and the code's defaults again
+    assert re.search(r"^pretrain/pretrain +gpu +- +the code +registered$", up_again(), re.M)  # and the code's defaults again
 
 
 def test_make_down_stops_exactly_what_make_up_started(stack):

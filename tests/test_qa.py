@@ -591,12 +591,12 @@ def test_the_qa_flow_lets_every_conversion_finish_and_names_each_that_failed(tmp
     from flows.qa import qa
     from tasks.qa import QASources
 
-    state = qa(QASources(pubmedqa=str(MEDQA_4), medmcqa=str(MEDMCQA_VAL)), return_state=True)
+    state = qa(qa=QASources(pubmedqa=str(MEDQA_4), medmcqa=str(MEDMCQA_VAL)), return_state=True)
     assert state.is_failed() and state.message.endswith(
         f"{MEDQA_4}, line 1: no field 'QUESTION' or 'pubid' (fields: answer, answer_idx, meta_info, metamap_phrases, options, question); "
         "expected PubMedQA records: QUESTION, CONTEXTS, final_decision (or the hub's pubid, question, context) (the file was read as pubmedqa)"), state.message
     assert [a.label for a in store.ls("qa")] == [MEDMCQA_VAL.name]  # the other conversion finished, and is kept
-    state = qa(QASources(pubmedqa=str(MEDQA_4), medqa=str(MEDMCQA_VAL)), return_state=True)
+    state = qa(qa=QASources(pubmedqa=str(MEDQA_4), medqa=str(MEDMCQA_VAL)), return_state=True)
     assert state.is_failed() and "2 QA sources failed: pubmedqa: " in state.message and "; medqa: " in state.message
 
 

@@ -14,7 +14,7 @@ from model.data import Shards
 from storage import ArtifactSpec, sha256_file
 from conftest import write_corpus
 from storage.formats import EOS_ID, load_tokenizer, read_corpus, split_of
-from tasks.shards import SHARDS, ShardsConfig, binarize_corpus
+from tasks.shards import SHARDS, ShardsConfig, encode_corpus
 
 # Shards small enough that train rolls over several times (the session tokenizer's split has 5%
 # val and 5% test, so the ~2,000 documents give non-empty val and test files).
@@ -107,24 +107,24 @@ def test_a_vocabulary_too_large_for_uint16_is_refused(corpus, tmp_path):
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + [f"t{i}" for i in range(65_532)])}
     Tokenizer(models.BPE(vocab, [], unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"tokenizer\.json: vocabulary of 65536 tokens does not fit uint16"):
-        binarize_corpus(corpus.path, tmp_path / "tokenizer.json", tmp_path / "out", **SPLIT)
+        encode_corpus(corpus.path, tmp_path / "tokenizer.json", tmp_path / "out", **SPLIT)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_corpus_without_text_is_refused_naming_the_file(corpus, tokenizer, tmp_path):
     bad = write_corpus(tmp_path / "no-text", read_corpus(corpus.path, ["pmid", "title"]))
     with pytest.raises(ValueError, match=r"no-text/part-0000\.parquet: no column\(s\) \['text'\]"):
-        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
+        encode_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
 
     bad = write_corpus(tmp_path / "null-text", pa.table({"pmid": [1, 2], "text": ["Title\n\nAbstract.", None]}))
     with pytest.raises(ValueError, match="null-text: record pmid=2 has a null pmid or text"):
-        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
+        encode_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
 
     with pytest.raises(ValueError, match=r"part-0000\.parquet: not a corpus snapshot \(Not a directory: .*expected a folder with parts\.json"):
-        binarize_corpus(tmp_path / "no-text" / "part-0000.parquet", tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
+        encode_corpus(tmp_path / "no-text" / "part-0000.parquet", tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
 
     listing = json.loads((bad / "parts.json").read_text())
     listing["parts"][0]["file"] = "../no-text/part-0000.parquet"  # a listing may not reach outside its folder
     (bad / "parts.json").write_text(json.dumps(listing))
     with pytest.raises(ValueError, match=r"null-text: not a corpus snapshot \(ValueError: names outside the folder: \['\.\./no-text/part-0000\.parquet'\]\)"):
-        binarize_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)
+        encode_corpus(bad, tokenizer.file("tokenizer.json"), tmp_path / "out", **SPLIT)

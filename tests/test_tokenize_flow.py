@@ -17,7 +17,7 @@ def test_a_pinned_tokenizer_reshards_with_its_own_split_without_refitting(sessio
     monkeypatch.setenv("MEDLM_STORE", str(session_store.root))
     tokenizers_before = {a.ref for a in session_store.ls("tokenizer")}
     # A split asked for here cannot apply: the pinned tokenizer was fitted on its own train split.
-    shards_ref = tokenize(TokenizerConfig(val_fraction=0.2), ShardsConfig(shard_tokens=50_000), corpus_ref=corpus.ref, tokenizer_ref=tokenizer.ref)
+    shards_ref = tokenize(tokenizer=TokenizerConfig(val_fraction=0.2), shards=ShardsConfig(shard_tokens=50_000), corpus_ref=corpus.ref, tokenizer_ref=tokenizer.ref)
     shards = session_store.require(shards_ref)
     cleaned = session_store.require(shards.parents[0])  # the snapshot cleaned first (no QA data given: of no evaluation item)
     assert cleaned.kind == "hygiene" and cleaned.parents == [corpus.ref] and shards.parents[1:] == [tokenizer.ref]

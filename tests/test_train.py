@@ -19,7 +19,8 @@ from conftest import kill_once_written
 from model.checkpoint import latest_checkpoint, load_model
 from model.data import write_shards
 from model.export_hf import export_hf
-from model.train import ModelShape, OptimConfig, TrainConfig, lr_at, parse_args, train
+from model.train import ModelShape, OptimConfig, TrainConfig, lr_at, train
+from model.training_stages import training_stage
 from storage import ArtifactSpec, Store, sha256_file
 from tasks.pretrain import PRETRAIN, shards_tokenizer
 
@@ -184,11 +185,11 @@ def test_bad_configs_fail_fast(shards, tmp_path, overrides, error, message):
 
 def test_command_line_flags_build_the_config(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps({"optim": {"max_steps": 7, "lr": 0.5}}))
-    cfg, shards_dir, out = parse_args(
+    cfg, folders, out = training_stage("model.train").parse(
         ["--shards", "S", "--out", "O", "--config", str(tmp_path / "base.json"), "--optim.lr", "0.01",
          "--model", '{"n_layer": 3, "arch": "gpt2"}', "--run.compile", "--tokens-per-step", "4096"]
     )
-    assert (shards_dir, out) == ("S", "O")
+    assert (folders, out) == ({"shards": Path("S")}, Path("O"))
     assert (cfg.optim.max_steps, cfg.optim.lr, cfg.run.compile, cfg.shape.tokens_per_step) == (7, 0.01, True, 4096)
     assert cfg.shape.model == {"n_layer": 3, "arch": "gpt2"}
 
@@ -246,11 +247,11 @@ def test_pretrain_under_torchrun_matches_one_process(shards, tokenizer_dir, tmp_
     assert PRETRAIN.run(store, inputs, cfg.replace(log_every=2, keep_last=1)).reused  # how, not what: same artifact
 
 
-def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
-    from flows.retrain import retrain
+def test_pretrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, tokenizer_dir, store):
+    from flows.pretrain import pretrain
 
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
-    ref = retrain(ModelShape(preset="tiny"), OptimConfig(max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
+    ref = pretrain(shape=ModelShape(preset="tiny"), optim=OptimConfig(max_steps=3, batch_size=2, lr=1e-3), shards_ref=shards_artifact.ref)
     checkpoint = store.require(ref)
     assert checkpoint.kind == "pretrain" and checkpoint.parents == [shards_artifact.ref, tokenizer.ref]
     assert checkpoint.params["optim"]["max_steps"] == 3 and checkpoint.summary["steps"] == 3
@@ -264,7 +265,7 @@ def test_retrain_flow_resolves_the_tokenizer_and_trains(prefect_server, shards, 
 
 
 def test_pretrain_killed_while_clearing_its_run_folder_finishes_without_retraining(shards, tokenizer_dir, tmp_path, monkeypatch):
-    import tasks.pretrain as pretrain_module
+    import model.training_stages as training_stages
 
     store = Store(tmp_path / "store")
     shards_artifact, tokenizer = _artifacts(store, shards, tokenizer_dir)
@@ -285,7 +286,7 @@ def test_pretrain_killed_while_clearing_its_run_folder_finishes_without_retraini
 
     work = store.work_dir(PRETRAIN.spec(inputs, cfg))
     assert (work / "run.done").is_dir() and (work / "model.safetensors").is_file()
-    monkeypatch.setattr(pretrain_module, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(training_stages, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
     artifact = PRETRAIN.run(store, inputs, cfg)
     assert artifact.summary["steps"] == 2 and not (artifact.path / "run.done").exists()
 

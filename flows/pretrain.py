@@ -1,4 +1,4 @@
-"""retrain: pretrain a model on a shards artifact (the GPU work pool runs this)."""
+"""pretrain: pretrain a model on a shards artifact (the GPU work pool runs this)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from storage import Store
 from tasks.pretrain import PRETRAIN, shards_tokenizer, shards_vocab
 
 
-@flow(name="retrain")
-def retrain(
+@flow(name="pretrain")
+def pretrain(
+    *,
     shape: ModelShape = ModelShape(),
     optim: OptimConfig = OptimConfig(),
     run: RunConfig = RunConfig(),
@@ -31,7 +32,7 @@ def retrain(
 
 
 def before_start(kwargs: dict, tables: dict[str, dict], config: str | None) -> None:
-    """What `medlm retrain` refuses before a Prefect server starts: the newest shards when the run
+    """What `medlm pretrain` refuses before a Prefect server starts: the newest shards when the run
     configuration's tokenizer would have built others, a batch that does not divide the step, and
     a training that cannot fit in this machine's memory (estimated on the shards it would train on)."""
     store = Store()
