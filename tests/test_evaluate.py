@@ -29,6 +29,7 @@ from model.model import ModelConfig, Transformer
 from model.prompts import choices, doc_to_text, fewshot_context, select_shots, target
 from model.scoring import CausalLM, TransformerLM
 from storage.formats import load_tokenizer
+import tasks.evaluate.statistics
 from tasks.evaluate import (
     BENCHMARKS,
     BOOTSTRAP_RESAMPLES,
@@ -234,7 +235,9 @@ def test_bootstrap_interval_brackets_the_mean_and_collapses_on_constants():
     assert bootstrap_interval(5, lambda idx: np.full(len(idx), 7.0)) == (7.0, 7.0)
 
 
-def test_resamples_drawn_at_once_give_the_interval_of_resamples_drawn_one_by_one():
+@pytest.mark.parametrize("chunk", [1 << 20, 100])  # 100: two resamples of 37 items a draw
+def test_resamples_drawn_at_once_give_the_interval_of_resamples_drawn_one_by_one(chunk, monkeypatch):
+    monkeypatch.setattr(tasks.evaluate.statistics, "BOOTSTRAP_CHUNK", chunk)
     x = np.random.default_rng(1).random(37) * 1e3
     rng = np.random.default_rng(0)  # bootstrap_interval's seed
     one_by_one = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(BOOTSTRAP_RESAMPLES)]

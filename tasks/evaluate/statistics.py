@@ -14,6 +14,7 @@ import numpy as np
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2_000
+BOOTSTRAP_CHUNK = 1 << 20  # indices drawn at once: 8 MiB of them, and as much again for the values they pick
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
@@ -31,13 +32,14 @@ def bootstrap_interval(n: int, statistic: Callable[[np.ndarray], np.ndarray], se
     """95% percentile bootstrap interval over n items resampled with replacement: statistic takes
     the (resamples, n) item indices, one resample a row, and returns the statistic of each row.
 
-    All resamples are drawn at once: the same indices as drawing them one resample at a time (a
-    seeded Generator fills the array in the same order), so the same interval, without a Python
-    call per resample."""
+    Resamples are drawn many at a time, up to BOOTSTRAP_CHUNK indices: the same indices as
+    drawing them one resample at a time (a seeded Generator fills an array in the same order), so
+    the same interval, without a Python call per resample."""
     if n == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    values = statistic(rng.integers(0, n, (BOOTSTRAP_RESAMPLES, n)))
+    rows = max(1, BOOTSTRAP_CHUNK // n)
+    values = np.concatenate([statistic(rng.integers(0, n, (min(rows, BOOTSTRAP_RESAMPLES - start), n))) for start in range(0, BOOTSTRAP_RESAMPLES, rows)])
     low, high = np.percentile(values, [2.5, 97.5])
     return (float(low), float(high))
 
