@@ -153,7 +153,7 @@ class CausalLM:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def loglikelihoods(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[Score]]:
         """For each (context, continuations) item, (log P(continuation | context), is_greedy) per continuation."""
         results: list[list[Score | None]] = [[None] * len(conts) for _, conts in requests]
@@ -220,7 +220,7 @@ class CausalLM:
                 scores[-1].append((float(chosen[r, start:end].sum()), bool(greedy[r, start:end].all())))
         return scores
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def rolling_loglikelihoods(self, documents: Sequence[Sequence[int]], stride: int | None = None) -> list[float]:
         """Total log-probability of each token list, each document on its own (see the module doc)."""
         windows = [
@@ -257,7 +257,7 @@ class CausalLM:
             texts.append(text)
         return texts
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def greedy(self, contexts: Sequence[str], max_new_tokens: int, until: Sequence[str] = ()) -> list[list[int]]:
         """The greedy tokens after each context (left-truncated to leave room for them): up to
         EOS (left out), the token that completes a stop string, or max_new_tokens.
@@ -283,7 +283,7 @@ class CausalLM:
                     break
         return new
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, context: str, max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None,
                generator: torch.Generator | None = None) -> Iterator[str]:
         """The continuation of context as text, piece by piece as tokens arrive, until EOS or

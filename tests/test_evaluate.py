@@ -29,14 +29,18 @@ from model.model import ModelConfig, Transformer
 from model.prompts import choices, doc_to_text, fewshot_context, select_shots, target
 from model.scoring import CausalLM, TransformerLM
 from storage.formats import load_tokenizer
+import tasks.evaluate.statistics
 from tasks.evaluate import (
     BENCHMARKS,
+    BOOTSTRAP_RESAMPLES,
     benchmark_records,
     bootstrap_interval,
     generation,
+    mean,
     multiple_choice,
     multiple_choice_suite,
     normalize_answer,
+    ratio,
     render_markdown,
     score_subset,
     shards_perplexity,
@@ -226,9 +230,22 @@ def test_wilson_interval_by_hand():
 
 def test_bootstrap_interval_brackets_the_mean_and_collapses_on_constants():
     x = np.arange(100, dtype=float)
-    low, high = bootstrap_interval(len(x), lambda idx: float(x[idx].mean()))
+    low, high = bootstrap_interval(len(x), lambda idx: x[idx].mean(axis=1))
     assert low < 49.5 < high and high - low == pytest.approx(2 * 1.96 * x.std() / 10, rel=0.15)
-    assert bootstrap_interval(5, lambda idx: 7.0) == (7.0, 7.0)
+    assert bootstrap_interval(5, lambda idx: np.full(len(idx), 7.0)) == (7.0, 7.0)
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 100])  # 100: two resamples of 37 items a draw
+def test_resamples_drawn_at_once_give_the_interval_of_resamples_drawn_one_by_one(chunk, monkeypatch):
+    monkeypatch.setattr(tasks.evaluate.statistics, "BOOTSTRAP_CHUNK", chunk)
+    x = np.random.default_rng(1).random(37) * 1e3
+    rng = np.random.default_rng(0)  # bootstrap_interval's seed
+    one_by_one = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(BOOTSTRAP_RESAMPLES)]
+    assert mean(x)["ci95"] == list(np.percentile(one_by_one, [2.5, 97.5]))
+    num, den = x / 1e3, np.arange(1, 38, dtype=float)
+    rng = np.random.default_rng(0)
+    one_by_one = [math.exp(num[i].sum() / den[i].sum()) for i in (rng.integers(0, len(x), len(x)) for _ in range(BOOTSTRAP_RESAMPLES))]
+    assert ratio(num, den, math.exp)["ci95"] == list(np.percentile(one_by_one, [2.5, 97.5]))
 
 
 def test_squad_normalisation_and_token_f1_by_hand():
