@@ -26,11 +26,11 @@ QUICK = {  # module -> arguments for a small run
     "tokenize": ["--vocab", "4096", "--repeats", "2"],
     "train_throughput": ["--steps", "3", "--repeats", "1"],
     "train_memory": ["--shapes", "2"],  # the tiny model's: the small preset's take minutes
-    "threads": ["--steps", "12", "--repeats", "1"],
+    "threads": ["--steps", "8", "--repeats", "1"],
     "verify": ["--copies", "2", "--repeats", "3"],
     "finetune": ["--steps", "6", "--max-lengths", "256", "--repeats", "1"],
     "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "1", "--harness-batch-sizes", "8", "--generation-items", "8", "--hf-batch-sizes", "8"],
-    "prefect_database": ["--flows", "5", "--tasks", "5", "--repeats", "1"],
+    "prefect_database": ["--flows", "4", "--tasks", "4", "--repeats", "1"],
     "hygiene": ["--records", "60000"],  # its smallest: two files of 20 copies of the samples
     "pii": [],  # the bundled QA rows (the recorded figures: shared/data's fuller copies)
     "demo": [],  # already small: the whole demo, then its cached rerun
