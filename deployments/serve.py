@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from deployments import postgres
-from flows.prefect_env import SERVER_APP, apply_prefect_defaults, auth_file, project_home, wait_healthy
+from flows.prefect_env import apply_prefect_defaults, auth_file, project_home, server_command, wait_healthy
 from storage import default_root
 from storage.config import ArgumentParser
 from storage.processes import process_start_time
@@ -161,7 +161,7 @@ def up(host: str, port: int, database: str, deploy_args: list[str], workers: boo
         print(f"database: PostgreSQL in {postgres.cluster_dir()}, on 127.0.0.1:{postgres.port()} (loopback: the server is its only client)", flush=True)
     else:
         print(f"database: SQLite in {os.environ['PREFECT_HOME']}", flush=True)
-    server = start("server", [sys.executable, "-m", "uvicorn", "--factory", SERVER_APP, "--host", host, "--port", str(port), "--log-level", "warning"], env)
+    server = start("server", server_command(host, port, "warning"), env)
     print(f"waiting for the Prefect server on {host}:{port} ...", flush=True)
     wait_healthy(api, server, run_dir() / "server.log")
     subprocess.run(register, env=client_env, check=True)

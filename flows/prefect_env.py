@@ -93,7 +93,10 @@ def send_prefect_backlog(timeout_s: float = 30) -> None:
         worker.drain_all(timeout=timeout_s)
 
 
-SERVER_APP = "flows.prefect_env:server_app"  # what uvicorn serves, for our temporary servers and `make up`'s
+def server_command(host: str, port: int, log_level: str) -> list[str]:
+    """The command that serves ``server_app`` (our temporary servers' and `make up`'s)."""
+    return [sys.executable, "-m", "uvicorn", "--factory", "flows.prefect_env:server_app", "--host", host, "--port", str(port),
+            "--log-level", log_level, "--lifespan", "on"]
 
 
 def server_app():
@@ -145,8 +148,7 @@ def temporary_server() -> Iterator[str | None]:
         port = free_port()
         ephemeral = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", SERVER_APP, "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            server_command("127.0.0.1", port, "error"),
             env={**os.environ, **ephemeral, "PREFECT_SERVER_API_AUTH_STRING": auth}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         api = f"http://127.0.0.1:{port}/api"
