@@ -107,3 +107,11 @@ def test_a_deployment_registered_under_an_old_name_runs_the_flow_it_became(capsy
     assert "note: the deployment flows/retrain.py:retrain is now flows/pretrain.py:pretrain;" in capsys.readouterr().err
     with pytest.raises(Refused, match="this worker runs only medlm's flows"):
         our_flow(SimpleNamespace(entrypoint="flows/evil.py:evil"))
+
+
+def test_an_api_run_with_a_renamed_parameter_fails_naming_the_current_one():
+    """Not translated (docs/running.md, "Names"): Prefect's own check refuses it, listing the current names."""
+    from prefect.exceptions import SignatureMismatchError
+
+    with pytest.raises(SignatureMismatchError, match=r"'hf_model'.*provided with parameters \['hf_base'\]"):
+        COMMANDS["finetune"].load().validate_parameters({"hf_base": "tests/data/hf"})
