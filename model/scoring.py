@@ -41,12 +41,15 @@ Speed, beyond HFLM, none of it changing a number beyond float rounding:
 from __future__ import annotations
 
 import inspect
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from model.model import KVCache, Transformer, next_token
+from model.threads import ThreadTuner
 
 Score = tuple[float, bool]  # (sum of log-probabilities of the continuation, is_greedy)
 PAD = 0  # filler id for padding; padded positions are never read
@@ -96,6 +99,8 @@ class CausalLM:
         # batch_tokens x vocab x 4 bytes (262 MB at 2048 x 32k), twice that with their log-softmax.
         self.batch_tokens = batch_tokens
         self.line_split = line_split  # the tokenizer splits at line starts (splits_at_line_starts)
+        self.tuner = ThreadTuner.for_device(device, "scoring", start_on_one=True)
+        self.passes = 0
 
     # -- what a back end implements ----------------------------------------------------------
 
@@ -116,6 +121,25 @@ class CausalLM:
         ``mask`` (B, 1, T, cached + T; True where a token may look) lay out rows that are not one
         plain sequence (model/model.py ``Transformer.forward``)."""
         raise NotImplementedError
+
+    @contextmanager
+    def threads(self, count: int | None) -> Iterator[None]:
+        """The forward passes inside the block on ``count`` threads; None: the default count, kept
+        to the faster of it and one thread while the load changes (model/threads.py)."""
+        default, self.tuner = self.tuner, ThreadTuner.for_device(self.device, "scoring", count, start_on_one=True)
+        try:
+            yield
+        finally:
+            self.tuner.close()
+            self.tuner = default
+
+    def _forward(self, ids: torch.Tensor, **layout) -> torch.Tensor:
+        """``logits``, timed for the thread tuner (per token: passes differ in size)."""
+        start = time.perf_counter()
+        logits = self.logits(ids, **layout)
+        self.passes += 1
+        self.tuner.after_step(time.perf_counter() - start, self.passes, work=ids.numel())
+        return logits
 
     # -- tokenisation, as lm-eval's HFLM does it ---------------------------------------------
 
@@ -206,7 +230,7 @@ class CausalLM:
             causal = torch.ones(ids_t.size(1), ids_t.size(1), dtype=torch.bool, device=self.device).tril()
             mask = causal & ((segments_t[:, None, :] == 0) | (segments_t[:, None, :] == segments_t[:, :, None]))
             layout = {"positions": self._padded(positions, 0), "mask": mask[:, None]}
-        logits = self.logits(ids_t, at=self._padded(at, 0), **layout)
+        logits = self._forward(ids_t, at=self._padded(at, 0), **layout)
         logprobs = torch.log_softmax(logits, dim=-1)
         targets_t = self._padded(targets, 0)
         chosen = logprobs.gather(2, targets_t[:, :, None])[:, :, 0]
@@ -235,7 +259,7 @@ class CausalLM:
             width = max(scored for _, _, scored in batch)
             # Per row, the last `width` positions (clamped at 0: duplicates there are never read).
             at = torch.stack([torch.arange(n - width, n, device=self.device).clamp(min=0) for n in lengths])
-            logprobs = torch.log_softmax(self.logits(ids, at=at), dim=-1)
+            logprobs = torch.log_softmax(self._forward(ids, at=at), dim=-1)
             for row, (d, window, scored) in enumerate(batch):
                 targets = self._tensor(window[-scored:])
                 totals[d] += float(logprobs[row, width - scored :].gather(1, targets[:, None]).sum())
@@ -330,11 +354,11 @@ class CausalLM:
         real = slots[None, :] >= pad  # (B, slots): the slots that hold a row's own tokens
         prefill = (slots[:width, None] >= slots[None, :width]) & (real[:, None, :width] | torch.eye(width, dtype=torch.bool, device=self.device))
         cache = self.new_cache(width + max_new_tokens)
-        logits = self.logits(ids, cache, at=torch.full_like(pad, width - 1), positions=(slots[None, :width] - pad).clamp(min=0), mask=prefill[:, None])
+        logits = self._forward(ids, cache=cache, at=torch.full_like(pad, width - 1), positions=(slots[None, :width] - pad).clamp(min=0), mask=prefill[:, None])
         for step in range(max_new_tokens):
             if step:
                 slot = width + step - 1
-                logits = self.logits(token, cache, positions=slot - pad, mask=real[:, None, None, : slot + 1])
+                logits = self._forward(token, cache=cache, positions=slot - pad, mask=real[:, None, None, : slot + 1])
             token = next_token(logits[:, -1], None, temperature, None, top_p, 1.0, generator)
             yield token[:, 0]
 

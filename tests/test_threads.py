@@ -81,3 +81,30 @@ def test_torchrun_processes_get_their_share_of_the_cores_unless_the_count_is_pin
     assert launch_env(job)["OMP_NUM_THREADS"] == str(max(1, usable_cores() // 2))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch_env(job)["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_models_passes_start_on_one_thread_and_probe_the_default_count_unless_a_count_is_given(monkeypatch):
+    """Scoring and generation (model/scoring.py): beside a busy core a tiny model's pass took 100x
+    longer on two threads than on one, so passes start on one thread and the tuner probes the
+    default count; a count the caller gives (evaluation's `threads`) is kept for every pass."""
+    from tokenizers import Tokenizer, models
+
+    from model.model import ModelConfig, Transformer
+    from model.scoring import TransformerLM
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.manual_seed(0)
+    lm = TransformerLM(Transformer(ModelConfig.preset("tiny", vocab_size=512)), Tokenizer(models.BPE()), batch_tokens=200)
+    used: list[int] = []
+    lm.model.register_forward_pre_hook(lambda *_: used.append(torch.get_num_threads()))
+    documents = torch.randint(4, 512, (12, 150)).tolist()  # one window, one pass, each
+
+    lm.rolling_loglikelihoods(documents)
+    cores = default_threads()
+    assert used[:5] == [1] * 5 and (used[5] == cores if cores > 1 else set(used) == {1})  # warm-up and three passes, then a probe
+    for count in (1, 2):
+        used.clear()
+        with lm.threads(count):
+            lm.rolling_loglikelihoods(documents)
+        assert used == [count] * len(documents)
+    assert lm.tuner.active == (cores > 1)  # the block's count is gone with it

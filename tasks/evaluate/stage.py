@@ -11,7 +11,6 @@ from typing import Callable, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from model.scoring import CausalLM, load_causal_lm
-from model.threads import threads
 from storage import Artifact, Input, Stage
 from storage.config import config_dataclass
 from storage.formats import CORPUS_KINDS, MODEL_KINDS
@@ -41,7 +40,7 @@ class EvaluationConfig:
     held_out_documents: int | None = Field(None, ge=1, description="Abstracts new since the model's corpus (in the snapshot held_out_ref names) for bits per byte (unset: all).")
     generation_items: int = Field(20, ge=0, description="Free-text answers generated per set (PubMedQA long answers, instruction data; 0: none).")
     max_new_tokens: int = Field(64, ge=1, description="Token budget of a generated answer.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: one per core this process may use, model/threads.py).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (unset: one per core this process may use, or one while that is faster: a busy machine, model/threads.py).")
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("threads",)
 
@@ -106,7 +105,7 @@ def evaluate_model(inputs: dict, out_dir: Path, config: EvaluationConfig) -> dic
         raise ValueError("nothing to evaluate: no benchmark records in the QA inputs, no shards and no corpus; give QA data")
 
     progress, results = Progress("evaluation", len(plan), "measurements", log, every_s=0), []
-    with threads(config.threads):
+    with lm.threads(config.threads):
         for done, (what, measure) in enumerate(plan, 1):
             if (result := measure()) is not None:
                 results.append(result)
