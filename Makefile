@@ -57,9 +57,9 @@ demo: venv
 	$(VENV)/bin/medlm demo
 
 # Two worker processes (pytest-xdist), one per core of the machine we measure on; each starts
-# its own Prefect server when a test needs one.
+# its own Prefect server when a test needs one. The slowest tests are listed at the end.
 test: $(TEST_INSTALLED) $(LLAMA_CPP_INSTALLED)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=20
 
 # The inner loop: every test but those marked slow (servers, stacks, clusters, long training).
 test-fast: $(TEST_INSTALLED) $(LLAMA_CPP_INSTALLED)

@@ -23,7 +23,9 @@ import sys
 import threading
 import time
 import typing
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 from flows.prefect_env import apply_prefect_defaults, crash_orphaned_runs, leased, send_prefect_backlog, settle_leases, temporary_server
 from flows.registry import COMMANDS, current_name
@@ -134,9 +136,11 @@ def _dispatch(argv: list[str], debug: bool) -> None:
         return _push_release(argv[2:])
     if command in COMMANDS or command == "demo":
         apply_prefect_defaults()
-        if not debug:
-            _console_without_tracebacks()
-        return _run_flow(command, argv[1:]) if command in COMMANDS else _demo(argv[1:])
+        asks_for_help = bool({"-h", "--help"} & set(argv[1:]))
+        with nullcontext(lambda: None) if asks_for_help else temporary_server() as server_ready:
+            if not debug:
+                _console_without_tracebacks()
+            return _run_flow(command, argv[1:], server_ready) if command in COMMANDS else _demo(argv[1:], server_ready)
     if command == "train":
         from model.training_stages import PRETRAINING
 
@@ -232,7 +236,7 @@ def flow_arguments(flow, args: argparse.Namespace) -> dict:
 
 
 def _checked(name: str, hint, value):
-    """A plain parameter's value as the flow will validate it, checked here: before a server starts."""
+    """A plain parameter's value as the flow will validate it, checked here: before any run is made."""
     from pydantic import TypeAdapter, ValidationError
 
     try:
@@ -241,25 +245,26 @@ def _checked(name: str, hint, value):
         raise ConfigError(f"{name}: " + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
 
 
-def _run_flow(command: str, argv: list[str]):
+def _run_flow(command: str, argv: list[str], server_ready: Callable[[], None]):
     """Every option and configuration value is checked (types, bounds, the data paths a run may
-    read) before a Prefect server starts: a wrong value costs the imports, not a server start."""
+    read) while the command's Prefect server starts (``temporary_server``), before any run is
+    made: a wrong value costs the imports, and the server is stopped unused."""
     flow = _load_flow(command)
     args = _flow_parser(command, flow).parse_args([_current_option(arg) for arg in argv])
     kwargs = flow_arguments(flow, args)
     if before_start := getattr(sys.modules[flow.fn.__module__], "before_start", None):  # checks of a flow that need the store or the machine
         before_start(kwargs, read_run_config(args.config) if args.config else {}, args.config)
     _watch_for_sigterm()
+    server_ready()
     global _command_context
-    with temporary_server():
-        _command_context = contextvars.copy_context()
-        crash_orphaned_runs()
-        try:
-            result = leased(flow)(**kwargs)
-        finally:
-            settle_leases("the medlm command running it stopped before the run ended (SIGTERM or Ctrl-C)")
-            release_holds()
-            send_prefect_backlog()
+    _command_context = contextvars.copy_context()
+    crash_orphaned_runs()
+    try:
+        result = leased(flow)(**kwargs)
+    finally:
+        settle_leases("the medlm command running it stopped before the run ended (SIGTERM or Ctrl-C)")
+        release_holds()
+        send_prefect_backlog()
     print("\n".join(result) if isinstance(result, list) else result)
     return result
 
@@ -270,11 +275,11 @@ def _current_option(arg: str) -> str:
     return current_name("option", option) + equals + value if option.startswith("--") else arg
 
 
-def _demo(argv: list[str]) -> None:
+def _demo(argv: list[str], server_ready: Callable[[], None]) -> None:
     parser = ArgumentParser(prog="medlm demo", description=OTHER_COMMANDS["demo"] + " Same as `medlm pipeline --config demo`.")
     parser.parse_args(argv)
     started = time.time()
-    *evaluations, release = _run_flow("pipeline", ["--config", "demo"])
+    *evaluations, release = _run_flow("pipeline", ["--config", "demo"], server_ready)
     pipeline_seconds = time.time() - started
     from flows.finetune import comparison
     from storage import Store
@@ -303,8 +308,8 @@ def _demo(argv: list[str]) -> None:
         print(f'\nmedlm chat {model} --message "{question}"  (a tiny model: words, not yet answers)\n{DISCLAIMER}\n' + "".join(n + "\n" for n in notes) + answer)
     print("\nWhere the time went: each stage's build seconds in this run (the downloads and parses overlap), or cached:\n")
     print(stage_times(*(lineage(store, ref) for ref in [*evaluations, release]), since=started))
-    print(f"\nmedlm demo: {process_age():.1f} s in all, of which the pipeline {pipeline_seconds:.1f} s (Prefect's temporary server and the flow run);"
-          " the rest is starting Python, the imports, the tables above and the chat answer")
+    print(f"\nmedlm demo: {process_age():.1f} s in all, of which the pipeline {pipeline_seconds:.1f} s (the flow run, and what was left of starting Prefect's"
+          " temporary server after the imports); the rest is starting Python, the imports, the tables above and the chat answer")
 
 
 def _settings(argv: list[str]) -> None:

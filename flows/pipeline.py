@@ -113,7 +113,7 @@ def pipeline(
 
 
 def before_start(kwargs: dict, tables: dict[str, dict], config: str | None) -> None:
-    """What `medlm pipeline` refuses before a Prefect server starts: a hold-out the corpus would
+    """What `medlm pipeline` refuses before any flow run is made: a hold-out the corpus would
     hold, a batch that does not divide the step, and a pretraining that cannot fit in this
     machine's memory (estimated at the vocabulary the tokenizer table builds)."""
     check_held_out(kwargs.get("source", SourceConfig()), kwargs.get("held_out", HeldOut()))

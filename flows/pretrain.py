@@ -32,7 +32,7 @@ def pretrain(
 
 
 def before_start(kwargs: dict, tables: dict[str, dict], config: str | None) -> None:
-    """What `medlm pretrain` refuses before a Prefect server starts: the newest shards when the run
+    """What `medlm pretrain` refuses before any flow run is made: the newest shards when the run
     configuration's tokenizer would have built others, a batch that does not divide the step, and
     a training that cannot fit in this machine's memory (estimated on the shards it would train on)."""
     store = Store()

@@ -152,12 +152,19 @@ def test_a_user_error_is_one_line_and_status_2(prefect_server, tmp_path):
         assert "Traceback" not in err and "CancelledError" not in err, (args, err[-2000:])
 
 
-def test_a_wrong_value_is_refused_before_a_prefect_server_starts(tmp_path):
+def test_a_wrong_value_is_refused_before_a_run_is_made_and_the_server_started_beside_the_checks_stops(tmp_path):
+    """The command's Prefect server starts while the command imports and checks (flows/prefect_env.py
+    ``temporary_server``): a refused command stops it, on a new home too (killed while it migrated
+    a new database, the next server starts on it), and asking for help starts none."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    run = subprocess.run([str(MEDLM), "pretrain", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "--optim.lr" in run.stdout
+    assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()
     for args in (["tokenize", "--vocab-size", "70000"], ["ingest", "--exclude-pmids-file", "/etc/passwd"], ["pretrain", "--optim.lr", "x"]):
         run = subprocess.run([str(MEDLM), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.splitlines()) == 1, run.stderr
-    assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # no server was started for them
+    assert _no_server_left(tmp_path), "a Prefect server outlived the command"
+    assert _flow_run_states(tmp_path, env) == []
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -319,9 +326,14 @@ def test_a_training_stopped_by_sigterm_ends_with_its_flow_run_crashed(session_st
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=STOP_GRACE_S + 45) == 143, log.read_text()[-2000:]
     assert log.read_text().strip().splitlines()[-1] == "error: stopped by SIGTERM"
-    home = f"PREFECT_HOME={tmp_path / '.medlm' / 'prefect'}".encode()
-    assert _gone([int(e.parent.name) for e in Path("/proc").glob("[0-9]*/environ") if _reads(e) and home in _reads(e).split(b"\0")]), "a Prefect server outlived the command"
+    assert _no_server_left(tmp_path), "a Prefect server outlived the command"
     assert _flow_run_states(tmp_path, env) == ["CRASHED"]
+
+
+def _no_server_left(cwd: Path) -> bool:
+    """No process runs (within 15 s) on the Prefect home of a command run in ``cwd``."""
+    home = f"PREFECT_HOME={cwd / '.medlm' / 'prefect'}".encode()
+    return _gone([int(e.parent.name) for e in Path("/proc").glob("[0-9]*/environ") if _reads(e) and home in _reads(e).split(b"\0")])
 
 
 def _reads(path: Path) -> bytes:
@@ -332,9 +344,10 @@ def _reads(path: Path) -> bytes:
         return b""
 
 
-def test_pretrain_refuses_before_a_server_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
+def test_pretrain_refuses_before_a_run_starts_what_the_run_configuration_would_not_train_or_fit(session_store, tiny_checkpoint, tmp_path):
     """`pretrain --config full` on a store whose newest shards are another tokenizer's; then on
-    those shards named, at a batch no machine holds: one line each, and no server started."""
+    those shards named, at a batch no machine holds: one line each, no flow run made, and the
+    server started beside the checks stopped (on a new home: the next one starts on its database)."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDLM_"))}, "MEDLM_STORE": str(session_store.root)}
     shards = session_store.newest("shards")
     for args, expected in (
@@ -346,7 +359,8 @@ def test_pretrain_refuses_before_a_server_starts_what_the_run_configuration_woul
         run = subprocess.run([str(MEDLM), "pretrain", "--config", "full", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-3000:]
         assert re.fullmatch(expected, run.stderr.strip()), run.stderr
-    assert not (tmp_path / ".medlm" / "prefect" / "temporary-server.log").exists()  # refused before a server started
+    assert _no_server_left(tmp_path), "a Prefect server outlived the command"
+    assert _flow_run_states(tmp_path, env) == []
 
 
 def _flow_run_states(cwd: Path, env: dict) -> list[str]:
@@ -360,7 +374,8 @@ def _flow_run_states(cwd: Path, env: dict) -> list[str]:
         "    async with get_client() as client:\n"
         "        runs = await client.read_flow_runs()\n"
         "        print(' '.join(r.state.type.value for r in sorted(runs, key=lambda r: r.expected_start_time)))\n"
-        "with temporary_server():\n"
+        "with temporary_server() as ready:\n"
+        "    ready()\n"
         "    asyncio.run(main())\n"
     )
     state = subprocess.run([sys.executable, "-c", script], cwd=cwd, env={**env, "PYTHONPATH": str(Path(__file__).parents[1])},
