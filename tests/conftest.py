@@ -6,6 +6,7 @@ server (its own PREFECT_HOME, port, no telemetry) is set here, before any test i
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 from flows.prefect_env import prefect_env, wait_healthy
 from storage.processes import die_with_parent, free_port, stop, usable_cores
+from storage.store import remove_tree
 from ncbi_server import URL as NCBI_TEST_URL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +33,20 @@ UPDATE_SAMPLE = MIRROR / "updatefiles" / "pubmed21n1298.xml.gz"
 PREFECT_BIN = Path(sys.executable).with_name("prefect")
 
 
-_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="medlm-test-prefect-"))
+def _temporary_folder(prefix: str) -> Path:
+    """A new folder under the system's temporary one, removed with everything in it (read-only
+    artifacts too) when this process ends: every test session and xdist worker makes its own."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(lambda: folder.exists() and remove_tree(folder))
+    return folder
+
+
+_PREFECT_HOME = _temporary_folder("medlm-test-prefect-")
 _PREFECT_PORT = free_port()
 os.environ.update(prefect_env(_PREFECT_HOME))
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PREFECT_PORT}/api"
-os.environ.setdefault("MEDLM_STORE", str(Path(tempfile.mkdtemp(prefix="medlm-test-store-"))))
+if "MEDLM_STORE" not in os.environ:
+    os.environ["MEDLM_STORE"] = str(_temporary_folder("medlm-test-store-"))
 # What runs in this session may read and reach (the workers' settings, storage/access.py): the
 # bundled data, the tests' temporary folders, NCBI and the session's NCBI-like server.
 os.environ["MEDLM_DATA_ROOTS"] = os.pathsep.join([str(DATA), tempfile.gettempdir()])
