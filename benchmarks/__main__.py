@@ -26,7 +26,7 @@ QUICK = {  # module -> arguments for a small run
     "tokenize": ["--vocab", "4096", "--repeats", "2"],
     "train_throughput": ["--steps", "3", "--repeats", "1"],
     "train_memory": ["--shapes", "2"],  # the tiny model's: the small preset's take minutes
-    "threads": ["--steps", "8", "--repeats", "1"],
+    "threads": ["--steps", "8", "--tokens", "40", "--repeats", "1"],
     "verify": ["--copies", "2", "--repeats", "3"],
     "finetune": ["--steps", "6", "--max-lengths", "256", "--repeats", "1"],
     "evaluate": ["--steps", "30", "--vocab", "4096", "--repeats", "1", "--harness-batch-sizes", "8", "--generation-items", "8", "--hf-batch-sizes", "8"],
