@@ -39,7 +39,7 @@ from pathlib import Path
 from benchmarks.common import REPO, rounds, write_result
 
 SPINNER = [sys.executable, "-c", "while True: pass"]
-CONDITIONS = ("quiet", "beside a spinner", "beside a second run")
+CONDITIONS = ("quiet", "beside_a_spinner", "beside_a_second_run")  # JSON keys (benchmarks/figures.py paths have no spaces)
 WORKS = ("training", "generation")
 SKIP = 5  # start-up steps left out of a training run's tokens/s
 GENERATION_CAP_S = 15  # a generation run stops after this many seconds, its tokens/s from the tokens it made
@@ -111,15 +111,15 @@ def result(process: subprocess.Popen) -> dict:
 
 
 def measure(condition: str, setting: dict[str, str], work: str, args: argparse.Namespace) -> dict:
-    neighbour = subprocess.Popen(SPINNER) if condition == "beside a spinner" else run(setting, work, args) if condition == "beside a second run" else None
+    neighbour = subprocess.Popen(SPINNER) if condition == "beside_a_spinner" else run(setting, work, args) if condition == "beside_a_second_run" else None
     try:
         time.sleep(0.5 if neighbour else 0)
         mine = result(run(setting, work, args))
     finally:
-        if condition == "beside a spinner":
+        if condition == "beside_a_spinner":
             neighbour.kill()
             neighbour.wait()
-    if condition == "beside a second run":  # both ran the same training side by side: each is a measurement
+    if condition == "beside_a_second_run":  # both ran the same training side by side: each is a measurement
         second = result(neighbour)
         mine["tokens_per_s"] = (mine["tokens_per_s"] + second["tokens_per_s"]) / 2
     return mine
