@@ -8,7 +8,7 @@ Synthetic corpora are shifted copies of the two sample files, as benchmarks/corp
 them, but with every fourth word of each abstract marked with the copy's number, so that copies
 are not near-duplicates of each other (the title mark alone would make every copy one). Each
 size's snapshot is built first (not timed); then, in child processes under /usr/bin/time -v
-(peak RSS), one after the other for each size:
+(peak RSS), one after the other for each size (``--skip`` leaves runs out, for the largest sizes):
 
 - ``stage``: the hygiene stage, every rule, from scratch (``workers`` processes);
 - ``stage_near_duplicates_only``: the stage with only the near-duplicate rule on, in one process;
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--memory-limit", default=HygieneConfig().join_memory, help="the stage's join_memory")
     parser.add_argument("--workers", type=int, default=2, help="the stage's worker processes")
     parser.add_argument("--real", action="store_true", help="also count each rule's removals on the two full NCBI files")
-    parser.add_argument("--skip", nargs="+", default=[], choices=["stage_near_duplicates_only", "night"], help="leave these runs out (long at large sizes)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["stage_near_duplicates_only", "bare", "night"], help="leave these runs out (long at large sizes)")
     parser.add_argument("--result", default="hygiene", help="name of the JSON under benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
