@@ -33,7 +33,8 @@ band with a new, changed or gone document are judged again for near-duplicates. 
 the same procedure from nothing, so both give the same bytes and the previous artifact does not
 enter the key (``Input(..., keyed=False)``, as the corpus stage's previous snapshot).
 
-Memory: ``join_memory`` bounds it, whatever the size of the corpus. Half of it is DuckDB's, for
+Memory: ``join_memory`` bounds this process's, beside its libraries, whatever the size of the
+corpus (a worker holds the screen and one batch). Half of it is DuckDB's, for
 the joins (spilling to the work folder beyond it); the other half holds the documents: read,
 judged and written ``batch_documents`` at a time, and the row group being written (50,000
 documents, a constant of the format). ``_check_memory`` refuses a value too small for those.
