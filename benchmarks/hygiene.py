@@ -2,13 +2,13 @@
 library) used bare on the same documents; one night's cleaning from the previous one against a
 cleaning from scratch; and what each rule removes from the two full-size NCBI files.
 
-    python -m benchmarks.hygiene [--records 150000 300000] [--memory-limit 2GB] [--workers 2] [--real]
+    python -m benchmarks.hygiene [--records 150000 300000] [--memory-limit 2GB] [--workers 2] [--real] [--skip night ...]
 
 Synthetic corpora are shifted copies of the two sample files, as benchmarks/corpus.py makes
 them, but with every fourth word of each abstract marked with the copy's number, so that copies
 are not near-duplicates of each other (the title mark alone would make every copy one). Each
 size's snapshot is built first (not timed); then, in child processes under /usr/bin/time -v
-(peak RSS), one after the other for each size:
+(peak RSS), one after the other for each size (``--skip`` leaves runs out, for the largest sizes):
 
 - ``stage``: the hygiene stage, every rule, from scratch (``workers`` processes);
 - ``stage_near_duplicates_only``: the stage with only the near-duplicate rule on, in one process;
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--memory-limit", default=HygieneConfig().join_memory, help="the stage's join_memory")
     parser.add_argument("--workers", type=int, default=2, help="the stage's worker processes")
     parser.add_argument("--real", action="store_true", help="also count each rule's removals on the two full NCBI files")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["stage_near_duplicates_only", "bare", "night"], help="leave these runs out (long at large sizes)")
     parser.add_argument("--result", default="hygiene", help="name of the JSON under benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,13 +147,14 @@ def main() -> None:
             build_snapshot([a for a, _ in chosen], [d for _, d in chosen], corpus, CorpusConfig())
             spec = {"corpus": str(corpus), "qa": str(tmp), "memory_limit": args.memory_limit, "workers": args.workers}
             runs = {action: run_child(action, spec | {"out": str(tmp / f"{action}-{records}")})
-                    for action in ("stage", "stage_near_duplicates_only", "bare")}
+                    for action in ("stage", "stage_near_duplicates_only", "bare") if action not in args.skip}
             for run in runs.values():
                 run["documents_per_s"] = round(run["documents"] / run["seconds"])
             sizes.append({"records": records, "files": len(chosen), **runs})
             print(f"{records:,} records: " + "; ".join(f"{name} {r['seconds']} s ({r['documents_per_s']:,} documents/s, peak RSS {r['peak_rss_mb']:,} MB)" for name, r in runs.items()))
         results["sizes"] = sizes
-        results["night"] = night(tmp, files, max(args.records), args)
+        if "night" not in args.skip:
+            results["night"] = night(tmp, files, max(args.records), args)
         if args.real:
             results["real"] = real_files(tmp, args)
     print(f"wrote {write_result(args.result, {'results': results})}")

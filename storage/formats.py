@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
 # -- file names ------------------------------------------------------------------------------------
 
@@ -91,10 +92,7 @@ class CorpusPart:
 
     def tables(self, columns: Sequence[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
         """Its documents in file order, as tables of at most ``batch_rows`` rows."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        parquet = pq.ParquetFile(self.path)
+        parquet = parquet_file(self.path)
         if missing := set(columns or ()) - set(parquet.schema_arrow.names):
             raise ValueError(
                 f"{self.path}: no column(s) {sorted(missing)} (found {parquet.schema_arrow.names}); "
@@ -104,10 +102,27 @@ class CorpusPart:
             raise ValueError(f"{self.path}: {parquet.metadata.num_rows} rows, {CORPUS_PARTS} says {self.rows}; rebuild the corpus snapshot")
         live = self.live()
         start = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
-            table, keep = pa.Table.from_batches([batch]), live[start : start + batch.num_rows]
-            start += batch.num_rows
+        for table in parquet_tables(parquet, batch_rows, columns):
+            keep = live[start : start + table.num_rows]
+            start += table.num_rows
             yield table if keep.all() else table.filter(keep)
+
+
+def parquet_file(path: Path) -> pq.ParquetFile:
+    """A Parquet file to read in batches, holding no more than the batch it reads: with pre-buffering
+    on, the reader keeps every row group's compressed bytes it read until it is closed, a whole
+    file's worth at the end (apache/arrow#39808; 210 MB held after reading a 227 MB part)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
+def parquet_tables(parquet: pq.ParquetFile, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of ``parquet`` (from ``parquet_file``) in file order, as tables of at most ``batch_rows`` rows."""
+    import pyarrow as pa
+
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        yield pa.Table.from_batches([batch])
 
 
 def corpus_parts(folder: Path) -> list[CorpusPart]:
@@ -152,11 +167,12 @@ def corpus_documents(folder: Path) -> int:
     return sum(part.documents for part in corpus_parts(folder))
 
 
-def corpus_tables(folder: Path, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
-    """The snapshot's documents in PMID order, as tables (``columns``: only these)."""
+def corpus_tables(folder: Path, columns: Sequence[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """The snapshot's documents in PMID order, as tables (``columns``: only these) of at most
+    ``batch_rows`` rows; two such tables per part are held at once (the one given, the next)."""
     if columns is not None and "pmid" not in columns:
         columns = ["pmid", *columns]
-    return merge_by_pmid([part.tables(columns) for part in corpus_parts(folder)])
+    return merge_by_pmid([part.tables(columns, batch_rows) for part in corpus_parts(folder)])
 
 
 def read_corpus(folder: Path, columns: Sequence[str] | None = None) -> pa.Table:

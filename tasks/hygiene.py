@@ -33,8 +33,11 @@ band with a new, changed or gone document are judged again for near-duplicates. 
 the same procedure from nothing, so both give the same bytes and the previous artifact does not
 enter the key (``Input(..., keyed=False)``, as the corpus stage's previous snapshot).
 
-Memory: documents go through in batches of ``batch_documents``, the joins run in DuckDB within
-``join_memory`` (spilling to the work folder beyond it), and the files are written in a stream.
+Memory: ``join_memory`` bounds this process's, beside its libraries, whatever the size of the
+corpus (a worker holds the screen and one batch). Half of it is DuckDB's, for
+the joins (spilling to the work folder beyond it); the other half holds the documents: read,
+judged and written ``batch_documents`` at a time, and the row group being written (50,000
+documents, a constant of the format). ``_check_memory`` refuses a value too small for those.
 The per-document rules run in ``processes`` worker processes, or on the Dask cluster of
 ``MEDLM_DASK_ADDRESS`` (the setting the ingest flow's parse uses).
 """
@@ -61,7 +64,7 @@ from pydantic import Field, field_validator
 from storage import Artifact, Input, Stage, config_params
 from storage.access import dask_address
 from storage.config import config_dataclass
-from storage.formats import CorpusPart, corpus_tables, read_records, rebatched, write_corpus_parts
+from storage.formats import CorpusPart, corpus_parts, corpus_tables, parquet_file, parquet_tables, read_records, rebatched, write_corpus_parts
 from storage.processes import usable_cores
 from tasks.corpus import DOCUMENT_SCHEMA, LOW_CARDINALITY, ROW_GROUP_ROWS, STATS_FILE, size_in_bytes, write_parquet
 from tasks.corpus import STATE_FILE as CORPUS_STATE_FILE
@@ -73,7 +76,7 @@ REPORT_MD = "report.md"
 PART_FILE = "part-0000.parquet"
 EXAMPLE_CHARS = 100
 MINHASH_SEED = 20_250_101  # fixed: band keys persist from one night to the next
-_DUCKDB_SHARE = 0.5  # of join_memory; the rest: batches in flight, the Parquet writer
+_DUCKDB_SHARE = 0.5  # of join_memory; the rest: the row group being written, the batches read and in flight
 
 # (name, the setting that switches it on): removal rules; a document's ``removed_by`` is its 1-based index.
 REMOVALS = (
@@ -132,8 +135,12 @@ class HygieneConfig:
     minhash_rows: int = Field(6, ge=1, description="MinHash values per band (permutations: bands x rows).")
     examples: int = Field(5, ge=0, description="Examples per rule in the report (PMID and the first 100 characters).")
     processes: int | None = Field(None, ge=1, description="Processes for the per-document rules (unset: one per core; on the Dask cluster instead when MEDLM_DASK_ADDRESS is set).")
-    batch_documents: int = Field(10_000, ge=1, description="Documents a worker judges at once.")
-    join_memory: str = Field("2GB", description="Memory the joins may use, e.g. '2GB'; beyond it DuckDB spills to the work folder.")
+    batch_documents: int = Field(10_000, ge=1, description="Documents read, judged by a worker or written at once.")
+    join_memory: str = Field(
+        "2GB",
+        description="Memory the stage may use beside its libraries, e.g. '2GB': half for DuckDB's joins (beyond it they spill to the work folder), half for the "
+        "documents (the 50,000-document row group being written, batch_documents at a time read and in flight); a value too small for them is refused.",
+    )
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("processes", "batch_documents", "join_memory")
 
@@ -281,6 +288,7 @@ def clean_snapshot(corpus_dir: Path, out_dir: Path, config: HygieneConfig, scree
     and the report into ``out_dir``; return the report's counts. With ``previous`` (an artifact
     of this stage, the same settings and QA items, built from an older snapshot), only what
     changed since is judged: the result is the same bytes."""
+    _check_memory(corpus_dir, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     spill, judged = out_dir / ".duckdb_tmp", out_dir / ".judged.parquet"  # work files, removed before publishing
     con = duckdb.connect(config={"temp_directory": str(spill), "memory_limit": f"{int(size_in_bytes(config.join_memory) * _DUCKDB_SHARE) >> 20}MiB"})
@@ -315,20 +323,43 @@ def clean_snapshot(corpus_dir: Path, out_dir: Path, config: HygieneConfig, scree
         state = out_dir / STATE_FILE
         write_parquet(state, STATE_SCHEMA, _stream(con, "SELECT * FROM state ORDER BY pmid"), dictionary=[])
 
-        # 4. The documents that stay, stripped, in the corpus's own format; the report.
         report = _report(con, config)
-        documents, examples = _write_documents(corpus_dir, state, out_dir, config, report)
-        report["examples"] = examples
-        report["after"]["documents"] = documents
-        _attach_corpus(report, corpus_dir)
     finally:
-        con.close()
+        con.close()  # before the documents are written: its memory is theirs now
         judged.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
+
+    # 4. The documents that stay, stripped, in the corpus's own format; the report.
+    documents, examples = _write_documents(corpus_dir, state, out_dir, config, report)
+    report["examples"] = examples
+    report["after"]["documents"] = documents
+    _attach_corpus(report, corpus_dir)
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / REPORT_MD).write_text(render_report(report))
     return {"documents": report["after"]["documents"], "words": report["after"]["words"],
             "removed": report["before"]["documents"] - report["after"]["documents"], "judged": len(fresh)}
+
+
+def _check_memory(corpus_dir: Path, config: HygieneConfig) -> None:
+    """Refuse a ``join_memory`` whose share beside DuckDB's cannot hold the documents at once in
+    memory: the row group being written (twice: gathered, then as one array), two batches read per
+    part of the snapshot, one being stripped, and two in flight per worker. A document's size is
+    the snapshot's uncompressed bytes per row, as its Parquet metadata gives them (Arrow's size)."""
+    parts = corpus_parts(corpus_dir)
+    rows = sum(part.rows for part in parts)
+    if not rows:
+        return
+    metadata = [parquet_file(part.path).metadata for part in parts]
+    per_document = sum(m.row_group(i).total_byte_size for m in metadata for i in range(m.num_row_groups)) / rows
+    batches = 2 * len(parts) + 1 + 2 * (config.processes or usable_cores())
+    needed = per_document * (2 * ROW_GROUP_ROWS + batches * config.batch_documents)
+    available = size_in_bytes(config.join_memory) * (1 - _DUCKDB_SHARE)
+    if needed > available:
+        raise ValueError(
+            f"join_memory {config.join_memory!r} leaves {available / 1e6:,.0f} MB beside DuckDB's share for the documents of {corpus_dir}, which need "
+            f"{needed / 1e6:,.0f} MB ({per_document:,.0f} bytes each: a {ROW_GROUP_ROWS:,}-document row group twice and {batches} batches of "
+            f"batch_documents={config.batch_documents:,}); give join_memory at least {needed / (1 - _DUCKDB_SHARE) / 1e9:.1f}GB or a smaller batch_documents"
+        )
 
 
 def _sql(path: Path) -> str:
@@ -342,9 +373,16 @@ def _stream(con: duckdb.DuckDBPyConnection, query: str) -> Iterator[pa.Table]:
 
 def _texts(corpus_dir: Path, pmids: pa.Array, batch: int, columns: Sequence[str] = ("pmid", "text")) -> Iterator[pa.Table]:
     """The snapshot's rows of these PMIDs (sorted), in PMID order, ``batch`` at a time."""
-    wanted = pa.array(pmids, pa.int64())
-    chosen = (t.filter(pc.is_in(t.column("pmid"), value_set=wanted)) for t in corpus_tables(corpus_dir, list(columns)))
-    return rebatched((t for t in chosen if t.num_rows), batch)
+    wanted = np.asarray(pa.array(pmids, pa.int64()))
+
+    def chosen(table: pa.Table) -> pa.Table:
+        # Only the wanted PMIDs within the table's range: a value set of all of them, hashed for each table, would cost time in the corpus's size squared.
+        listed = table.column("pmid")
+        within = wanted[np.searchsorted(wanted, listed[0].as_py()) : np.searchsorted(wanted, listed[-1].as_py(), side="right")]
+        return table.filter(pc.is_in(listed, value_set=pa.array(within, pa.int64())))
+
+    tables = (chosen(t) for t in corpus_tables(corpus_dir, list(columns), batch) if t.num_rows)
+    return rebatched((t for t in tables if t.num_rows), batch)
 
 
 def _judged(batches: Iterator[pa.Table], screen: Screen, config: HygieneConfig) -> Iterator[pa.Table]:
@@ -439,6 +477,7 @@ def _near_duplicates(con: duckdb.DuckDBPyConnection, corpus_dir: Path, config: H
         f"""UPDATE state SET removed_by = CASE WHEN v.duplicate_of IS NULL THEN NULL ELSE {NEAR_DUPLICATE} END, duplicate_of = v.duplicate_of
             FROM (SELECT pmid, duplicate_of FROM affected LEFT JOIN verdicts USING (pmid)) v WHERE state.pmid = v.pmid"""
     )
+    con.execute("DROP TABLE keys; DROP TABLE probes; DROP TABLE affected; DROP TABLE pairs")  # ~20 rows a document: their memory goes to what follows
 
 
 def _report(con: duckdb.DuckDBPyConnection, config: HygieneConfig) -> dict:
@@ -470,7 +509,8 @@ def _report(con: duckdb.DuckDBPyConnection, config: HygieneConfig) -> dict:
 
 def _write_documents(corpus_dir: Path, state: Path, out_dir: Path, config: HygieneConfig, report: dict) -> tuple[int, dict]:
     """The kept documents, stripped, as one part in the corpus's format; and the examples'
-    texts. The corpus and the verdicts are both in PMID order, one row per document."""
+    texts. The corpus and the verdicts are both in PMID order, one row per document, read and
+    stripped ``batch_documents`` at a time (``write_parquet`` gathers them into row groups)."""
     chosen = {name: set(pmids) for name, pmids in report.pop("example_pmids").items()}
     duplicate_of = report.pop("duplicate_of")
     examples: dict[str, list[dict]] = {name: [] for name in chosen}
@@ -478,9 +518,9 @@ def _write_documents(corpus_dir: Path, state: Path, out_dir: Path, config: Hygie
 
     def kept_documents() -> Iterator[pa.Table]:
         nonlocal medline_not_english
-        columns = ["pmid", "removed_by", "stripped"]
-        verdicts = rebatched((pa.Table.from_batches([b]) for b in pq.ParquetFile(state).iter_batches(ROW_GROUP_ROWS, columns=columns)), ROW_GROUP_ROWS)
-        for documents in rebatched(corpus_tables(corpus_dir), ROW_GROUP_ROWS):
+        columns, batch = ["pmid", "removed_by", "stripped"], config.batch_documents
+        verdicts = rebatched(parquet_tables(parquet_file(state), batch, columns), batch)
+        for documents in rebatched(corpus_tables(corpus_dir, batch_rows=batch), batch):
             verdict = next(verdicts)
             if not verdict.column("pmid").equals(documents.column("pmid")):
                 raise RuntimeError(f"{state}: the verdicts are not those of {corpus_dir}'s documents; build without the previous artifact")

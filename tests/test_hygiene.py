@@ -14,12 +14,16 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from lxml import etree
 
 from conftest import BASELINE_SAMPLE, DATA, UPDATE_SAMPLE, build_corpus
-from storage.formats import read_corpus, read_records
-from tasks.corpus import CorpusConfig, build_snapshot
+from storage.formats import CorpusPart, corpus_parts, corpus_tables, read_corpus, read_records, write_corpus_parts
+from tasks.corpus import STATE_FILE as CORPUS_STATE_FILE
+from tasks.corpus import STATS_FILE, CorpusConfig, build_snapshot
 from tasks.evaluate.contamination import contamination
 from tasks.hygiene import (
     HYGIENE,
@@ -308,6 +312,49 @@ def test_a_new_snapshot_finds_the_previous_cleaning_to_start_from(store, planted
     assert previous_cleaning(store, {"corpus": second, "qa": qa}, replace(HygieneConfig(), min_abstract_words=5)) is None
     again = HYGIENE.run(store, {"corpus": second, "qa": qa, "previous": cleaned}, HygieneConfig())
     assert again.summary["previous"] == cleaned.ref and cleaned.ref not in again.parents
+
+
+def snapshot_in_row_groups(tmp_path: Path, documents: int, rows_per_group: int) -> Path:
+    """The first ``documents`` of the snapshot of both samples, as one part in row groups of ``rows_per_group``."""
+    files = []
+    for xml, seq in ((BASELINE_SAMPLE, 14), (UPDATE_SAMPLE, 1298)):
+        parse_xml_file(xml, tmp_path / f"parsed-{seq}", source_file=xml.name, file_seq=seq)
+        files.append(tmp_path / f"parsed-{seq}")
+    whole, folder = tmp_path / "whole", tmp_path / f"snapshot-{documents}"
+    if not whole.exists():
+        build_snapshot([f / "articles.parquet" for f in files], [f / "deletions.parquet" for f in files], whole, CorpusConfig())
+    folder.mkdir()
+    for name in (CORPUS_STATE_FILE, STATS_FILE):  # the PMIDs' state and the statistics, of the whole
+        shutil.copy(whole / name, folder / name)
+    part = folder / corpus_parts(whole)[0].path.name
+    pq.write_table(read_corpus(whole).slice(0, documents), part, row_group_size=rows_per_group, compression="zstd")
+    write_corpus_parts(folder, [CorpusPart(part, documents, np.zeros(0, dtype=np.int64))])
+    return folder
+
+
+def test_reading_a_snapshot_holds_a_few_batches_however_many_row_groups_it_has(tmp_path):
+    """Arrow's bytes held while a snapshot is read (each table let go before the next) are a few
+    batches' worth, as many with 20 row groups read as with 2 (a reader pre-buffering row groups
+    keeps all it has read: 10.8 batches' worth after 20 of them, 4.8 after 2)."""
+
+    def held_in_batches(documents: int) -> float:
+        folder = snapshot_in_row_groups(tmp_path, documents, rows_per_group=100)
+        before, held, largest = pa.total_allocated_bytes(), 0, 0
+        for table in corpus_tables(folder, batch_rows=100):
+            held, largest = max(held, pa.total_allocated_bytes() - before), max(largest, table.nbytes)
+        return held / largest
+
+    two, twenty = held_in_batches(200), held_in_batches(2_000)
+    assert twenty <= two + 1, (two, twenty)
+
+
+def test_a_memory_too_small_for_the_documents_is_refused_naming_the_setting(tmp_path):
+    corpus = snapshot_in_row_groups(tmp_path, 1_000, rows_per_group=1_000)
+    config = replace(ALL_OFF, join_memory="100MB")  # 50 MB beside DuckDB's; a 50,000-document row group of these takes ~85 MB
+    with pytest.raises(ValueError, match=r"join_memory '100MB' leaves 50 MB .* give join_memory at least"):
+        clean_snapshot(corpus, tmp_path / "out", config, Screen.of([], config))
+    clean_snapshot(corpus, tmp_path / "out", replace(config, join_memory="1GB"), Screen.of([], config))
+    assert read_corpus(tmp_path / "out").equals(read_corpus(corpus))
 
 
 def test_a_bad_language_code_is_refused_naming_the_setting():
