@@ -51,7 +51,7 @@ from pydantic import Field, field_validator
 
 from storage import Artifact, Input, Stage, config_params
 from storage.access import AccessError, DataPath, readable
-from storage.formats import ARTICLES_FILE, DELETIONS_FILE, CorpusPart, corpus_parts, merge_by_pmid, rebatched, write_corpus_parts
+from storage.formats import ARTICLES_FILE, DELETIONS_FILE, CorpusPart, corpus_parts, merge_by_pmid, parquet_file, parquet_tables, rebatched, write_corpus_parts
 from storage.config import config_dataclass
 
 log = logging.getLogger("medlm.corpus")
@@ -482,8 +482,8 @@ class _Snapshot:
         if self.previous is None:
             return iter(())
         gone = self.con.sql(leaving).to_arrow_table().column(0).combine_chunks()
-        batches = pq.ParquetFile(self.previous.folder / STATE_FILE).iter_batches(ROW_GROUP_ROWS)
-        return (pa.Table.from_batches([b]).filter(pc.invert(pc.is_in(b.column("pmid"), value_set=gone))) for b in batches)
+        tables = parquet_tables(parquet_file(self.previous.folder / STATE_FILE), ROW_GROUP_ROWS)  # not pre-buffered: holds a batch, not the file
+        return (t.filter(pc.invert(pc.is_in(t.column("pmid"), value_set=gone))) for t in tables)
 
 
 def _compaction_due(parts: list[CorpusPart], new_documents: int, max_parts: int, fraction: float) -> bool:
