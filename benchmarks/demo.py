@@ -5,7 +5,8 @@
 Runs the installed `medlm demo` twice in a temporary folder (MEDLM_HOME, MEDLM_STORE): the first
 run builds every stage and migrates a fresh Prefect database, the second finds every stage in the
 store. Records each run's wall seconds, each stage's build seconds in the first, the artifacts the
-second built (none) and the load average. The installation (`make venv`) is not timed here.
+second built (none), whether it printed the same evaluation table, the first run's table (the
+rows README.md shows) and the load average. The installation (`make venv`) is not timed here.
 Writes benchmarks/results/demo.json.
 """
 
@@ -25,7 +26,8 @@ MEDLM = Path(sys.executable).parent / "medlm"
 
 
 def run_demo(home: Path) -> dict:
-    """One `medlm demo` in ``home``: its wall seconds, and the load average after it."""
+    """One `medlm demo` in ``home``: its wall seconds, the load average after it, and the
+    evaluation table it printed (README.md shows its rows)."""
     env = {**os.environ, "MEDLM_HOME": str(home), "MEDLM_STORE": str(home / "store")}
     env.pop("PREFECT_API_URL", None)  # the demo's own temporary server, as on a first visit
     started = time.perf_counter()
@@ -33,7 +35,8 @@ def run_demo(home: Path) -> dict:
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"medlm demo failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"seconds": round(seconds, 1), "load_average_after": os.getloadavg()}
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    return {"seconds": round(seconds, 1), "load_average_after": os.getloadavg(), "evaluation_table": table}
 
 
 def stage_seconds(store: Store) -> dict[str, float]:
@@ -55,6 +58,7 @@ def main() -> None:
         print(f"first run (empty store, new Prefect home): {first['seconds']} s, {built} artifacts built", flush=True)
         again = run_demo(home)
         again["artifacts_built"] = len(store.ls()) - built
+        again["same_evaluation_table"] = again.pop("evaluation_table") == first["evaluation_table"]
         print(f"run again: {again['seconds']} s, {again['artifacts_built']} artifacts built")
     print("\n".join(f"  {stage:<10} {seconds:7.1f} s" for stage, seconds in first["stage_seconds"].items()))
     path = write_result("demo", {"cores": os.cpu_count(), "load_average_before": load_before, "first_run": first, "cached_rerun": again})

@@ -22,6 +22,20 @@ def test_every_figure_the_readme_and_the_docs_print_is_its_recorded_result():
     assert not stale, "figures differ from benchmarks/results (python -m benchmarks.figures rewrites them):\n" + "\n".join(stale)
 
 
+def test_the_readmes_demo_output_is_the_recorded_demo_runs():
+    """The evaluation table the README shows (its rows, in order) is the one `medlm demo` printed in
+    the recorded run (benchmarks/demo.py), and the cached rerun printed the same."""
+    shown, inside = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        inside = inside != line.startswith("```")  # a fence opens or closes a block
+        if inside and line.startswith("| "):
+            shown.append(line)
+    recorded = json.loads((RECORDED / "demo.json").read_text())
+    table = recorded["first_run"]["evaluation_table"]
+    assert len(shown) >= 5 and shown == [row for row in table if row in shown], "README.md's demo table is not the recorded run's (python -m benchmarks.demo)"
+    assert recorded["cached_rerun"]["same_evaluation_table"]
+
+
 def test_every_result_the_pages_quote_records_its_commit_and_machine():
     for file in {f.file for f in _printed()}:
         assert provenance(file).startswith("commit ")
