@@ -159,6 +159,7 @@ def temporary_server() -> Iterator[Callable[[], None]]:
 
         if PREFECT_API_URL.value():  # a Prefect profile names a server: that one
             stop(server)
+            starting.close()
             yield lambda: None
             return
 

@@ -40,11 +40,12 @@ Speed, beyond HFLM, none of it changing a number beyond float rounding:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -86,6 +87,17 @@ def last_line_start(text: str) -> int:
     return 0
 
 
+def _tuned(method: Callable) -> Callable:
+    """``method`` with its forward passes inside ``threads()``: one tuner for the call, or the caller's."""
+
+    @functools.wraps(method)
+    def tuned(self, *args, **kwargs):
+        with self.threads():
+            return method(self, *args, **kwargs)
+
+    return tuned
+
+
 class CausalLM:
     """Scoring for any causal LM; a back end supplies encode/decode and the network calls below."""
 
@@ -99,7 +111,7 @@ class CausalLM:
         # batch_tokens x vocab x 4 bytes (262 MB at 2048 x 32k), twice that with their log-softmax.
         self.batch_tokens = batch_tokens
         self.line_split = line_split  # the tokenizer splits at line starts (splits_at_line_starts)
-        self.tuner = ThreadTuner.for_device(device, "scoring", start_on_one=True)
+        self.tuner: ThreadTuner | None = None  # inside ``threads``: the count the forward passes run on
         self.passes = 0
 
     # -- what a back end implements ----------------------------------------------------------
@@ -123,15 +135,19 @@ class CausalLM:
         raise NotImplementedError
 
     @contextmanager
-    def threads(self, count: int | None) -> Iterator[None]:
-        """The forward passes inside the block on ``count`` threads; None: the default count, kept
-        to the faster of it and one thread while the load changes (model/threads.py)."""
-        default, self.tuner = self.tuner, ThreadTuner.for_device(self.device, "scoring", count, start_on_one=True)
+    def threads(self, count: int | None = None) -> Iterator[None]:
+        """The forward passes inside the block on ``count`` threads; None: those of an enclosing
+        block, else the default count, kept to the faster of it and one thread while the load
+        changes (model/threads.py). The process's count is as before after it."""
+        if count is None and self.tuner is not None:
+            yield
+            return
+        outer, self.tuner = self.tuner, ThreadTuner.for_device(self.device, "scoring", count, start_on_one=True)
         try:
             yield
         finally:
             self.tuner.close()
-            self.tuner = default
+            self.tuner = outer
 
     def _forward(self, ids: torch.Tensor, **layout) -> torch.Tensor:
         """``logits``, timed for the thread tuner (per token: passes differ in size)."""
@@ -178,6 +194,7 @@ class CausalLM:
     # -- scoring ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    @_tuned
     def loglikelihoods(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[Score]]:
         """For each (context, continuations) item, (log P(continuation | context), is_greedy) per continuation."""
         results: list[list[Score | None]] = [[None] * len(conts) for _, conts in requests]
@@ -245,6 +262,7 @@ class CausalLM:
         return scores
 
     @torch.inference_mode()
+    @_tuned
     def rolling_loglikelihoods(self, documents: Sequence[Sequence[int]], stride: int | None = None) -> list[float]:
         """Total log-probability of each token list, each document on its own (see the module doc)."""
         windows = [
@@ -282,6 +300,7 @@ class CausalLM:
         return texts
 
     @torch.inference_mode()
+    @_tuned
     def greedy(self, contexts: Sequence[str], max_new_tokens: int, until: Sequence[str] = ()) -> list[list[int]]:
         """The greedy tokens after each context (left-truncated to leave room for them): up to
         EOS (left out), the token that completes a stop string, or max_new_tokens.
@@ -327,10 +346,11 @@ class CausalLM:
                      generator: torch.Generator | None = None) -> Iterator[int]:
         """Token ids after context (left-truncated to leave room for them), each computed from the
         key/value cache of those before, until EOS (not yielded) or max_new_tokens."""
-        for (token,) in self._steps([self._prompt(context, max_new_tokens)], max_new_tokens, temperature, top_p, generator):
-            if int(token) == self.eos_token_id:
-                return
-            yield int(token)
+        with self.threads():  # while the tokens come
+            for (token,) in self._steps([self._prompt(context, max_new_tokens)], max_new_tokens, temperature, top_p, generator):
+                if int(token) == self.eos_token_id:
+                    return
+                yield int(token)
 
     def _prompt(self, context: str, max_new_tokens: int) -> list[int]:
         """The context's tokens that leave room for max_new_tokens (the last ones)."""

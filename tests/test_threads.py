@@ -98,6 +98,7 @@ def test_a_models_passes_start_on_one_thread_and_probe_the_default_count_unless_
     used: list[int] = []
     lm.model.register_forward_pre_hook(lambda *_: used.append(torch.get_num_threads()))
     documents = torch.randint(4, 512, (12, 150)).tolist()  # one window, one pass, each
+    before = torch.get_num_threads()
 
     lm.rolling_loglikelihoods(documents)
     cores = default_threads()
@@ -107,4 +108,7 @@ def test_a_models_passes_start_on_one_thread_and_probe_the_default_count_unless_
         with lm.threads(count):
             lm.rolling_loglikelihoods(documents)
         assert used == [count] * len(documents)
-    assert lm.tuner.active == (cores > 1)  # the block's count is gone with it
+    used.clear()
+    lm.rolling_loglikelihoods(documents)  # the block's count is gone with it: the default again
+    assert used[:5] == [1] * 5 and (used[5] == cores if cores > 1 else set(used) == {1})
+    assert torch.get_num_threads() == before  # and the process's count is its own between calls
